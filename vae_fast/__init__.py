@@ -1,0 +1,29 @@
+"""vae_fast: the VAE training objective as fused, exact PyTorch custom ops (CPU and CUDA)."""
+
+from . import reference
+from .ops import (
+    bernoulli_log_prob,
+    gaussian_kl,
+    gaussian_log_prob,
+    gaussian_nll_loss,
+    reparameterize,
+    reparameterize_with_kl,
+)
+from . import data
+from .model import VAE, active_units, mlp_vae
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VAE",
+    "active_units",
+    "bernoulli_log_prob",
+    "data",
+    "gaussian_kl",
+    "gaussian_log_prob",
+    "gaussian_nll_loss",
+    "mlp_vae",
+    "reference",
+    "reparameterize",
+    "reparameterize_with_kl",
+]

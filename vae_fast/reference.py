@@ -1,0 +1,69 @@
+"""The ELBO maths in plain PyTorch: the tests' oracle and the benchmarks' eager baseline.
+
+Every function here computes in the dtype it is given (pass float64 tensors for a reference) and
+uses the same numerically careful forms as the fused kernels (``csrc/elbo_math.h``), so that the
+two differ only by rounding and summation order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _sum_event(t: torch.Tensor, event_dims: int) -> torch.Tensor:
+    if event_dims == 0:
+        return t
+    return t.sum(dim=tuple(range(-event_dims, 0)))
+
+
+def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, event_dims=1):
+    """KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))), summed over ``event_dims``."""
+    if prior_mu is None:
+        term = 0.5 * (mu * mu + torch.expm1(logvar) - logvar)
+    else:
+        d = logvar - prior_logvar
+        diff = mu - prior_mu
+        term = 0.5 * (torch.expm1(d) - d + diff * diff * torch.exp(-prior_logvar))
+    return _sum_event(term, event_dims)
+
+
+def gaussian_log_prob(x, mean, logvar, *, event_dims=1):
+    """log N(x; mean, exp(logvar)), summed over ``event_dims``."""
+    diff = x - mean
+    term = -0.5 * (LOG_2PI + logvar + diff * diff * torch.exp(-logvar))
+    return _sum_event(term, event_dims)
+
+
+def bernoulli_log_prob(x, logits, *, event_dims=1):
+    """log Bernoulli(x; sigmoid(logits)) = x * l - softplus(l), summed over ``event_dims``."""
+    return _sum_event(x * logits - F.softplus(logits), event_dims)
+
+
+def reparameterize(mu, logvar, eps):
+    """z = mu + exp(logvar / 2) * eps; ``eps`` may carry leading sample dimensions."""
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+def standard_normal_log_prob(eps, logvar, *, event_dims=1):
+    """log q(z|x) for z = mu + sigma * eps, computed from the exact eps (not from z - mu)."""
+    return _sum_event(-0.5 * (LOG_2PI + logvar + eps * eps), event_dims)
+
+
+def gaussian_nll_loss(input, target, var, full=False, eps=1e-6, reduction="mean"):
+    """The eager baseline for the drop-in loss: PyTorch's own implementation."""
+    return F.gaussian_nll_loss(input, target, var, full=full, eps=eps, reduction=reduction)
+
+
+def sample_eager(mu, logvar, num_samples=None, event_dims=1, with_kl=True):
+    """Eager reparameterised sampling with torch's RNG (the benchmarks' baseline)."""
+    shape = mu.shape if num_samples is None else (num_samples, *mu.shape)
+    eps = torch.randn(shape, dtype=mu.dtype, device=mu.device)
+    z = reparameterize(mu, logvar, eps)
+    if not with_kl:
+        return z
+    return z, gaussian_kl(mu, logvar, event_dims=event_dims)
