@@ -1,0 +1,266 @@
+"""The VAE module: encoder/decoder wiring, the ELBO and IWAE objectives, importance-sampled log-likelihood.
+
+All the probability maths goes through the fused ops in ``ops.py``; this file only wires them together.
+Samples always lead: with K samples, ``z`` is ``(K, B, latent)`` and decoder outputs are ``(K, B, *event)``,
+scored against the data ``(B, *event)`` as it is (the ops broadcast; the data is never expanded).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .ops import bernoulli_log_prob, gaussian_kl, gaussian_log_prob, reparameterize, reparameterize_with_kl
+
+LIKELIHOODS = ("bernoulli", "gaussian")
+OBS_LOGVAR_MODES = ("scalar", "per_feature", "decoder")
+OBJECTIVES = ("elbo", "iwae")
+
+
+class VAE(nn.Module):
+    """q(z|x) = N(mu, diag(exp(logvar))) from ``encoder``; p(x|z) Bernoulli(logits) or Gaussian from ``decoder``.
+
+    ``encoder(x)`` returns ``(..., 2 * latent_dim)`` (mu, then logvar). ``decoder(z)`` returns logits or the
+    Gaussian mean shaped like one example (with ``obs_logvar="decoder"``: mean and logvar concatenated on the
+    last dim). ``event_dims`` trailing data dimensions make one example.
+
+    ``obs_logvar`` (Gaussian only): ``"scalar"`` (one learned value), ``"per_feature"`` (learned, shaped like
+    one example), ``"decoder"`` (predicted), or a float (fixed). Learned values start at 0 and are floored
+    smoothly at ``min_obs_logvar``: constant pixels would otherwise drive the variance to 0 and the
+    likelihood to infinity.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        latent_dim: int,
+        likelihood: str = "bernoulli",
+        obs_logvar: str | float = "scalar",
+        event_dims: int = 1,
+        min_obs_logvar: float = math.log(1e-3),
+    ):
+        super().__init__()
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        if not isinstance(obs_logvar, (int, float)) and obs_logvar not in OBS_LOGVAR_MODES:
+            raise ValueError(f"obs_logvar must be one of {OBS_LOGVAR_MODES} or a float, got {obs_logvar!r}")
+        if not isinstance(latent_dim, int) or latent_dim < 1:
+            raise ValueError(f"latent_dim must be a positive int, got {latent_dim!r}")
+        if not isinstance(event_dims, int) or event_dims < 1:
+            raise ValueError(f"event_dims must be a positive int, got {event_dims!r}")
+        self.encoder = encoder
+        self.decoder = decoder
+        self.latent_dim = latent_dim
+        self.likelihood = likelihood
+        self.event_dims = event_dims
+        self.min_obs_logvar = float(min_obs_logvar)
+        self.obs_logvar_mode = "fixed" if isinstance(obs_logvar, (int, float)) else obs_logvar
+        if likelihood == "bernoulli":
+            self.obs_logvar_mode = None
+        elif self.obs_logvar_mode == "fixed":
+            self.register_buffer("obs_logvar_fixed", torch.tensor(float(obs_logvar)))
+        elif self.obs_logvar_mode in ("scalar", "per_feature"):
+            shape = () if self.obs_logvar_mode == "scalar" else self._example_shape()
+            # The inverse of the smooth floor at 0, so the learned log-variance starts at exactly 0.
+            start = self.min_obs_logvar + math.log(math.expm1(-self.min_obs_logvar))
+            self.obs_logvar_raw = nn.Parameter(torch.full(shape, start))
+
+    def _example_shape(self) -> torch.Size:
+        """Shape of one decoded example, found by decoding one z (in eval mode, so no statistics change)."""
+        param = next(self.decoder.parameters(), None)
+        device = param.device if param is not None else None
+        was_training = self.decoder.training
+        self.decoder.eval()
+        with torch.no_grad():
+            shape = self.decoder(torch.zeros(1, self.latent_dim, device=device)).shape[1:]
+        self.decoder.train(was_training)
+        return shape
+
+    def _floor(self, raw: torch.Tensor) -> torch.Tensor:
+        # Smooth: the gradient never vanishes, so a value pushed to the floor can come back up.
+        return self.min_obs_logvar + F.softplus(raw - self.min_obs_logvar)
+
+    def observation_logvar(self) -> torch.Tensor | None:
+        """The learned or fixed observation log-variance (None for Bernoulli or ``obs_logvar="decoder"``)."""
+        if self.obs_logvar_mode == "fixed":
+            return self.obs_logvar_fixed
+        if self.obs_logvar_mode in ("scalar", "per_feature"):
+            return self._floor(self.obs_logvar_raw)
+        return None
+
+    # ---- distribution parameters -------------------------------------------------------------------------
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, logvar) of q(z|x), each ``(B, latent_dim)``."""
+        h = self.encoder(x)
+        if h.shape[-1] != 2 * self.latent_dim:
+            raise ValueError(f"encoder output must end in 2 * latent_dim = {2 * self.latent_dim}, got {tuple(h.shape)}")
+        mu, logvar = h.chunk(2, dim=-1)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor):
+        """Parameters of p(x|z) for z of shape ``(..., latent_dim)``: Bernoulli logits, or (mean, logvar)."""
+        lead = z.shape[:-1]
+        # The decoder sees one flat batch, so convolutional decoders work with any number of leading dims.
+        out = self.decoder(z.reshape(-1, z.shape[-1]))
+        out = out.reshape(*lead, *out.shape[1:])
+        if self.likelihood == "bernoulli":
+            return out
+        if self.obs_logvar_mode == "decoder":
+            mean, raw = out.chunk(2, dim=-1)
+            return mean, self._floor(raw)
+        return out, self.observation_logvar()
+
+    def _log_px(self, x: torch.Tensor, params) -> torch.Tensor:
+        if self.likelihood == "bernoulli":
+            return bernoulli_log_prob(x, params, event_dims=self.event_dims)
+        mean, logvar = params
+        return gaussian_log_prob(x, mean, logvar, event_dims=self.event_dims)
+
+    def _output(self, params, mean: bool) -> torch.Tensor:
+        """The mean of p(x|z) (probabilities for Bernoulli), or a draw from it."""
+        if self.likelihood == "bernoulli":
+            probs = torch.sigmoid(params)
+            return probs if mean else torch.bernoulli(probs)
+        loc, logvar = params
+        return loc if mean else loc + torch.exp(0.5 * logvar) * torch.randn_like(loc)
+
+    # ---- objectives --------------------------------------------------------------------------------------
+
+    def _sample_with_kl(self, mu, logvar, num_samples: int):
+        """z ``(K, B, L)`` and the per-dimension KL ``(B, L)``; K = 1 takes the op's single-sample path."""
+        _check_num_samples(num_samples)
+        z, kl_dims = reparameterize_with_kl(mu, logvar, None if num_samples == 1 else num_samples, event_dims=0)
+        return (z.unsqueeze(0) if num_samples == 1 else z), kl_dims
+
+    def _log_weights(self, x, mu, logvar, num_samples: int):
+        """log p(x|z_k) + log p(z_k) - log q(z_k|x) and log p(x|z_k), each ``(K, B)``."""
+        _check_num_samples(num_samples)
+        z, log_q = reparameterize(mu, logvar, num_samples, return_log_q=True)
+        zero = z.new_zeros(())
+        log_pz = gaussian_log_prob(z, zero, zero)
+        log_px = self._log_px(x, self.decode(z))
+        return log_px + log_pz - log_q, log_px
+
+    def forward(self, x, num_samples: int = 1, beta: float = 1.0, free_bits: float = 0.0, objective: str = "elbo"):
+        """``(loss, stats)``: the batch-mean loss to minimise and detached batch means of elbo, kl, rec."""
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if objective == "iwae" and (beta != 1.0 or free_bits > 0):
+            raise ValueError("beta and free_bits apply to the ELBO only; objective='iwae' needs beta=1, free_bits=0")
+        if free_bits < 0:
+            raise ValueError(f"free_bits must be >= 0, got {free_bits}")
+        mu, logvar = self.encode(x)
+        if objective == "iwae":
+            log_w, log_px = self._log_weights(x, mu, logvar, num_samples)
+            loss = -(torch.logsumexp(log_w, dim=0) - math.log(num_samples)).mean()
+            with torch.no_grad():
+                kl = gaussian_kl(mu, logvar)
+        else:
+            z, kl_dims = self._sample_with_kl(mu, logvar, num_samples)
+            log_px = self._log_px(x, self.decode(z))
+            kl = kl_dims.sum(-1)
+            if free_bits > 0:
+                # Kingma et al. (2016): each latent dimension's batch-mean KL costs at least free_bits nats.
+                kl_term = torch.clamp_min(kl_dims.mean(0), free_bits).sum()
+            else:
+                kl_term = kl.mean()
+            loss = -log_px.mean() + beta * kl_term
+        rec = log_px.detach().mean()
+        kl_mean = kl.detach().mean()
+        return loss, {"elbo": rec - kl_mean, "kl": kl_mean, "rec": rec}
+
+    def elbo(self, x, num_samples: int = 1) -> torch.Tensor:
+        """``(B,)`` ELBO in nats: mean over K samples of log p(x|z_k), minus the closed-form KL."""
+        mu, logvar = self.encode(x)
+        z, kl_dims = self._sample_with_kl(mu, logvar, num_samples)
+        return self._log_px(x, self.decode(z)).mean(0) - kl_dims.sum(-1)
+
+    def iwae(self, x, num_samples: int) -> torch.Tensor:
+        """``(B,)`` IWAE bound with K = num_samples (log q from the exact eps)."""
+        mu, logvar = self.encode(x)
+        log_w, _ = self._log_weights(x, mu, logvar, num_samples)
+        return torch.logsumexp(log_w, dim=0) - math.log(num_samples)
+
+    @torch.no_grad()
+    def log_likelihood(self, x, num_samples: int = 1000, chunk_size: int | None = None) -> torch.Tensor:
+        """``(B,)`` importance-sampled log p(x): the IWAE bound with K = num_samples, computed in chunks of
+        samples with a streaming logsumexp, so memory does not grow with num_samples."""
+        _check_num_samples(num_samples)
+        if chunk_size is None:
+            # About 16k decoded rows per chunk: a few tens of MB for MNIST-sized MLPs.
+            chunk_size = max(1, 16384 // max(1, x.shape[0]))
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        mu, logvar = self.encode(x)
+        total = None
+        for start in range(0, num_samples, chunk_size):
+            log_w, _ = self._log_weights(x, mu, logvar, min(chunk_size, num_samples - start))
+            part = torch.logsumexp(log_w.float(), dim=0)
+            total = part if total is None else torch.logaddexp(total, part)
+        return total - math.log(num_samples)
+
+    # ---- generation --------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample(self, n: int, mean: bool = True) -> torch.Tensor:
+        """n examples decoded from z ~ N(0, I): means (Bernoulli probabilities) unless ``mean=False``."""
+        p = next(self.parameters())
+        z = torch.randn(n, self.latent_dim, device=p.device, dtype=p.dtype)
+        return self._output(self.decode(z), mean)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, mean: bool = True) -> torch.Tensor:
+        """Decoded posterior means (z = mu); with ``mean=False`` z ~ q(z|x) and x ~ p(x|z)."""
+        mu, logvar = self.encode(x)
+        z = mu if mean else reparameterize(mu, logvar)
+        return self._output(self.decode(z), mean)
+
+
+def _check_num_samples(num_samples) -> None:
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+
+
+def _mlp(sizes: Sequence[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.SiLU())
+    return nn.Sequential(*layers)
+
+
+def mlp_vae(
+    input_dim: int | Sequence[int],
+    latent_dim: int,
+    hidden: Sequence[int] = (256, 128),
+    likelihood: str = "bernoulli",
+    **kwargs,
+) -> VAE:
+    """The default model: MLP encoder and decoder (SiLU) with the given hidden sizes (``hidden=()`` is linear).
+
+    ``input_dim`` is the size of one flat example or its shape (e.g. ``(1, 28, 28)``); further keyword
+    arguments (``obs_logvar``, ``min_obs_logvar``) go to :class:`VAE`.
+    """
+    shape = (input_dim,) if isinstance(input_dim, int) else tuple(int(s) for s in input_dim)
+    flat = math.prod(shape)
+    hidden = tuple(hidden)
+    out_shape = shape
+    if kwargs.get("obs_logvar") == "decoder" and likelihood == "gaussian":
+        out_shape = (*shape[:-1], 2 * shape[-1])  # mean and logvar concatenated on the last dim
+    encoder = nn.Sequential(nn.Flatten(start_dim=-len(shape)), _mlp((flat, *hidden, 2 * latent_dim)))
+    decoder = nn.Sequential(_mlp((latent_dim, *reversed(hidden), math.prod(out_shape))), nn.Unflatten(-1, out_shape))
+    return VAE(encoder, decoder, latent_dim, likelihood=likelihood, event_dims=len(shape), **kwargs)
+
+
+@torch.no_grad()
+def active_units(model: VAE, x: torch.Tensor, threshold: float = 0.01, batch_size: int = 1024) -> int:
+    """Latent dimensions j with Var_x(E_q[z_j | x]) > threshold (Burda et al.): the posterior-collapse check."""
+    mus = torch.cat([model.encode(x[i : i + batch_size])[0].float() for i in range(0, x.shape[0], batch_size)])
+    return int((mus.var(dim=0, unbiased=False) > threshold).sum())
