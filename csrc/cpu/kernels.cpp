@@ -1,0 +1,515 @@
+// CPU kernels. This file is compiled once per ISA (CMake: baseline, AVX2+FMA, AVX512) with
+// -DCPU_CAPABILITY=<NAME> -DCPU_CAPABILITY_<NAME>, so at::vec::Vectorized is as wide as the ISA and
+// everything here lives in vae_fast::<NAME>:: (see isa.h). The maths comes from elbo_math.h.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+
+#include "../isa.h"
+
+namespace vae_fast {
+VF_ISA_NS_BEGIN
+namespace vmath {
+// The SIMD backend of elbo_math.h (Sleef through at::vec, ~1 ulp).
+template <class T> inline at::vec::Vectorized<T> exp(const at::vec::Vectorized<T>& x) { return x.exp(); }
+template <class T> inline at::vec::Vectorized<T> log(const at::vec::Vectorized<T>& x) { return x.log(); }
+template <class T> inline at::vec::Vectorized<T> expm1(const at::vec::Vectorized<T>& x) { return x.expm1(); }
+template <class T> inline at::vec::Vectorized<T> log1p(const at::vec::Vectorized<T>& x) { return x.log1p(); }
+template <class T> inline at::vec::Vectorized<T> abs(const at::vec::Vectorized<T>& x) { return x.abs(); }
+template <class T> inline at::vec::Vectorized<T> sqrt(const at::vec::Vectorized<T>& x) { return x.sqrt(); }
+template <class T> inline at::vec::Vectorized<T> sin(const at::vec::Vectorized<T>& x) { return x.sin(); }
+template <class T> inline at::vec::Vectorized<T> cos(const at::vec::Vectorized<T>& x) { return x.cos(); }
+template <class T>
+inline at::vec::Vectorized<T> max(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
+  return at::vec::maximum(a, b);
+}
+}  // namespace vmath
+VF_ISA_NS_END
+}  // namespace vae_fast
+
+#include "../elbo_math.h"
+#include "../layout.h"
+#include "../philox.h"
+
+namespace vae_fast {
+VF_ISA_NS_BEGIN
+namespace cpu {
+namespace {
+
+template <class T>
+using Vec = at::vec::Vectorized<T>;
+
+// Elements per inner chunk: every operand's chunk (converted to the accumulation type when it is
+// stored in another) stays in L1.
+constexpr int64_t kChunk = 512;
+
+// ---------------------------------------------------------------------------------------------
+// Reading and writing operands of any dtype in the accumulation type acc_t (float or double).
+// ---------------------------------------------------------------------------------------------
+template <class acc_t>
+struct Loaded {
+  const acc_t* ptr;  // n contiguous values, unless scalar
+  bool scalar;       // inner stride 0: one value for the whole chunk
+  acc_t value;
+};
+
+template <class acc_t>
+acc_t read_one(const Operand& op, int64_t off) {
+  switch (op.dtype) {
+    case DType::Float64: return static_cast<acc_t>(static_cast<const double*>(op.data)[off]);
+    case DType::Float32: return static_cast<acc_t>(static_cast<const float*>(op.data)[off]);
+    case DType::Float16: return static_cast<acc_t>(static_cast<float>(static_cast<const c10::Half*>(op.data)[off]));
+    case DType::BFloat16:
+      return static_cast<acc_t>(static_cast<float>(static_cast<const c10::BFloat16*>(op.data)[off]));
+  }
+  return acc_t(0);
+}
+
+template <class acc_t, class src_t>
+const acc_t* load_typed(const src_t* p, int64_t stride, int64_t n, acc_t* buf) {
+  if constexpr (std::is_same_v<src_t, acc_t>) {
+    if (stride == 1) return p;
+  }
+  if (stride == 1) {
+    at::vec::convert(p, buf, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(static_cast<float>(p[i * stride]));
+  }
+  return buf;
+}
+
+template <class acc_t>
+Loaded<acc_t> load(const Operand& op, int64_t off, int64_t stride, int64_t n, acc_t* buf) {
+  if (stride == 0) return {nullptr, true, read_one<acc_t>(op, off)};
+  switch (op.dtype) {
+    case DType::Float64:
+      if constexpr (std::is_same_v<acc_t, double>)
+        return {load_typed<acc_t>(static_cast<const double*>(op.data) + off, stride, n, buf), false, 0};
+      break;
+    case DType::Float32:
+      return {load_typed<acc_t>(static_cast<const float*>(op.data) + off, stride, n, buf), false, 0};
+    case DType::Float16:
+      return {load_typed<acc_t>(static_cast<const c10::Half*>(op.data) + off, stride, n, buf), false, 0};
+    case DType::BFloat16:
+      return {load_typed<acc_t>(static_cast<const c10::BFloat16*>(op.data) + off, stride, n, buf), false, 0};
+  }
+  return {nullptr, true, 0};
+}
+
+template <class acc_t, class dst_t>
+void store_typed(const acc_t* v, dst_t* p, int64_t stride, int64_t n, bool accumulate) {
+  if (accumulate) {  // partial sums are kept in acc_t
+    for (int64_t i = 0; i < n; ++i) p[i * stride] += static_cast<dst_t>(v[i]);
+  } else if (stride == 1) {
+    if (static_cast<const void*>(v) != static_cast<const void*>(p)) at::vec::convert(v, p, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) p[i * stride] = static_cast<dst_t>(v[i]);
+  }
+}
+
+template <class acc_t>
+void store(const Operand& op, int64_t off, int64_t stride, int64_t n, const acc_t* v) {
+  switch (op.dtype) {
+    case DType::Float64:
+      if constexpr (std::is_same_v<acc_t, double>)
+        store_typed(v, static_cast<double*>(op.data) + off, stride, n, op.accumulate);
+      break;
+    case DType::Float32: store_typed(v, static_cast<float*>(op.data) + off, stride, n, op.accumulate); break;
+    case DType::Float16: store_typed(v, static_cast<c10::Half*>(op.data) + off, stride, n, op.accumulate); break;
+    case DType::BFloat16:
+      store_typed(v, static_cast<c10::BFloat16*>(op.data) + off, stride, n, op.accumulate);
+      break;
+  }
+}
+
+// Where a chunk of an output should be computed: straight into the tensor when it is contiguous,
+// in acc_t and not accumulated, else into the scratch buffer (then stored by `store`).
+template <class acc_t>
+acc_t* output_target(const Operand& op, int64_t off, int64_t stride, acc_t* buf) {
+  bool same = (std::is_same_v<acc_t, float> && op.dtype == DType::Float32) ||
+              (std::is_same_v<acc_t, double> && op.dtype == DType::Float64);
+  if (same && stride == 1 && !op.accumulate) return static_cast<acc_t*>(op.data) + off;
+  return buf;
+}
+
+// Horizontal sum of a vector's lanes, in a fixed order.
+template <class acc_t>
+acc_t hsum(const Vec<acc_t>& v) {
+  alignas(64) acc_t lanes[Vec<acc_t>::size()];
+  v.store(lanes);
+  acc_t s = 0;
+  for (int64_t i = 0; i < Vec<acc_t>::size(); ++i) s += lanes[i];
+  return s;
+}
+
+template <class acc_t>
+void add_to(const Operand& op, int64_t off, acc_t value) {  // one element, op in acc_t
+  static_cast<acc_t*>(op.data)[off] += value;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The per-element maths of each row op, on SIMD vectors; in[] and out[] as layout.h lists them.
+// ---------------------------------------------------------------------------------------------
+struct KlStdFwd {
+  static constexpr int kIn = 2, kOut = 1;
+  template <class V> static void apply(const V* a, V* o) { o[0] = elbo::kl_std(a[0], a[1]); }
+};
+struct KlStdBwd {
+  static constexpr int kIn = 3, kOut = 2;
+  template <class V> static void apply(const V* a, V* o) { elbo::kl_std_grad(a[0], a[1], a[2], o[0], o[1]); }
+};
+struct KlFwd {
+  static constexpr int kIn = 4, kOut = 1;
+  template <class V> static void apply(const V* a, V* o) { o[0] = elbo::kl(a[0], a[1], a[2], a[3]); }
+};
+struct KlBwd {
+  static constexpr int kIn = 5, kOut = 4;
+  template <class V> static void apply(const V* a, V* o) {
+    elbo::kl_grad(a[0], a[1], a[2], a[3], a[4], o[0], o[1], o[2], o[3]);
+  }
+};
+struct GaussLpFwd {
+  static constexpr int kIn = 3, kOut = 1;
+  template <class V> static void apply(const V* a, V* o) { o[0] = elbo::gaussian_log_prob(a[0], a[1], a[2]); }
+};
+struct GaussLpBwd {
+  static constexpr int kIn = 4, kOut = 3;
+  template <class V> static void apply(const V* a, V* o) {
+    elbo::gaussian_log_prob_grad(a[0], a[1], a[2], a[3], o[0], o[1], o[2]);
+  }
+};
+struct BernLpFwd {
+  static constexpr int kIn = 2, kOut = 1;
+  template <class V> static void apply(const V* a, V* o) { o[0] = elbo::bernoulli_log_prob(a[0], a[1]); }
+};
+struct BernLpBwd {
+  static constexpr int kIn = 3, kOut = 2;
+  template <class V> static void apply(const V* a, V* o) {
+    elbo::bernoulli_log_prob_grad(a[0], a[1], a[2], o[0], o[1]);
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// The row engine: for each row and each innermost event line, in chunks, load the inputs, apply
+// the op on vectors, and for each output either store the values (its inner stride is not 0) or
+// sum them (inner stride 0: a row reduction, or the gradient of an argument broadcast along it).
+// ---------------------------------------------------------------------------------------------
+template <class acc_t, class Op>
+void run_row_range(const RowArgs& args, int64_t row_begin, int64_t row_end, int64_t block) {
+  using V = Vec<acc_t>;
+  constexpr int64_t VS = V::size();
+  const RowLayout& L = args.layout;
+  const int ne = L.n_event_dims;
+  const int64_t inner = ne > 0 ? L.event_sizes[ne - 1] : 1;
+  const int64_t lines = inner > 0 ? L.event_numel / inner : 0;
+
+  alignas(64) acc_t in_buf[Op::kIn][kChunk];
+  alignas(64) acc_t out_buf[Op::kOut][kChunk];
+  int64_t in_row[Op::kIn], out_row[Op::kOut];
+  bool out_is_row_sum[Op::kOut];  // all event strides 0 and not accumulated: zero it per row
+  for (int j = 0; j < Op::kOut; ++j) {
+    bool all_zero = true;
+    for (int d = 0; d < ne; ++d) all_zero &= args.out[j].event_strides[d] == 0;
+    out_is_row_sum[j] = args.out[j].data != nullptr && all_zero && !args.out[j].accumulate;
+  }
+
+  for (int64_t r = row_begin; r < row_end; ++r) {
+    // Row offsets of every operand (row index decomposed over the row dims, innermost last).
+    for (int j = 0; j < Op::kIn; ++j) in_row[j] = 0;
+    for (int j = 0; j < Op::kOut; ++j) out_row[j] = args.out[j].accumulate ? block * args.out[j].block_stride : 0;
+    int64_t rem = r;
+    for (int d = L.n_row_dims - 1; d >= 0; --d) {
+      int64_t idx = rem % L.row_sizes[d];
+      rem /= L.row_sizes[d];
+      for (int j = 0; j < Op::kIn; ++j) in_row[j] += idx * args.in[j].row_strides[d];
+      for (int j = 0; j < Op::kOut; ++j) out_row[j] += idx * args.out[j].row_strides[d];
+    }
+
+    acc_t row_sum[Op::kOut] = {};
+    for (int64_t line = 0; line < lines; ++line) {
+      int64_t in_off[Op::kIn], out_off[Op::kOut];
+      for (int j = 0; j < Op::kIn; ++j) in_off[j] = in_row[j];
+      for (int j = 0; j < Op::kOut; ++j) out_off[j] = out_row[j];
+      int64_t lrem = line;
+      for (int d = ne - 2; d >= 0; --d) {
+        int64_t idx = lrem % L.event_sizes[d];
+        lrem /= L.event_sizes[d];
+        for (int j = 0; j < Op::kIn; ++j) in_off[j] += idx * args.in[j].event_strides[d];
+        for (int j = 0; j < Op::kOut; ++j) out_off[j] += idx * args.out[j].event_strides[d];
+      }
+      int64_t in_st[Op::kIn], out_st[Op::kOut];
+      for (int j = 0; j < Op::kIn; ++j) in_st[j] = ne > 0 ? args.in[j].event_strides[ne - 1] : 0;
+      for (int j = 0; j < Op::kOut; ++j) out_st[j] = ne > 0 ? args.out[j].event_strides[ne - 1] : 0;
+
+      V line_sum[Op::kOut];
+      for (int j = 0; j < Op::kOut; ++j) line_sum[j] = V(acc_t(0));
+      for (int64_t c0 = 0; c0 < inner; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, inner - c0);
+        Loaded<acc_t> src[Op::kIn];
+        for (int j = 0; j < Op::kIn; ++j) src[j] = load<acc_t>(args.in[j], in_off[j] + c0 * in_st[j], in_st[j], n, in_buf[j]);
+        acc_t* dst[Op::kOut];
+        for (int j = 0; j < Op::kOut; ++j)
+          dst[j] = (args.out[j].data && out_st[j] != 0)
+                       ? output_target<acc_t>(args.out[j], out_off[j] + c0 * out_st[j], out_st[j], out_buf[j])
+                       : nullptr;
+        for (int64_t i = 0; i < n; i += VS) {
+          const int64_t count = std::min(VS, n - i);
+          V a[Op::kIn], o[Op::kOut];
+          for (int j = 0; j < Op::kIn; ++j)
+            a[j] = src[j].scalar ? V(src[j].value) : (count == VS ? V::loadu(src[j].ptr + i) : V::loadu(src[j].ptr + i, count));
+          Op::apply(a, o);
+          for (int j = 0; j < Op::kOut; ++j) {
+            if (dst[j]) {
+              if (count == VS) o[j].store(dst[j] + i); else o[j].store(dst[j] + i, count);
+            } else if (args.out[j].data) {
+              line_sum[j] = line_sum[j] + (count == VS ? o[j] : V::set(V(acc_t(0)), o[j], count));
+            }
+          }
+        }
+        for (int j = 0; j < Op::kOut; ++j)
+          if (dst[j] == out_buf[j]) store<acc_t>(args.out[j], out_off[j] + c0 * out_st[j], out_st[j], n, out_buf[j]);
+      }
+      for (int j = 0; j < Op::kOut; ++j) {
+        if (!args.out[j].data || out_st[j] != 0) continue;
+        acc_t s = hsum(line_sum[j]);
+        if (out_is_row_sum[j]) {
+          row_sum[j] += s;
+        } else {
+          add_to<acc_t>(args.out[j], out_off[j], s);  // accumulated partial (acc_t)
+        }
+      }
+    }
+    for (int j = 0; j < Op::kOut; ++j)
+      if (out_is_row_sum[j]) store<acc_t>(args.out[j], out_row[j], 1, 1, &row_sum[j]);
+  }
+}
+
+template <class acc_t, class Op>
+void run_rows_typed(const RowArgs& args) {
+  const RowLayout& L = args.layout;
+  bool any_accumulate = false;
+  for (int j = 0; j < Op::kOut; ++j) any_accumulate |= args.out[j].data && args.out[j].accumulate;
+  if (any_accumulate) {
+    // Fixed row blocks (chosen from the shapes alone), each with its own partial sums: the same
+    // result whatever the thread count.
+    at::parallel_for(0, L.n_blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        run_row_range<acc_t, Op>(args, b * L.rows / L.n_blocks, (b + 1) * L.rows / L.n_blocks, b);
+    });
+  } else {
+    // ~32K elements per task: enough to amortise the fork, small enough to balance.
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, L.event_numel));
+    at::parallel_for(0, L.rows, grain, [&](int64_t r0, int64_t r1) { run_row_range<acc_t, Op>(args, r0, r1, 0); });
+  }
+}
+
+template <class Op>
+void dispatch_acc(const RowArgs& args) {
+  if (args.in[0].dtype == DType::Float64) run_rows_typed<double, Op>(args);
+  else run_rows_typed<float, Op>(args);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Normals: Philox over arrays of counters (auto-vectorised), Box-Muller on SIMD vectors.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kMaxBlocks = kChunk / 4 + 2;
+
+void normals_impl(uint64_t seed, uint64_t start, int64_t n, float* out) {
+  using V = Vec<float>;
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  while (n > 0) {
+    const int64_t take = std::min<int64_t>(n, kChunk);
+    const uint64_t b0 = start >> 2;
+    const int64_t nb = static_cast<int64_t>(((start + take + 3) >> 2) - b0);
+    alignas(64) uint32_t c0[kMaxBlocks], c1[kMaxBlocks], c2[kMaxBlocks], c3[kMaxBlocks];
+    for (int64_t j = 0; j < nb; ++j) {
+      const uint64_t b = b0 + static_cast<uint64_t>(j);
+      c0[j] = static_cast<uint32_t>(b);
+      c1[j] = static_cast<uint32_t>(b >> 32);
+      c2[j] = 0;
+      c3[j] = 0;
+    }
+    for (int r = 0; r < philox::kRounds; ++r) {
+      const uint32_t rk0 = philox::key_for_round(k0, philox::kWeyl0, r);
+      const uint32_t rk1 = philox::key_for_round(k1, philox::kWeyl1, r);
+      for (int64_t j = 0; j < nb; ++j) philox::philox_round(c0[j], c1[j], c2[j], c3[j], rk0, rk1);
+    }
+    // Pair p = 2j + h takes radius from output 2h and angle from output 2h+1 of block j.
+    alignas(64) float ur[2 * kMaxBlocks + V::size()], ut[2 * kMaxBlocks + V::size()];
+    for (int64_t j = 0; j < nb; ++j) {
+      ur[2 * j] = philox::uniform(c0[j]);
+      ut[2 * j] = philox::uniform(c1[j]);
+      ur[2 * j + 1] = philox::uniform(c2[j]);
+      ut[2 * j + 1] = philox::uniform(c3[j]);
+    }
+    alignas(64) float pairs[4 * kMaxBlocks + 2 * V::size()];
+    const int64_t np = 2 * nb;
+    for (int64_t p = 0; p < np; p += V::size()) {
+      V n0, n1;
+      elbo::box_muller(V::loadu(ur + p), V::loadu(ut + p), n0, n1);
+      V lo, hi;
+      std::tie(lo, hi) = at::vec::interleave2(n0, n1);  // n0[p], n1[p], n0[p+1], ...
+      lo.store(pairs + 2 * p);
+      hi.store(pairs + 2 * p + V::size());
+    }
+    std::memcpy(out, pairs + (start - 4 * b0), sizeof(float) * static_cast<size_t>(take));
+    out += take;
+    start += static_cast<uint64_t>(take);
+    n -= take;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reparameterised sampling (with log q and the KL), forward and backward, over (rows, event).
+// ---------------------------------------------------------------------------------------------
+template <class T>
+T* typed(void* p) { return static_cast<T*>(p); }
+
+template <class acc_t>
+void load_contiguous(DType dtype, const void* base, int64_t off, int64_t n, acc_t* dst) {
+  Operand op;
+  op.data = const_cast<void*>(base);
+  op.dtype = dtype;
+  Loaded<acc_t> l = load<acc_t>(op, off, 1, n, dst);
+  if (l.ptr != dst) std::memcpy(dst, l.ptr, sizeof(acc_t) * static_cast<size_t>(n));
+}
+template <class acc_t>
+void store_contiguous(DType dtype, void* base, int64_t off, int64_t n, const acc_t* src) {
+  Operand op;
+  op.data = base;
+  op.dtype = dtype;
+  store<acc_t>(op, off, 1, n, src);
+}
+
+template <class acc_t>
+void sample_forward_typed(const SampleArgs& a) {
+  using V = Vec<acc_t>;
+  constexpr int64_t VS = V::size();
+  const int64_t E = a.event_numel, R = a.rows, K = a.num_samples;
+  const uint64_t seed = static_cast<uint64_t>(*a.seed);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, E * K));
+  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+    alignas(64) acc_t mu[kChunk], lv[kChunk], sigma[kChunk], z[kChunk], eps[kChunk];
+    alignas(64) float eps_f[kChunk];
+    for (int64_t r = r0; r < r1; ++r) {
+      V kl_sum(acc_t(0));
+      // log q sums per sample (K is small in practice; the loop keeps one accumulator at a time).
+      for (int64_t c0 = 0; c0 < E; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, E - c0), off = r * E + c0;
+        load_contiguous<acc_t>(a.dtype, a.mu, off, n, mu);
+        load_contiguous<acc_t>(a.dtype, a.logvar, off, n, lv);
+        for (int64_t i = 0; i < n; i += VS) {
+          const int64_t cnt = std::min(VS, n - i);
+          V m = V::loadu(mu + i, cnt), l = V::loadu(lv + i, cnt);
+          elbo::sigma_from_logvar(l).store(sigma + i, cnt);
+          if (a.kl) kl_sum = kl_sum + V::set(V(acc_t(0)), elbo::kl_std(m, l), cnt);
+        }
+        for (int64_t k = 0; k < K; ++k) {
+          normals_impl(seed, static_cast<uint64_t>(k * R * E + off), n, eps_f);
+          at::vec::convert(eps_f, eps, n);
+          V lq_sum(acc_t(0));
+          for (int64_t i = 0; i < n; i += VS) {
+            const int64_t cnt = std::min(VS, n - i);
+            V e = V::loadu(eps + i, cnt);
+            elbo::reparameterize(V::loadu(mu + i, cnt), V::loadu(sigma + i, cnt), e).store(z + i, cnt);
+            if (a.log_q) lq_sum = lq_sum + V::set(V(acc_t(0)), elbo::log_q_from_eps(V::loadu(lv + i, cnt), e), cnt);
+          }
+          store_contiguous<acc_t>(a.dtype, a.z, k * R * E + off, n, z);
+          if (a.log_q) {
+            acc_t s = hsum(lq_sum);
+            typed<acc_t>(a.log_q)[k * R + r] = (c0 == 0 ? acc_t(0) : typed<acc_t>(a.log_q)[k * R + r]) + s;
+          }
+        }
+      }
+      if (a.kl) typed<acc_t>(a.kl)[r] = hsum(kl_sum);
+    }
+  });
+}
+
+template <class acc_t>
+void sample_backward_typed(const SampleArgs& a) {
+  using V = Vec<acc_t>;
+  constexpr int64_t VS = V::size();
+  const int64_t E = a.event_numel, R = a.rows, K = a.num_samples;
+  const uint64_t seed = static_cast<uint64_t>(*a.seed);
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, E * K));
+  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+    alignas(64) acc_t mu[kChunk], lv[kChunk], g[kChunk], eps[kChunk], sum_g[kChunk], sum_ge[kChunk];
+    alignas(64) acc_t dmu[kChunk], dlv[kChunk];
+    alignas(64) float eps_f[kChunk];
+    for (int64_t r = r0; r < r1; ++r) {
+      acc_t g_kl = a.grad_kl ? static_cast<const acc_t*>(a.grad_kl)[r] : acc_t(0);
+      acc_t g_lq = 0;  // sum_k dL/dlog_q[k, r]
+      if (a.grad_log_q)
+        for (int64_t k = 0; k < K; ++k) g_lq += static_cast<const acc_t*>(a.grad_log_q)[k * R + r];
+      for (int64_t c0 = 0; c0 < E; c0 += kChunk) {
+        const int64_t n = std::min(kChunk, E - c0), off = r * E + c0;
+        load_contiguous<acc_t>(a.dtype, a.mu, off, n, mu);
+        load_contiguous<acc_t>(a.dtype, a.logvar, off, n, lv);
+        std::fill(sum_g, sum_g + n, acc_t(0));
+        std::fill(sum_ge, sum_ge + n, acc_t(0));
+        if (a.grad_z) {
+          for (int64_t k = 0; k < K; ++k) {
+            load_contiguous<acc_t>(a.dtype, a.grad_z, k * R * E + off, n, g);
+            if (a.grad_logvar) {
+              normals_impl(seed, static_cast<uint64_t>(k * R * E + off), n, eps_f);
+              at::vec::convert(eps_f, eps, n);
+            }
+            for (int64_t i = 0; i < n; i += VS) {
+              const int64_t cnt = std::min(VS, n - i);
+              V gv = V::loadu(g + i, cnt);
+              (V::loadu(sum_g + i, cnt) + gv).store(sum_g + i, cnt);
+              if (a.grad_logvar) (V::loadu(sum_ge + i, cnt) + gv * V::loadu(eps + i, cnt)).store(sum_ge + i, cnt);
+            }
+          }
+        }
+        for (int64_t i = 0; i < n; i += VS) {
+          const int64_t cnt = std::min(VS, n - i);
+          V m = V::loadu(mu + i, cnt), l = V::loadu(lv + i, cnt);
+          V kl_dmu, kl_dlv;
+          elbo::kl_std_grad(V(g_kl), m, l, kl_dmu, kl_dlv);
+          (V::loadu(sum_g + i, cnt) + kl_dmu).store(dmu + i, cnt);
+          V d = elbo::reparameterize_dlogvar(elbo::sigma_from_logvar(l), V::loadu(sum_ge + i, cnt));
+          (d + V(g_lq * acc_t(elbo::kLogQDlogvar)) + kl_dlv).store(dlv + i, cnt);
+        }
+        if (a.grad_mu) store_contiguous<acc_t>(a.dtype, a.grad_mu, off, n, dmu);
+        if (a.grad_logvar) store_contiguous<acc_t>(a.dtype, a.grad_logvar, off, n, dlv);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void run_rows(OpKind op, const RowArgs& args) {
+  switch (op) {
+    case OpKind::KlStdFwd: return dispatch_acc<KlStdFwd>(args);
+    case OpKind::KlStdBwd: return dispatch_acc<KlStdBwd>(args);
+    case OpKind::KlFwd: return dispatch_acc<KlFwd>(args);
+    case OpKind::KlBwd: return dispatch_acc<KlBwd>(args);
+    case OpKind::GaussLpFwd: return dispatch_acc<GaussLpFwd>(args);
+    case OpKind::GaussLpBwd: return dispatch_acc<GaussLpBwd>(args);
+    case OpKind::BernLpFwd: return dispatch_acc<BernLpFwd>(args);
+    case OpKind::BernLpBwd: return dispatch_acc<BernLpBwd>(args);
+  }
+}
+
+void sample_forward(const SampleArgs& args) {
+  if (args.dtype == DType::Float64) sample_forward_typed<double>(args);
+  else sample_forward_typed<float>(args);
+}
+
+void sample_backward(const SampleArgs& args) {
+  if (args.dtype == DType::Float64) sample_backward_typed<double>(args);
+  else sample_backward_typed<float>(args);
+}
+
+}  // namespace cpu
+VF_ISA_NS_END
+}  // namespace vae_fast

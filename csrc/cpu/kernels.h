@@ -1,0 +1,28 @@
+// The CPU kernels' entry points, one set per ISA variant (each kernels.cpp build defines one).
+#pragma once
+#include "../layout.h"
+
+#define VF_DECLARE_CPU_KERNELS(ISA)                                   \
+  namespace vae_fast {                                                \
+  namespace ISA {                                                     \
+  namespace cpu {                                                     \
+  void run_rows(OpKind op, const RowArgs& args);                      \
+  void sample_forward(const SampleArgs& args);                        \
+  void sample_backward(const SampleArgs& args);                       \
+  }                                                                   \
+  }                                                                   \
+  }
+
+namespace vae_fast {
+namespace cpu {
+// The variant chosen at run time: the best the CPU supports, or lower if VAE_FAST_CPU_ISA says so.
+struct Kernels {
+  const char* isa;
+  void (*run_rows)(OpKind, const RowArgs&);
+  void (*sample_forward)(const SampleArgs&);
+  void (*sample_backward)(const SampleArgs&);
+};
+Kernels kernels();
+const char* built_isas();  // e.g. "baseline,avx2,avx512"
+}  // namespace cpu
+}  // namespace vae_fast

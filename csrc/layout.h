@@ -1,0 +1,82 @@
+// Framework-free description of one kernel launch, shared by the CPU kernels, the CUDA kernels
+// (which include no torch header) and the torch-facing glue that fills it in (ops.cpp).
+//
+// Every deterministic op is "elementwise terms over a broadcast shape S, summed over the trailing
+// event dimensions". The glue splits S into row (batch) dims and event dims, coalesces each group,
+// and gives every tensor argument its strides over both groups (0 where it is broadcast), so the
+// kernels read broadcast arguments in place and never materialise them.
+#pragma once
+#include <cstdint>
+
+namespace vae_fast {
+
+constexpr int kMaxDims = 8;
+
+enum class DType : int32_t { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
+
+struct Operand {
+  void* data = nullptr;  // nullptr: this output is not wanted
+  DType dtype = DType::Float32;
+  int64_t row_strides[kMaxDims] = {};    // in elements, over RowLayout::row_sizes
+  int64_t event_strides[kMaxDims] = {};  // in elements, over RowLayout::event_sizes
+  // Outputs only. accumulate: the argument is broadcast, so `data` is a block of partial sums in
+  // the accumulation type, one slice of `block_stride` elements per row block; the glue sums the
+  // slices in a fixed order afterwards (deterministic, no atomics).
+  bool accumulate = false;
+  int64_t block_stride = 0;
+};
+
+struct RowLayout {
+  int n_row_dims = 0;
+  int64_t row_sizes[kMaxDims] = {};
+  int64_t rows = 1;
+  int n_event_dims = 0;
+  int64_t event_sizes[kMaxDims] = {};  // innermost last
+  int64_t event_numel = 1;
+  // Forward: false sums each row's terms into out[row]; true (event_dims == 0) writes every term.
+  bool elementwise = false;
+  // Row blocks for accumulated gradients: block b owns rows [b * rows / n_blocks, (b+1) * rows / n_blocks).
+  int64_t n_blocks = 1;
+};
+
+enum class OpKind : int32_t {
+  KlStdFwd,       // in: mu, logvar                      out: kl
+  KlStdBwd,       // in: g, mu, logvar                   out: dmu, dlogvar
+  KlFwd,          // in: mu, logvar, pmu, plogvar        out: kl
+  KlBwd,          // in: g, mu, logvar, pmu, plogvar     out: dmu, dlogvar, dpmu, dplogvar
+  GaussLpFwd,     // in: x, mean, logvar                 out: lp
+  GaussLpBwd,     // in: g, x, mean, logvar              out: dx, dmean, dlogvar
+  BernLpFwd,      // in: x, logits                       out: lp
+  BernLpBwd,      // in: g, x, logits                    out: dx, dlogits
+};
+
+constexpr int kMaxOperands = 5;
+
+struct RowArgs {
+  RowLayout layout;
+  Operand in[kMaxOperands];
+  Operand out[kMaxOperands];
+};
+
+// Reparameterised sampling over contiguous mu and logvar viewed as (rows, event_numel):
+// z[k, r, j] = mu[r, j] + exp(logvar[r, j] / 2) * eps(seed, k * rows * event_numel + r * event_numel + j).
+struct SampleArgs {
+  const void* mu = nullptr;
+  const void* logvar = nullptr;
+  DType dtype = DType::Float32;  // of mu, logvar, z and the z/mu/logvar gradients
+  int64_t rows = 0, event_numel = 0, num_samples = 1;
+  const int64_t* seed = nullptr;  // one int64 on the op's device (read there: CUDA-graph safe)
+  // forward outputs (nullptr when not wanted); log_q is (K, rows), kl is (rows), both in the accumulation type
+  void* z = nullptr;
+  void* log_q = nullptr;
+  void* kl = nullptr;
+  // backward inputs (nullptr when no gradient flows from that output), contiguous
+  const void* grad_z = nullptr;     // (K, rows, event_numel), dtype
+  const void* grad_log_q = nullptr;  // (K, rows), accumulation type
+  const void* grad_kl = nullptr;     // (rows), accumulation type
+  // backward outputs (nullptr when not wanted), contiguous, dtype
+  void* grad_mu = nullptr;
+  void* grad_logvar = nullptr;
+};
+
+}  // namespace vae_fast

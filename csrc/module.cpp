@@ -1,0 +1,32 @@
+// vae_fast._C: the op registrations (ops.cpp, loaded with this module) and build information.
+#include <pybind11/pybind11.h>
+#include <torch/version.h>
+
+#include <cstdlib>
+
+#include "cpu/kernels.h"
+#include "ops.h"
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "vae_fast compiled kernels; the ops are registered as torch.ops.vae_fast.*";
+  m.def(
+      "build_info",
+      []() {
+        py::dict info;
+        info["cpu_isas_built"] = std::string(vae_fast::cpu::built_isas());
+        info["cpu_isa"] = std::string(vae_fast::cpu::kernels().isa);
+        info["cuda"] = vae_fast::cuda_available();
+        info["cuda_info"] = vae_fast::cuda_build_info();
+        info["torch"] = std::string(TORCH_VERSION);
+#ifdef _OPENMP
+        info["openmp"] = true;
+#else
+        info["openmp"] = false;
+#endif
+        return info;
+      },
+      "What this build contains: CPU ISA variants, the variant in use (VAE_FAST_CPU_ISA may lower it), CUDA, "
+      "the torch version it was built against.");
+}

@@ -1,0 +1,12 @@
+// Built when vae_fast has no CUDA kernels: a CUDA tensor gets a clear error (ops.cpp checks first).
+#include <c10/util/Exception.h>
+
+#include "ops.h"
+
+namespace vae_fast {
+bool cuda_available() { return false; }
+std::string cuda_build_info() { return "not built"; }
+void launch_rows_cuda(OpKind, const RowArgs&, const at::Device&) { TORCH_CHECK(false, "vae_fast was built without CUDA"); }
+void sample_forward_cuda(const SampleArgs&, const at::Device&) { TORCH_CHECK(false, "vae_fast was built without CUDA"); }
+void sample_backward_cuda(const SampleArgs&, const at::Device&) { TORCH_CHECK(false, "vae_fast was built without CUDA"); }
+}  // namespace vae_fast
