@@ -178,14 +178,11 @@ RowProblem::RowProblem(const std::vector<NamedTensor>& inputs, int64_t event_dim
   for (int64_t d = split; d < n; ++d) event_numel *= shape[d];
 }
 
-// Strides over `shape` of the gradient g (shape out_shape, contiguous): 0 over the event dims.
-std::vector<int64_t> RowProblem::grad_strides() const {
-  std::vector<int64_t> st(shape.size(), 0);
-  int64_t running = 1;
-  for (size_t i = out_shape.size(); i-- > 0;) {
-    st[i] = out_shape[i] == 1 ? 0 : running;
-    running *= out_shape[i];
-  }
+// Strides over `shape` of a tensor shaped like the output (g, or the output itself): its own
+// (possibly narrowed) strides over the leading out_shape dims, 0 over the summed event dims.
+std::vector<int64_t> RowProblem::out_strides(at::IntArrayRef own) const {
+  std::vector<int64_t> st = broadcast_strides(own, out_shape);
+  st.resize(shape.size(), 0);
   return st;
 }
 
@@ -235,7 +232,7 @@ at::Tensor RowProblem::forward(OpKind op) const {
   }
   std::vector<std::vector<int64_t>> in_st;
   for (const auto& a : in) in_st.push_back(broadcast_strides(a.tensor.sizes(), shape));
-  std::vector<int64_t> out_st = elementwise ? broadcast_strides(shape, shape) : grad_strides();
+  std::vector<int64_t> out_st = out_strides(at::IntArrayRef(out_shape));
   RowArgs args = make_args(in_st, {out_st}, 1);
   for (size_t j = 0; j < in.size(); ++j) {
     args.in[j].data = in[j].tensor.data_ptr();
@@ -255,7 +252,15 @@ std::vector<at::Tensor> RowProblem::backward(OpKind op, const std::vector<bool>&
   std::vector<at::Tensor> grads(n_args), partials(n_args);
   const bool on_cuda = in[0].tensor.device().is_cuda();
   std::vector<std::vector<int64_t>> in_st, out_st;
-  in_st.push_back(grad_strides());
+  const auto gs = in[0].tensor.sizes();  // narrowed where the caller expanded it
+  bool grad_ok = originals.size() + 1 == in.size() && gs.size() <= out_shape.size();
+  for (size_t i = 0; grad_ok && i < gs.size(); ++i) {
+    int64_t want = out_shape[out_shape.size() - gs.size() + i];
+    grad_ok = gs[i] == want || gs[i] == 1;
+  }
+  TORCH_CHECK_VALUE(grad_ok, "vae_fast: grad must have the output's shape ", shape_str(out_shape), ", got ",
+                    shape_str(gs));
+  in_st.push_back(out_strides(in[0].tensor.sizes()));
   for (size_t j = 1; j < in.size(); ++j) in_st.push_back(broadcast_strides(in[j].tensor.sizes(), shape));
   // Row blocks for broadcast arguments' partial sums: a function of the shapes alone.
   int64_t rows = 1;

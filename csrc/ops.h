@@ -33,7 +33,7 @@ struct RowProblem {
   at::ScalarType acc_dtype = at::kFloat;
 
  private:
-  std::vector<int64_t> grad_strides() const;
+  std::vector<int64_t> out_strides(at::IntArrayRef own) const;
   RowArgs make_args(const std::vector<std::vector<int64_t>>& in_strides,
                     const std::vector<std::vector<int64_t>>& out_strides, int64_t n_blocks) const;
   void launch(OpKind op, const RowArgs& args, const at::Device& device) const;
