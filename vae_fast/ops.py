@@ -226,7 +226,7 @@ def _grads_like(needs, originals):
 def _(grad, mu, logvar, prior_mu, prior_logvar, event_dims, needs):
     originals = [mu, logvar] + ([] if prior_mu is None else [prior_mu, prior_logvar])
     grads = _grads_like(needs, originals)
-    return grads + [mu.new_empty((0,))] * (4 - len(grads))
+    return grads + [mu.new_empty((0,)) for _ in range(4 - len(grads))]
 
 
 @torch.library.register_fake("vae_fast::gaussian_log_prob_backward")
