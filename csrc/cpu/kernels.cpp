@@ -348,8 +348,11 @@ void normals_impl(uint64_t seed, uint64_t start, int64_t n, float* out) {
       ur[2 * j + 1] = philox::uniform(c2[j]);
       ut[2 * j + 1] = philox::uniform(c3[j]);
     }
-    alignas(64) float pairs[4 * kMaxBlocks + 2 * V::size()];
+    // Pad the last vector with valid uniforms: Sleef picks its argument-reduction path from all
+    // lanes at once, so garbage in unused lanes could change the used lanes' last bit.
     const int64_t np = 2 * nb;
+    for (int64_t p = np; p < np + V::size(); ++p) ur[p] = ut[p] = 0.5f;
+    alignas(64) float pairs[4 * kMaxBlocks + 2 * V::size()];
     for (int64_t p = 0; p < np; p += V::size()) {
       V n0, n1;
       elbo::box_muller(V::loadu(ur + p), V::loadu(ut + p), n0, n1);
