@@ -132,11 +132,13 @@ class VAE(nn.Module):
 
     # ---- objectives --------------------------------------------------------------------------------------
 
-    def _sample_with_kl(self, mu, logvar, num_samples: int):
-        """z ``(K, B, L)`` and the per-dimension KL ``(B, L)``; K = 1 takes the op's single-sample path."""
+    def _sample_with_kl(self, mu, logvar, num_samples: int, per_dim: bool = False):
+        """z ``(K, B, L)`` and the KL, ``(B,)`` or per dimension ``(B, L)``; K = 1 takes the op's
+        single-sample path."""
         _check_num_samples(num_samples)
-        z, kl_dims = reparameterize_with_kl(mu, logvar, None if num_samples == 1 else num_samples, event_dims=0)
-        return (z.unsqueeze(0) if num_samples == 1 else z), kl_dims
+        z, kl = reparameterize_with_kl(mu, logvar, None if num_samples == 1 else num_samples,
+                                       event_dims=0 if per_dim else 1)
+        return (z.unsqueeze(0) if num_samples == 1 else z), kl
 
     def _log_weights(self, x, mu, logvar, num_samples: int):
         """log p(x|z_k) + log p(z_k) - log q(z_k|x) and log p(x|z_k), each ``(K, B)``."""
@@ -162,12 +164,12 @@ class VAE(nn.Module):
             with torch.no_grad():
                 kl = gaussian_kl(mu, logvar)
         else:
-            z, kl_dims = self._sample_with_kl(mu, logvar, num_samples)
+            z, kl = self._sample_with_kl(mu, logvar, num_samples, per_dim=free_bits > 0)
             log_px = self._log_px(x, self.decode(z))
-            kl = kl_dims.sum(-1)
             if free_bits > 0:
                 # Kingma et al. (2016): each latent dimension's batch-mean KL costs at least free_bits nats.
-                kl_term = torch.clamp_min(kl_dims.mean(0), free_bits).sum()
+                kl_term = torch.clamp_min(kl.mean(0), free_bits).sum()
+                kl = kl.sum(-1)
             else:
                 kl_term = kl.mean()
             loss = -log_px.mean() + beta * kl_term
@@ -178,8 +180,8 @@ class VAE(nn.Module):
     def elbo(self, x, num_samples: int = 1) -> torch.Tensor:
         """``(B,)`` ELBO in nats: mean over K samples of log p(x|z_k), minus the closed-form KL."""
         mu, logvar = self.encode(x)
-        z, kl_dims = self._sample_with_kl(mu, logvar, num_samples)
-        return self._log_px(x, self.decode(z)).mean(0) - kl_dims.sum(-1)
+        z, kl = self._sample_with_kl(mu, logvar, num_samples)
+        return self._log_px(x, self.decode(z)).mean(0) - kl
 
     def iwae(self, x, num_samples: int) -> torch.Tensor:
         """``(B,)`` IWAE bound with K = num_samples (log q from the exact eps)."""
