@@ -268,8 +268,13 @@ std::vector<at::Tensor> RowProblem::backward(OpKind op, const std::vector<bool>&
   int64_t max_partial = 1;
   for (size_t j = 0; j < n_args; ++j)
     if (needs[j]) max_partial = std::max<int64_t>(max_partial, originals[j].numel());
-  int64_t n_blocks = std::min<int64_t>(std::max<int64_t>(rows, 1), on_cuda ? 1024 : 64);
-  n_blocks = std::max<int64_t>(1, std::min<int64_t>(n_blocks, (int64_t{1} << 24) / max_partial));
+  int64_t n_blocks = 1;
+  if (on_cuda) {
+    n_blocks = suggest_n_blocks_cuda(rows, event_numel, max_partial);
+  } else {  // 64 blocks balance 2..64 threads; partial sums capped at 16M elements
+    n_blocks = std::min<int64_t>(std::max<int64_t>(rows, 1), 64);
+    n_blocks = std::max<int64_t>(1, std::min<int64_t>(n_blocks, (int64_t{1} << 24) / max_partial));
+  }
 
   std::vector<bool> accumulate(n_args, false);
   for (size_t j = 0; j < n_args; ++j) {
