@@ -15,6 +15,7 @@ import gzip
 import math
 import os
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,14 +139,19 @@ def _scale(images: np.ndarray) -> torch.Tensor:
 
 
 def _load_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":  # else numpy would try to unpickle it, and say so
+            raise ValueError(f"malformed MNIST file {path}: not an .npz (zip) archive")
     try:
         with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in ("x_train", "x_test") if k not in f.files]
-            if missing:
-                raise ValueError(f"malformed MNIST file {path}: no {' or '.join(missing)} (has {sorted(f.files)})")
-            x_train, x_test = f["x_train"], f["x_test"]
-    except (OSError, EOFError) as e:  # numpy says "Failed to interpret file ..." or similar
-        raise ValueError(f"malformed MNIST file {path}: {e}") from None
+            arrays = {k: f[k] for k in ("x_train", "x_test") if k in f.files}
+            names = sorted(f.files)
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # a truncated archive, or object arrays
+        raise ValueError(f"malformed MNIST file {path}: {type(e).__name__}: {e}") from None
+    missing = [k for k in ("x_train", "x_test") if k not in arrays]
+    if missing:
+        raise ValueError(f"malformed MNIST file {path}: no {' or '.join(missing)} (has {names})")
+    x_train, x_test = arrays["x_train"], arrays["x_test"]
     for arr in (x_train, x_test):
         if arr.ndim < 2 or arr.dtype != np.uint8:
             raise ValueError(f"malformed MNIST file {path}: expected uint8 images, got {arr.dtype} {arr.shape}")
