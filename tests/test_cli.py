@@ -1,0 +1,223 @@
+"""The command line end to end: train / evaluate / sample on digits, the run folder's files, SIGKILL and
+--resume, DDP with two CPU processes under torchrun, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import vae_fast
+from vae_fast import cli
+from vae_fast.model import mlp_vae
+
+PACKAGE_PARENT = str(Path(vae_fast.__file__).resolve().parent.parent)
+SMALL = ["--hidden", "64", "--quiet"]  # a small model: these tests are about the machinery, not quality
+
+
+def _env(**extra):
+    return {**os.environ, "PYTHONPATH": PACKAGE_PARENT + os.pathsep + os.environ.get("PYTHONPATH", ""), **extra}
+
+
+def _cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "vae_fast", *map(str, args)], capture_output=True, text=True,
+                          env=_env(), timeout=timeout)
+
+
+def _metrics(run: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k != "time_s"} for row in rows]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A 2-epoch digits run with a 2-D latent space (so the manifold is drawn), through the CLI."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    proc = _cli("train", "--epochs", 2, "--latent-dim", 2, "--hidden", "64", "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_train_writes_the_run_folder(run):
+    out, proc = run
+    assert "epoch   2/2" in proc.stdout and "test ELBO" in proc.stdout
+    for name in ("checkpoint.pt", "config.json", "metrics.jsonl", "loss.png", "reconstructions.png",
+                 "samples.png", "manifold.png"):
+        assert (out / name).is_file(), name
+        if name.endswith(".png"):
+            assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = _metrics(out)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert all(set(m) >= {"train_loss", "train_elbo", "train_kl", "train_rec", "test_elbo", "step"} for m in metrics)
+    config = json.loads((out / "config.json").read_text())
+    assert config["epochs"] == 2 and config["latent_dim"] == 2 and config["hidden"] == [64]
+
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)  # no pickled code
+    assert ckpt["epoch"] == 2 and ckpt["step"] == metrics[-1]["step"] and ckpt["config"] == config
+    assert set(ckpt) >= {"model", "optimizer", "scaler", "epoch", "step", "config", "rng"}
+    assert all(isinstance(v, torch.Tensor) for v in ckpt["rng"].values())
+    model = mlp_vae(ckpt["input_dim"], 2, hidden=[64])
+    model.load_state_dict(ckpt["model"])
+
+
+def test_evaluate_and_sample(run):
+    out, _ = run
+    proc = _cli("evaluate", out, "--num-samples", 200, "--iwae-samples", 20)
+    assert proc.returncode == 0, proc.stderr
+    assert "ELBO" in proc.stdout and "log p(x)" in proc.stdout and "active units" in proc.stdout
+    result = json.loads((out / "eval.json").read_text())
+    assert result["test_elbo"] < result["test_iwae_20"] < result["test_log_likelihood"] < 0
+    assert 0 <= result["active_units"] <= 2
+
+    proc = _cli("sample", out, "-n", 16, "--output", out / "more.png")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "more.png").read_bytes()[:4] == b"\x89PNG"
+    assert str(out / "manifold.png") in proc.stdout
+
+
+# ---- SIGKILL and --resume -------------------------------------------------------------------------------------
+
+RESUME_ARGS = ["train", "--epochs", 8, *SMALL]
+
+
+def _kill_when(proc, out: Path, moment: str) -> bool:
+    """SIGKILL ``proc`` at ``moment``; False if it finished first.
+
+    mid-write: while a checkpoint's temporary file exists; after-checkpoint: as soon as checkpoint.pt is
+    replaced; mid-epoch: 0-100 ms after that."""
+    ckpt = out / "checkpoint.pt"
+    before = ckpt.stat().st_mtime_ns if ckpt.exists() else None
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if moment == "mid-write":
+            hit = out.is_dir() and any(e.name.startswith(".checkpoint.pt.") for e in os.scandir(out))
+        else:
+            hit = ckpt.exists() and ckpt.stat().st_mtime_ns != before
+            if hit and moment == "mid-epoch":
+                time.sleep(torch.rand(()).item() * 0.1)
+        if hit:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.0002)
+    proc.wait(timeout=60)
+    return False
+
+
+def test_sigkill_at_any_moment_then_resume_matches_an_uninterrupted_run(tmp_path):
+    whole = tmp_path / "whole"
+    proc = _cli(*RESUME_ARGS, "--out", whole)
+    assert proc.returncode == 0, proc.stderr
+
+    out = tmp_path / "killed"
+    kills = []
+    for i, moment in enumerate(["after-checkpoint", "mid-write", "mid-epoch", "mid-write"]):
+        args = [*RESUME_ARGS, "--out", out] + (["--resume"] if i else [])
+        p = subprocess.Popen([sys.executable, "-m", "vae_fast", *map(str, args)], env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        killed = _kill_when(p, out, moment)
+        leftover = [e.name for e in os.scandir(out) if e.name.endswith(".tmp")]
+        kills.append((moment, killed, bool(leftover)))
+        # Whatever the moment, the last good checkpoint is there and loads without pickled code.
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+        assert isinstance(ckpt["epoch"], int) and 1 <= ckpt["epoch"] <= 8
+    assert kills[0][1], "the first run must be killed after its first checkpoint"
+    assert any(moment == "mid-write" and torn for moment, _, torn in kills), f"no kill landed mid-write: {kills}"
+
+    proc = _cli(*RESUME_ARGS, "--out", out, "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert _metrics(out) == _metrics(whole)
+    assert not [e.name for e in os.scandir(out) if e.name.endswith(".tmp")]
+    a = torch.load(whole / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---- DDP --------------------------------------------------------------------------------------------------------
+
+DDP_SCRIPT = """
+import os, sys, torch
+from vae_fast.train import TrainConfig, train
+out = sys.argv[1]
+result = train(TrainConfig(epochs=2, hidden=[32], batch_size=50, out=out + "/run"), progress=False)
+torch.save(result.model.state_dict(), f"{out}/rank{os.environ['RANK']}.pt")
+"""
+
+
+def test_ddp_with_two_cpu_processes_keeps_replicas_identical(tmp_path):
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), str(tmp_path)], capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # each rank drew its own noise, yet in sync
+    torch.manual_seed(0)  # the trainer's initial weights
+    init = mlp_vae(64, 8, hidden=[32]).state_dict()
+    assert not torch.equal(init["encoder.1.0.weight"], rank0["encoder.1.0.weight"])  # it trained
+    metrics = _metrics(tmp_path / "run")  # written once, by rank 0
+    assert [m["epoch"] for m in metrics] == [1, 2] and all(m["world_size"] == 2 for m in metrics)
+    assert metrics[-1]["step"] == 2 * 15  # each rank trains on its half: 750 examples, batches of 50
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------
+
+
+def _main(argv, capsys) -> tuple[int, str]:
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_bad_input_gives_one_line_and_nonzero_exit(run, tmp_path, capsys):
+    good, _ = run
+    garbage = tmp_path / "garbage"
+    garbage.mkdir()
+    (garbage / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    (truncated / "checkpoint.pt").write_bytes((good / "checkpoint.pt").read_bytes()[:2000])
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [
+        ([], "required", 2),
+        (["train", "--bogus"], "unrecognized arguments: --bogus", 2),
+        (["train", "--amp", "fp8"], "invalid choice: 'fp8'", 2),
+        (["train", "--epochs", "many"], "invalid int value: 'many'", 2),
+        (["train", "--hidden", "a,b"], "comma-separated integers", 2),
+        (["train", "--epochs", -1, "--out", empty], "--epochs must be", 1),
+        (["train", "--lr", 0, "--out", empty], "--lr must be > 0", 1),
+        (["train", "--objective", "iwae", "--beta", 0.5, "--out", empty], "ELBO only", 1),
+        (["train", "--dataset", "imagenet", "--out", empty], "unknown data set 'imagenet'", 1),
+        (["train", "--dataset", f"mnist:{tmp_path / 'nope'}", "--out", empty], "does not exist", 1),
+        (["train", "--resume", "--out", empty], "no checkpoint at", 1),
+        (["train", "--resume", "--out", good, "--lr", 0.5], "not --lr 0.5 (saved: 0.001)", 1),
+        (["evaluate", tmp_path / "missing"], "does not exist", 1),
+        (["evaluate", empty], "no checkpoint at", 1),
+        (["evaluate", garbage], "cannot read checkpoint", 1),
+        (["evaluate", truncated], "cannot read checkpoint", 1),
+        (["sample", garbage], "cannot read checkpoint", 1),
+        (["sample", good, "-n", 0], "--num must be >= 1", 1),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((["train", "--device", "cuda", "--out", empty], "CUDA is not available", 1))
+    for argv, message, code in cases:
+        got_code, err = _main(argv, capsys)
+        assert got_code == code and message in err, (argv, got_code, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
+    assert not any(empty.iterdir())  # a failed command leaves nothing behind
+
+    # And for real: a process, its exit status, its stderr.
+    for argv in (["evaluate", garbage], ["train", "--bogus"]):
+        proc = _cli(*argv)
+        assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
