@@ -1,0 +1,138 @@
+"""CUDA-only checks (the rest of the suite runs on CUDA through the `device` fixture): CPU/GPU
+agreement of the Philox stream, CUDA graphs, autocast, reduce-overhead compile, determinism, and the
+`cuda_smoke` subset that runs under compute-sanitizer. Skipped cleanly without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vae_fast as vf
+from vae_fast import reference as ref
+
+pytestmark = pytest.mark.cuda
+
+
+@pytest.mark.cuda_smoke
+@pytest.mark.parametrize("num_samples", [None, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_same_eps_on_cpu_and_cuda(num_samples, dtype):
+    mu = torch.randn(37, 129, dtype=dtype)
+    lv = torch.randn(37, 129, dtype=dtype)
+    z_cpu, kl_cpu = vf.reparameterize_with_kl(mu, lv, num_samples, seed=1234)
+    z_gpu, kl_gpu = vf.reparameterize_with_kl(mu.cuda(), lv.cuda(), num_samples, seed=1234)
+    rtol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(z_gpu.cpu(), z_cpu, rtol=rtol, atol=rtol)
+    torch.testing.assert_close(kl_gpu.cpu(), kl_cpu, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(z_cpu)
+    for dev in ("cpu", "cuda"):
+        m = mu.to(dev).requires_grad_()
+        v = lv.to(dev).requires_grad_()
+        z, kl = vf.reparameterize_with_kl(m, v, num_samples, seed=1234)
+        grads = torch.autograd.grad((z * g.to(dev)).sum() + kl.sum(), (m, v))
+        if dev == "cpu":
+            expected = grads
+        else:
+            for a, b in zip(grads, expected):
+                torch.testing.assert_close(a.cpu(), b, rtol=rtol, atol=rtol)
+
+
+@pytest.mark.cuda_smoke
+def test_row_ops_small_subset():
+    x = torch.rand(5, 33, device="cuda")
+    logits = torch.randn(3, 5, 33, device="cuda", requires_grad=True)
+    mean = torch.randn(3, 5, 33, device="cuda", requires_grad=True)
+    lv = torch.randn(33, device="cuda", requires_grad=True)
+    lp = vf.bernoulli_log_prob(x, logits) + vf.gaussian_log_prob(x, mean, lv)
+    kl = vf.gaussian_kl(mean, lv.expand(3, 5, 33), torch.zeros(33, device="cuda"), lv.detach())
+    (lp.sum() + kl.sum()).backward()
+    lp_ref = ref.bernoulli_log_prob(x.cpu().double(), logits.detach().cpu().double()) + ref.gaussian_log_prob(
+        x.cpu().double(), mean.detach().cpu().double(), lv.detach().cpu().double())
+    torch.testing.assert_close(lp.detach().cpu().double(), lp_ref, rtol=1e-5, atol=1e-4)
+    assert torch.isfinite(lv.grad).all()
+
+
+def test_broadcast_gradients_are_bitwise_deterministic():
+    x = torch.randn(512, 300, device="cuda")
+    mean = torch.randn(16, 512, 300, device="cuda")
+    lv = torch.randn((), device="cuda", requires_grad=True)
+    lv_d = torch.randn(300, device="cuda", requires_grad=True)
+    grads = []
+    for _ in range(3):
+        g1, g2 = torch.autograd.grad(vf.gaussian_log_prob(x, mean, lv).sum() + vf.gaussian_log_prob(x, mean, lv_d).sum(),
+                                     (lv, lv_d))
+        grads.append((g1, g2))
+    for g in grads[1:]:
+        assert torch.equal(g[0], grads[0][0]) and torch.equal(g[1], grads[0][1])
+
+
+def test_cuda_graph_capture_draws_fresh_samples_per_replay():
+    mu = torch.randn(64, 16, device="cuda")
+    lv = torch.randn(64, 16, device="cuda")
+    seed = torch.zeros(1, dtype=torch.int64, device="cuda")
+    static_z = None
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        vf.reparameterize(mu, lv, seed=seed)  # warm-up outside capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_z, static_kl = vf.reparameterize_with_kl(mu, lv, seed=seed)
+    outs = []
+    for value in (1, 2, 1):
+        seed.fill_(value)  # the seed is read on the device at replay time
+        graph.replay()
+        outs.append(static_z.clone())
+    assert not torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    torch.testing.assert_close(outs[0], vf.reparameterize(mu, lv, seed=1))
+    torch.testing.assert_close(static_kl, vf.gaussian_kl(mu, lv))
+
+
+def test_compile_reduce_overhead():
+    mu = torch.randn(32, 8, device="cuda", requires_grad=True)
+    lv = torch.randn(32, 8, device="cuda", requires_grad=True)
+    x = torch.rand(32, 8, device="cuda")
+
+    def loss(m, v):
+        z, kl = vf.reparameterize_with_kl(m, v, 4)
+        return (kl - vf.bernoulli_log_prob(x, z).mean(0)).mean()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):
+        out = compiled(mu, lv)
+        out.backward()
+    assert torch.isfinite(out) and torch.isfinite(mu.grad).all()
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_autocast_reads_reduced_precision_without_copies(amp_dtype):
+    lin = torch.nn.Linear(16, 32).cuda()
+    x = torch.rand(8, 32, device="cuda")
+    with torch.autocast("cuda", dtype=amp_dtype):
+        logits = lin(torch.randn(8, 16, device="cuda"))
+        assert logits.dtype == amp_dtype
+        lp = vf.bernoulli_log_prob(x, logits)
+        mu, lv = logits.chunk(2, dim=-1)
+        z, kl = vf.reparameterize_with_kl(mu, lv)
+    assert lp.dtype == torch.float32 and kl.dtype == torch.float32 and z.dtype == amp_dtype
+    expected = ref.bernoulli_log_prob(x.double(), logits.double())
+    torch.testing.assert_close(lp.double(), expected, rtol=1e-5, atol=1e-4)
+    lp.sum().backward()
+    assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
+
+
+def test_any_gpu_index_and_current_stream():
+    dev = torch.device("cuda", torch.cuda.device_count() - 1)
+    mu = torch.randn(4, 5, device=dev)
+    s = torch.cuda.Stream(device=dev)
+    with torch.cuda.stream(s):
+        kl = vf.gaussian_kl(mu, mu)
+    s.synchronize()
+    torch.testing.assert_close(kl.cpu().double(), ref.gaussian_kl(mu.cpu().double(), mu.cpu().double()))
+
+
+def test_mixed_devices_raise():
+    with pytest.raises((ValueError, RuntimeError), match="device"):
+        vf.gaussian_kl(torch.zeros(3, device="cuda"), torch.zeros(3))
