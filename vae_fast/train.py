@@ -14,7 +14,6 @@ import math
 import os
 import pickle
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -249,8 +248,10 @@ def _train(cfg: TrainConfig, resume: bool, progress: bool, device: torch.device)
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.glob(".*.tmp"):  # left by a process killed mid-write
             stale.unlink(missing_ok=True)
-        if not resume:  # figures of an earlier run in this folder would be mistaken for this one's
-            for name in ("loss.png", "reconstructions.png", "samples.png", "manifold.png", "eval.json"):
+        if not resume:  # a fresh run: nothing of an earlier run in this folder may be mistaken for this one's
+            if (out / CHECKPOINT).exists() and progress:
+                tqdm.write(f"overwriting the run in {out} (--resume continues it instead)")
+            for name in (CHECKPOINT, "loss.png", "reconstructions.png", "samples.png", "manifold.png", "eval.json"):
                 (out / name).unlink(missing_ok=True)
         write_json(out / CONFIG, cfg.to_json())
         # Keep the lines of the epochs the checkpoint holds: later ones are trained again.
