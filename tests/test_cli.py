@@ -248,3 +248,16 @@ def test_compiled_training_matches_eager(tmp_path):
         assert a["step"] == b["step"]
         for key in ("train_loss", "test_elbo"):
             assert b[key] == pytest.approx(a[key], rel=1e-5), key  # measured: ~2e-8
+
+
+def test_gaussian_run_on_non_image_data(tmp_path, capsys):
+    """synthetic has 8 features: a loss plot but no image grids, and `sample` says why it draws nothing."""
+    from vae_fast.train import TrainConfig, train
+
+    cfg = TrainConfig(dataset="synthetic", likelihood="gaussian", latent_dim=2, hidden=[], epochs=2,
+                      out=str(tmp_path))
+    result = train(cfg, progress=False)
+    assert result.metrics[-1]["test_elbo"] > result.metrics[0]["test_elbo"]
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["loss.png"]
+    code, err = _main(["sample", tmp_path], capsys)
+    assert code == 1 and "not square images" in err
