@@ -230,3 +230,24 @@ def test_compile_fallback_random_matches_eager_and_calls_differ():
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+def test_event_dims_and_thread_count_do_not_change_results():
+    mu = torch.randn(300, 37)
+    lv = torch.randn(300, 37)
+    z0, kl0 = vf.reparameterize_with_kl(mu, lv, 2, seed=9, event_dims=0)
+    z1, kl1 = vf.reparameterize_with_kl(mu, lv, 2, seed=9, event_dims=1)
+    assert torch.equal(z0, z1)
+    torch.testing.assert_close(kl0.sum(-1), kl1)
+    _, lq0 = vf.reparameterize(mu, lv, 2, seed=9, return_log_q=True, event_dims=0)
+    _, lq1 = vf.reparameterize(mu, lv, 2, seed=9, return_log_q=True, event_dims=1)
+    torch.testing.assert_close(lq0.sum(-1), lq1)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = vf.reparameterize(mu.repeat(40, 1), lv.repeat(40, 1), 2, seed=9, return_log_q=True)
+        torch.set_num_threads(2)
+        two = vf.reparameterize(mu.repeat(40, 1), lv.repeat(40, 1), 2, seed=9, return_log_q=True)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])

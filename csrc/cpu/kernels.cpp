@@ -369,7 +369,10 @@ void normals_impl(uint64_t seed, uint64_t start, int64_t n, float* out) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Reparameterised sampling (with log q and the KL), forward and backward, over (rows, event).
+// Reparameterised sampling (with log q and the KL), forward and backward. mu and logvar are walked
+// as one flat array in chunks whose boundaries sit at global multiples of kChunk (so every sum is
+// taken in the same order whatever the thread count); per-row sums (KL, log q) are segment sums
+// over the chunk. Short rows (event_dims=0, a 2-D latent) thus cost no per-row overhead.
 // ---------------------------------------------------------------------------------------------
 template <class T>
 T* typed(void* p) { return static_cast<T*>(p); }
@@ -391,47 +394,80 @@ void store_contiguous(DType dtype, void* base, int64_t off, int64_t n, const acc
 }
 
 template <class acc_t>
+acc_t sum_range(const acc_t* v, int64_t n) {
+  using V = Vec<acc_t>;
+  V acc(acc_t(0));
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) acc = acc + V::loadu(v + i);
+  acc_t s = hsum(acc);
+  for (; i < n; ++i) s += v[i];
+  return s;
+}
+
+// Adds the terms of flat elements [flat, flat + n) into out[row] (row = element / E); a row's
+// first element assigns, so `out` needs no zeroing.
+template <class acc_t>
+void add_segments(const acc_t* terms, int64_t flat, int64_t n, int64_t E, acc_t* out) {
+  if (E == 1) {  // event_dims = 0: every element is its own row
+    std::memcpy(out + flat, terms, sizeof(acc_t) * static_cast<size_t>(n));
+    return;
+  }
+  for (int64_t i = 0; i < n;) {
+    const int64_t row = (flat + i) / E, row_end = (row + 1) * E - flat;
+    const int64_t len = std::min(n, row_end) - i;
+    const acc_t s = sum_range(terms + i, len);
+    out[row] = ((flat + i) % E == 0) ? s : out[row] + s;
+    i += len;
+  }
+}
+
+// Calls body(c, n) for chunks [c, c + n) of [begin, end) cut at global multiples of kChunk.
+template <class Body>
+void for_each_chunk(int64_t begin, int64_t end, Body body) {
+  for (int64_t c = begin; c < end;) {
+    const int64_t next = std::min(end, (c / kChunk + 1) * kChunk);
+    body(c, next - c);
+    c = next;
+  }
+}
+
+template <class acc_t>
+int64_t sample_grain(const SampleArgs& a) {  // ~16K elements of z per task
+  return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, a.event_numel * a.num_samples));
+}
+
+template <class acc_t>
 void sample_forward_typed(const SampleArgs& a) {
   using V = Vec<acc_t>;
   constexpr int64_t VS = V::size();
-  const int64_t E = a.event_numel, R = a.rows, K = a.num_samples;
+  const int64_t E = a.event_numel, R = a.rows, K = a.num_samples, N = R * E;
   const uint64_t seed = static_cast<uint64_t>(*a.seed);
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, E * K));
-  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
-    alignas(64) acc_t mu[kChunk], lv[kChunk], sigma[kChunk], z[kChunk], eps[kChunk];
+  at::parallel_for(0, R, sample_grain<acc_t>(a), [&](int64_t r0, int64_t r1) {
+    alignas(64) acc_t mu[kChunk], lv[kChunk], sigma[kChunk], z[kChunk], eps[kChunk], terms[kChunk];
     alignas(64) float eps_f[kChunk];
-    for (int64_t r = r0; r < r1; ++r) {
-      V kl_sum(acc_t(0));
-      // log q sums per sample (K is small in practice; the loop keeps one accumulator at a time).
-      for (int64_t c0 = 0; c0 < E; c0 += kChunk) {
-        const int64_t n = std::min(kChunk, E - c0), off = r * E + c0;
-        load_contiguous<acc_t>(a.dtype, a.mu, off, n, mu);
-        load_contiguous<acc_t>(a.dtype, a.logvar, off, n, lv);
+    for_each_chunk(r0 * E, r1 * E, [&](int64_t c, int64_t n) {
+      load_contiguous<acc_t>(a.dtype, a.mu, c, n, mu);
+      load_contiguous<acc_t>(a.dtype, a.logvar, c, n, lv);
+      for (int64_t i = 0; i < n; i += VS) {
+        const int64_t cnt = std::min(VS, n - i);
+        V m = V::loadu(mu + i, cnt), l = V::loadu(lv + i, cnt);
+        elbo::sigma_from_logvar(l).store(sigma + i, cnt);
+        if (a.kl) elbo::kl_std(m, l).store(terms + i, cnt);
+      }
+      if (a.kl) add_segments(terms, c, n, E, typed<acc_t>(a.kl));
+      for (int64_t k = 0; k < K; ++k) {
+        normals_impl(seed, static_cast<uint64_t>(k * N + c), n, eps_f);
+        at::vec::convert(eps_f, eps, n);
         for (int64_t i = 0; i < n; i += VS) {
           const int64_t cnt = std::min(VS, n - i);
-          V m = V::loadu(mu + i, cnt), l = V::loadu(lv + i, cnt);
-          elbo::sigma_from_logvar(l).store(sigma + i, cnt);
-          if (a.kl) kl_sum = kl_sum + V::set(V(acc_t(0)), elbo::kl_std(m, l), cnt);
+          V e = V::loadu(eps + i, cnt);
+          elbo::reparameterize(V::loadu(mu + i, cnt), V::loadu(sigma + i, cnt), e).store(z + i, cnt);
+          if (a.log_q) elbo::log_q_from_eps(V::loadu(lv + i, cnt), e).store(terms + i, cnt);
         }
-        for (int64_t k = 0; k < K; ++k) {
-          normals_impl(seed, static_cast<uint64_t>(k * R * E + off), n, eps_f);
-          at::vec::convert(eps_f, eps, n);
-          V lq_sum(acc_t(0));
-          for (int64_t i = 0; i < n; i += VS) {
-            const int64_t cnt = std::min(VS, n - i);
-            V e = V::loadu(eps + i, cnt);
-            elbo::reparameterize(V::loadu(mu + i, cnt), V::loadu(sigma + i, cnt), e).store(z + i, cnt);
-            if (a.log_q) lq_sum = lq_sum + V::set(V(acc_t(0)), elbo::log_q_from_eps(V::loadu(lv + i, cnt), e), cnt);
-          }
-          store_contiguous<acc_t>(a.dtype, a.z, k * R * E + off, n, z);
-          if (a.log_q) {
-            acc_t s = hsum(lq_sum);
-            typed<acc_t>(a.log_q)[k * R + r] = (c0 == 0 ? acc_t(0) : typed<acc_t>(a.log_q)[k * R + r]) + s;
-          }
-        }
+        store_contiguous<acc_t>(a.dtype, a.z, k * N + c, n, z);
+        if (a.log_q) add_segments(terms, c, n, E, typed<acc_t>(a.log_q) + k * R);
       }
-      if (a.kl) typed<acc_t>(a.kl)[r] = hsum(kl_sum);
-    }
+    });
   });
 }
 
@@ -439,52 +475,65 @@ template <class acc_t>
 void sample_backward_typed(const SampleArgs& a) {
   using V = Vec<acc_t>;
   constexpr int64_t VS = V::size();
-  const int64_t E = a.event_numel, R = a.rows, K = a.num_samples;
+  const int64_t E = a.event_numel, R = a.rows, K = a.num_samples, N = R * E;
   const uint64_t seed = static_cast<uint64_t>(*a.seed);
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, E * K));
-  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+  const acc_t* grad_kl = static_cast<const acc_t*>(a.grad_kl);
+  const acc_t* grad_log_q = static_cast<const acc_t*>(a.grad_log_q);
+  at::parallel_for(0, R, sample_grain<acc_t>(a), [&](int64_t r0, int64_t r1) {
     alignas(64) acc_t mu[kChunk], lv[kChunk], g[kChunk], eps[kChunk], sum_g[kChunk], sum_ge[kChunk];
-    alignas(64) acc_t dmu[kChunk], dlv[kChunk];
+    alignas(64) acc_t g_kl[kChunk], g_lq[kChunk], dmu[kChunk], dlv[kChunk];
     alignas(64) float eps_f[kChunk];
-    for (int64_t r = r0; r < r1; ++r) {
-      acc_t g_kl = a.grad_kl ? static_cast<const acc_t*>(a.grad_kl)[r] : acc_t(0);
-      acc_t g_lq = 0;  // sum_k dL/dlog_q[k, r]
-      if (a.grad_log_q)
-        for (int64_t k = 0; k < K; ++k) g_lq += static_cast<const acc_t*>(a.grad_log_q)[k * R + r];
-      for (int64_t c0 = 0; c0 < E; c0 += kChunk) {
-        const int64_t n = std::min(kChunk, E - c0), off = r * E + c0;
-        load_contiguous<acc_t>(a.dtype, a.mu, off, n, mu);
-        load_contiguous<acc_t>(a.dtype, a.logvar, off, n, lv);
-        std::fill(sum_g, sum_g + n, acc_t(0));
-        std::fill(sum_ge, sum_ge + n, acc_t(0));
-        if (a.grad_z) {
-          for (int64_t k = 0; k < K; ++k) {
-            load_contiguous<acc_t>(a.dtype, a.grad_z, k * R * E + off, n, g);
-            if (a.grad_logvar) {
-              normals_impl(seed, static_cast<uint64_t>(k * R * E + off), n, eps_f);
-              at::vec::convert(eps_f, eps, n);
-            }
-            for (int64_t i = 0; i < n; i += VS) {
-              const int64_t cnt = std::min(VS, n - i);
-              V gv = V::loadu(g + i, cnt);
-              (V::loadu(sum_g + i, cnt) + gv).store(sum_g + i, cnt);
-              if (a.grad_logvar) (V::loadu(sum_ge + i, cnt) + gv * V::loadu(eps + i, cnt)).store(sum_ge + i, cnt);
-            }
+    for_each_chunk(r0 * E, r1 * E, [&](int64_t c, int64_t n) {
+      load_contiguous<acc_t>(a.dtype, a.mu, c, n, mu);
+      load_contiguous<acc_t>(a.dtype, a.logvar, c, n, lv);
+      // Per-row upstream gradients of kl and sum_k log_q, spread over the row's elements.
+      if (E == 1) {  // event_dims = 0: one row per element, read the row gradients as vectors
+        std::fill(g_lq, g_lq + n, acc_t(0));
+        if (grad_log_q)
+          for (int64_t k = 0; k < K; ++k)
+            for (int64_t i = 0; i < n; ++i) g_lq[i] += grad_log_q[k * R + c + i];
+        if (grad_kl) std::memcpy(g_kl, grad_kl + c, sizeof(acc_t) * static_cast<size_t>(n));
+        else std::fill(g_kl, g_kl + n, acc_t(0));
+      } else {
+        for (int64_t i = 0; i < n;) {
+          const int64_t row = (c + i) / E, len = std::min(n, (row + 1) * E - c) - i;
+          acc_t lq = 0;
+          if (grad_log_q)
+            for (int64_t k = 0; k < K; ++k) lq += grad_log_q[k * R + row];
+          std::fill(g_kl + i, g_kl + i + len, grad_kl ? grad_kl[row] : acc_t(0));
+          std::fill(g_lq + i, g_lq + i + len, lq);
+          i += len;
+        }
+      }
+      std::fill(sum_g, sum_g + n, acc_t(0));
+      std::fill(sum_ge, sum_ge + n, acc_t(0));
+      if (a.grad_z) {
+        for (int64_t k = 0; k < K; ++k) {
+          load_contiguous<acc_t>(a.dtype, a.grad_z, k * N + c, n, g);
+          if (a.grad_logvar) {
+            normals_impl(seed, static_cast<uint64_t>(k * N + c), n, eps_f);
+            at::vec::convert(eps_f, eps, n);
+          }
+          for (int64_t i = 0; i < n; i += VS) {
+            const int64_t cnt = std::min(VS, n - i);
+            V gv = V::loadu(g + i, cnt);
+            (V::loadu(sum_g + i, cnt) + gv).store(sum_g + i, cnt);
+            if (a.grad_logvar) (V::loadu(sum_ge + i, cnt) + gv * V::loadu(eps + i, cnt)).store(sum_ge + i, cnt);
           }
         }
-        for (int64_t i = 0; i < n; i += VS) {
-          const int64_t cnt = std::min(VS, n - i);
-          V m = V::loadu(mu + i, cnt), l = V::loadu(lv + i, cnt);
-          V kl_dmu, kl_dlv;
-          elbo::kl_std_grad(V(g_kl), m, l, kl_dmu, kl_dlv);
-          (V::loadu(sum_g + i, cnt) + kl_dmu).store(dmu + i, cnt);
-          V d = elbo::reparameterize_dlogvar(elbo::sigma_from_logvar(l), V::loadu(sum_ge + i, cnt));
-          (d + V(g_lq * acc_t(elbo::kLogQDlogvar)) + kl_dlv).store(dlv + i, cnt);
-        }
-        if (a.grad_mu) store_contiguous<acc_t>(a.dtype, a.grad_mu, off, n, dmu);
-        if (a.grad_logvar) store_contiguous<acc_t>(a.dtype, a.grad_logvar, off, n, dlv);
       }
-    }
+      for (int64_t i = 0; i < n; i += VS) {
+        const int64_t cnt = std::min(VS, n - i);
+        V m = V::loadu(mu + i, cnt), l = V::loadu(lv + i, cnt);
+        V kl_dmu, kl_dlv;
+        elbo::kl_std_grad(V::loadu(g_kl + i, cnt), m, l, kl_dmu, kl_dlv);
+        (V::loadu(sum_g + i, cnt) + kl_dmu).store(dmu + i, cnt);
+        V d = elbo::reparameterize_dlogvar(elbo::sigma_from_logvar(l), V::loadu(sum_ge + i, cnt));
+        (d + V::loadu(g_lq + i, cnt) * V(acc_t(elbo::kLogQDlogvar)) + kl_dlv).store(dlv + i, cnt);
+      }
+      if (a.grad_mu) store_contiguous<acc_t>(a.dtype, a.grad_mu, c, n, dmu);
+      if (a.grad_logvar) store_contiguous<acc_t>(a.dtype, a.grad_logvar, c, n, dlv);
+    });
   });
 }
 
