@@ -1,6 +1,7 @@
 // Every formula of the VAE objective, once. Inline templates over a value type V: float, double,
 // at::vec::Vectorized<float/double> (CPU SIMD) and CUDA float/double. A backend that adds a value
-// type declares its overloads of the vmath functions (exp, log, expm1, log1p, abs, max, sqrt)
+// type declares its overloads of the vmath functions (exp, log, expm1, expm1_minus_x, log1p, abs, max,
+// sqrt, sin, cos)
 // in namespace vae_fast::vmath *before* including this header (qualified calls bind at definition).
 //
 // Numerics:
@@ -35,6 +36,9 @@ VF_HD double log1p(double x) { return ::log1p(x); }
 VF_HD double abs(double x) { return ::fabs(x); }
 VF_HD double max(double a, double b) { return ::fmax(a, b); }
 VF_HD float sqrt(float x) { return ::sqrtf(x); }
+// expm1(x) - x, the KL's d-term: >= 0 for every x (expm1 is rounded monotonically), no exp(x) - 1 - x.
+VF_HD float expm1_minus_x(float x) { return ::expm1f(x) - x; }
+VF_HD double expm1_minus_x(double x) { return ::expm1(x) - x; }
 VF_HD float sin(float x) { return ::sinf(x); }
 VF_HD float cos(float x) { return ::cosf(x); }
 }  // namespace vmath
@@ -45,7 +49,7 @@ constexpr double kLog2Pi = 1.8378770664093453;  // log(2 pi)
 // ---- KL(N(mu, e^lv) || N(0, 1)) per element, and its gradient --------------------------------
 template <class V>
 VF_HD V kl_std(V mu, V lv) {
-  return V(0.5f) * (mu * mu + (vmath::expm1(lv) - lv));
+  return V(0.5f) * (mu * mu + vmath::expm1_minus_x(lv));
 }
 template <class V>
 VF_HD void kl_std_grad(V g, V mu, V lv, V& dmu, V& dlv) {
@@ -60,7 +64,7 @@ template <class V>
 VF_HD V kl(V m1, V lv1, V m2, V lv2) {
   V d = lv1 - lv2;
   V diff = m1 - m2;
-  return V(0.5f) * ((vmath::expm1(d) - d) + diff * diff * vmath::exp(lv2 * V(-1.0f)));
+  return V(0.5f) * (vmath::expm1_minus_x(d) + diff * diff * vmath::exp(lv2 * V(-1.0f)));
 }
 template <class V>
 VF_HD void kl_grad(V g, V m1, V lv1, V m2, V lv2, V& dm1, V& dlv1, V& dm2, V& dlv2) {
