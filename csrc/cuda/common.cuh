@@ -1,0 +1,362 @@
+// Device helpers shared by rows.cu and sample.cu: typed loads/stores over the four dtypes, fast
+// integer division for index decomposition, deterministic group reductions, the kernel parameter
+// block. Internal to csrc/cuda/.
+//
+// The same source also compiles as plain C++ (g++ -x c++ -DVF_EMULATE) against emu.h, a small
+// CPU emulator of the CUDA features used here (threads as fibers, __syncthreads, warp shuffles,
+// bounds-checked "device" memory, a check that no two threads write the same address in one
+// launch). selftest.cu runs that way on machines without a GPU. Nothing below may depend on it.
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#include "../layout.h"
+#include "../elbo_math.h"
+#include "../philox.h"
+
+#if defined(VF_EMULATE)
+#include "emu.h"
+#define VF_DEV inline
+#define VF_GLOBAL
+#define VF_GRID_CONST
+#define VF_SHARED static
+#define VF_LAUNCH_BOUNDS(...)
+#define VF_UNROLL
+#define VF_NO_UNROLL
+#else
+#define VF_DEV __device__ __forceinline__
+#define VF_GLOBAL __global__
+#define VF_GRID_CONST __grid_constant__
+#define VF_SHARED __shared__
+#define VF_LAUNCH_BOUNDS(...) __launch_bounds__(__VA_ARGS__)
+#define VF_UNROLL _Pragma("unroll")
+#define VF_NO_UNROLL _Pragma("unroll 1")
+#endif
+
+namespace vae_fast::cuda::detail {
+
+// ---- thread geometry, memory access, warp/block primitives (real or emulated) ---------------
+#if defined(VF_EMULATE)
+VF_DEV int tid_x() { return emu::tid(); }
+VF_DEV int64_t bid_x() { return emu::bid(); }
+VF_DEV int64_t bdim_x() { return emu::bdim(); }
+VF_DEV int64_t gdim_x() { return emu::gdim(); }
+template <class T>
+VF_DEV T ldg(const T* p) { emu::check_read(p, sizeof(T)); return *p; }
+template <class T>
+VF_DEV void st(T* p, T v) { emu::note_write(p, sizeof(T)); *p = v; }
+template <class T>
+VF_DEV T shfl_xor(unsigned mask, T v, int off) { return emu::shfl_xor(mask, v, off); }
+VF_DEV void sync_block() { emu::syncthreads(); }
+VF_DEV uint32_t umulhi(uint32_t a, uint32_t b) {
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+}
+VF_DEV uint64_t umul64hi(uint64_t a, uint64_t b) {
+  return static_cast<uint64_t>((static_cast<unsigned __int128>(a) * b) >> 64);
+}
+VF_DEV float bits_to_float(uint32_t b) { float f; std::memcpy(&f, &b, 4); return f; }
+VF_DEV int ilog2_pow2(int x) { return __builtin_ctz(static_cast<unsigned>(x)); }
+#else
+VF_DEV int tid_x() { return static_cast<int>(threadIdx.x); }
+VF_DEV int64_t bid_x() { return static_cast<int64_t>(blockIdx.x); }
+VF_DEV int64_t bdim_x() { return static_cast<int64_t>(blockDim.x); }
+VF_DEV int64_t gdim_x() { return static_cast<int64_t>(gridDim.x); }
+template <class T>
+VF_DEV T ldg(const T* p) { return __ldg(p); }
+template <class T>
+VF_DEV void st(T* p, T v) { *p = v; }
+template <class T>
+VF_DEV T shfl_xor(unsigned mask, T v, int off) { return __shfl_xor_sync(mask, v, off); }
+VF_DEV void sync_block() { __syncthreads(); }
+VF_DEV uint32_t umulhi(uint32_t a, uint32_t b) { return __umulhi(a, b); }
+VF_DEV uint64_t umul64hi(uint64_t a, uint64_t b) { return __umul64hi(a, b); }
+VF_DEV float bits_to_float(uint32_t b) { return __uint_as_float(b); }
+VF_DEV int ilog2_pow2(int x) { return __ffs(x) - 1; }
+#endif
+
+// Read-modify-write of an accumulation slot that only the calling thread touches in this launch.
+template <class T>
+VF_DEV void acc_add(T* p, T v) {
+#if defined(VF_EMULATE)
+  emu::check_read(p, sizeof(T));
+#endif
+  st(p, static_cast<T>(*p + v));
+}
+
+// ---- fast division by a runtime constant (index decomposition) ------------------------------
+// q = n / d for 0 <= n < 2^63, 1 <= d < 2^63, without a division instruction (a 64-bit integer
+// division is a subroutine call on the GPU, whose calling convention spills registers):
+// Granlund-Montgomery round-up magic, as in ATen's IntDivider, with a 32-bit multiply-high when
+// n and d are below 2^31 and a 64-bit one otherwise. q = (mulhi(n, m) + n) >> s with
+// s = ceil(log2 d), m = floor(2^N (2^s - d) / d) + 1 (N = 32 or 64); exact for n < 2^(N-1).
+struct FastDiv {
+  int64_t d = 1;
+  uint64_t m64 = 1;
+  uint32_t m32 = 1;
+  uint32_t s = 0;
+};
+
+inline FastDiv make_fastdiv(int64_t d) {
+  FastDiv f;
+  f.d = d < 1 ? 1 : d;
+  const uint64_t ud = static_cast<uint64_t>(f.d);
+  uint32_t s = 0;
+  while (s < 63 && (uint64_t{1} << s) < ud) ++s;
+  f.s = s;
+  const unsigned __int128 two64 = static_cast<unsigned __int128>(1) << 64;
+  f.m64 = static_cast<uint64_t>(two64 * ((uint64_t{1} << s) - ud) / ud + 1);
+  if (f.d <= INT32_MAX) {
+    const uint64_t two32 = uint64_t{1} << 32;
+    f.m32 = static_cast<uint32_t>(two32 * ((uint64_t{1} << s) - ud) / ud + 1);
+  } else {
+    f.m32 = 0;  // never used: the 32-bit path needs n < 2^31 <= d, answered below
+  }
+  return f;
+}
+
+VF_DEV int64_t fdiv(const FastDiv& f, int64_t n) {
+  if (n <= INT32_MAX && f.d <= INT32_MAX) {
+    const uint32_t nn = static_cast<uint32_t>(n);
+    const uint32_t t = umulhi(nn, f.m32);
+    return static_cast<int64_t>((t + nn) >> f.s);
+  }
+  if (n < f.d) return 0;
+  const uint64_t nn = static_cast<uint64_t>(n);
+  const uint64_t t = umul64hi(nn, f.m64);
+  return static_cast<int64_t>((t + nn) >> f.s);
+}
+
+// ---- dtype conversion and 4-wide loads/stores ----------------------------------------------
+VF_DEV float from16(unsigned short b, DType dt) {
+  if (dt == DType::BFloat16) return bits_to_float(static_cast<uint32_t>(b) << 16);
+  return __half2float(__ushort_as_half(b));
+}
+VF_DEV unsigned short to16(float v, DType dt) {
+  if (dt == DType::BFloat16) return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  return __half_as_ushort(__float2half_rn(v));
+}
+template <int kAlign, class T>
+VF_DEV bool aligned(const T* p) {
+  return (reinterpret_cast<uintptr_t>(p) & (kAlign - 1)) == 0;
+}
+
+// Element e of a 4-element chunk lives at element offset off + e * s; only lanes lo <= e < hi are
+// touched (others read as 0). s == 0 (broadcast) loads once. A full, unit-stride, aligned chunk
+// is one 16-byte (float32, float64: two) or 8-byte (16-bit types) access; otherwise scalar. The
+// accumulation order never depends on which path ran.
+template <class A>
+struct Mem;
+
+template <>
+struct Mem<float> {
+  static VF_DEV float load1(const void* base, DType dt, int64_t off) {
+    if (dt == DType::Float32) return ldg(static_cast<const float*>(base) + off);
+    return from16(ldg(static_cast<const unsigned short*>(base) + off), dt);
+  }
+  static VF_DEV void store1(void* base, DType dt, int64_t off, float v) {
+    if (dt == DType::Float32) {
+      st(static_cast<float*>(base) + off, v);
+    } else if (dt == DType::Float64) {
+      st(static_cast<double*>(base) + off, static_cast<double>(v));
+    } else {
+      st(static_cast<unsigned short*>(base) + off, to16(v, dt));
+    }
+  }
+  static VF_DEV void load4(const void* base, DType dt, int64_t off, int64_t s, int lo, int hi,
+                           float (&v)[4]) {
+    VF_UNROLL
+    for (int e = 0; e < 4; ++e) v[e] = 0.0f;
+    if (hi <= lo) return;
+    if (s == 0) {
+      const float x = load1(base, dt, off);
+      VF_UNROLL
+      for (int e = 0; e < 4; ++e) v[e] = x;
+      return;
+    }
+    if (dt == DType::Float32) {
+      const float* p = static_cast<const float*>(base);
+      if (s == 1 && lo == 0 && hi == 4 && aligned<16>(p + off)) {
+        const float4 t = ldg(reinterpret_cast<const float4*>(p + off));
+        v[0] = t.x; v[1] = t.y; v[2] = t.z; v[3] = t.w;
+        return;
+      }
+      VF_UNROLL
+      for (int e = 0; e < 4; ++e)
+        if (e >= lo && e < hi) v[e] = ldg(p + (off + e * s));
+      return;
+    }
+    const unsigned short* p = static_cast<const unsigned short*>(base);
+    unsigned short b[4] = {0, 0, 0, 0};
+    if (s == 1 && lo == 0 && hi == 4 && aligned<8>(p + off)) {
+      const uint2 t = ldg(reinterpret_cast<const uint2*>(p + off));
+      b[0] = static_cast<unsigned short>(t.x & 0xffffu);
+      b[1] = static_cast<unsigned short>(t.x >> 16);
+      b[2] = static_cast<unsigned short>(t.y & 0xffffu);
+      b[3] = static_cast<unsigned short>(t.y >> 16);
+    } else {
+      VF_UNROLL
+      for (int e = 0; e < 4; ++e)
+        if (e >= lo && e < hi) b[e] = ldg(p + (off + e * s));
+    }
+    VF_UNROLL
+    for (int e = 0; e < 4; ++e)
+      if (e >= lo && e < hi) v[e] = from16(b[e], dt);
+  }
+  static VF_DEV void store4(void* base, DType dt, int64_t off, int64_t s, int lo, int hi,
+                            const float (&v)[4]) {
+    if (hi <= lo) return;
+    if (dt == DType::Float32) {
+      float* p = static_cast<float*>(base);
+      if (s == 1 && lo == 0 && hi == 4 && aligned<16>(p + off)) {
+        st(reinterpret_cast<float4*>(p + off), make_float4(v[0], v[1], v[2], v[3]));
+        return;
+      }
+      VF_UNROLL
+      for (int e = 0; e < 4; ++e)
+        if (e >= lo && e < hi) st(p + (off + e * s), v[e]);
+      return;
+    }
+    if (dt == DType::Float64) {  // only reached for a float64 forward output of float inputs
+      VF_UNROLL
+      for (int e = 0; e < 4; ++e)
+        if (e >= lo && e < hi) store1(base, dt, off + e * s, v[e]);
+      return;
+    }
+    unsigned short* p = static_cast<unsigned short*>(base);
+    unsigned short b[4];
+    VF_UNROLL
+    for (int e = 0; e < 4; ++e) b[e] = to16(v[e], dt);
+    if (s == 1 && lo == 0 && hi == 4 && aligned<8>(p + off)) {
+      st(reinterpret_cast<uint2*>(p + off),
+         make_uint2(static_cast<uint32_t>(b[0]) | (static_cast<uint32_t>(b[1]) << 16),
+                    static_cast<uint32_t>(b[2]) | (static_cast<uint32_t>(b[3]) << 16)));
+      return;
+    }
+    VF_UNROLL
+    for (int e = 0; e < 4; ++e)
+      if (e >= lo && e < hi) st(p + (off + e * s), b[e]);
+  }
+};
+
+template <>
+struct Mem<double> {  // every operand is float64 in a float64 launch
+  static VF_DEV double load1(const void* base, DType, int64_t off) {
+    return ldg(static_cast<const double*>(base) + off);
+  }
+  static VF_DEV void store1(void* base, DType, int64_t off, double v) {
+    st(static_cast<double*>(base) + off, v);
+  }
+  static VF_DEV void load4(const void* base, DType dt, int64_t off, int64_t s, int lo, int hi,
+                           double (&v)[4]) {
+    VF_UNROLL
+    for (int e = 0; e < 4; ++e) v[e] = 0.0;
+    if (hi <= lo) return;
+    const double* p = static_cast<const double*>(base);
+    if (s == 0) {
+      const double x = load1(base, dt, off);
+      VF_UNROLL
+      for (int e = 0; e < 4; ++e) v[e] = x;
+      return;
+    }
+    if (s == 1 && lo == 0 && hi == 4 && aligned<16>(p + off)) {
+      const double2 a = ldg(reinterpret_cast<const double2*>(p + off));
+      const double2 b = ldg(reinterpret_cast<const double2*>(p + off) + 1);
+      v[0] = a.x; v[1] = a.y; v[2] = b.x; v[3] = b.y;
+      return;
+    }
+    VF_UNROLL
+    for (int e = 0; e < 4; ++e)
+      if (e >= lo && e < hi) v[e] = ldg(p + (off + e * s));
+  }
+  static VF_DEV void store4(void* base, DType, int64_t off, int64_t s, int lo, int hi,
+                            const double (&v)[4]) {
+    if (hi <= lo) return;
+    double* p = static_cast<double*>(base);
+    if (s == 1 && lo == 0 && hi == 4 && aligned<16>(p + off)) {
+      st(reinterpret_cast<double2*>(p + off), make_double2(v[0], v[1]));
+      st(reinterpret_cast<double2*>(p + off) + 1, make_double2(v[2], v[3]));
+      return;
+    }
+    VF_UNROLL
+    for (int e = 0; e < 4; ++e)
+      if (e >= lo && e < hi) st(p + (off + e * s), v[e]);
+  }
+};
+
+// ---- deterministic group reduction -----------------------------------------------------------
+// A group is tpr threads (a power of two): an aligned slice of a warp when tpr <= 32 (mask names
+// its lanes), or the whole block when tpr > 32 (then every thread of the block must call it the
+// same number of times). Fixed butterfly: every lane of the group returns the same, bitwise
+// reproducible sum (IEEE addition is commutative, so partners compute identical values).
+VF_DEV unsigned group_mask(int tpr, int tid) {
+  if (tpr >= 32) return 0xffffffffu;
+  const unsigned m = (1u << tpr) - 1u;
+  return m << ((tid & 31) & ~(tpr - 1));
+}
+
+template <class A>
+VF_DEV A group_sum(A v, int tpr, unsigned mask, A* smem /* >= 32 */) {
+  if (tpr <= 32) {
+    for (int off = tpr >> 1; off > 0; off >>= 1) v += shfl_xor(mask, v, off);
+    return v;
+  }
+  VF_UNROLL
+  for (int off = 16; off > 0; off >>= 1) v += shfl_xor(0xffffffffu, v, off);
+  const int tid = tid_x();
+  const int lane = tid & 31, warp = tid >> 5, nw = tpr >> 5;
+  sync_block();  // smem may still be read by a previous call
+  if (lane == 0) smem[warp] = v;
+  sync_block();
+  v = lane < nw ? smem[lane] : A(0);
+  VF_UNROLL
+  for (int off = 16; off > 0; off >>= 1) v += shfl_xor(0xffffffffu, v, off);
+  return v;
+}
+
+// ---- launch helper -------------------------------------------------------------------------
+template <class... P, class... Args>
+inline cudaError_t launch_kernel(void (*kernel)(P...), int64_t grid, int block, cudaStream_t stream,
+                                 const Args&... args) {
+  if (grid <= 0) return cudaSuccess;
+#if defined(VF_EMULATE)
+  (void)stream;
+  emu::launch(static_cast<unsigned>(grid), static_cast<unsigned>(block), [&] { kernel(args...); });
+  return cudaSuccess;
+#else
+  kernel<<<static_cast<unsigned>(grid), static_cast<unsigned>(block), 0, stream>>>(args...);
+  return cudaGetLastError();
+#endif
+}
+
+// SM count of the current device (cached per device). Only ever sizes grids, never changes a
+// result. A failed query falls back to 132 (H100 SXM) and clears its error, so that the
+// cudaGetLastError after the next launch reports that launch only.
+inline int num_sms() {
+#if defined(VF_EMULATE)
+  return emu::sms();
+#else
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> cache[kMaxDevices];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return 132;
+  }
+  if (dev < 0 || dev >= kMaxDevices) return 132;
+  int n = cache[dev].load(std::memory_order_relaxed);
+  if (n > 0) return n;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n <= 0) {
+    (void)cudaGetLastError();
+    n = 132;
+  }
+  cache[dev].store(n, std::memory_order_relaxed);
+  return n;
+#endif
+}
+
+}  // namespace vae_fast::cuda::detail

@@ -1,0 +1,789 @@
+// Row ops: "elementwise terms over a broadcast shape, summed over the trailing event dims"
+// (layout.h), forward and backward, for float32/float16/bfloat16 (float accumulation, any mix)
+// and float64 (double accumulation).
+//
+// Kernels (all grid-stride, no atomics, every sum in a fixed order):
+//  * reduce_kernel (forward, reduce mode): one group of tpr threads per row, tpr a power of two
+//    from 1 to 512 picked from the shape (an aligned slice of a warp for short rows, a block for
+//    long rows when rows are few). Lane l owns the 4-element chunks l, l + tpr, ... of the row's
+//    event and sums its terms in order; then a fixed butterfly (warp shuffles, and across warps a
+//    shared-memory step) gives the row's sum, which lane 0 stores.
+//  * map_kernel (forward elementwise mode; backward when no output accumulates): one thread per
+//    4-element chunk of the coalesced element space.
+//  * acc_kernel (backward with accumulated, i.e. broadcast, gradients): one group per "unit".
+//    Row-block mode: a unit is the glue's row block b (rows [b*rows/n, (b+1)*rows/n)), reduced by
+//    one group, rows in order, into slice b. Each lane owns fixed event chunks; per output it keeps
+//    a register partial for the current target and adds it into the slice when the target
+//    changes (event-kept targets: per lane; event-reduced targets: after a group butterfly).
+//    Reorder mode (n_blocks == 1): a unit is one target of one output; the kept dims are the rows,
+//    the broadcast dims the event, so every target is reduced by one group in one pass.
+// Loads are 16-byte vectors when a chunk is unit-stride and aligned (8 bytes for 16-bit types);
+// the summation order never depends on that.
+#include "kernels.h"
+#include "common.cuh"
+
+#include <algorithm>
+#include <vector>
+
+namespace vae_fast::cuda {
+namespace detail {
+
+// ---- the ops: inputs -> outputs, one element -----------------------------------------------
+template <OpKind K>
+struct OpDef;
+
+template <>
+struct OpDef<OpKind::KlStdFwd> {
+  static constexpr int kIn = 2, kOut = 1;
+  static constexpr bool kBackward = false;
+  template <class A>
+  static VF_DEV void apply(const A (&x)[kIn], A (&y)[kOut]) { y[0] = elbo::kl_std(x[0], x[1]); }
+};
+template <>
+struct OpDef<OpKind::KlFwd> {
+  static constexpr int kIn = 4, kOut = 1;
+  static constexpr bool kBackward = false;
+  template <class A>
+  static VF_DEV void apply(const A (&x)[kIn], A (&y)[kOut]) {
+    y[0] = elbo::kl(x[0], x[1], x[2], x[3]);
+  }
+};
+template <>
+struct OpDef<OpKind::GaussLpFwd> {
+  static constexpr int kIn = 3, kOut = 1;
+  static constexpr bool kBackward = false;
+  template <class A>
+  static VF_DEV void apply(const A (&x)[kIn], A (&y)[kOut]) {
+    y[0] = elbo::gaussian_log_prob(x[0], x[1], x[2]);
+  }
+};
+template <>
+struct OpDef<OpKind::BernLpFwd> {
+  static constexpr int kIn = 2, kOut = 1;
+  static constexpr bool kBackward = false;
+  template <class A>
+  static VF_DEV void apply(const A (&x)[kIn], A (&y)[kOut]) {
+    y[0] = elbo::bernoulli_log_prob(x[0], x[1]);
+  }
+};
+template <>
+struct OpDef<OpKind::KlStdBwd> {
+  static constexpr int kIn = 3, kOut = 2;
+  static constexpr bool kBackward = true;
+  template <class A>
+  static VF_DEV void apply(const A (&x)[kIn], A (&y)[kOut]) {
+    elbo::kl_std_grad(x[0], x[1], x[2], y[0], y[1]);
+  }
+};
+template <>
+struct OpDef<OpKind::KlBwd> {
+  static constexpr int kIn = 5, kOut = 4;
+  static constexpr bool kBackward = true;
+  template <class A>
+  static VF_DEV void apply(const A (&x)[kIn], A (&y)[kOut]) {
+    elbo::kl_grad(x[0], x[1], x[2], x[3], x[4], y[0], y[1], y[2], y[3]);
+  }
+};
+template <>
+struct OpDef<OpKind::GaussLpBwd> {
+  static constexpr int kIn = 4, kOut = 3;
+  static constexpr bool kBackward = true;
+  template <class A>
+  static VF_DEV void apply(const A (&x)[kIn], A (&y)[kOut]) {
+    elbo::gaussian_log_prob_grad(x[0], x[1], x[2], x[3], y[0], y[1], y[2]);
+  }
+};
+template <>
+struct OpDef<OpKind::BernLpBwd> {
+  static constexpr int kIn = 3, kOut = 2;
+  static constexpr bool kBackward = true;
+  template <class A>
+  static VF_DEV void apply(const A (&x)[kIn], A (&y)[kOut]) {
+    elbo::bernoulli_log_prob_grad(x[0], x[1], x[2], y[0], y[1]);
+  }
+};
+
+// ---- kernel parameters -------------------------------------------------------------------------
+constexpr int kMaxRowDims = 2 * kMaxDims;  // reorder mode may move event dims to the rows
+constexpr int kMaxEvDims = kMaxDims;
+constexpr int kMaxOps = 9;                 // at most 5 inputs + 4 outputs (KlBwd)
+
+enum Cls : int32_t {
+  kUnused = 0,   // not written in this launch
+  kDirect = 1,   // written through its strides, one element per (row, event) index
+  kAccRow = 2,   // accumulated; target independent of the event index (one per row)
+  kAccElem = 3,  // accumulated; every event index has its own target
+};
+
+struct KOp {
+  void* data = nullptr;
+  DType dtype = DType::Float32;
+  int32_t cls = kUnused;
+  int64_t block_stride = 0;             // slice stride of an accumulated output, per unit
+  int64_t rs[kMaxRowDims] = {};         // over the row dims
+  int64_t es[kMaxEvDims] = {};          // over the outer event dims
+  int64_t inner = 0;                    // stride of the innermost event dim
+};
+
+// Ops 0 .. kIn-1 are the inputs, kIn .. kIn+kOut-1 the outputs.
+struct KParams {
+  int32_t nr = 0, ne = 0;  // row dims, outer event dims
+  int32_t tpr = 1, pad = 0;
+  FastDiv rdiv[kMaxRowDims];
+  FastDiv ediv[kMaxEvDims];
+  FastDiv cdiv;                // by cpi
+  int64_t rows = 0;            // product of the row dims
+  int64_t inner = 1;           // size of the innermost event dim
+  int64_t cpi = 0;             // chunks per innermost line: ceil(inner / 4)
+  int64_t n_chunks = 0;        // chunks per row: cpi * product of the outer event dims
+  int64_t n_units = 0, unit_rows = 0, row_mult = 1;  // acc_kernel's units (see the top)
+  FastDiv udiv;                                       // by n_units
+  KOp op[kMaxOps];
+};
+
+// Element offsets of a row for every op.
+template <int N>
+VF_DEV void row_offsets(const KParams& p, int64_t row, int64_t (&off)[N]) {
+  VF_UNROLL
+  for (int o = 0; o < N; ++o) off[o] = 0;
+  int64_t idx = row;
+  VF_NO_UNROLL
+  for (int d = p.nr - 1; d > 0; --d) {
+    const int64_t q = fdiv(p.rdiv[d], idx);
+    const int64_t c = idx - q * p.rdiv[d].d;
+    idx = q;
+    VF_UNROLL
+    for (int o = 0; o < N; ++o) off[o] += c * p.op[o].rs[d];
+  }
+  if (p.nr > 0) {
+    VF_UNROLL
+    for (int o = 0; o < N; ++o) off[o] += idx * p.op[o].rs[0];
+  }
+}
+
+// Event offsets of element 0 of chunk c (c < n_chunks) for every op; returns the number of valid
+// elements of the chunk (1..4).
+template <int N>
+VF_DEV int chunk_offsets(const KParams& p, int64_t c, int64_t (&off)[N]) {
+  int64_t eo = 0, ci = c;
+  if (p.ne > 0) {
+    eo = fdiv(p.cdiv, c);
+    ci = c - eo * p.cpi;
+  }
+  const int64_t j0 = ci * 4;
+  VF_UNROLL
+  for (int o = 0; o < N; ++o) off[o] = j0 * p.op[o].inner;
+  int64_t idx = eo;
+  VF_NO_UNROLL
+  for (int d = p.ne - 1; d > 0; --d) {
+    const int64_t q = fdiv(p.ediv[d], idx);
+    const int64_t cc = idx - q * p.ediv[d].d;
+    idx = q;
+    VF_UNROLL
+    for (int o = 0; o < N; ++o) off[o] += cc * p.op[o].es[d];
+  }
+  if (p.ne > 0) {
+    VF_UNROLL
+    for (int o = 0; o < N; ++o) off[o] += idx * p.op[o].es[0];
+  }
+  const int64_t left = p.inner - j0;
+  return left < 4 ? static_cast<int>(left) : 4;
+}
+
+template <class D, class A>
+VF_DEV void load_inputs(const KParams& p, const int64_t* roff, const int64_t* eoff, int valid,
+                        A (&v)[D::kIn][4]) {
+  VF_UNROLL
+  for (int o = 0; o < D::kIn; ++o)
+    Mem<A>::load4(p.op[o].data, p.op[o].dtype, roff[o] + eoff[o], p.op[o].inner, 0, valid, v[o]);
+}
+
+template <class D, class A>
+VF_DEV void apply4(const A (&v)[D::kIn][4], A (&y)[D::kOut][4]) {
+  VF_UNROLL
+  for (int e = 0; e < 4; ++e) {
+    A x[D::kIn], r[D::kOut];
+    VF_UNROLL
+    for (int o = 0; o < D::kIn; ++o) x[o] = v[o][e];
+    D::apply(x, r);
+    VF_UNROLL
+    for (int o = 0; o < D::kOut; ++o) y[o][e] = r[o];
+  }
+}
+
+// ---- forward, reduce mode --------------------------------------------------------------------
+template <OpKind K, class A>
+VF_GLOBAL void VF_LAUNCH_BOUNDS(512, 1) reduce_kernel(const VF_GRID_CONST KParams p) {
+  using D = OpDef<K>;
+  constexpr int NI = D::kIn, N = D::kIn + 1;
+  VF_SHARED A smem[32];
+  const int tpr = p.tpr;
+  const int tid = tid_x();
+  const int lane = tid & (tpr - 1);
+  const unsigned mask = group_mask(tpr, tid);
+  const int lg = ilog2_pow2(tpr);  // tpr is a power of two
+  const int64_t gpb = bdim_x() >> lg;
+  const int64_t ngroups = gdim_x() * gpb;
+  VF_NO_UNROLL
+  for (int64_t row = bid_x() * gpb + (tid >> lg); row < p.rows; row += ngroups) {
+    int64_t roff[N];
+    row_offsets(p, row, roff);
+    A acc = A(0);
+    VF_NO_UNROLL
+    for (int64_t c = lane; c < p.n_chunks; c += tpr) {
+      int64_t eoff[N];
+      const int valid = chunk_offsets(p, c, eoff);
+      A v[NI][4], y[D::kOut][4];
+      load_inputs<D, A>(p, roff, eoff, valid, v);
+      apply4<D, A>(v, y);
+      VF_UNROLL
+      for (int e = 0; e < 4; ++e)
+        if (e < valid) acc += y[0][e];
+    }
+    acc = group_sum(acc, tpr, mask, smem);
+    if (lane == 0) Mem<A>::store1(p.op[NI].data, p.op[NI].dtype, roff[NI], acc);
+  }
+}
+
+// ---- elementwise: forward elementwise mode, backward without accumulation ---------------------
+// Here the rows are every dim but the innermost (ne == 0), and a chunk is 4 elements of a line.
+template <OpKind K, class A>
+VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) map_kernel(const VF_GRID_CONST KParams p) {
+  using D = OpDef<K>;
+  constexpr int NI = D::kIn, NO = D::kOut, N = NI + NO;
+  const int64_t total = p.rows * p.cpi;
+  const int64_t stride = gdim_x() * bdim_x();
+  VF_NO_UNROLL
+  for (int64_t c = bid_x() * bdim_x() + tid_x(); c < total; c += stride) {
+    const int64_t row = fdiv(p.cdiv, c);
+    const int64_t j0 = (c - row * p.cpi) * 4;
+    const int valid = p.inner - j0 < 4 ? static_cast<int>(p.inner - j0) : 4;
+    int64_t roff[N], eoff[N];
+    row_offsets(p, row, roff);
+    VF_UNROLL
+    for (int o = 0; o < N; ++o) eoff[o] = j0 * p.op[o].inner;
+    A v[NI][4], y[NO][4];
+    load_inputs<D, A>(p, roff, eoff, valid, v);
+    apply4<D, A>(v, y);
+    VF_UNROLL
+    for (int o = 0; o < NO; ++o) {
+      const KOp& q = p.op[NI + o];
+      if (q.cls == kDirect)
+        Mem<A>::store4(q.data, q.dtype, roff[NI + o] + eoff[NI + o], q.inner, 0, valid, y[o]);
+    }
+  }
+}
+
+// ---- backward with accumulated outputs ----------------------------------------------------------
+template <OpKind K, class A>
+VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) acc_kernel(const VF_GRID_CONST KParams p) {
+  using D = OpDef<K>;
+  constexpr int NI = D::kIn, NO = D::kOut, N = NI + NO;
+  VF_SHARED A smem[32];
+  const int tpr = p.tpr;
+  const int tid = tid_x();
+  const int lane = tid & (tpr - 1);
+  const unsigned mask = group_mask(tpr, tid);
+  const int lg = ilog2_pow2(tpr);  // tpr is a power of two
+  const int64_t gpb = bdim_x() >> lg;
+  const int64_t ngroups = gdim_x() * gpb;
+  VF_NO_UNROLL
+  for (int64_t u = bid_x() * gpb + (tid >> lg); u < p.n_units; u += ngroups) {  // group-uniform
+    const int64_t r0 = fdiv(p.udiv, u * p.unit_rows) * p.row_mult;
+    const int64_t r1 = fdiv(p.udiv, (u + 1) * p.unit_rows) * p.row_mult;
+    A* slice[NO];
+    VF_UNROLL
+    for (int o = 0; o < NO; ++o) {
+      const KOp& q = p.op[NI + o];
+      slice[o] = q.cls >= kAccRow ? static_cast<A*>(q.data) + u * q.block_stride : nullptr;
+    }
+    // kAccRow state: the group's partial for target rprev[o] (carried across chunk passes).
+    A racc[NO];
+    int64_t rprev[NO];
+    bool rhas[NO];
+    VF_UNROLL
+    for (int o = 0; o < NO; ++o) { racc[o] = A(0); rprev[o] = 0; rhas[o] = false; }
+
+    VF_NO_UNROLL
+    for (int64_t cb = 0; cb < p.n_chunks; cb += tpr) {  // group-uniform trip count
+      const int64_t c = cb + lane;
+      int64_t eoff[N];
+      int valid = 0;
+      if (c < p.n_chunks) {
+        valid = chunk_offsets(p, c, eoff);
+      } else {
+        VF_UNROLL
+        for (int o = 0; o < N; ++o) eoff[o] = 0;
+      }
+      // kAccElem state: this lane's partials for its chunk's targets at row part eprev[o].
+      A eacc[NO][4];
+      int64_t eprev[NO];
+      bool ehas[NO];
+      VF_UNROLL
+      for (int o = 0; o < NO; ++o) {
+        VF_UNROLL
+        for (int e = 0; e < 4; ++e) eacc[o][e] = A(0);
+        eprev[o] = 0;
+        ehas[o] = false;
+      }
+      VF_NO_UNROLL
+      for (int64_t r = r0; r < r1; ++r) {
+        int64_t roff[N];
+        row_offsets(p, r, roff);
+        VF_UNROLL
+        for (int o = 0; o < NO; ++o) {
+          const KOp& q = p.op[NI + o];
+          const int64_t t = roff[NI + o];
+          if (q.cls == kAccRow) {
+            if (rhas[o] && t != rprev[o]) {  // uniform: depends on the row only
+              const A total = group_sum(racc[o], tpr, mask, smem);
+              if (lane == 0) acc_add(slice[o] + rprev[o], total);
+              racc[o] = A(0);
+            }
+            rprev[o] = t;
+            rhas[o] = true;
+          } else if (q.cls == kAccElem) {
+            if (ehas[o] && t != eprev[o]) {
+              VF_UNROLL
+              for (int e = 0; e < 4; ++e) {
+                if (e < valid) acc_add(slice[o] + (eprev[o] + eoff[NI + o] + e * q.inner), eacc[o][e]);
+                eacc[o][e] = A(0);
+              }
+            }
+            eprev[o] = t;
+            ehas[o] = true;
+          }
+        }
+        if (valid > 0) {
+          A v[NI][4], y[NO][4];
+          load_inputs<D, A>(p, roff, eoff, valid, v);
+          apply4<D, A>(v, y);
+          VF_UNROLL
+          for (int o = 0; o < NO; ++o) {
+            const KOp& q = p.op[NI + o];
+            if (q.cls == kDirect) {
+              Mem<A>::store4(q.data, q.dtype, roff[NI + o] + eoff[NI + o], q.inner, 0, valid, y[o]);
+            } else if (q.cls == kAccRow) {
+              VF_UNROLL
+              for (int e = 0; e < 4; ++e)
+                if (e < valid) racc[o] += y[o][e];
+            } else if (q.cls == kAccElem) {
+              VF_UNROLL
+              for (int e = 0; e < 4; ++e) eacc[o][e] += y[o][e];
+            }
+          }
+        }
+      }
+      VF_UNROLL
+      for (int o = 0; o < NO; ++o) {
+        const KOp& q = p.op[NI + o];
+        if (q.cls == kAccElem && ehas[o]) {
+          VF_UNROLL
+          for (int e = 0; e < 4; ++e)
+            if (e < valid) acc_add(slice[o] + (eprev[o] + eoff[NI + o] + e * q.inner), eacc[o][e]);
+        }
+      }
+    }
+    VF_UNROLL
+    for (int o = 0; o < NO; ++o) {
+      if (p.op[NI + o].cls == kAccRow && rhas[o]) {
+        const A total = group_sum(racc[o], tpr, mask, smem);
+        if (lane == 0) acc_add(slice[o] + rprev[o], total);
+      }
+    }
+  }
+}
+
+// ---- host side: planning ------------------------------------------------------------------------
+namespace {
+
+constexpr int64_t kTargetThreads = int64_t{1} << 17;  // ~ resident threads of a large GPU
+
+struct HDim {
+  int64_t size = 1;
+  int64_t st[kMaxOps] = {};
+};
+using Dims = std::vector<HDim>;
+
+// Drops size-1 dims and merges neighbours that are one dim for every op in `active`. Keeps the
+// C-order flattening of the index space (so row numbers and row blocks are unchanged).
+Dims coalesce(const Dims& in, const bool* active, int nops) {
+  Dims out;
+  for (const HDim& d : in) {
+    if (d.size == 1) continue;
+    if (!out.empty() && d.size != 0 && out.back().size != 0) {
+      HDim& b = out.back();
+      bool ok = true;
+      for (int o = 0; o < nops; ++o)
+        if (active[o] && b.st[o] != d.st[o] * d.size) ok = false;
+      if (ok) {
+        b.size *= d.size;
+        for (int o = 0; o < nops; ++o) b.st[o] = d.st[o];
+        continue;
+      }
+    }
+    out.push_back(d);
+  }
+  return out;
+}
+
+int64_t numel(const Dims& d) {
+  int64_t n = 1;
+  for (const HDim& x : d) n *= x.size;
+  return n;
+}
+
+// Fills the geometry of p from row dims and event dims (both already coalesced).
+bool set_geometry(KParams& p, const Dims& rows, const Dims& ev, int nops) {
+  if (static_cast<int>(rows.size()) > kMaxRowDims) return false;
+  if (!ev.empty() && static_cast<int>(ev.size()) - 1 > kMaxEvDims) return false;
+  p.nr = static_cast<int32_t>(rows.size());
+  for (int d = 0; d < p.nr; ++d) {
+    p.rdiv[d] = make_fastdiv(rows[d].size);
+    for (int o = 0; o < nops; ++o) p.op[o].rs[d] = rows[d].st[o];
+  }
+  p.rows = numel(rows);
+  int64_t outer = 1;
+  if (ev.empty()) {
+    p.ne = 0;
+    p.inner = 1;
+    for (int o = 0; o < nops; ++o) p.op[o].inner = 0;
+  } else {
+    const HDim& last = ev.back();
+    p.ne = static_cast<int32_t>(ev.size()) - 1;
+    p.inner = last.size;
+    for (int o = 0; o < nops; ++o) p.op[o].inner = last.st[o];
+    for (int d = 0; d < p.ne; ++d) {
+      p.ediv[d] = make_fastdiv(ev[d].size);
+      for (int o = 0; o < nops; ++o) p.op[o].es[d] = ev[d].st[o];
+      outer *= ev[d].size;
+    }
+  }
+  p.cpi = (p.inner + 3) / 4;
+  p.n_chunks = p.cpi * outer;
+  p.cdiv = make_fastdiv(p.cpi);
+  return true;
+}
+
+int pick_tpr(int64_t n_chunks, int64_t n_work, int max_tpr) {
+  int t = 1;
+  while (t < 32 && 2 * t <= n_chunks) t *= 2;
+  while (t < max_tpr && 4 * t <= n_chunks && n_work * t < kTargetThreads) t *= 2;
+  return t;
+}
+
+// Grid for groups of tpr threads: 256-thread blocks of 256 / tpr warp-slice groups (tpr <= 32),
+// or one group of tpr threads per block (tpr > 32: group_sum then works block-wide); capped at a
+// few resident waves (the kernels are grid-stride).
+void group_grid(int tpr, int64_t n_work, int64_t& grid, int& block) {
+  block = tpr > 32 ? tpr : 256;
+  const int64_t gpb = block / tpr;
+  const int64_t cap = static_cast<int64_t>(num_sms()) * (4096 / block);
+  grid = std::min((n_work + gpb - 1) / gpb, cap);
+}
+
+struct Plan {
+  int nin = 0, nout = 0;
+  bool active[kMaxOps] = {};
+  Dims rows, ev;  // the glue's row and event dims with every op's strides
+};
+
+bool base_plan(const RowArgs& a, int nin, int nout, Plan& pl) {
+  const RowLayout& L = a.layout;
+  if (L.n_row_dims < 0 || L.n_row_dims > kMaxDims || L.n_event_dims < 0 ||
+      L.n_event_dims > kMaxDims)
+    return false;
+  pl.nin = nin;
+  pl.nout = nout;
+  int64_t rows = 1, ev = 1;
+  for (int d = 0; d < L.n_row_dims; ++d) {
+    if (L.row_sizes[d] < 0) return false;
+    HDim h;
+    h.size = L.row_sizes[d];
+    for (int o = 0; o < nin; ++o) h.st[o] = a.in[o].row_strides[d];
+    for (int o = 0; o < nout; ++o) h.st[nin + o] = a.out[o].row_strides[d];
+    pl.rows.push_back(h);
+    rows *= h.size;
+  }
+  for (int d = 0; d < L.n_event_dims; ++d) {
+    if (L.event_sizes[d] < 0) return false;
+    HDim h;
+    h.size = L.event_sizes[d];
+    for (int o = 0; o < nin; ++o) h.st[o] = a.in[o].event_strides[d];
+    for (int o = 0; o < nout; ++o) h.st[nin + o] = a.out[o].event_strides[d];
+    pl.ev.push_back(h);
+    ev *= h.size;
+  }
+  if (rows != L.rows || ev != L.event_numel) return false;
+  for (int o = 0; o < nin; ++o) {
+    if (a.in[o].data == nullptr) return false;
+    pl.active[o] = true;
+  }
+  for (int o = 0; o < nout; ++o) pl.active[nin + o] = a.out[o].data != nullptr;
+  return true;
+}
+
+void set_ops(KParams& p, const RowArgs& a, const Plan& pl) {
+  for (int o = 0; o < pl.nin; ++o) {
+    p.op[o].data = a.in[o].data;
+    p.op[o].dtype = a.in[o].dtype;
+  }
+  for (int o = 0; o < pl.nout; ++o) {
+    KOp& q = p.op[pl.nin + o];
+    q.data = a.out[o].data;
+    q.dtype = a.out[o].dtype;
+    q.block_stride = a.out[o].block_stride;
+    q.cls = kUnused;
+  }
+}
+
+// Event-dim pattern of output o over (coalesced) event dims: 0 all broadcast (or no event),
+// 1 none broadcast, 2 mixed.
+int event_pattern(const Dims& ev, int oi) {
+  bool zero = false, nonzero = false;
+  for (const HDim& d : ev) {
+    if (d.size <= 1) continue;
+    (d.st[oi] == 0 ? zero : nonzero) = true;
+  }
+  if (zero && nonzero) return 2;
+  return nonzero ? 1 : 0;
+}
+
+template <OpKind K, class A>
+cudaError_t launch_map(KParams& p, const Plan& pl, cudaStream_t stream) {
+  bool act[kMaxOps];
+  for (int o = 0; o < kMaxOps; ++o) act[o] = pl.active[o] && (o < pl.nin || p.op[o].cls == kDirect);
+  Dims all = pl.rows;
+  all.insert(all.end(), pl.ev.begin(), pl.ev.end());
+  Dims c = coalesce(all, act, pl.nin + pl.nout);
+  Dims rows, ev;
+  if (!c.empty()) {
+    ev.push_back(c.back());
+    rows.assign(c.begin(), c.end() - 1);
+  }
+  if (!set_geometry(p, rows, ev, pl.nin + pl.nout)) return cudaErrorInvalidValue;
+  const int64_t total = p.rows * p.cpi;
+  if (total == 0) return cudaSuccess;
+  const int block = 256;
+  const int64_t grid =
+      std::min((total + block - 1) / block, static_cast<int64_t>(num_sms()) * 16);
+  return launch_kernel(&map_kernel<K, A>, grid, block, stream, p);
+}
+
+template <OpKind K, class A>
+cudaError_t launch_acc(KParams& p, const Dims& rows, const Dims& ev, int nops, int64_t n_units,
+                       int64_t unit_rows, int64_t row_mult, cudaStream_t stream) {
+  if (!set_geometry(p, rows, ev, nops)) return cudaErrorInvalidValue;
+  p.n_units = n_units;
+  p.unit_rows = unit_rows;
+  p.row_mult = row_mult;
+  p.udiv = make_fastdiv(n_units);
+  if (n_units <= 0 || p.n_chunks == 0) return cudaSuccess;
+  p.tpr = pick_tpr(p.n_chunks, n_units, 256);
+  int64_t grid;
+  int block;
+  group_grid(p.tpr, n_units, grid, block);
+  return launch_kernel(&acc_kernel<K, A>, grid, block, stream, p);
+}
+
+template <OpKind K, class A>
+cudaError_t run_backward(const RowArgs& a, const Plan& pl, cudaStream_t stream);
+
+template <OpKind K, class A>
+cudaError_t run_typed(const RowArgs& a, const Plan& pl, cudaStream_t stream) {
+  using D = OpDef<K>;
+  const RowLayout& L = a.layout;
+  const int nin = D::kIn, nout = D::kOut, nops = nin + nout;
+  if (L.rows == 0) return cudaSuccess;
+
+  if constexpr (!D::kBackward) {
+    KParams p;
+    set_ops(p, a, pl);
+    if (!pl.active[nin]) return cudaSuccess;  // forward output not wanted
+    p.op[nin].cls = kDirect;
+    if (L.elementwise) return launch_map<K, A>(p, pl, stream);
+    Dims rows = coalesce(pl.rows, pl.active, nops);
+    Dims ev = coalesce(pl.ev, pl.active, nops);
+    if (!set_geometry(p, rows, ev, nops)) return cudaErrorInvalidValue;
+    if (L.event_numel == 0) p.n_chunks = 0;  // every row sums to 0
+    p.tpr = pick_tpr(p.n_chunks, p.rows, 512);
+    int64_t grid;
+    int block;
+    group_grid(p.tpr, p.rows, grid, block);
+    return launch_kernel(&reduce_kernel<K, A>, grid, block, stream, p);
+  } else {
+    return run_backward<K, A>(a, pl, stream);
+  }
+}
+
+template <OpKind K, class A>
+cudaError_t run_backward(const RowArgs& a, const Plan& pl, cudaStream_t stream) {
+  using D = OpDef<K>;
+  const RowLayout& L = a.layout;
+  const int nin = D::kIn, nout = D::kOut, nops = nin + nout;
+  bool any_direct = false, any_acc = false;
+  for (int o = 0; o < nout; ++o) {
+    if (!pl.active[nin + o]) continue;
+    (a.out[o].accumulate ? any_acc : any_direct) = true;
+  }
+  if (L.event_numel == 0 || (!any_direct && !any_acc)) return cudaSuccess;
+  if (any_acc && L.n_blocks < 1) return cudaErrorInvalidValue;
+
+  if (!any_acc || L.n_blocks == 1) {
+    cudaError_t err = cudaSuccess;
+    if (any_direct) {
+      KParams p;
+      set_ops(p, a, pl);
+      for (int o = 0; o < nout; ++o)
+        if (pl.active[nin + o] && !a.out[o].accumulate) p.op[nin + o].cls = kDirect;
+      err = launch_map<K, A>(p, pl, stream);
+      if (err != cudaSuccess) return err;
+    }
+    // Reorder mode: per accumulated output, its kept dims are the rows (one target each), its
+    // broadcast dims the event.
+    for (int o = 0; o < nout && any_acc; ++o) {
+      if (!pl.active[nin + o] || !a.out[o].accumulate) continue;
+      const int oi = nin + o;
+      KParams p;
+      set_ops(p, a, pl);
+      for (int x = 0; x < nout; ++x)
+        if (x != o) p.op[nin + x].data = nullptr;
+      p.op[oi].cls = kAccRow;
+      p.op[oi].block_stride = 0;
+      bool act[kMaxOps] = {};
+      for (int x = 0; x < nin; ++x) act[x] = true;
+      act[oi] = true;
+      Dims kept, red;
+      for (const Dims* g : {&pl.rows, &pl.ev})
+        for (const HDim& d : *g) {
+          if (d.size == 1) continue;
+          (d.st[oi] != 0 ? kept : red).push_back(d);
+        }
+      kept = coalesce(kept, act, nops);
+      red = coalesce(red, act, nops);
+      const int64_t targets = numel(kept);
+      err = launch_acc<K, A>(p, kept, red, nops, targets, targets, 1, stream);
+      if (err != cudaSuccess) return err;
+    }
+    return err;
+  }
+
+  // Row-block mode.
+  Dims rows = coalesce(pl.rows, pl.active, nops);
+  Dims ev = coalesce(pl.ev, pl.active, nops);
+  KParams p;
+  set_ops(p, a, pl);
+  bool mixed[4] = {};
+  for (int o = 0; o < nout; ++o) {
+    if (!pl.active[nin + o]) continue;
+    KOp& q = p.op[nin + o];
+    if (!a.out[o].accumulate) {
+      q.cls = kDirect;
+      continue;
+    }
+    const int pat = event_pattern(ev, nin + o);
+    if (pat == 2) {
+      mixed[o] = true;
+      q.data = nullptr;
+      q.cls = kUnused;
+    } else {
+      q.cls = pat == 0 ? kAccRow : kAccElem;
+    }
+  }
+  bool any_main = false;
+  for (int o = 0; o < nout; ++o) any_main |= p.op[nin + o].cls != kUnused;
+  cudaError_t err = cudaSuccess;
+  if (any_main) {
+    err = launch_acc<K, A>(p, rows, ev, nops, L.n_blocks, L.rows, 1, stream);
+    if (err != cudaSuccess) return err;
+  }
+  // Mixed event pattern: the output's kept event dims join the rows (innermost), so row r of
+  // the glue becomes rows [r*Q, (r+1)*Q) and row block b keeps its rows, times Q.
+  for (int o = 0; o < nout; ++o) {
+    if (!mixed[o]) continue;
+    const int oi = nin + o;
+    KParams q;
+    set_ops(q, a, pl);
+    for (int x = 0; x < nout; ++x)
+      if (x != o) q.op[nin + x].data = nullptr;
+    q.op[oi].cls = kAccRow;
+    bool act[kMaxOps] = {};
+    for (int x = 0; x < nin; ++x) act[x] = true;
+    act[oi] = true;
+    Dims r2 = pl.rows, red;
+    int64_t qn = 1;
+    for (const HDim& d : pl.ev) {
+      if (d.size == 1) continue;
+      if (d.st[oi] != 0) {
+        r2.push_back(d);
+        qn *= d.size;
+      } else {
+        red.push_back(d);
+      }
+    }
+    r2 = coalesce(r2, act, nops);
+    red = coalesce(red, act, nops);
+    err = launch_acc<K, A>(q, r2, red, nops, L.n_blocks, L.rows, qn, stream);
+    if (err != cudaSuccess) return err;
+  }
+  return err;
+}
+
+template <OpKind K>
+cudaError_t run_op(const RowArgs& a, cudaStream_t stream) {
+  using D = OpDef<K>;
+  Plan pl;
+  if (!base_plan(a, D::kIn, D::kOut, pl)) return cudaErrorInvalidValue;
+  bool f64 = false, other = false;
+  for (int o = 0; o < D::kIn; ++o) (a.in[o].dtype == DType::Float64 ? f64 : other) = true;
+  if (f64 && other) return cudaErrorInvalidValue;
+  for (int o = 0; o < D::kOut; ++o) {
+    if (!pl.active[D::kIn + o]) continue;
+    const Operand& q = a.out[o];
+    const bool acc_out = q.accumulate && D::kBackward;
+    if (acc_out) {
+      if (q.dtype != (f64 ? DType::Float64 : DType::Float32)) return cudaErrorInvalidValue;
+      if (q.block_stride < 0) return cudaErrorInvalidValue;
+    } else if (f64 && q.dtype != DType::Float64) {
+      return cudaErrorInvalidValue;
+    } else if (!f64 && q.dtype == DType::Float64 && D::kBackward) {
+      return cudaErrorInvalidValue;
+    }
+    if (static_cast<int>(q.dtype) < 0 || static_cast<int>(q.dtype) > 3) return cudaErrorInvalidValue;
+  }
+  for (int o = 0; o < D::kIn; ++o)
+    if (static_cast<int>(a.in[o].dtype) < 0 || static_cast<int>(a.in[o].dtype) > 3)
+      return cudaErrorInvalidValue;
+  return f64 ? run_typed<K, double>(a, pl, stream) : run_typed<K, float>(a, pl, stream);
+}
+
+}  // namespace
+}  // namespace detail
+
+cudaError_t launch_rows(OpKind op, const RowArgs& args, cudaStream_t stream) {
+  using namespace detail;
+  switch (op) {
+    case OpKind::KlStdFwd: return run_op<OpKind::KlStdFwd>(args, stream);
+    case OpKind::KlStdBwd: return run_op<OpKind::KlStdBwd>(args, stream);
+    case OpKind::KlFwd: return run_op<OpKind::KlFwd>(args, stream);
+    case OpKind::KlBwd: return run_op<OpKind::KlBwd>(args, stream);
+    case OpKind::GaussLpFwd: return run_op<OpKind::GaussLpFwd>(args, stream);
+    case OpKind::GaussLpBwd: return run_op<OpKind::GaussLpBwd>(args, stream);
+    case OpKind::BernLpFwd: return run_op<OpKind::BernLpFwd>(args, stream);
+    case OpKind::BernLpBwd: return run_op<OpKind::BernLpBwd>(args, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+int64_t suggest_n_blocks(int64_t rows, int64_t event_numel, int64_t slice_numel) {
+  if (rows <= 1) return 1;
+  // A slice at least as large as the rows means the targets (mostly) follow the rows: the
+  // reorder mode (n_blocks == 1) is then fully parallel over the targets and needs no slices.
+  if (slice_numel >= rows) return 1;
+  int64_t n = std::min<int64_t>(rows, static_cast<int64_t>(detail::num_sms()) * 32);
+  const int64_t budget = std::max<int64_t>(rows * std::max<int64_t>(event_numel, 1) / 4, 1 << 20);
+  if (slice_numel > 0) n = std::min(n, std::max<int64_t>(budget / slice_numel, 1));
+  return std::max<int64_t>(n, 1);
+}
+
+}  // namespace vae_fast::cuda
