@@ -35,12 +35,16 @@ cudaError_t launch_sample_forward(const SampleArgs& args, cudaStream_t stream);
 cudaError_t launch_sample_backward(const SampleArgs& args, cudaStream_t stream);
 
 // A good RowLayout::n_blocks for a launch_rows backward with accumulate outputs on the current
-// device: enough row blocks to fill the GPU (each row block is reduced by one warp or block, rows
-// in order), capped so that the partial-sum slices (n_blocks * slice_numel elements, slice_numel
-// = the largest block_stride) stay no larger than about the gradient itself. Returns 1 when the
-// slices would be as large as the data (then the kernels reduce each target over its broadcast
-// dims in one pass, fully parallel over the targets). Depends only on the shapes and the device's
-// SM count, never on data. Host only; no launch.
+// device. slice_numel: the largest block_stride among the *accumulated* outputs only (the numel of
+// the largest broadcast argument whose gradient is wanted; never a full-size gradient, which is
+// written directly and needs no slices). Returns 1 when slice_numel >= rows: the targets then
+// follow the rows, and with n_blocks == 1 the kernels reduce every target over its broadcast dims
+// in one pass, fully parallel over the targets, with no extra slice memory. Otherwise enough row
+// blocks to fill the GPU (each is reduced by one warp or block, its rows in order), capped so the
+// slices (n_blocks * slice_numel) stay within max(rows * event_numel / 4, 2^20) elements.
+// Correctness never depends on the choice; speed does: n_blocks == 1 with a few large reductions
+// (a scalar or per-feature logvar over a big batch) leaves one thread group per target.
+// Depends only on the shapes and the device's SM count, never on data. Host only; no launch.
 int64_t suggest_n_blocks(int64_t rows, int64_t event_numel, int64_t slice_numel);
 
 }  // namespace vae_fast::cuda

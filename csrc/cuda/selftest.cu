@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -241,6 +242,65 @@ void ref_bwd(OpKind op, double g, const double* x, double* y) {
   }
 }
 
+// Bounds on the magnitude of the intermediates of each formula (sums of the absolute values of
+// the terms that get added, including the rounding of differences of inputs), so that the
+// tolerance of a float computation is rtol * bound even where the result cancels to ~0.
+double fwd_scale(OpKind op, const double* x) {
+  using std::exp; using std::fabs; using std::expm1;
+  switch (op) {
+    case OpKind::KlStdFwd: return 0.5 * (x[0] * x[0] + fabs(expm1(x[1])) + fabs(x[1]));
+    case OpKind::KlFwd: {
+      const double d = x[1] - x[3], dd = fabs(x[1]) + fabs(x[3]), m = fabs(x[0]) + fabs(x[2]);
+      return 0.5 * (fabs(expm1(d)) + fabs(d) + (exp(d) + 1) * dd + m * m * exp(-x[3]) * (1 + fabs(x[3])));
+    }
+    case OpKind::GaussLpFwd: {
+      const double m = fabs(x[0]) + fabs(x[1]);
+      return 0.5 * (elbo::kLog2Pi + fabs(x[2]) + m * m * exp(-x[2]) * (1 + fabs(x[2])));
+    }
+    case OpKind::BernLpFwd: return fabs(x[0] * x[1]) + fabs(x[1]) + 1.0;
+    default: return 0;
+  }
+}
+void bwd_scale(OpKind op, double g, const double* x, double* y) {
+  using std::exp; using std::fabs; using std::expm1;
+  g = fabs(g);
+  switch (op) {
+    case OpKind::KlStdBwd:
+      y[0] = g * fabs(x[0]);
+      y[1] = g * 0.5 * fabs(expm1(x[1])) * (1 + fabs(x[1]));
+      break;
+    case OpKind::KlBwd: {
+      const double d = x[1] - x[3], dd = fabs(x[1]) + fabs(x[3]), m = fabs(x[0]) + fabs(x[2]);
+      const double sc = m * exp(-x[3]) * (1 + fabs(x[3])), em = fabs(expm1(d)) + exp(d) * dd;
+      y[0] = y[2] = g * sc;
+      y[1] = g * 0.5 * em;
+      y[3] = g * 0.5 * (em + m * sc);
+      break;
+    }
+    case OpKind::GaussLpBwd: {
+      const double m = fabs(x[0]) + fabs(x[1]), sc = m * exp(-x[2]) * (1 + fabs(x[2]));
+      y[0] = y[1] = g * sc;
+      y[2] = g * 0.5 * (m * sc + 1);
+      break;
+    }
+    case OpKind::BernLpBwd:
+      y[0] = g * fabs(x[1]);
+      y[1] = g * (fabs(x[0]) + 1);
+      break;
+    default: break;
+  }
+}
+// Rounding of the stored result.
+double store_rtol(DType d) {
+  switch (d) {
+    case DType::Float64: return 2.3e-16;
+    case DType::Float32: return 1.2e-7;
+    case DType::Float16: return 9.8e-4;
+    case DType::BFloat16: return 7.9e-3;
+  }
+  return 0;
+}
+
 struct RowRun {
   std::vector<std::vector<unsigned char>> raw;  // every output, for bitwise comparisons
 };
@@ -310,12 +370,12 @@ RowRun run_row_case(const RowCase& c, bool check = true) {
         const double t = ref_fwd(c.fwd, x);
         const int64_t o = c.elementwise ? f : f / L.event_numel;
         ref[o] += t;
-        mag[o] += std::fabs(t);
+        mag[o] += fwd_scale(c.fwd, x);
       }
       int bad = 0;
       std::string first;
       for (size_t o = 0; o < got.size(); ++o)
-        if (!close(got[o], ref[o], mag[o], f64 ? 1e-12 : 2e-5, 1e-30)) {
+        if (!close(got[o], ref[o], mag[o], f64 ? 1e-13 : 1e-5, 1e-300)) {
           if (!bad++) first = "at " + std::to_string(o) + ": got " + std::to_string(got[o]) +
                               " want " + std::to_string(ref[o]);
         }
@@ -370,16 +430,17 @@ RowRun run_row_case(const RowCase& c, bool check = true) {
       ref[i].assign(static_cast<size_t>(prod(c.args[i].shape)), 0.0);
       mag[i] = ref[i];
     }
-    double x[5], y[4];
+    double x[5], y[4], ys[4];
     for (int64_t f = 0; f < numel; ++f) {
       elem(f, x);
       const double gg = gv[offset_of(f, c.full, gfull, gst)];
       ref_bwd(c.bwd, gg, x, y);
+      bwd_scale(c.bwd, gg, x, ys);
       for (int i = 0; i < nargs; ++i) {
         // gradients in the argument's own logical (C-contiguous) order
         const int64_t o = offset_of(f, c.full, c.args[i].shape, mem_strides(c.args[i].shape, false));
         ref[i][o] += y[i];
-        mag[i][o] += std::fabs(y[i]);
+        mag[i][o] += ys[i];
       }
     }
     for (int i = 0; i < nargs; ++i) {
@@ -415,10 +476,16 @@ RowRun run_row_case(const RowCase& c, bool check = true) {
       int bad = 0;
       std::string first;
       for (int64_t e = 0; e < n; ++e) {
-        const double rt = std::max(out_rtol(od), f64 ? 1e-11 : 2e-5);
-        if (!close(logical[e], ref[i][e], mag[i][e], rt, 1e-30)) {
-          if (!bad++) first = "arg " + std::to_string(i) + " at " + std::to_string(e) + ": got " +
-                              std::to_string(logical[e]) + " want " + std::to_string(ref[i][e]);
+        // compute error (bounded by the intermediates) + the rounding of the stored value
+        const double tol = (f64 ? 1e-13 : 1e-5) * mag[i][e] + 2 * store_rtol(od) * std::fabs(ref[i][e]) +
+                           (od == DType::Float16 ? 6e-8 : 0.0);  // half subnormal spacing 2^-24
+        if (!close(logical[e], ref[i][e], 0.0, 0.0, tol + 1e-300)) {
+          if (!bad++) {
+            char buf[200];
+            std::snprintf(buf, sizeof buf, "arg %d (%s) at %lld: got %.9g want %.9g (scale %.3g)", i,
+                          dname(od), static_cast<long long>(e), logical[e], ref[i][e], mag[i][e]);
+            first = buf;
+          }
         }
       }
       report(bad == 0, c.name + " bwd grad" + std::to_string(i) + (accum[i] ? "(acc)" : ""), first);
@@ -480,6 +547,11 @@ void row_tests() {
        {arg({7, 13}, kMu), arg({7, 13}, kLv)}, 1, true});
   add({"kl elementwise, broadcast prior", OpKind::KlFwd, OpKind::KlBwd, {9, 13}, 0,
        {arg({9, 13}, kMu, H), arg({9, 13}, kLv), arg({1, 13}, kMu), arg({1, 13}, kLv)}, 3, true});
+  // the glue's elementwise layout: the last dim stays an event dim, elementwise = true
+  add({"gauss elementwise (glue layout)", OpKind::GaussLpFwd, OpKind::GaussLpBwd, {5, 3, 11}, 1,
+       {arg({5, 3, 11}, kNormal, B), arg({1, 3, 11}, kMu), arg({1, 1, 1}, kLv)}, 4, true});
+  add({"bern elementwise (glue layout) reorder", OpKind::BernLpFwd, OpKind::BernLpBwd, {6, 9}, 1,
+       {arg({6, 1}, kX01), arg({6, 9}, kLogit, H)}, 1, true});
   add({"klstd long rows (block groups), scalar logvar", OpKind::KlStdFwd, OpKind::KlStdBwd,
        {3, 20000}, 1, {arg({3, 20000}, kMu), arg({1, 1}, kLv)}, 2});
   add({"klstd long single row reorder", OpKind::KlStdFwd, OpKind::KlStdBwd, {2, 9000}, 1,
@@ -502,6 +574,40 @@ void row_tests() {
        4});
 
   for (auto& c : cases) run_row_case(c);
+
+  // Random problems: rank, event dims, broadcast pattern, dtypes, layouts, misalignment, n_blocks.
+  std::mt19937_64 r(2024);
+  auto pick = [&](int64_t n) { return static_cast<int64_t>(r() % static_cast<uint64_t>(n)); };
+  const OpKind fwds[] = {OpKind::KlStdFwd, OpKind::KlFwd, OpKind::GaussLpFwd, OpKind::BernLpFwd};
+  const OpKind bwds[] = {OpKind::KlStdBwd, OpKind::KlBwd, OpKind::GaussLpBwd, OpKind::BernLpBwd};
+  const std::vector<Role> roles[] = {{kMu, kLv}, {kMu, kLv, kMu, kLv}, {kNormal, kMu, kLv}, {kX01, kLogit}};
+  const char* n_env = std::getenv("VF_SELFTEST_RANDOM");
+  const int n_random = n_env ? std::atoi(n_env) : 60;
+  for (int t = 0; t < n_random; ++t) {
+    const int which = static_cast<int>(pick(4));
+    const int rank = 1 + static_cast<int>(pick(4));
+    std::vector<int64_t> full(rank);
+    for (auto& d : full) d = 1 + pick(pick(3) == 0 ? 40 : 7);
+    const int ev = static_cast<int>(pick(rank + 1));
+    const bool f64 = pick(5) == 0;
+    RowCase c{"random " + std::to_string(t), fwds[which], bwds[which], full, ev, {},
+              1 + pick(3) * pick(9), ev == 0 ? pick(2) == 0 : pick(4) == 0};
+    if (ev > 0 && c.elementwise && pick(2) == 0) c.event_dims = ev;  // glue-like elementwise
+    for (Role role : roles[which]) {
+      ArgSpec a;
+      a.shape = full;
+      for (auto& d : a.shape)
+        if (pick(3) == 0) d = 1;
+      a.role = role;
+      const DType lowp[] = {F, F, H, B};
+      a.dt = f64 ? D : lowp[pick(4)];
+      a.transposed = pick(3) == 0;
+      a.pad = pick(3) == 0 ? 1 : 0;
+      a.grad = pick(4) != 0;
+      c.args.push_back(a);
+    }
+    run_row_case(c);
+  }
 
   // Alignment must not change a single bit (the summation order is fixed by the chunks).
   {
@@ -602,7 +708,7 @@ void sample_case(DType dt, int64_t R, int64_t E, int64_t K, int64_t seed, bool w
           const double eps = host_eps(s, static_cast<uint64_t>(k * RE + r * E + j));
           const double t = elbo::log_q_from_eps(lvv[r * E + j], eps);
           ref += t;
-          mag += std::fabs(t);
+          mag += 0.5 * (elbo::kLog2Pi + std::fabs(lvv[r * E + j]) + eps * eps);
         }
         if (!close(got[k * R + r], ref, mag, f64 ? 1e-6 : 2e-5, 1e-12)) {
           if (!bad++) first = "at " + std::to_string(k * R + r) + ": got " +
@@ -618,8 +724,9 @@ void sample_case(DType dt, int64_t R, int64_t E, int64_t K, int64_t seed, bool w
       double ref = 0, mag = 0;
       for (int64_t j = 0; j < E; ++j) {
         const double t = elbo::kl_std(muv[r * E + j], lvv[r * E + j]);
+        const double xs[2] = {muv[r * E + j], lvv[r * E + j]};
         ref += t;
-        mag += std::fabs(t);
+        mag += fwd_scale(OpKind::KlStdFwd, xs);
       }
       bad += !close(got[r], ref, mag, f64 ? 1e-12 : 2e-5, 1e-30);
     }
@@ -681,15 +788,21 @@ void sample_bwd_case(DType dt, int64_t R, int64_t E, int64_t K, int64_t seed, bo
       elbo::kl_std_grad(gklv[r], muv[m], lvv[m], a, b);
       rmu[m] += a;
       rlv[m] += b;
-      mmu[m] += std::fabs(a);
-      mlv[m] += std::fabs(b);
+      const double xs[2] = {muv[m], lvv[m]};
+      double ys[2];
+      bwd_scale(OpKind::KlStdBwd, gklv[r], xs, ys);
+      mmu[m] += ys[0];
+      mlv[m] += ys[1];
     }
   }
-  const double rt = std::max(out_rtol(dt), 2e-5);
+  auto tol = [&](double ref, double mag) {
+    return (f64 ? 1e-6 : 2e-5) * (mag + std::fabs(ref)) + 2 * store_rtol(dt) * std::fabs(ref) +
+           (dt == DType::Float16 ? 6e-8 : 0.0) + 1e-300;
+  };
   if (want_mu) {
     const std::vector<double> got = gmu.download();
     int bad = 0;
-    for (int64_t m = 0; m < RE; ++m) bad += !close(got[m], rmu[m], mmu[m] + std::fabs(rmu[m]), rt, 1e-30);
+    for (int64_t m = 0; m < RE; ++m) bad += !close(got[m], rmu[m], 0, 0, tol(rmu[m], mmu[m]));
     report(bad == 0, name + " grad_mu");
   }
   if (want_lv) {
@@ -697,7 +810,7 @@ void sample_bwd_case(DType dt, int64_t R, int64_t E, int64_t K, int64_t seed, bo
     int bad = 0;
     std::string first;
     for (int64_t m = 0; m < RE; ++m)
-      if (!close(got[m], rlv[m], mlv[m] + std::fabs(rlv[m]), rt, 1e-30)) {
+      if (!close(got[m], rlv[m], 0, 0, tol(rlv[m], mlv[m]))) {
         if (!bad++) first = "at " + std::to_string(m) + ": got " + std::to_string(got[m]) +
                             " want " + std::to_string(rlv[m]);
       }
@@ -727,6 +840,22 @@ void sample_tests() {
   sample_bwd_case(F, 5, 13, 3, 99, true, true, true, true, false);
   for (DType dt : {B, H, D}) sample_bwd_case(dt, 4, 9, 2, big_seed, true, true, true, true, true);
   for (int64_t E : {1, 2, 3, 6}) sample_bwd_case(F, 5, E, 3, 1234, true, true, true, true, true);
+  {
+    std::mt19937_64 r(777);
+    auto pick = [&](int64_t n) { return static_cast<int64_t>(r() % static_cast<uint64_t>(n)); };
+    const char* n_env = std::getenv("VF_SELFTEST_RANDOM");
+    const int n_random = (n_env ? std::atoi(n_env) : 60) / 2;
+    const DType dts[] = {F, B, H, D};
+    for (int t = 0; t < n_random; ++t) {
+      const DType dt = dts[pick(4)];
+      const int64_t R = 1 + pick(9), E = pick(6) == 0 ? 0 : 1 + pick(pick(2) ? 70 : 9), K = 1 + pick(4);
+      const int64_t seed = static_cast<int64_t>(r());
+      const int f = static_cast<int>(pick(8));
+      if (f) sample_case(dt, R, E, K, seed, f & 1, f & 2, f & 4);
+      const int b = static_cast<int>(pick(32));
+      if (E > 0 && (b & 24)) sample_bwd_case(dt, R, E, K, seed, b & 1, b & 2, b & 4, b & 8, b & 16);
+    }
+  }
   // z must equal the same elements whether or not the reductions are asked for
   {
     DevBuf mu(F, 60), lv(F, 60), sd(D, 1), z1(F, 180), z2(F, 180), lq(F, 18);
