@@ -266,8 +266,8 @@ std::vector<at::Tensor> RowProblem::backward(OpKind op, const std::vector<bool>&
   int64_t rows = 1;
   for (int64_t d = 0; d < split; ++d) rows *= shape[d];
   int64_t max_partial = 1;
-  for (size_t j = 0; j < n_args; ++j)
-    if (needs[j]) max_partial = std::max<int64_t>(max_partial, originals[j].numel());
+  for (size_t j = 0; j < n_args; ++j)  // only broadcast arguments get partial sums
+    if (needs[j] && originals[j].numel() != numel) max_partial = std::max<int64_t>(max_partial, originals[j].numel());
   int64_t n_blocks = 1;
   if (on_cuda) {
     n_blocks = suggest_n_blocks_cuda(rows, event_numel, max_partial);

@@ -12,3 +12,13 @@ fi
 .venv/bin/cmake --build build/cuda-check --target vf_cuda_check 2>&1 | tee -a build/cuda-check.log | grep -E "error|warning|FAILED|registers|spill" || true
 .venv/bin/cmake --build build/cuda-check --target vf_cuda_check >/dev/null
 echo "CUDA compile check: every csrc/cuda/*.cu built for sm_80 and sm_90"
+
+# The CUDA kernels' own self-test, run on the CPU through csrc/cuda/emu.h (the same kernel source,
+# compiled by g++ with an emulator that aborts on races, out-of-bounds accesses and broken barriers).
+mkdir -p build/cuda-emu
+for f in selftest rows sample; do
+  g++ -std=c++17 -O1 -DVF_EMULATE -x c++ -I"$(dirname "$(command -v nvcc)")/../include" -Icsrc -c "csrc/cuda/$f.cu" \
+    -o "build/cuda-emu/$f.o"
+done
+g++ build/cuda-emu/selftest.o build/cuda-emu/rows.o build/cuda-emu/sample.o -o build/cuda-emu/selftest -lpthread
+build/cuda-emu/selftest | tail -3
