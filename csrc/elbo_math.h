@@ -1,7 +1,7 @@
 // Every formula of the VAE objective, once. Inline templates over a value type V: float, double,
 // at::vec::Vectorized<float/double> (CPU SIMD) and CUDA float/double. A backend that adds a value
 // type declares its overloads of the vmath functions (exp, log, expm1, expm1_minus_x, log1p, abs, max,
-// sqrt, sin, cos)
+// sqrt, sincos)
 // in namespace vae_fast::vmath *before* including this header (qualified calls bind at definition).
 //
 // Numerics:
@@ -39,8 +39,10 @@ VF_HD float sqrt(float x) { return ::sqrtf(x); }
 // expm1(x) - x, the KL's d-term: >= 0 for every x (expm1 is rounded monotonically), no exp(x) - 1 - x.
 VF_HD float expm1_minus_x(float x) { return ::expm1f(x) - x; }
 VF_HD double expm1_minus_x(double x) { return ::expm1(x) - x; }
-VF_HD float sin(float x) { return ::sinf(x); }
-VF_HD float cos(float x) { return ::cosf(x); }
+VF_HD void sincos(float x, float& s, float& c) {
+  s = ::sinf(x);
+  c = ::cosf(x);
+}
 }  // namespace vmath
 
 namespace elbo {
@@ -136,8 +138,10 @@ template <class V>
 VF_HD void box_muller(V u_radius, V u_angle, V& n0, V& n1) {
   V r = vmath::sqrt(V(-2.0f) * vmath::log(u_radius));
   V t = V(6.283185307179586f) * u_angle;
-  n0 = r * vmath::cos(t);
-  n1 = r * vmath::sin(t);
+  V s, c;
+  vmath::sincos(t, s, c);
+  n0 = r * c;
+  n1 = r * s;
 }
 
 }  // namespace elbo

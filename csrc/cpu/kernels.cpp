@@ -23,8 +23,21 @@ template <class T> inline at::vec::Vectorized<T> expm1(const at::vec::Vectorized
 template <class T> inline at::vec::Vectorized<T> log1p(const at::vec::Vectorized<T>& x) { return x.log1p(); }
 template <class T> inline at::vec::Vectorized<T> abs(const at::vec::Vectorized<T>& x) { return x.abs(); }
 template <class T> inline at::vec::Vectorized<T> sqrt(const at::vec::Vectorized<T>& x) { return x.sqrt(); }
-template <class T> inline at::vec::Vectorized<T> sin(const at::vec::Vectorized<T>& x) { return x.sin(); }
-template <class T> inline at::vec::Vectorized<T> cos(const at::vec::Vectorized<T>& x) { return x.cos(); }
+// sin and cos in one Sleef call where the ISA has it (they share the argument reduction).
+inline void sincos(const at::vec::Vectorized<float>& x, at::vec::Vectorized<float>& s, at::vec::Vectorized<float>& c) {
+#if defined(CPU_CAPABILITY_AVX512)
+  Sleef___m512_2 sc = Sleef_sincosf16_u10(x);
+  s = sc.x;
+  c = sc.y;
+#elif defined(CPU_CAPABILITY_AVX2)
+  Sleef___m256_2 sc = Sleef_sincosf8_u10(x);
+  s = sc.x;
+  c = sc.y;
+#else
+  s = x.sin();
+  c = x.cos();
+#endif
+}
 // float expm1 without Sleef's expm1 (3x the cost of exp here, which made the KL compute-bound):
 // |x| < 1 by its Taylor series to x^11 (relative error < 1e-7), else from exp(x). Both are >= the
 // true value's rounding neighbours in the way the KL needs: expm1(x) - x >= 0 for every x.
@@ -398,20 +411,41 @@ void normals_impl(uint64_t seed, uint64_t start, int64_t n, float* out) {
 template <class T>
 T* typed(void* p) { return static_cast<T*>(p); }
 
+// n contiguous values of a sampler tensor in acc_t: the tensor itself when it is stored in acc_t,
+// else converted into `buf`.
 template <class acc_t>
-void load_contiguous(DType dtype, const void* base, int64_t off, int64_t n, acc_t* dst) {
+const acc_t* load_contiguous(DType dtype, const void* base, int64_t off, int64_t n, acc_t* buf) {
   Operand op;
   op.data = const_cast<void*>(base);
   op.dtype = dtype;
-  Loaded<acc_t> l = load<acc_t>(op, off, 1, n, dst);
-  if (l.ptr != dst) std::memcpy(dst, l.ptr, sizeof(acc_t) * static_cast<size_t>(n));
+  return load<acc_t>(op, off, 1, n, buf).ptr;
+}
+// Where to compute n contiguous output values: the tensor itself when stored in acc_t, else `buf`
+// (then store_contiguous converts).
+template <class acc_t>
+acc_t* contiguous_target(DType dtype, void* base, int64_t off, acc_t* buf) {
+  Operand op;
+  op.data = base;
+  op.dtype = dtype;
+  return output_target<acc_t>(op, off, 1, buf);
+}
+// Eps for flat indices [start, start + n) in acc_t (float: straight from the generator).
+template <class acc_t>
+const acc_t* eps_chunk(uint64_t seed, uint64_t start, int64_t n, float* eps_f, acc_t* buf) {
+  normals_impl(seed, start, n, eps_f);
+  if constexpr (std::is_same_v<acc_t, float>) {
+    return eps_f;
+  } else {
+    at::vec::convert(eps_f, buf, n);
+    return buf;
+  }
 }
 template <class acc_t>
 void store_contiguous(DType dtype, void* base, int64_t off, int64_t n, const acc_t* src) {
   Operand op;
   op.data = base;
   op.dtype = dtype;
-  store<acc_t>(op, off, 1, n, src);
+  if (output_target<acc_t>(op, off, 1, nullptr) != src) store<acc_t>(op, off, 1, n, src);
 }
 
 template <class acc_t>
@@ -464,11 +498,11 @@ void sample_forward_typed(const SampleArgs& a) {
   const int64_t E = a.event_numel, R = a.rows, K = a.num_samples, N = R * E;
   const uint64_t seed = static_cast<uint64_t>(*a.seed);
   at::parallel_for(0, R, sample_grain<acc_t>(a), [&](int64_t r0, int64_t r1) {
-    alignas(64) acc_t mu[kChunk], lv[kChunk], sigma[kChunk], z[kChunk], eps[kChunk], terms[kChunk];
+    alignas(64) acc_t mu_buf[kChunk], lv_buf[kChunk], sigma[kChunk], z_buf[kChunk], eps_buf[kChunk], terms[kChunk];
     alignas(64) float eps_f[kChunk];
     for_each_chunk(r0 * E, r1 * E, [&](int64_t c, int64_t n) {
-      load_contiguous<acc_t>(a.dtype, a.mu, c, n, mu);
-      load_contiguous<acc_t>(a.dtype, a.logvar, c, n, lv);
+      const acc_t* mu = load_contiguous<acc_t>(a.dtype, a.mu, c, n, mu_buf);
+      const acc_t* lv = load_contiguous<acc_t>(a.dtype, a.logvar, c, n, lv_buf);
       for (int64_t i = 0; i < n; i += VS) {
         const int64_t cnt = std::min(VS, n - i);
         V m = V::loadu(mu + i, cnt), l = V::loadu(lv + i, cnt);
@@ -477,8 +511,8 @@ void sample_forward_typed(const SampleArgs& a) {
       }
       if (a.kl) add_segments(terms, c, n, E, typed<acc_t>(a.kl));
       for (int64_t k = 0; k < K; ++k) {
-        normals_impl(seed, static_cast<uint64_t>(k * N + c), n, eps_f);
-        at::vec::convert(eps_f, eps, n);
+        const acc_t* eps = eps_chunk<acc_t>(seed, static_cast<uint64_t>(k * N + c), n, eps_f, eps_buf);
+        acc_t* z = contiguous_target<acc_t>(a.dtype, a.z, k * N + c, z_buf);
         for (int64_t i = 0; i < n; i += VS) {
           const int64_t cnt = std::min(VS, n - i);
           V e = V::loadu(eps + i, cnt);
@@ -501,21 +535,22 @@ void sample_backward_typed(const SampleArgs& a) {
   const acc_t* grad_kl = static_cast<const acc_t*>(a.grad_kl);
   const acc_t* grad_log_q = static_cast<const acc_t*>(a.grad_log_q);
   at::parallel_for(0, R, sample_grain<acc_t>(a), [&](int64_t r0, int64_t r1) {
-    alignas(64) acc_t mu[kChunk], lv[kChunk], g[kChunk], eps[kChunk], sum_g[kChunk], sum_ge[kChunk];
-    alignas(64) acc_t g_kl[kChunk], g_lq[kChunk], dmu[kChunk], dlv[kChunk];
+    alignas(64) acc_t mu_buf[kChunk], lv_buf[kChunk], g_buf[kChunk], eps_buf[kChunk], sum_g[kChunk], sum_ge[kChunk];
+    alignas(64) acc_t g_kl[kChunk], g_lq[kChunk], dmu_buf[kChunk], dlv_buf[kChunk];
     alignas(64) float eps_f[kChunk];
     for_each_chunk(r0 * E, r1 * E, [&](int64_t c, int64_t n) {
-      load_contiguous<acc_t>(a.dtype, a.mu, c, n, mu);
-      load_contiguous<acc_t>(a.dtype, a.logvar, c, n, lv);
+      const acc_t* lv = load_contiguous<acc_t>(a.dtype, a.logvar, c, n, lv_buf);
+      // Only the KL's gradient reads mu.
+      const acc_t* mu = grad_kl ? load_contiguous<acc_t>(a.dtype, a.mu, c, n, mu_buf) : nullptr;
       // Per-row upstream gradients of kl and sum_k log_q, spread over the row's elements.
       if (E == 1) {  // event_dims = 0: one row per element, read the row gradients as vectors
-        std::fill(g_lq, g_lq + n, acc_t(0));
-        if (grad_log_q)
+        if (grad_log_q) {
+          std::fill(g_lq, g_lq + n, acc_t(0));
           for (int64_t k = 0; k < K; ++k)
             for (int64_t i = 0; i < n; ++i) g_lq[i] += grad_log_q[k * R + c + i];
+        }
         if (grad_kl) std::memcpy(g_kl, grad_kl + c, sizeof(acc_t) * static_cast<size_t>(n));
-        else std::fill(g_kl, g_kl + n, acc_t(0));
-      } else {
+      } else if (grad_kl || grad_log_q) {
         for (int64_t i = 0; i < n;) {
           const int64_t row = (c + i) / E, len = std::min(n, (row + 1) * E - c) - i;
           acc_t lq = 0;
@@ -526,34 +561,36 @@ void sample_backward_typed(const SampleArgs& a) {
           i += len;
         }
       }
+      // sum_k g_k and sum_k g_k * eps_k, the eps regenerated from the seed.
       std::fill(sum_g, sum_g + n, acc_t(0));
       std::fill(sum_ge, sum_ge + n, acc_t(0));
-      if (a.grad_z) {
-        for (int64_t k = 0; k < K; ++k) {
-          load_contiguous<acc_t>(a.dtype, a.grad_z, k * N + c, n, g);
-          if (a.grad_logvar) {
-            normals_impl(seed, static_cast<uint64_t>(k * N + c), n, eps_f);
-            at::vec::convert(eps_f, eps, n);
-          }
-          for (int64_t i = 0; i < n; i += VS) {
-            const int64_t cnt = std::min(VS, n - i);
-            V gv = V::loadu(g + i, cnt);
-            (V::loadu(sum_g + i, cnt) + gv).store(sum_g + i, cnt);
-            if (a.grad_logvar) (V::loadu(sum_ge + i, cnt) + gv * V::loadu(eps + i, cnt)).store(sum_ge + i, cnt);
-          }
+      for (int64_t k = 0; a.grad_z && k < K; ++k) {
+        const acc_t* g = load_contiguous<acc_t>(a.dtype, a.grad_z, k * N + c, n, g_buf);
+        const acc_t* eps = a.grad_logvar ? eps_chunk<acc_t>(seed, static_cast<uint64_t>(k * N + c), n, eps_f, eps_buf)
+                                         : nullptr;
+        for (int64_t i = 0; i < n; i += VS) {
+          const int64_t cnt = std::min(VS, n - i);
+          V gv = V::loadu(g + i, cnt);
+          if (a.grad_mu) (V::loadu(sum_g + i, cnt) + gv).store(sum_g + i, cnt);
+          if (eps) (V::loadu(sum_ge + i, cnt) + gv * V::loadu(eps + i, cnt)).store(sum_ge + i, cnt);
         }
       }
+      acc_t* dmu = a.grad_mu ? contiguous_target<acc_t>(a.dtype, a.grad_mu, c, dmu_buf) : nullptr;
+      acc_t* dlv = a.grad_logvar ? contiguous_target<acc_t>(a.dtype, a.grad_logvar, c, dlv_buf) : nullptr;
       for (int64_t i = 0; i < n; i += VS) {
         const int64_t cnt = std::min(VS, n - i);
-        V m = V::loadu(mu + i, cnt), l = V::loadu(lv + i, cnt);
-        V kl_dmu, kl_dlv;
-        elbo::kl_std_grad(V::loadu(g_kl + i, cnt), m, l, kl_dmu, kl_dlv);
-        (V::loadu(sum_g + i, cnt) + kl_dmu).store(dmu + i, cnt);
-        V d = elbo::reparameterize_dlogvar(elbo::sigma_from_logvar(l), V::loadu(sum_ge + i, cnt));
-        (d + V::loadu(g_lq + i, cnt) * V(acc_t(elbo::kLogQDlogvar)) + kl_dlv).store(dlv + i, cnt);
+        V l = V::loadu(lv + i, cnt);
+        V kl_dmu(acc_t(0)), kl_dlv(acc_t(0));
+        if (grad_kl) elbo::kl_std_grad(V::loadu(g_kl + i, cnt), V::loadu(mu + i, cnt), l, kl_dmu, kl_dlv);
+        if (dmu) (V::loadu(sum_g + i, cnt) + kl_dmu).store(dmu + i, cnt);
+        if (dlv) {
+          V d = elbo::reparameterize_dlogvar(elbo::sigma_from_logvar(l), V::loadu(sum_ge + i, cnt)) + kl_dlv;
+          if (grad_log_q) d = d + V::loadu(g_lq + i, cnt) * V(acc_t(elbo::kLogQDlogvar));
+          d.store(dlv + i, cnt);
+        }
       }
-      if (a.grad_mu) store_contiguous<acc_t>(a.dtype, a.grad_mu, c, n, dmu);
-      if (a.grad_logvar) store_contiguous<acc_t>(a.dtype, a.grad_logvar, c, n, dlv);
+      if (dmu) store_contiguous<acc_t>(a.dtype, a.grad_mu, c, n, dmu);
+      if (dlv) store_contiguous<acc_t>(a.dtype, a.grad_logvar, c, n, dlv);
     });
   });
 }
