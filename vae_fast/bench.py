@@ -1,0 +1,872 @@
+"""The benchmark suite: fused ops vs eager (``reference.py``) vs ``torch.compile(reference)``.
+
+Run it as ``python -m vae_fast bench [flags]`` or ``python benchmarks/run.py [flags]``. One process times,
+per op, dtype, size and pass ("fwd", "fwd+bwd"), the fused op, the same maths in plain PyTorch, and that
+plain PyTorch compiled by Inductor; then a whole VAE training step and the memory of a large-K log-likelihood.
+It writes ``<out>/<device-slug>-<date>.json`` (DESIGN.md section 5's schema), a Markdown table and a PNG.
+
+Method
+------
+* CPU: ``time.perf_counter`` around each call. Two warm-up calls per implementation (the first compiled
+  call compiles). Then ``repeats`` rounds; each round times every implementation once, the order rotated
+  from round to round (interleaved, so drift in clock speed or in the neighbours of a VM hits all three
+  alike). A call shorter than ``MIN_SAMPLE_S`` is repeated inside one sample and averaged. Big configs get
+  fewer rounds (at least 3) so that one config takes about ``CONFIG_BUDGET_S``. p20/p50/p80 over rounds.
+* CUDA: CUDA events around each sample, several input sets rotated so the inputs are not resident in L2
+  (the sets together are at least 4x the L2 size, unless one set is already larger); same percentiles.
+* "fwd" runs under ``torch.no_grad()`` (inference). "fwd+bwd" runs the op with autograd and then
+  ``torch.autograd.grad(outputs, inputs_that_need_grad, g)`` with a fixed random upstream gradient ``g``.
+* torch.compile: ``torch.compile(reference_fn)`` with Inductor's defaults; dynamo is reset before every
+  (op, dtype, size, pass), so each is compiled for its own static shapes, as a fixed-shape training loop
+  sees it. The sampling baselines call ``torch.randn`` inside the compiled graph: Inductor generates those
+  numbers with its own CPU RNG, which is slow (it is not a vectorised Philox), so "compile" for
+  ``reparameterize*`` on CPU largely measures Inductor's RNG. In ``--quick`` mode only one small config is
+  compiled; ``compile_ms`` (and ``peak_mb["compile"]``) is ``null`` for every other row.
+* Reading CPU numbers: a ``copy_fraction`` above 1 means the inputs sat in cache (the copy that defines 1.0
+  moves 512 MiB). At 16M elements each fresh output is a 64 MiB block that glibc maps anew and the kernel
+  faults in page by page; ``write_gbps`` in the JSON measures that cost (writing into a fresh vs an existing
+  64 MiB tensor), which the copy ceiling does not pay. Inductor's CPU code generation (torch 2.13) writes a
+  vectorised ``expm1(x)`` as ``exp(x) - 1``, so the compiled KL baseline is cheaper than, and not as accurate
+  as, the reference it compiles.
+* Peak memory, CPU: one extra call per implementation under ``torch.profiler`` with ``profile_memory=True``;
+  the peak of the running total of the c10 CPU allocator's allocations and frees during that call (what the
+  call allocates on top of what was live before it: temporaries, outputs, saved tensors and gradients;
+  inputs do not count). Allocations made outside torch's allocator (e.g. OpenMP scratch) are not seen.
+  CUDA: ``torch.cuda.max_memory_allocated()`` after ``reset_peak_memory_stats()``, minus the memory
+  allocated before the call.
+
+Bytes: the fewest an op must move
+---------------------------------
+Every input read once, every output written once; for "fwd+bwd" the backward adds: read the upstream
+gradient g (per row for the reductions, so small), read the inputs the gradient formula needs, write only the
+gradients that are asked for. N = elements per tensor, R = rows (outputs of a reduction), s = element size,
+s_out = size of the reduction's dtype (float32 for float32/bfloat16 inputs, float64 for float64).
+
+==========================  ===========================  ==================================================
+op (arguments, grads)        fwd                          extra for bwd
+==========================  ===========================  ==================================================
+gaussian_kl(mu, lv)          read mu, lv; write kl        read g, mu, lv; write dmu, dlv
+                             = 2Ns + R s_out              = R s_out + 2Ns + 2Ns
+gaussian_log_prob(x, m, lv)  read x, m, lv; write lp      read g, x, m, lv; write dm, dlv (x is data)
+                             = 3Ns + R s_out              = R s_out + 3Ns + 2Ns
+gaussian_log_prob_bcast      m (K,B,D), x (B,D), lv ()    read g, x, m, lv; write dm (K,B,D), dlv (scalar)
+                             = (KBD + BD) s + KB s_out    = KB s_out + (KBD + BD) s + KBD s
+bernoulli_log_prob(x, l)     read x, l; write lp          read g, x, l; write dl
+                             = 2Ns + R s_out              = R s_out + 2Ns + Ns
+reparameterize (K=1)         read mu, lv; write z         read g (N), lv; write dlv (dmu is g itself)
+                             = 3Ns                        = 3Ns
+reparameterize_with_kl (K=1) read mu, lv; write z, kl     read gz, gkl, mu, lv; write dmu, dlv
+                             = 3Ns + R s_out              = Ns + R s_out + 2Ns + 2Ns
+gaussian_nll_loss(in, t, v)  read in, t, v; write loss    read g, in, t, v; write din, dv (t is data)
+  (reduction="mean")         = 3Ns + s                    = s + 3Ns + 2Ns  (loss in the inputs' dtype)
+==========================  ===========================  ==================================================
+
+The same byte count divides every implementation's time (``fused_gbps`` in the rows; the plot's lines for
+eager and compile), so GB/s compares like with like. ``copy_gbps`` is bytes read plus written by
+``dst.copy_(src)`` on 64M float32 (256 MiB each), measured in the same run; ``copy_fraction`` =
+``fused_gbps / copy_gbps``: 1.0 means the op runs at the speed of a plain memory copy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import json
+import math
+import os
+import platform
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from . import ops as fused_ops
+from . import reference as R
+
+PASSES = ("fwd", "fwd+bwd")
+IMPLS = ("fused", "eager", "compile")
+MIN_SAMPLE_S = 2e-3  # a CPU sample repeats the call until it lasts at least this long
+CONFIG_BUDGET_S = 2.0  # rough time one config's timed rounds may take (CPU)
+BCAST_K = 8  # samples in the (K, B, D) decoder-output case
+
+CPU_SIZES = [(64, 1024), (1024, 1024), (4096, 1024), (16384, 1024)]  # 64K .. 16M elements
+CUDA_SIZES = [(4096, 1024), (65536, 1024), (262144, 1024)]  # 16 MB, 256 MB, 1 GB per float32 tensor
+QUICK_SIZES = [(16, 256), (64, 1024)]
+DTYPE_NAMES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+               "float16": torch.float16}
+
+
+# ------------------------------------------------------------------------------------------------
+# The ops under test
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Case:
+    """One op at one dtype and size: its inputs, the three implementations, and what its bytes are."""
+
+    op: str
+    shape: list[int]  # the broadcast shape the op works on
+    inputs: list[torch.Tensor]
+    fused: Callable
+    eager: Callable
+    grads: list[int]  # indices of the inputs that need a gradient
+    bwd_reads: list[int]  # inputs the backward must read
+    bwd_writes: list[int]  # gradients the backward must write (reparameterize: dmu is g itself)
+    out_bytes: int = 0
+    g_bytes: int = 0
+
+    def bytes(self, pass_: str) -> int:
+        fwd = sum(_nbytes(t) for t in self.inputs) + self.out_bytes
+        if pass_ == "fwd":
+            return fwd
+        bwd = (self.g_bytes + sum(_nbytes(self.inputs[i]) for i in self.bwd_reads)
+               + sum(_nbytes(self.inputs[i]) for i in self.bwd_writes))
+        return fwd + bwd
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _eager_reparameterize(mu, logvar):
+    return R.sample_eager(mu, logvar, with_kl=False)
+
+
+def _eager_reparameterize_with_kl(mu, logvar):
+    return R.sample_eager(mu, logvar)
+
+
+def _eager_nll(inp, target, var):
+    return F.gaussian_nll_loss(inp, target, var)
+
+
+def make_case(op: str, b: int, d: int, dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> Case:
+    def rnd(*shape, scale=1.0, shift=0.0):
+        t = torch.randn(shape, generator=gen, device=device, dtype=torch.float32) * scale + shift
+        return t.to(dtype)
+
+    if op == "gaussian_kl":
+        c = Case(op, [b, d], [rnd(b, d), rnd(b, d, scale=0.5)], fused_ops.gaussian_kl, R.gaussian_kl,
+                 grads=[0, 1], bwd_reads=[0, 1], bwd_writes=[0, 1])
+    elif op == "gaussian_log_prob":
+        c = Case(op, [b, d], [rnd(b, d), rnd(b, d), rnd(b, d, scale=0.5)], fused_ops.gaussian_log_prob,
+                 R.gaussian_log_prob, grads=[1, 2], bwd_reads=[0, 1, 2], bwd_writes=[1, 2])
+    elif op == "gaussian_log_prob_bcast":
+        # Decoder output (K, B, D) scored against the data (B, D), one scalar log-variance.
+        k, bb = BCAST_K, max(1, b // BCAST_K)
+        c = Case(op, [k, bb, d], [rnd(bb, d), rnd(k, bb, d), rnd(scale=0.5)], fused_ops.gaussian_log_prob,
+                 R.gaussian_log_prob, grads=[1, 2], bwd_reads=[0, 1, 2], bwd_writes=[1, 2])
+    elif op == "bernoulli_log_prob":
+        x = (torch.rand((b, d), generator=gen, device=device) < 0.5).to(dtype)
+        c = Case(op, [b, d], [x, rnd(b, d, scale=3.0)], fused_ops.bernoulli_log_prob, R.bernoulli_log_prob,
+                 grads=[1], bwd_reads=[0, 1], bwd_writes=[1])
+    elif op == "reparameterize":
+        c = Case(op, [b, d], [rnd(b, d), rnd(b, d, scale=0.5)], fused_ops.reparameterize, _eager_reparameterize,
+                 grads=[0, 1], bwd_reads=[1], bwd_writes=[1])
+    elif op == "reparameterize_with_kl":
+        c = Case(op, [b, d], [rnd(b, d), rnd(b, d, scale=0.5)], fused_ops.reparameterize_with_kl,
+                 _eager_reparameterize_with_kl, grads=[0, 1], bwd_reads=[0, 1], bwd_writes=[0, 1])
+    elif op == "gaussian_nll_loss":
+        var = rnd(b, d, scale=0.0, shift=0.5) + torch.rand((b, d), generator=gen, device=device).to(dtype)
+        c = Case(op, [b, d], [rnd(b, d), rnd(b, d), var], fused_ops.gaussian_nll_loss, _eager_nll,
+                 grads=[0, 2], bwd_reads=[0, 1, 2], bwd_writes=[0, 2])
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    with torch.no_grad():
+        outs = _as_tuple(c.fused(*c.inputs))
+    c.out_bytes = sum(_nbytes(o) for o in outs)
+    c.g_bytes = c.out_bytes  # one upstream gradient per output, shaped like it
+    return c
+
+
+OPS = ("gaussian_kl", "gaussian_log_prob", "gaussian_log_prob_bcast", "bernoulli_log_prob", "reparameterize",
+       "reparameterize_with_kl", "gaussian_nll_loss")
+
+
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def make_call(fn: Callable, case: Case, pass_: str, gen: torch.Generator) -> Callable[[list], object]:
+    """A function of one input set that runs `fn` for the pass (no_grad forward, or forward + grad)."""
+    if pass_ == "fwd":
+        def fwd(inputs):
+            with torch.no_grad():
+                return fn(*inputs)
+        return fwd
+
+    grad_outputs: dict = {}  # upstream gradients, made on the first call to match this fn's outputs
+
+    def fwd_bwd(inputs):
+        outs = _as_tuple(fn(*inputs))
+        if "g" not in grad_outputs:
+            grad_outputs["g"] = [torch.randn(o.shape, generator=gen, device=o.device, dtype=torch.float32)
+                                 .to(o.dtype) for o in outs]
+        return torch.autograd.grad(outs, [inputs[i] for i in case.grads], grad_outputs["g"])
+    return fwd_bwd
+
+
+def input_sets(case: Case, pass_: str, n: int) -> list[list[torch.Tensor]]:
+    """`n` copies of the inputs (CUDA: rotated past L2); the ones with a gradient require it for fwd+bwd."""
+    sets = [case.inputs] + [[t.clone() for t in case.inputs] for _ in range(n - 1)]
+    out = []
+    for s in sets:
+        s = [t.detach().requires_grad_(pass_ == "fwd+bwd" and i in case.grads) for i, t in enumerate(s)]
+        out.append(s)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Timing and memory
+# ------------------------------------------------------------------------------------------------
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def percentiles(samples: list[float]) -> tuple[float, float, float]:
+    t = torch.tensor(samples, dtype=torch.float64)
+    p20, p50, p80 = torch.quantile(t, torch.tensor([0.2, 0.5, 0.8], dtype=torch.float64)).tolist()
+    return p20, p50, p80
+
+
+def time_interleaved(calls: dict[str, Callable], sets: list, repeats: int, device: torch.device,
+                     budget_s: float = CONFIG_BUDGET_S) -> dict[str, list[float]]:
+    """Per implementation, `repeats` samples in milliseconds (fewer for slow calls, at least 3)."""
+    names = list(calls)
+    est = {}
+    for name in names:  # warm-up (compiles the compiled one), then one timed call as an estimate
+        calls[name](sets[0])
+        _sync(device)
+        t0 = time.perf_counter()
+        calls[name](sets[0])
+        _sync(device)
+        est[name] = max(time.perf_counter() - t0, 1e-7)
+    inner = {n: max(1, math.ceil(MIN_SAMPLE_S / est[n])) for n in names}
+    if device.type == "cuda":
+        inner = {n: max(inner[n], len(sets)) for n in names}
+    round_s = sum(est[n] * inner[n] for n in names)
+    repeats = max(min(repeats, 3), min(repeats, int(budget_s / round_s)))
+    samples: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn, k = calls[name], inner[name]
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for i in range(k):
+                    fn(sets[i % len(sets)])
+                end.record()
+                end.synchronize()
+                samples[name].append(start.elapsed_time(end) / k)
+            else:
+                t0 = time.perf_counter()
+                for _ in range(k):
+                    fn(sets[0])
+                samples[name].append((time.perf_counter() - t0) * 1e3 / k)
+    return samples
+
+
+def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory (MiB) the call allocates above what was live before it; see the module docstring."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        result = fn()
+        _sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+        del result
+        return peak / 2**20
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+        del result
+    events = []
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    total = peak = 0
+    for _, size in sorted(events):
+        total += size
+        peak = max(peak, total)
+    return peak / 2**20
+
+
+def copy_gbps(device: torch.device, repeats: int = 7) -> float:
+    """Bytes read plus written per second by dst.copy_(src) on 64M float32 (256 MiB each)."""
+    src = torch.ones(64 * 2**20, device=device)
+    dst = torch.empty_like(src)
+    samples = time_interleaved({"copy": lambda s: dst.copy_(src)}, [[src]], repeats, device, budget_s=1e9)["copy"]
+    ms = percentiles(samples)[1]
+    return 2 * _nbytes(src) / (ms * 1e6)
+
+
+def write_gbps(device: torch.device, numel: int = 16 * 2**20, repeats: int = 7) -> dict:
+    """Write bandwidth into an existing 64 MiB float32 tensor and into a freshly allocated one."""
+    dst = torch.empty(numel, device=device)
+    calls = {"existing": lambda s: dst.fill_(1.0), "fresh": lambda s: torch.empty(numel, device=device).fill_(1.0)}
+    samples = time_interleaved(calls, [[dst]], repeats, device, budget_s=1e9)
+    gbps = {name: _nbytes(dst) / (percentiles(v)[1] * 1e6) for name, v in samples.items()}
+    return {"tensor_mb": _nbytes(dst) / 2**20, "existing_gbps": gbps["existing"], "fresh_alloc_gbps": gbps["fresh"]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Op benchmarks
+# ------------------------------------------------------------------------------------------------
+def bench_op(op: str, dtype: torch.dtype, size: tuple[int, int], pass_: str, device: torch.device,
+             repeats: int, compile_it: bool, copy: float, gen: torch.Generator) -> dict:
+    case = make_case(op, size[0], size[1], dtype, device, gen)
+    n_sets = 1
+    if device.type == "cuda":
+        l2 = torch.cuda.get_device_properties(device).L2_cache_size
+        set_bytes = sum(_nbytes(t) for t in case.inputs)
+        n_sets = max(1, min(8, math.ceil(4 * l2 / set_bytes)))
+    sets = input_sets(case, pass_, n_sets)
+    calls = {"fused": make_call(case.fused, case, pass_, gen), "eager": make_call(case.eager, case, pass_, gen)}
+    if compile_it:
+        torch._dynamo.reset()
+        calls["compile"] = make_call(torch.compile(case.eager), case, pass_, gen)
+    samples = time_interleaved(calls, sets, repeats, device)
+    stats = {name: percentiles(s) for name, s in samples.items()}
+    peaks = {name: peak_mb(lambda c=call: c(sets[0]), device) for name, call in calls.items()}
+    nbytes = case.bytes(pass_)
+    fused_gbps = nbytes / (stats["fused"][1] * 1e6)
+    row = {
+        "op": op,
+        "dtype": str(dtype).replace("torch.", ""),
+        "shape": list(case.shape),
+        "pass": pass_,
+        "fused_ms": stats["fused"][1],
+        "eager_ms": stats["eager"][1],
+        "compile_ms": stats["compile"][1] if "compile" in stats else None,
+        "fused_p20_ms": stats["fused"][0],
+        "fused_p80_ms": stats["fused"][2],
+        "bytes": int(nbytes),
+        "fused_gbps": fused_gbps,
+        "copy_fraction": fused_gbps / copy,
+        "peak_mb": {name: peaks.get(name) for name in IMPLS},
+    }
+    del sets, calls, case
+    if compile_it:
+        torch._dynamo.reset()
+    return row
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole training step and the large-K log-likelihood
+# ------------------------------------------------------------------------------------------------
+def _ref_reparameterize(mu, logvar, num_samples=None, *, seed=None, generator=None, return_log_q=False,
+                        event_dims=1):
+    shape = mu.shape if num_samples is None else (num_samples, *mu.shape)
+    eps = torch.randn(shape, dtype=mu.dtype, device=mu.device, generator=generator)
+    z = R.reparameterize(mu, logvar, eps)
+    if return_log_q:
+        return z, R.standard_normal_log_prob(eps, logvar, event_dims=event_dims)
+    return z
+
+
+def _ref_reparameterize_with_kl(mu, logvar, num_samples=None, *, seed=None, generator=None, event_dims=1):
+    return R.sample_eager(mu, logvar, num_samples, event_dims=event_dims)
+
+
+REFERENCE_MODEL_OPS = {
+    "bernoulli_log_prob": R.bernoulli_log_prob,
+    "gaussian_kl": R.gaussian_kl,
+    "gaussian_log_prob": R.gaussian_log_prob,
+    "reparameterize": _ref_reparameterize,
+    "reparameterize_with_kl": _ref_reparameterize_with_kl,
+}
+
+
+@contextlib.contextmanager
+def reference_ops_in_model():
+    """The model code with reference.py's plain-PyTorch maths in place of the fused ops."""
+    from . import model as model_module
+
+    saved = {name: getattr(model_module, name) for name in REFERENCE_MODEL_OPS}
+    for name, fn in REFERENCE_MODEL_OPS.items():
+        setattr(model_module, name, fn)
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(model_module, name, fn)
+
+
+TRAIN_CONFIGS = [  # name, batch, input_dim, latent_dim
+    ("digits", 128, 64, 16),
+    ("large", 4096, 784, 32),
+]
+
+
+def bench_train_step(device: torch.device, repeats: int, quick: bool, gen: torch.Generator) -> tuple[list, str]:
+    """One Adam step of vae_fast.mlp_vae (Bernoulli), fused vs reference ops, eager and compiled."""
+    try:
+        from .model import mlp_vae
+    except ImportError as e:
+        return [], f"train step skipped: vae_fast.model is not available ({e})"
+    rows = []
+    for name, batch, input_dim, latent in TRAIN_CONFIGS[:1] if quick else TRAIN_CONFIGS:
+        torch.manual_seed(0)
+        base = mlp_vae(input_dim, latent).to(device)
+        x = (torch.rand((batch, input_dim), generator=gen, device=device) < 0.3).float()
+        variants = {"fused": (False, False), "eager": (True, False)}
+        if not quick:
+            variants.update({"compile": (True, True), "fused_compile": (False, True)})
+        calls = {}
+        torch._dynamo.reset()
+        for impl, (reference, compiled) in variants.items():
+            model = _clone_module(base)
+            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            run_model = torch.compile(model) if compiled else model
+            calls[impl] = _train_step_call(run_model, opt, reference)
+        samples = time_interleaved(calls, [[x]], repeats, device, budget_s=4 * CONFIG_BUDGET_S)
+        stats = {impl: percentiles(s) for impl, s in samples.items()}
+        peaks = {impl: peak_mb(lambda c=call: c([x]), device) for impl, call in calls.items()}
+        rows.append({
+            "name": name, "batch": [batch, input_dim], "latent_dim": latent, "model": "mlp_vae, bernoulli, Adam",
+            **{f"{impl}_ms": (stats[impl][1] if impl in stats else None) for impl in
+               ("fused", "eager", "compile", "fused_compile")},
+            "fused_p20_ms": stats["fused"][0], "fused_p80_ms": stats["fused"][2],
+            "peak_mb": {impl: peaks.get(impl) for impl in ("fused", "eager", "compile", "fused_compile")},
+        })
+        torch._dynamo.reset()
+    note = ("train step: fused = the model as written; eager = the same model with reference.py's maths "
+            "patched into vae_fast.model; compile = torch.compile of the eager one; fused_compile = torch.compile "
+            "of the fused one. Adam step included." + (" Quick mode: no compiled variants." if quick else ""))
+    return rows, note
+
+
+def _clone_module(module):
+    import copy
+
+    return copy.deepcopy(module)
+
+
+def _train_step_call(model, opt, reference: bool):
+    def step(inputs):
+        (x,) = inputs
+        ctx = reference_ops_in_model() if reference else contextlib.nullcontext()
+        with ctx:
+            opt.zero_grad(set_to_none=True)
+            loss, _ = model(x)
+            loss.backward()
+            opt.step()
+        return loss.detach()
+    return step
+
+
+def bench_log_likelihood(device: torch.device, quick: bool, gen: torch.Generator) -> dict:
+    """Memory and time of model.log_likelihood with many samples (chunked, streaming logsumexp)."""
+    try:
+        from .model import mlp_vae
+    except ImportError as e:
+        return {"skipped": f"vae_fast.model is not available ({e})"}
+    k, batch, input_dim, latent = (200 if quick else 20000), 256, 64, 16
+    torch.manual_seed(0)
+    model = mlp_vae(input_dim, latent).to(device).eval()
+    x = (torch.rand((batch, input_dim), generator=gen, device=device) < 0.3).float()
+    model.log_likelihood(x[:2], num_samples=2)  # warm-up
+    t0 = time.perf_counter()
+    peak = peak_mb(lambda: model.log_likelihood(x, num_samples=k), device)  # one run, timed and profiled
+    seconds = time.perf_counter() - t0
+    return {
+        "num_samples": k, "batch": [batch, input_dim], "latent_dim": latent, "model": "mlp_vae, bernoulli",
+        "chunk_size": "default", "seconds": seconds, "peak_mb": peak,  # seconds: of the profiled run
+        # What the decoder's logits alone would take if all K samples were decoded at once.
+        "unchunked_logits_mb": k * batch * input_dim * 4 / 2**20,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# Output
+# ------------------------------------------------------------------------------------------------
+def cpu_snapshot() -> dict | None:
+    """CPU seconds: busy on the whole machine, stolen by the hypervisor, and used by this process (Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    own = os.times()
+    return {"busy": (user + nice + system + irq + softirq) / hz, "steal": steal / hz,
+            "own": own.user + own.system + own.children_user + own.children_system, "wall": time.perf_counter()}
+
+
+def contention(start: dict | None, end: dict | None) -> dict | None:
+    """Average number of cores that other processes kept busy (and the hypervisor stole) during the run."""
+    if start is None or end is None:
+        return None
+    wall = max(end["wall"] - start["wall"], 1e-9)
+    other = (end["busy"] - start["busy"]) - (end["own"] - start["own"])
+    return {"other_processes_cores": max(other, 0.0) / wall, "steal_cores": (end["steal"] - start["steal"]) / wall,
+            "loadavg_at_start": start.get("loadavg")}
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def device_slug(device: torch.device, name: str) -> str:
+    name = re.sub(r"\((r|tm)\)", "", name.lower())
+    return f"{device.type}-" + re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def compile_config() -> dict:
+    import torch._inductor.config as ic
+
+    return {
+        "call": "torch.compile(reference_fn)  (backend='inductor', mode=None, dynamic=None, fullgraph=False)",
+        "dynamo_reset_per_config": True,
+        "fallback_random": ic.fallback_random,
+        "freezing": ic.freezing,
+        "max_autotune": ic.max_autotune,
+        "cpp_wrapper": ic.cpp_wrapper,
+        "cpp.simdlen": ic.cpp.simdlen,
+        "cpp.threads": ic.cpp.threads,
+        "triton.cudagraphs": ic.triton.cudagraphs,
+        "note": ("The sampling baselines draw eps with torch.randn inside the compiled graph; on CPU Inductor "
+                 "generates it with its own scalar RNG, which is slow, so compile_ms for reparameterize* on CPU "
+                 "mostly measures that RNG."),
+    }
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; give it the permissions a plain open() would
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _fmt(v, digits=3):
+    if v is None:
+        return "-"
+    return f"{v:.{digits}g}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+def _ratio(a, b):
+    return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
+
+
+def to_markdown(result: dict) -> str:
+    lines = [f"# vae_fast benchmarks: {result['device']}, {result['date']}", ""]
+    lines += [
+        f"- machine: {result['device']} ({result['device_type']}), {result['threads']} threads, "
+        f"CPU ISA of the fused kernels: {result['cpu_isa']}, torch {result['torch']}, "
+        f"{result['platform']}",
+        f"- copy bandwidth (`dst.copy_(src)`, 64M float32, read + write): **{result['copy_gbps']:.1f} GB/s**",
+        f"- writing a {result['write_gbps']['tensor_mb']:.0f} MiB float32 tensor: "
+        f"{result['write_gbps']['existing_gbps']:.1f} GB/s into an existing one, "
+        f"{result['write_gbps']['fresh_alloc_gbps']:.1f} GB/s into a freshly allocated one (page faults)",
+        f"- run: {'quick' if result['quick'] else 'full'}, {result['wall_s']:.0f} s",
+    ]
+    busy = result.get("contention")
+    if busy:
+        lines.append(f"- other processes kept {busy['other_processes_cores']:.2f} cores busy on average during the run "
+                     f"(hypervisor steal {busy['steal_cores']:.2f} cores)"
+                     + (" -- **the machine was not quiet: times are inflated**"
+                        if busy["other_processes_cores"] > 0.1 * result["threads"] else ""))
+    lines += [
+        "",
+        "## Method",
+        "",
+        result["method"],
+        "",
+        "Columns: times are p50 in ms; `fused/eager` and `fused/compile` are time ratios (below 1: fused is "
+        "faster); GB/s uses the minimal byte count for every implementation; `copy` is fused GB/s over the copy "
+        "bandwidth. Peak memory in MiB allocated by one call above what was live before it.",
+        "",
+    ]
+    if result.get("cases"):
+        lines += ["Op argument shapes: " + "; ".join(f"`{k}`: {v}" for k, v in result["cases"].items()), ""]
+    largest = _largest_rows(result["rows"])
+    if largest:
+        lines += [f"## Largest size, {largest[0]['dtype']}", "",
+                  "| op | shape | pass | fused ms | eager ms | compile ms | fused/eager | fused/compile | fused GB/s | copy |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in largest:
+            lines.append(f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {r['pass']} | {_fmt(r['fused_ms'])} | "
+                         f"{_fmt(r['eager_ms'])} | {_fmt(r['compile_ms'])} | {_ratio(r['fused_ms'], r['eager_ms'])} | "
+                         f"{_ratio(r['fused_ms'], r['compile_ms'])} | {_fmt(r['fused_gbps'])} | {r['copy_fraction']:.2f} |")
+        lines.append("")
+    lines += ["## Ops", "",
+              "| op | dtype | shape | pass | fused ms (p20-p80) | eager ms | compile ms | fused/eager | "
+              "fused/compile | fused GB/s | eager GB/s | compile GB/s | copy | peak MiB fused/eager/compile |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        gb = lambda ms: None if ms is None else r["bytes"] / (ms * 1e6)  # noqa: E731
+        pk = r["peak_mb"]
+        lines.append(
+            f"| {r['op']} | {r['dtype']} | {'x'.join(map(str, r['shape']))} | {r['pass']} | "
+            f"{_fmt(r['fused_ms'])} ({_fmt(r['fused_p20_ms'])}-{_fmt(r['fused_p80_ms'])}) | {_fmt(r['eager_ms'])} | "
+            f"{_fmt(r['compile_ms'])} | {_ratio(r['fused_ms'], r['eager_ms'])} | "
+            f"{_ratio(r['fused_ms'], r['compile_ms'])} | {_fmt(r['fused_gbps'])} | {_fmt(gb(r['eager_ms']))} | "
+            f"{_fmt(gb(r['compile_ms']))} | {r['copy_fraction']:.2f} | "
+            f"{_fmt(pk['fused'])} / {_fmt(pk['eager'])} / {_fmt(pk['compile'])} |")
+    lines += ["", "## Training step", ""]
+    if result["train_step"]:
+        lines += ["| config | batch | fused ms | eager ms | compile ms | fused+compile ms | fused/eager | "
+                  "fused/compile | peak MiB fused/eager/compile/fused+compile |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in result["train_step"]:
+            pk = r["peak_mb"]
+            lines.append(
+                f"| {r['name']} | {'x'.join(map(str, r['batch']))} | {_fmt(r['fused_ms'])} | {_fmt(r['eager_ms'])} | "
+                f"{_fmt(r['compile_ms'])} | {_fmt(r['fused_compile_ms'])} | {_ratio(r['fused_ms'], r['eager_ms'])} | "
+                f"{_ratio(r['fused_ms'], r['compile_ms'])} | {_fmt(pk['fused'])} / {_fmt(pk['eager'])} / "
+                f"{_fmt(pk['compile'])} / {_fmt(pk['fused_compile'])} |")
+    lines += ["", result["train_step_note"], "", "## Log-likelihood memory", ""]
+    ll = result["log_likelihood"]
+    if "skipped" in ll:
+        lines.append(f"Skipped: {ll['skipped']}")
+    else:
+        lines.append(
+            f"`model.log_likelihood(x, num_samples={ll['num_samples']})` on {ll['batch'][0]} examples of "
+            f"{ll['batch'][1]} pixels ({ll['model']}, latent {ll['latent_dim']}): {ll['seconds']:.1f} s, peak "
+            f"{_fmt(ll['peak_mb'])} MiB (decoding all samples at once would need "
+            f"{ll['unchunked_logits_mb']:.0f} MiB for the logits alone).")
+    lines += ["", "## Compile configuration", "", "```", json.dumps(result["compile_config"], indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+def _largest_rows(rows: list) -> list:
+    """Per op and pass, the row with the most elements, in float32 if there is any (else the first dtype)."""
+    if not rows:
+        return []
+    dtypes = [r["dtype"] for r in rows]
+    dtype = "float32" if "float32" in dtypes else dtypes[0]
+    best: dict = {}
+    for r in rows:
+        key = (r["op"], r["pass"])
+        if r["dtype"] == dtype and (key not in best or math.prod(r["shape"]) > math.prod(best[key]["shape"])):
+            best[key] = r
+    return list(best.values())
+
+
+def plot_png(result: dict) -> bytes | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    dtypes = [r["dtype"] for r in result["rows"]]
+    dtype = "float32" if "float32" in dtypes else (dtypes[0] if dtypes else None)
+    ops = list(dict.fromkeys(r["op"] for r in result["rows"]))
+    if dtype is None or not ops:
+        return None
+    fig, axes = plt.subplots(len(ops), 2, figsize=(11, 2.8 * len(ops)), squeeze=False)
+    for i, op in enumerate(ops):
+        for j, pass_ in enumerate(PASSES):
+            ax = axes[i][j]
+            rows = [r for r in result["rows"] if r["op"] == op and r["pass"] == pass_ and r["dtype"] == dtype]
+            rows.sort(key=lambda r: math.prod(r["shape"]))
+            n = [math.prod(r["shape"]) for r in rows]
+            for impl, style in (("fused", "o-"), ("eager", "s--"), ("compile", "^:")):
+                pts = [(x, r["bytes"] / (r[f"{impl}_ms"] * 1e6)) for x, r in zip(n, rows)
+                       if r[f"{impl}_ms"] is not None]
+                if pts:
+                    ax.plot(*zip(*pts), style, label=impl)
+            ax.axhline(result["copy_gbps"], color="k", lw=1, label="copy")
+            ax.set_xscale("log")
+            ax.set_title(f"{op} {dtype} {pass_}", fontsize=9)
+            ax.set_xlabel("elements")
+            ax.set_ylabel("GB/s (minimal bytes)")
+            ax.grid(alpha=0.3)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=8)
+    fig.suptitle(f"{result['device']}, {result['date']}: effective bandwidth (copy = ceiling)")
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+# ------------------------------------------------------------------------------------------------
+def _parse_sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for tok in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", tok)
+        if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+            raise argparse.ArgumentTypeError(f"sizes are BxD with positive integers, comma-separated; got {tok!r}")
+        sizes.append((int(m.group(1)), int(m.group(2))))
+    return sizes
+
+
+def _parse_list(choices):
+    def parse(text):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}; got {text!r}")
+        return items
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m vae_fast bench",
+                                description="Fused vs eager vs torch.compile benchmarks of the vae_fast ops.")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats, one compiled config (< 60 s)")
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    p.add_argument("--dtypes", type=_parse_list(tuple(DTYPE_NAMES)), default=None,
+                   help="comma-separated (default: float32,float64,bfloat16 on CPU; float32,bfloat16 on CUDA)")
+    p.add_argument("--ops", type=_parse_list(OPS), default=None, help="comma-separated subset of: " + ", ".join(OPS))
+    p.add_argument("--sizes", type=_parse_sizes, default=None, help="comma-separated BxD, e.g. 64x1024,4096x1024")
+    p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="output folder")
+    p.add_argument("--repeats", type=int, default=None, help="timed rounds per config (default 10; quick 2)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (compile_ms is null)")
+    p.add_argument("--no-model", action="store_true", help="skip the training step and log-likelihood lines")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("vae_fast bench: error: --device cuda but torch sees no CUDA GPU", file=sys.stderr)
+        return 1
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    if args.repeats is not None and args.repeats < 1:
+        print("vae_fast bench: error: --repeats must be >= 1", file=sys.stderr)
+        return 2
+    quick = args.quick
+    dtypes = args.dtypes or (["float32", "bfloat16"] if device.type == "cuda" else ["float32", "float64", "bfloat16"])
+    if device.type == "cuda" and "float64" in dtypes:
+        print("vae_fast bench: note: float64 on CUDA is benchmarked because it was asked for", file=sys.stderr)
+    ops = args.ops or list(OPS)
+    sizes = args.sizes or (QUICK_SIZES if quick else CUDA_SIZES if device.type == "cuda" else CPU_SIZES)
+    repeats = args.repeats or (2 if quick else 10)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(1234)
+    started = time.perf_counter()
+    cpu_start = cpu_snapshot()
+    if cpu_start is not None and hasattr(os, "getloadavg"):
+        cpu_start["loadavg"] = os.getloadavg()[0]
+
+    copy = copy_gbps(device)
+    write = write_gbps(device)
+    print(f"copy bandwidth: {copy:.1f} GB/s; writing 64 MiB: {write['existing_gbps']:.1f} GB/s into an existing "
+          f"tensor, {write['fresh_alloc_gbps']:.1f} GB/s into a fresh one", flush=True)
+    rows = []
+    for op in ops:
+        for dtype_name in dtypes:
+            for size in sizes:
+                for pass_ in PASSES:
+                    if args.no_compile:
+                        compile_it = False
+                    elif quick:  # one small compiled config, so the column is exercised
+                        compile_it = (op, dtype_name, size, pass_) == (ops[0], dtypes[0], sizes[0], "fwd")
+                    else:
+                        compile_it = True
+                    row = bench_op(op, DTYPE_NAMES[dtype_name], size, pass_, device, repeats, compile_it, copy, gen)
+                    rows.append(row)
+                    print(f"{op:24s} {dtype_name:8s} {'x'.join(map(str, row['shape'])):>14s} {pass_:7s} "
+                          f"fused {row['fused_ms']:9.3f} ms  eager {row['eager_ms']:9.3f} ms  compile "
+                          f"{_fmt(row['compile_ms']):>9s} ms  {row['fused_gbps']:6.1f} GB/s "
+                          f"({row['copy_fraction']:.2f} of copy)", flush=True)
+
+    if args.no_model:
+        train_rows, train_note, ll = [], "train step skipped (--no-model)", {"skipped": "--no-model"}
+    else:
+        train_rows, train_note = bench_train_step(device, max(3, repeats // 2) if not quick else repeats, quick, gen)
+        for r in train_rows:
+            print(f"train step {r['name']}: fused {r['fused_ms']:.2f} ms, eager {r['eager_ms']:.2f} ms, compile "
+                  f"{_fmt(r['compile_ms'])} ms, fused+compile {_fmt(r['fused_compile_ms'])} ms", flush=True)
+        ll = bench_log_likelihood(device, quick, gen)
+        print(f"log_likelihood: {ll}", flush=True)
+
+    busy = contention(cpu_start, cpu_snapshot())
+    from . import _C
+
+    info = _C.build_info()
+    name = device_name(device)
+    today = datetime.date.today().isoformat()
+    result = {
+        "device": name,
+        "date": today,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "copy_gbps": copy,
+        "rows": rows,
+        "write_gbps": write,
+        # Extra top-level keys (beyond DESIGN.md's schema):
+        "device_type": device.type,
+        "cpu_isa": info.get("cpu_isa"),
+        "build_info": info,
+        "platform": platform.platform(),
+        "quick": quick,
+        "repeats": repeats,
+        "wall_s": 0.0,
+        # Other processes running meanwhile make every time longer (2 OpenMP threads wait for a busy core).
+        "contention": busy,
+        "method": _method_text(),
+        "bytes_table": _bytes_table(),
+        "cases": {"gaussian_log_prob_bcast": f"x (B, D), mean (K, B, D), logvar () with K = {BCAST_K}; "
+                                             "shape is the broadcast (K, B, D)"},
+        "compile_config": compile_config(),
+        "train_step": train_rows,
+        "train_step_note": train_note,
+        "log_likelihood": ll,
+    }
+    result["wall_s"] = time.perf_counter() - started
+    os.makedirs(args.out, exist_ok=True)
+    stem = os.path.join(args.out, f"{device_slug(device, name)}-{today}")
+    _atomic_write(stem + ".json", (json.dumps(result, indent=1) + "\n").encode())
+    _atomic_write(stem + ".md", to_markdown(result).encode())
+    png = plot_png(result)
+    if png is not None:
+        _atomic_write(stem + ".png", png)
+    print(f"wrote {stem}.json, .md{', .png' if png is not None else ''} in {result['wall_s']:.0f} s")
+    return 0
+
+
+def _method_text() -> str:
+    doc = __doc__ or ""
+    return doc.split("Method\n------\n", 1)[-1].split("Bytes: the fewest", 1)[0].strip()
+
+
+def _bytes_table() -> str:
+    doc = __doc__ or ""
+    return doc.split("Bytes: the fewest an op must move\n---------------------------------\n", 1)[-1].strip()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
