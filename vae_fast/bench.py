@@ -517,6 +517,22 @@ def contention(start: dict | None, end: dict | None) -> dict | None:
             "loadavg_at_start": start.get("loadavg")}
 
 
+def git_commit() -> str | None:
+    """The checkout's commit (with "+dirty" for uncommitted changes), or None outside a git checkout."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -832,6 +848,7 @@ def main(argv=None) -> int:
         "cpu_isa": info.get("cpu_isa"),
         "build_info": info,
         "platform": platform.platform(),
+        "git_commit": git_commit(),
         "quick": quick,
         "repeats": repeats,
         "wall_s": 0.0,
