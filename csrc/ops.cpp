@@ -156,6 +156,27 @@ Group coalesce(const std::vector<int64_t>& sizes, const std::vector<std::vector<
   return g;
 }
 
+// Walks the row dims along which inputs are broadcast innermost, so a broadcast input's row is
+// reused from cache by the rows that share it (the (K, B, D) decoder output against (B, D) data
+// then reads the data once, not K times). A stable reordering: a function of the strides only.
+void reuse_broadcast_rows(Group& rows, size_t n_inputs) {
+  const size_t nd = rows.sizes.size();
+  std::vector<int> broadcast_count(nd, 0);
+  for (size_t d = 0; d < nd; ++d)
+    for (size_t j = 0; j < n_inputs; ++j) broadcast_count[d] += rows.strides[j][d] == 0;
+  std::vector<size_t> order(nd);
+  for (size_t d = 0; d < nd; ++d) order[d] = d;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return broadcast_count[a] < broadcast_count[b]; });
+  Group out;
+  out.strides.resize(rows.strides.size());
+  for (size_t d : order) {
+    out.sizes.push_back(rows.sizes[d]);
+    for (size_t j = 0; j < rows.strides.size(); ++j) out.strides[j].push_back(rows.strides[j][d]);
+  }
+  rows = out;
+}
+
 }  // namespace
 
 RowProblem::RowProblem(const std::vector<NamedTensor>& inputs, int64_t event_dims, bool grad_is_first)
@@ -199,6 +220,7 @@ RowArgs RowProblem::make_args(const std::vector<std::vector<int64_t>>& in_stride
     if (shape.empty()) ev_st[j] = {0};
   }
   Group rows = coalesce(row_sizes, row_st), events = coalesce(event_sizes, ev_st);
+  reuse_broadcast_rows(rows, in_strides.size());
   RowArgs args;
   RowLayout& L = args.layout;
   L.n_row_dims = static_cast<int>(rows.sizes.size());
