@@ -129,27 +129,30 @@ def reparameterize_with_kl(mu, logvar, num_samples: Optional[int] = None, *, see
 
 
 class _StraightThroughLogClamp(torch.autograd.Function):
-    """log(max(var, eps)) whose gradient passes straight through the clamp (as F.gaussian_nll_loss's)."""
+    """log(max(var, eps)) whose gradient passes straight through the clamp (as F.gaussian_nll_loss's).
+
+    One pass and one tensor: the backward's 1 / max(var, eps) is exp(-logvar) of the saved output.
+    """
 
     @staticmethod
     def forward(ctx, var, eps):
-        clamped = var.clamp(min=eps)
-        ctx.save_for_backward(clamped)
-        return torch.log(clamped)
+        logvar = var.clamp(min=eps).log_()
+        ctx.save_for_backward(logvar)
+        return logvar
 
     @staticmethod
     def backward(ctx, grad):
-        (clamped,) = ctx.saved_tensors
-        return grad / clamped, None
+        (logvar,) = ctx.saved_tensors
+        return grad * torch.exp(-logvar), None
 
 
 def _check_var_negative(var: torch.Tensor) -> None:
     # Data-dependent: a host sync, so only in eager mode (not while compiling or capturing a graph).
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or var.numel() == 0:
         return
     if var.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    if torch.any(var < 0):
+    if var.amin() < 0:  # one reduction, no boolean temporary (NaN compares False, as in torch.any(var < 0))
         raise ValueError("var has negative entry/entries")
 
 
