@@ -367,13 +367,15 @@ def _train_losses(objective, num_samples, steps=150):
 @pytest.mark.parametrize("objective,num_samples", [("elbo", 1), ("elbo", 4), ("iwae", 5)])
 def test_fused_and_reference_ops_train_the_same(monkeypatch, objective, num_samples):
     """Convergence test: the same VAE trained with the fused ops and with reference.py, same seeds and eps.
-    The two differ only by float32 rounding: after 150 Adam steps, measured ~2e-7 relative in every step's
-    loss and ~4e-5 absolute in the weights. Tolerances (2e-5 relative on the losses, 5e-4 + 1e-3 relative on
-    the weights) leave room for other CPU ISAs; a logvar gradient 1% too large fails both (7e-5, 4e-3)."""
+    The two differ only by float32 rounding (summation order): after 150 Adam steps, measured up to 2e-7
+    (ELBO) and 5e-6 (IWAE, whose log-weights cancel) relative in every step's loss, and 1e-7 (ELBO) to 2.4e-4
+    (IWAE) in the weights' relative norm: Adam turns rounding noise in near-zero gradients into +-lr steps, so
+    single weights can drift by ~2e-3. Tolerances: 2e-5 relative on every loss, 1e-3 on the weights' relative
+    norm; a logvar gradient 1% too large fails the loss check (7e-5)."""
     fused_losses, fused_params = _train_losses(objective, num_samples)
     with monkeypatch.context() as m:
         _reference_ops(m)
         ref_losses, ref_params = _train_losses(objective, num_samples)
     assert fused_losses[-1] < fused_losses[0] - 5  # it trained
     torch.testing.assert_close(fused_losses, ref_losses, rtol=2e-5, atol=0)
-    torch.testing.assert_close(fused_params, ref_params, rtol=1e-3, atol=5e-4)
+    assert (fused_params - ref_params).norm() / ref_params.norm() < 1e-3
