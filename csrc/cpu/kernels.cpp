@@ -487,8 +487,7 @@ void for_each_chunk(int64_t begin, int64_t end, Body body) {
   }
 }
 
-template <class acc_t>
-int64_t sample_grain(const SampleArgs& a) {  // ~16K elements of z per task
+inline int64_t sample_grain(const SampleArgs& a) {  // ~16K elements of z per task
   return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, a.event_numel * a.num_samples));
 }
 
@@ -498,7 +497,7 @@ void sample_forward_typed(const SampleArgs& a) {
   constexpr int64_t VS = V::size();
   const int64_t E = a.event_numel, R = a.rows, K = a.num_samples, N = R * E;
   const uint64_t seed = static_cast<uint64_t>(*a.seed);
-  at::parallel_for(0, R, sample_grain<acc_t>(a), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, R, sample_grain(a), [&](int64_t r0, int64_t r1) {
     alignas(64) acc_t mu_buf[kChunk], lv_buf[kChunk], sigma[kChunk], z_buf[kChunk], eps_buf[kChunk], terms[kChunk];
     alignas(64) float eps_f[kChunk];
     for_each_chunk(r0 * E, r1 * E, [&](int64_t c, int64_t n) {
@@ -535,7 +534,7 @@ void sample_backward_typed(const SampleArgs& a) {
   const uint64_t seed = static_cast<uint64_t>(*a.seed);
   const acc_t* grad_kl = static_cast<const acc_t*>(a.grad_kl);
   const acc_t* grad_log_q = static_cast<const acc_t*>(a.grad_log_q);
-  at::parallel_for(0, R, sample_grain<acc_t>(a), [&](int64_t r0, int64_t r1) {
+  at::parallel_for(0, R, sample_grain(a), [&](int64_t r0, int64_t r1) {
     alignas(64) acc_t mu_buf[kChunk], lv_buf[kChunk], g_buf[kChunk], eps_buf[kChunk], sum_g[kChunk], sum_ge[kChunk];
     alignas(64) acc_t g_kl[kChunk], g_lq[kChunk], dmu_buf[kChunk], dlv_buf[kChunk];
     alignas(64) float eps_f[kChunk];
