@@ -19,7 +19,6 @@ namespace vmath {
 // The SIMD backend of elbo_math.h (Sleef through at::vec, ~1 ulp).
 template <class T> inline at::vec::Vectorized<T> exp(const at::vec::Vectorized<T>& x) { return x.exp(); }
 template <class T> inline at::vec::Vectorized<T> log(const at::vec::Vectorized<T>& x) { return x.log(); }
-template <class T> inline at::vec::Vectorized<T> expm1(const at::vec::Vectorized<T>& x) { return x.expm1(); }
 template <class T> inline at::vec::Vectorized<T> log1p(const at::vec::Vectorized<T>& x) { return x.log1p(); }
 template <class T> inline at::vec::Vectorized<T> abs(const at::vec::Vectorized<T>& x) { return x.abs(); }
 template <class T> inline at::vec::Vectorized<T> sqrt(const at::vec::Vectorized<T>& x) { return x.sqrt(); }
@@ -39,27 +38,36 @@ inline void sincos(const at::vec::Vectorized<float>& x, at::vec::Vectorized<floa
   c = x.cos();
 #endif
 }
-// float expm1 without Sleef's expm1 (3x the cost of exp here, which made the KL compute-bound):
-// |x| < 1 by its Taylor series to x^11 (relative error < 1e-7), else from exp(x). Both are >= the
-// true value's rounding neighbours in the way the KL needs: expm1(x) - x >= 0 for every x.
-inline at::vec::Vectorized<float> expm1_taylor_minus_x(const at::vec::Vectorized<float>& x) {
-  using V = at::vec::Vectorized<float>;
-  constexpr float c[] = {1.f / 2, 1.f / 6, 1.f / 24, 1.f / 120, 1.f / 720, 1.f / 5040, 1.f / 40320,
-                         1.f / 362880, 1.f / 3628800, 1.f / 39916800};
-  V h(c[9]);
-  for (int i = 8; i >= 0; --i) h = at::vec::fmadd(h, x, V(c[i]));
+// expm1 without Sleef's expm1 (3x the cost of exp here, which made the KL compute-bound): for
+// |x| < 1 the Taylor series of expm1(x) - x (to x^11 in float, x^17 in double: relative error below
+// the type's epsilon), else from exp(x). expm1(x) - x stays >= 0 for every x, as the KL needs.
+template <int N>
+struct InverseFactorials {  // 1/n! for n = 0..N, computed at compile time
+  double v[N + 1] = {};
+  constexpr InverseFactorials() {
+    v[0] = 1.0;
+    for (int n = 1; n <= N; ++n) v[n] = v[n - 1] / n;
+  }
+};
+template <class T>
+inline at::vec::Vectorized<T> expm1_taylor_minus_x(const at::vec::Vectorized<T>& x) {
+  using V = at::vec::Vectorized<T>;
+  constexpr int kLast = std::is_same_v<T, float> ? 11 : 17;  // highest power kept
+  static constexpr InverseFactorials<kLast> inv_factorial{};
+  V h(static_cast<T>(inv_factorial.v[kLast]));
+  for (int n = kLast - 1; n >= 2; --n) h = at::vec::fmadd(h, x, V(static_cast<T>(inv_factorial.v[n])));
   return x * x * h;
 }
-inline at::vec::Vectorized<float> expm1_minus_x(const at::vec::Vectorized<float>& x) {
-  using V = at::vec::Vectorized<float>;
-  return V::blendv(x.exp() - V(1.f) - x, expm1_taylor_minus_x(x), x.abs() < V(1.f));
-}
-inline at::vec::Vectorized<float> expm1(const at::vec::Vectorized<float>& x) {
-  using V = at::vec::Vectorized<float>;
-  return V::blendv(x.exp() - V(1.f), expm1_taylor_minus_x(x) + x, x.abs() < V(1.f));
+template <class T>
+inline at::vec::Vectorized<T> expm1_minus_x(const at::vec::Vectorized<T>& x) {
+  using V = at::vec::Vectorized<T>;
+  return V::blendv(x.exp() - V(T(1)) - x, expm1_taylor_minus_x(x), x.abs() < V(T(1)));
 }
 template <class T>
-inline at::vec::Vectorized<T> expm1_minus_x(const at::vec::Vectorized<T>& x) { return x.expm1() - x; }
+inline at::vec::Vectorized<T> expm1(const at::vec::Vectorized<T>& x) {
+  using V = at::vec::Vectorized<T>;
+  return V::blendv(x.exp() - V(T(1)), expm1_taylor_minus_x(x) + x, x.abs() < V(T(1)));
+}
 template <class T>
 inline at::vec::Vectorized<T> max(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
   return at::vec::maximum(a, b);
