@@ -7,6 +7,7 @@
 // bounds-checked "device" memory, a check that no two threads write the same address in one
 // launch). selftest.cu runs that way on machines without a GPU. Nothing below may depend on it.
 #pragma once
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -129,6 +130,26 @@ VF_DEV int64_t fdiv(const FastDiv& f, int64_t n) {
   const uint64_t nn = static_cast<uint64_t>(n);
   const uint64_t t = umul64hi(nn, f.m64);
   return static_cast<int64_t>((t + nn) >> f.s);
+}
+
+// Adds the coordinates of flat index idx over n dims (C order: dim n-1 varies fastest; div[d]
+// divides by the size of dim d) times per-operand strides: off[o] += c_d * stride(o, d), innermost
+// dim first.
+template <int N, class Stride>
+VF_DEV void add_dim_offsets(const FastDiv* div, int n, int64_t idx, int64_t (&off)[N],
+                            Stride stride) {
+  VF_NO_UNROLL
+  for (int d = n - 1; d > 0; --d) {
+    const int64_t q = fdiv(div[d], idx);
+    const int64_t c = idx - q * div[d].d;
+    idx = q;
+    VF_UNROLL
+    for (int o = 0; o < N; ++o) off[o] += c * stride(o, d);
+  }
+  if (n > 0) {
+    VF_UNROLL
+    for (int o = 0; o < N; ++o) off[o] += idx * stride(o, 0);
+  }
 }
 
 // ---- dtype conversion and 4-wide loads/stores ----------------------------------------------
@@ -318,6 +339,23 @@ VF_DEV A group_sum(A v, int tpr, unsigned mask, A* smem /* >= 32 */) {
   return v;
 }
 
+// The calling thread's place among groups of tpr threads (a power of two) that each take one item
+// (row, unit) of a grid-stride loop: for (i = g.first(); i < n; i += g.ngroups) is group-uniform.
+struct ThreadGroup {
+  int tpr, tid, lane;
+  unsigned mask;    // the group's lanes (see group_mask)
+  int lg;           // log2(tpr)
+  int64_t gpb;      // groups per block
+  int64_t ngroups;  // groups in the grid
+  VF_DEV explicit ThreadGroup(int t)
+      : tpr(t), tid(tid_x()), lane(tid & (t - 1)), mask(group_mask(t, tid)), lg(ilog2_pow2(t)),
+        gpb(bdim_x() >> lg), ngroups(gdim_x() * gpb) {}
+  VF_DEV int64_t first() const { return bid_x() * gpb + (tid >> lg); }
+  // group_sum over this group (smem: >= 32 elements of shared memory).
+  template <class A>
+  VF_DEV A sum(A v, A* smem) const { return group_sum(v, tpr, mask, smem); }
+};
+
 // ---- launch helper -------------------------------------------------------------------------
 template <class... P, class... Args>
 inline cudaError_t launch_kernel(void (*kernel)(P...), int64_t grid, int block, cudaStream_t stream,
@@ -357,6 +395,33 @@ inline int num_sms() {
   cache[dev].store(n, std::memory_order_relaxed);
   return n;
 #endif
+}
+
+// ---- launch geometry (host) ------------------------------------------------------------------
+constexpr int64_t kTargetThreads = int64_t{1} << 17;  // ~ resident threads of a large GPU
+
+// Grid of `block`-thread blocks for n one-item-per-thread work items, capped at a few resident
+// waves (the kernels are grid-stride).
+inline int64_t flat_grid(int64_t n, int block) {
+  return std::min((n + block - 1) / block, static_cast<int64_t>(num_sms()) * 16);
+}
+
+// Threads per group (a power of two <= max_tpr) for n_work items of n_chunks units each.
+inline int pick_tpr(int64_t n_chunks, int64_t n_work, int max_tpr) {
+  int t = 1;
+  while (t < 32 && 2 * t <= n_chunks) t *= 2;
+  while (t < max_tpr && 4 * t <= n_chunks && n_work * t < kTargetThreads) t *= 2;
+  return t;
+}
+
+// Grid for groups of tpr threads: 256-thread blocks of 256 / tpr warp-slice groups (tpr <= 32),
+// or one group of tpr threads per block (tpr > 32: group_sum then works block-wide); capped at a
+// few resident waves (the kernels are grid-stride).
+inline void group_grid(int tpr, int64_t n_work, int64_t& grid, int& block) {
+  block = tpr > 32 ? tpr : 256;
+  const int64_t gpb = block / tpr;
+  const int64_t cap = static_cast<int64_t>(num_sms()) * (4096 / block);
+  grid = std::min((n_work + gpb - 1) / gpb, cap);
 }
 
 }  // namespace vae_fast::cuda::detail

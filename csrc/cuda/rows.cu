@@ -146,19 +146,7 @@ template <int N>
 VF_DEV void row_offsets(const KParams& p, int64_t row, int64_t (&off)[N]) {
   VF_UNROLL
   for (int o = 0; o < N; ++o) off[o] = 0;
-  int64_t idx = row;
-  VF_NO_UNROLL
-  for (int d = p.nr - 1; d > 0; --d) {
-    const int64_t q = fdiv(p.rdiv[d], idx);
-    const int64_t c = idx - q * p.rdiv[d].d;
-    idx = q;
-    VF_UNROLL
-    for (int o = 0; o < N; ++o) off[o] += c * p.op[o].rs[d];
-  }
-  if (p.nr > 0) {
-    VF_UNROLL
-    for (int o = 0; o < N; ++o) off[o] += idx * p.op[o].rs[0];
-  }
+  add_dim_offsets(p.rdiv, p.nr, row, off, [&p](int o, int d) { return p.op[o].rs[d]; });
 }
 
 // Event offsets of element 0 of chunk c (c < n_chunks) for every op; returns the number of valid
@@ -173,19 +161,7 @@ VF_DEV int chunk_offsets(const KParams& p, int64_t c, int64_t (&off)[N]) {
   const int64_t j0 = ci * 4;
   VF_UNROLL
   for (int o = 0; o < N; ++o) off[o] = j0 * p.op[o].inner;
-  int64_t idx = eo;
-  VF_NO_UNROLL
-  for (int d = p.ne - 1; d > 0; --d) {
-    const int64_t q = fdiv(p.ediv[d], idx);
-    const int64_t cc = idx - q * p.ediv[d].d;
-    idx = q;
-    VF_UNROLL
-    for (int o = 0; o < N; ++o) off[o] += cc * p.op[o].es[d];
-  }
-  if (p.ne > 0) {
-    VF_UNROLL
-    for (int o = 0; o < N; ++o) off[o] += idx * p.op[o].es[0];
-  }
+  add_dim_offsets(p.ediv, p.ne, eo, off, [&p](int o, int d) { return p.op[o].es[d]; });
   const int64_t left = p.inner - j0;
   return left < 4 ? static_cast<int>(left) : 4;
 }
@@ -217,20 +193,14 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(512, 1) reduce_kernel(const VF_GRID_CONST KParam
   using D = OpDef<K>;
   constexpr int NI = D::kIn, N = D::kIn + 1;
   VF_SHARED A smem[32];
-  const int tpr = p.tpr;
-  const int tid = tid_x();
-  const int lane = tid & (tpr - 1);
-  const unsigned mask = group_mask(tpr, tid);
-  const int lg = ilog2_pow2(tpr);  // tpr is a power of two
-  const int64_t gpb = bdim_x() >> lg;
-  const int64_t ngroups = gdim_x() * gpb;
+  const ThreadGroup g(p.tpr);
   VF_NO_UNROLL
-  for (int64_t row = bid_x() * gpb + (tid >> lg); row < p.rows; row += ngroups) {
+  for (int64_t row = g.first(); row < p.rows; row += g.ngroups) {
     int64_t roff[N];
     row_offsets(p, row, roff);
     A acc = A(0);
     VF_NO_UNROLL
-    for (int64_t c = lane; c < p.n_chunks; c += tpr) {
+    for (int64_t c = g.lane; c < p.n_chunks; c += g.tpr) {
       int64_t eoff[N];
       const int valid = chunk_offsets(p, c, eoff);
       A v[NI][4], y[D::kOut][4];
@@ -240,8 +210,8 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(512, 1) reduce_kernel(const VF_GRID_CONST KParam
       for (int e = 0; e < 4; ++e)
         if (e < valid) acc += y[0][e];
     }
-    acc = group_sum(acc, tpr, mask, smem);
-    if (lane == 0) Mem<A>::store1(p.op[NI].data, p.op[NI].dtype, roff[NI], acc);
+    acc = g.sum(acc, smem);
+    if (g.lane == 0) Mem<A>::store1(p.op[NI].data, p.op[NI].dtype, roff[NI], acc);
   }
 }
 
@@ -280,15 +250,9 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) acc_kernel(const VF_GRID_CONST KParams p
   using D = OpDef<K>;
   constexpr int NI = D::kIn, NO = D::kOut, N = NI + NO;
   VF_SHARED A smem[32];
-  const int tpr = p.tpr;
-  const int tid = tid_x();
-  const int lane = tid & (tpr - 1);
-  const unsigned mask = group_mask(tpr, tid);
-  const int lg = ilog2_pow2(tpr);  // tpr is a power of two
-  const int64_t gpb = bdim_x() >> lg;
-  const int64_t ngroups = gdim_x() * gpb;
+  const ThreadGroup g(p.tpr);
   VF_NO_UNROLL
-  for (int64_t u = bid_x() * gpb + (tid >> lg); u < p.n_units; u += ngroups) {  // group-uniform
+  for (int64_t u = g.first(); u < p.n_units; u += g.ngroups) {  // group-uniform
     const int64_t r0 = fdiv(p.udiv, u * p.unit_rows) * p.row_mult;
     const int64_t r1 = fdiv(p.udiv, (u + 1) * p.unit_rows) * p.row_mult;
     A* slice[NO];
@@ -305,8 +269,8 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) acc_kernel(const VF_GRID_CONST KParams p
     for (int o = 0; o < NO; ++o) { racc[o] = A(0); rprev[o] = 0; rhas[o] = false; }
 
     VF_NO_UNROLL
-    for (int64_t cb = 0; cb < p.n_chunks; cb += tpr) {  // group-uniform trip count
-      const int64_t c = cb + lane;
+    for (int64_t cb = 0; cb < p.n_chunks; cb += g.tpr) {  // group-uniform trip count
+      const int64_t c = cb + g.lane;
       int64_t eoff[N];
       int valid = 0;
       if (c < p.n_chunks) {
@@ -336,8 +300,8 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) acc_kernel(const VF_GRID_CONST KParams p
           const int64_t t = roff[NI + o];
           if (q.cls == kAccRow) {
             if (rhas[o] && t != rprev[o]) {  // uniform: depends on the row only
-              const A total = group_sum(racc[o], tpr, mask, smem);
-              if (lane == 0) acc_add(slice[o] + rprev[o], total);
+              const A total = g.sum(racc[o], smem);
+              if (g.lane == 0) acc_add(slice[o] + rprev[o], total);
               racc[o] = A(0);
             }
             rprev[o] = t;
@@ -387,8 +351,8 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) acc_kernel(const VF_GRID_CONST KParams p
     VF_UNROLL
     for (int o = 0; o < NO; ++o) {
       if (p.op[NI + o].cls == kAccRow && rhas[o]) {
-        const A total = group_sum(racc[o], tpr, mask, smem);
-        if (lane == 0) acc_add(slice[o] + rprev[o], total);
+        const A total = g.sum(racc[o], smem);
+        if (g.lane == 0) acc_add(slice[o] + rprev[o], total);
       }
     }
   }
@@ -396,8 +360,6 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) acc_kernel(const VF_GRID_CONST KParams p
 
 // ---- host side: planning ------------------------------------------------------------------------
 namespace {
-
-constexpr int64_t kTargetThreads = int64_t{1} << 17;  // ~ resident threads of a large GPU
 
 struct HDim {
   int64_t size = 1;
@@ -465,23 +427,6 @@ bool set_geometry(KParams& p, const Dims& rows, const Dims& ev, int nops) {
   return true;
 }
 
-int pick_tpr(int64_t n_chunks, int64_t n_work, int max_tpr) {
-  int t = 1;
-  while (t < 32 && 2 * t <= n_chunks) t *= 2;
-  while (t < max_tpr && 4 * t <= n_chunks && n_work * t < kTargetThreads) t *= 2;
-  return t;
-}
-
-// Grid for groups of tpr threads: 256-thread blocks of 256 / tpr warp-slice groups (tpr <= 32),
-// or one group of tpr threads per block (tpr > 32: group_sum then works block-wide); capped at a
-// few resident waves (the kernels are grid-stride).
-void group_grid(int tpr, int64_t n_work, int64_t& grid, int& block) {
-  block = tpr > 32 ? tpr : 256;
-  const int64_t gpb = block / tpr;
-  const int64_t cap = static_cast<int64_t>(num_sms()) * (4096 / block);
-  grid = std::min((n_work + gpb - 1) / gpb, cap);
-}
-
 struct Plan {
   int nin = 0, nout = 0;
   bool active[kMaxOps] = {};
@@ -495,26 +440,25 @@ bool base_plan(const RowArgs& a, int nin, int nout, Plan& pl) {
     return false;
   pl.nin = nin;
   pl.nout = nout;
-  int64_t rows = 1, ev = 1;
-  for (int d = 0; d < L.n_row_dims; ++d) {
-    if (L.row_sizes[d] < 0) return false;
-    HDim h;
-    h.size = L.row_sizes[d];
-    for (int o = 0; o < nin; ++o) h.st[o] = a.in[o].row_strides[d];
-    for (int o = 0; o < nout; ++o) h.st[nin + o] = a.out[o].row_strides[d];
-    pl.rows.push_back(h);
-    rows *= h.size;
-  }
-  for (int d = 0; d < L.n_event_dims; ++d) {
-    if (L.event_sizes[d] < 0) return false;
-    HDim h;
-    h.size = L.event_sizes[d];
-    for (int o = 0; o < nin; ++o) h.st[o] = a.in[o].event_strides[d];
-    for (int o = 0; o < nout; ++o) h.st[nin + o] = a.out[o].event_strides[d];
-    pl.ev.push_back(h);
-    ev *= h.size;
-  }
-  if (rows != L.rows || ev != L.event_numel) return false;
+  // Appends n dims of the given sizes with every op's strides (member `st` of Operand) to out;
+  // false for a negative size or a product other than numel.
+  auto add_dims = [&](int n, const int64_t* sizes, int64_t (Operand::*st)[kMaxDims], int64_t numel,
+                      Dims& out) {
+    int64_t prod = 1;
+    for (int d = 0; d < n; ++d) {
+      if (sizes[d] < 0) return false;
+      HDim h;
+      h.size = sizes[d];
+      for (int o = 0; o < nin; ++o) h.st[o] = (a.in[o].*st)[d];
+      for (int o = 0; o < nout; ++o) h.st[nin + o] = (a.out[o].*st)[d];
+      out.push_back(h);
+      prod *= h.size;
+    }
+    return prod == numel;
+  };
+  if (!add_dims(L.n_row_dims, L.row_sizes, &Operand::row_strides, L.rows, pl.rows) ||
+      !add_dims(L.n_event_dims, L.event_sizes, &Operand::event_strides, L.event_numel, pl.ev))
+    return false;
   for (int o = 0; o < nin; ++o) {
     if (a.in[o].data == nullptr) return false;
     pl.active[o] = true;
@@ -564,10 +508,7 @@ cudaError_t launch_map(KParams& p, const Plan& pl, cudaStream_t stream) {
   if (!set_geometry(p, rows, ev, pl.nin + pl.nout)) return cudaErrorInvalidValue;
   const int64_t total = p.rows * p.cpi;
   if (total == 0) return cudaSuccess;
-  const int block = 256;
-  const int64_t grid =
-      std::min((total + block - 1) / block, static_cast<int64_t>(num_sms()) * 16);
-  return launch_kernel(&map_kernel<K, A>, grid, block, stream, p);
+  return launch_kernel(&map_kernel<K, A>, flat_grid(total, 256), 256, stream, p);
 }
 
 template <OpKind K, class A>

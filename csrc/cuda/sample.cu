@@ -105,16 +105,10 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) sample_z_kernel(const VF_GRID_CONST SPar
 template <class A>
 VF_GLOBAL void VF_LAUNCH_BOUNDS(512, 1) sample_rows_kernel(const VF_GRID_CONST SParams p) {
   VF_SHARED A smem[32];
-  const int tpr = p.tpr;
-  const int tid = tid_x();
-  const int lane = tid & (tpr - 1);
-  const unsigned mask = group_mask(tpr, tid);
-  const int lg = ilog2_pow2(tpr);  // tpr is a power of two
-  const int64_t gpb = bdim_x() >> lg;
-  const int64_t ngroups = gdim_x() * gpb;
+  const ThreadGroup g(p.tpr);
   const uint64_t seed = p.need_eps ? read_seed(p.seed) : 0;
   VF_NO_UNROLL
-  for (int64_t q = bid_x() * gpb + (tid >> lg); q < p.n_rows; q += ngroups) {  // group-uniform
+  for (int64_t q = g.first(); q < p.n_rows; q += g.ngroups) {  // group-uniform
     const int64_t k = fdiv(p.r_div, q);
     const int64_t r = q - k * p.R;
     const bool do_kl = p.kl != nullptr && k == 0;
@@ -123,7 +117,7 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(512, 1) sample_rows_kernel(const VF_GRID_CONST S
     if (p.E > 0) {
       const int64_t b_first = i0 / 4, b_last = (i0 + p.E - 1) / 4;
       VF_NO_UNROLL
-      for (int64_t b = b_first + lane; b <= b_last; b += tpr) {
+      for (int64_t b = b_first + g.lane; b <= b_last; b += g.tpr) {
         const int64_t base = 4 * b;
         const int lo = i0 > base ? static_cast<int>(i0 - base) : 0;
         const int hi = i0 + p.E - base < 4 ? static_cast<int>(i0 + p.E - base) : 4;
@@ -147,12 +141,12 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(512, 1) sample_rows_kernel(const VF_GRID_CONST S
       }
     }
     if (p.log_q) {
-      lq = group_sum(lq, tpr, mask, smem);
-      if (lane == 0) st(static_cast<A*>(p.log_q) + q, lq);
+      lq = g.sum(lq, smem);
+      if (g.lane == 0) st(static_cast<A*>(p.log_q) + q, lq);
     }
     if (do_kl) {  // group-uniform (k is the group's)
-      kl = group_sum(kl, tpr, mask, smem);
-      if (lane == 0) st(static_cast<A*>(p.kl) + r, kl);
+      kl = g.sum(kl, smem);
+      if (g.lane == 0) st(static_cast<A*>(p.kl) + r, kl);
     }
   }
 }
@@ -229,8 +223,6 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) sample_bwd_kernel(const VF_GRID_CONST SP
 
 namespace {
 
-constexpr int64_t kTargetThreads = int64_t{1} << 17;
-
 bool common_checks(const SParams& p) {
   const int dt = static_cast<int>(p.dt);
   return dt >= 0 && dt <= 3 && p.R >= 0 && p.E >= 0 && p.K >= 1 && p.mu && p.lv;
@@ -252,10 +244,6 @@ SParams base_params(const SampleArgs& a) {
   return p;
 }
 
-int64_t flat_grid(int64_t n, int block) {
-  return std::min((n + block - 1) / block, static_cast<int64_t>(num_sms()) * 16);
-}
-
 template <class A>
 cudaError_t forward_typed(SParams& p, cudaStream_t stream) {
   if (p.log_q == nullptr && p.kl == nullptr) {
@@ -267,14 +255,10 @@ cudaError_t forward_typed(SParams& p, cudaStream_t stream) {
   p.n_rows = p.need_eps ? p.K * p.R : p.R;  // kl alone needs sample 0's rows only
   if (p.n_rows == 0) return cudaSuccess;
   const int64_t nb = p.E == 0 ? 0 : (p.E + 3) / 4 + 1;  // Philox blocks per row, at most
-  int t = 1;
-  while (t < 32 && 2 * t <= nb) t *= 2;
-  while (t < 512 && 4 * t <= nb && p.n_rows * t < kTargetThreads) t *= 2;
-  p.tpr = t;
-  const int block = t > 32 ? t : 256;
-  const int64_t gpb = block / t;
-  const int64_t grid = std::min((p.n_rows + gpb - 1) / gpb,
-                                static_cast<int64_t>(num_sms()) * (4096 / block));
+  p.tpr = pick_tpr(nb, p.n_rows, 512);
+  int64_t grid = 0;
+  int block = 0;
+  group_grid(p.tpr, p.n_rows, grid, block);
   return launch_kernel(&sample_rows_kernel<A>, grid, block, stream, p);
 }
 

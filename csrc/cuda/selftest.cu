@@ -653,6 +653,20 @@ float host_eps(uint64_t seed, uint64_t i) {
   return n[i % 4];
 }
 
+// The arguments every sampling launch shares: mu, logvar (R x E of dt), the seed, K samples.
+SampleArgs sample_args(const DevBuf& mu, const DevBuf& lv, const DevBuf& sd, DType dt, int64_t R,
+                       int64_t E, int64_t K) {
+  SampleArgs sa;
+  sa.mu = mu.data;
+  sa.logvar = lv.data;
+  sa.dtype = dt;
+  sa.rows = R;
+  sa.event_numel = E;
+  sa.num_samples = K;
+  sa.seed = static_cast<const int64_t*>(sd.data);
+  return sa;
+}
+
 void sample_case(DType dt, int64_t R, int64_t E, int64_t K, int64_t seed, bool want_z,
                  bool want_lq, bool want_kl) {
   const std::string name = std::string("sample ") + dname(dt) + " R=" + std::to_string(R) +
@@ -665,14 +679,7 @@ void sample_case(DType dt, int64_t R, int64_t E, int64_t K, int64_t seed, bool w
   const std::vector<double> muv = fill(mu, normal(1.0)), lvv = fill(lv, uniform(-3.0, 3.0));
   CK(cudaMemcpy(sd.data, &seed, 8, cudaMemcpyHostToDevice));
   DevBuf z(dt, K * RE), lq(acc, K * R), kl(acc, R);
-  SampleArgs sa;
-  sa.mu = mu.data;
-  sa.logvar = lv.data;
-  sa.dtype = dt;
-  sa.rows = R;
-  sa.event_numel = E;
-  sa.num_samples = K;
-  sa.seed = static_cast<const int64_t*>(sd.data);
+  SampleArgs sa = sample_args(mu, lv, sd, dt, R, E, K);
   sa.z = want_z ? z.data : nullptr;
   sa.log_q = want_lq ? lq.data : nullptr;
   sa.kl = want_kl ? kl.data : nullptr;
@@ -749,14 +756,7 @@ void sample_bwd_case(DType dt, int64_t R, int64_t E, int64_t K, int64_t seed, bo
   const std::vector<double> gzv = fill(gz, normal(1.0)), gqv = fill(gq, normal(1.0));
   const std::vector<double> gklv = fill(gkl, normal(1.0));
   CK(cudaMemcpy(sd.data, &seed, 8, cudaMemcpyHostToDevice));
-  SampleArgs sa;
-  sa.mu = mu.data;
-  sa.logvar = lv.data;
-  sa.dtype = dt;
-  sa.rows = R;
-  sa.event_numel = E;
-  sa.num_samples = K;
-  sa.seed = static_cast<const int64_t*>(sd.data);
+  SampleArgs sa = sample_args(mu, lv, sd, dt, R, E, K);
   sa.grad_z = has_gz ? gz.data : nullptr;
   sa.grad_log_q = has_gq ? gq.data : nullptr;
   sa.grad_kl = has_gkl ? gkl.data : nullptr;
