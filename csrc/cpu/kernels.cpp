@@ -79,6 +79,7 @@ VF_ISA_NS_END
 #include "../elbo_math.h"
 #include "../layout.h"
 #include "../philox.h"
+#include "../row_ops.h"
 
 namespace vae_fast {
 VF_ISA_NS_BEGIN
@@ -195,48 +196,6 @@ template <class acc_t>
 void add_to(const Operand& op, int64_t off, acc_t value) {  // one element, op in acc_t
   static_cast<acc_t*>(op.data)[off] += value;
 }
-
-// ---------------------------------------------------------------------------------------------
-// The per-element maths of each row op, on SIMD vectors; in[] and out[] as layout.h lists them.
-// ---------------------------------------------------------------------------------------------
-struct KlStdFwd {
-  static constexpr int kIn = 2, kOut = 1;
-  template <class V> static void apply(const V* a, V* o) { o[0] = elbo::kl_std(a[0], a[1]); }
-};
-struct KlStdBwd {
-  static constexpr int kIn = 3, kOut = 2;
-  template <class V> static void apply(const V* a, V* o) { elbo::kl_std_grad(a[0], a[1], a[2], o[0], o[1]); }
-};
-struct KlFwd {
-  static constexpr int kIn = 4, kOut = 1;
-  template <class V> static void apply(const V* a, V* o) { o[0] = elbo::kl(a[0], a[1], a[2], a[3]); }
-};
-struct KlBwd {
-  static constexpr int kIn = 5, kOut = 4;
-  template <class V> static void apply(const V* a, V* o) {
-    elbo::kl_grad(a[0], a[1], a[2], a[3], a[4], o[0], o[1], o[2], o[3]);
-  }
-};
-struct GaussLpFwd {
-  static constexpr int kIn = 3, kOut = 1;
-  template <class V> static void apply(const V* a, V* o) { o[0] = elbo::gaussian_log_prob(a[0], a[1], a[2]); }
-};
-struct GaussLpBwd {
-  static constexpr int kIn = 4, kOut = 3;
-  template <class V> static void apply(const V* a, V* o) {
-    elbo::gaussian_log_prob_grad(a[0], a[1], a[2], a[3], o[0], o[1], o[2]);
-  }
-};
-struct BernLpFwd {
-  static constexpr int kIn = 2, kOut = 1;
-  template <class V> static void apply(const V* a, V* o) { o[0] = elbo::bernoulli_log_prob(a[0], a[1]); }
-};
-struct BernLpBwd {
-  static constexpr int kIn = 3, kOut = 2;
-  template <class V> static void apply(const V* a, V* o) {
-    elbo::bernoulli_log_prob_grad(a[0], a[1], a[2], o[0], o[1]);
-  }
-};
 
 // ---------------------------------------------------------------------------------------------
 // The row engine: for each row and each innermost event line, in chunks, load the inputs, apply
@@ -607,14 +566,14 @@ void sample_backward_typed(const SampleArgs& a) {
 
 void run_rows(OpKind op, const RowArgs& args) {
   switch (op) {
-    case OpKind::KlStdFwd: return dispatch_acc<KlStdFwd>(args);
-    case OpKind::KlStdBwd: return dispatch_acc<KlStdBwd>(args);
-    case OpKind::KlFwd: return dispatch_acc<KlFwd>(args);
-    case OpKind::KlBwd: return dispatch_acc<KlBwd>(args);
-    case OpKind::GaussLpFwd: return dispatch_acc<GaussLpFwd>(args);
-    case OpKind::GaussLpBwd: return dispatch_acc<GaussLpBwd>(args);
-    case OpKind::BernLpFwd: return dispatch_acc<BernLpFwd>(args);
-    case OpKind::BernLpBwd: return dispatch_acc<BernLpBwd>(args);
+    case OpKind::KlStdFwd: return dispatch_acc<RowOp<OpKind::KlStdFwd>>(args);
+    case OpKind::KlStdBwd: return dispatch_acc<RowOp<OpKind::KlStdBwd>>(args);
+    case OpKind::KlFwd: return dispatch_acc<RowOp<OpKind::KlFwd>>(args);
+    case OpKind::KlBwd: return dispatch_acc<RowOp<OpKind::KlBwd>>(args);
+    case OpKind::GaussLpFwd: return dispatch_acc<RowOp<OpKind::GaussLpFwd>>(args);
+    case OpKind::GaussLpBwd: return dispatch_acc<RowOp<OpKind::GaussLpBwd>>(args);
+    case OpKind::BernLpFwd: return dispatch_acc<RowOp<OpKind::BernLpFwd>>(args);
+    case OpKind::BernLpBwd: return dispatch_acc<RowOp<OpKind::BernLpBwd>>(args);
   }
 }
 

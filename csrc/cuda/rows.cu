@@ -21,6 +21,7 @@
 // the summation order never depends on that.
 #include "kernels.h"
 #include "common.cuh"
+#include "../row_ops.h"
 
 #include <algorithm>
 #include <vector>
@@ -28,80 +29,7 @@
 namespace vae_fast::cuda {
 namespace detail {
 
-// ---- the ops: inputs -> outputs, one element -----------------------------------------------
-template <OpKind K>
-struct OpDef;
-
-template <>
-struct OpDef<OpKind::KlStdFwd> {
-  static constexpr int kIn = 2, kOut = 1;
-  static constexpr bool kBackward = false;
-  template <class A>
-  static VF_DEV void apply(const A (&x)[kIn], A (&y)[kOut]) { y[0] = elbo::kl_std(x[0], x[1]); }
-};
-template <>
-struct OpDef<OpKind::KlFwd> {
-  static constexpr int kIn = 4, kOut = 1;
-  static constexpr bool kBackward = false;
-  template <class A>
-  static VF_DEV void apply(const A (&x)[kIn], A (&y)[kOut]) {
-    y[0] = elbo::kl(x[0], x[1], x[2], x[3]);
-  }
-};
-template <>
-struct OpDef<OpKind::GaussLpFwd> {
-  static constexpr int kIn = 3, kOut = 1;
-  static constexpr bool kBackward = false;
-  template <class A>
-  static VF_DEV void apply(const A (&x)[kIn], A (&y)[kOut]) {
-    y[0] = elbo::gaussian_log_prob(x[0], x[1], x[2]);
-  }
-};
-template <>
-struct OpDef<OpKind::BernLpFwd> {
-  static constexpr int kIn = 2, kOut = 1;
-  static constexpr bool kBackward = false;
-  template <class A>
-  static VF_DEV void apply(const A (&x)[kIn], A (&y)[kOut]) {
-    y[0] = elbo::bernoulli_log_prob(x[0], x[1]);
-  }
-};
-template <>
-struct OpDef<OpKind::KlStdBwd> {
-  static constexpr int kIn = 3, kOut = 2;
-  static constexpr bool kBackward = true;
-  template <class A>
-  static VF_DEV void apply(const A (&x)[kIn], A (&y)[kOut]) {
-    elbo::kl_std_grad(x[0], x[1], x[2], y[0], y[1]);
-  }
-};
-template <>
-struct OpDef<OpKind::KlBwd> {
-  static constexpr int kIn = 5, kOut = 4;
-  static constexpr bool kBackward = true;
-  template <class A>
-  static VF_DEV void apply(const A (&x)[kIn], A (&y)[kOut]) {
-    elbo::kl_grad(x[0], x[1], x[2], x[3], x[4], y[0], y[1], y[2], y[3]);
-  }
-};
-template <>
-struct OpDef<OpKind::GaussLpBwd> {
-  static constexpr int kIn = 4, kOut = 3;
-  static constexpr bool kBackward = true;
-  template <class A>
-  static VF_DEV void apply(const A (&x)[kIn], A (&y)[kOut]) {
-    elbo::gaussian_log_prob_grad(x[0], x[1], x[2], x[3], y[0], y[1], y[2]);
-  }
-};
-template <>
-struct OpDef<OpKind::BernLpBwd> {
-  static constexpr int kIn = 3, kOut = 2;
-  static constexpr bool kBackward = true;
-  template <class A>
-  static VF_DEV void apply(const A (&x)[kIn], A (&y)[kOut]) {
-    elbo::bernoulli_log_prob_grad(x[0], x[1], x[2], y[0], y[1]);
-  }
-};
+// ---- the ops (one element: inputs -> outputs) are row_ops.h's RowOp<K> ---------------------
 
 // ---- kernel parameters -------------------------------------------------------------------------
 constexpr int kMaxRowDims = 2 * kMaxDims;  // reorder mode may move event dims to the rows
@@ -190,7 +118,7 @@ VF_DEV void apply4(const A (&v)[D::kIn][4], A (&y)[D::kOut][4]) {
 // ---- forward, reduce mode --------------------------------------------------------------------
 template <OpKind K, class A>
 VF_GLOBAL void VF_LAUNCH_BOUNDS(512, 1) reduce_kernel(const VF_GRID_CONST KParams p) {
-  using D = OpDef<K>;
+  using D = RowOp<K>;
   constexpr int NI = D::kIn, N = D::kIn + 1;
   VF_SHARED A smem[32];
   const ThreadGroup g(p.tpr);
@@ -219,7 +147,7 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(512, 1) reduce_kernel(const VF_GRID_CONST KParam
 // Here the rows are every dim but the innermost (ne == 0), and a chunk is 4 elements of a line.
 template <OpKind K, class A>
 VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) map_kernel(const VF_GRID_CONST KParams p) {
-  using D = OpDef<K>;
+  using D = RowOp<K>;
   constexpr int NI = D::kIn, NO = D::kOut, N = NI + NO;
   const int64_t total = p.rows * p.cpi;
   const int64_t stride = gdim_x() * bdim_x();
@@ -247,7 +175,7 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) map_kernel(const VF_GRID_CONST KParams p
 // ---- backward with accumulated outputs ----------------------------------------------------------
 template <OpKind K, class A>
 VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) acc_kernel(const VF_GRID_CONST KParams p) {
-  using D = OpDef<K>;
+  using D = RowOp<K>;
   constexpr int NI = D::kIn, NO = D::kOut, N = NI + NO;
   VF_SHARED A smem[32];
   const ThreadGroup g(p.tpr);
@@ -532,7 +460,7 @@ cudaError_t run_backward(const RowArgs& a, const Plan& pl, cudaStream_t stream);
 
 template <OpKind K, class A>
 cudaError_t run_typed(const RowArgs& a, const Plan& pl, cudaStream_t stream) {
-  using D = OpDef<K>;
+  using D = RowOp<K>;
   const RowLayout& L = a.layout;
   const int nin = D::kIn, nout = D::kOut, nops = nin + nout;
   if (L.rows == 0) return cudaSuccess;
@@ -559,7 +487,7 @@ cudaError_t run_typed(const RowArgs& a, const Plan& pl, cudaStream_t stream) {
 
 template <OpKind K, class A>
 cudaError_t run_backward(const RowArgs& a, const Plan& pl, cudaStream_t stream) {
-  using D = OpDef<K>;
+  using D = RowOp<K>;
   const RowLayout& L = a.layout;
   const int nin = D::kIn, nout = D::kOut, nops = nin + nout;
   bool any_direct = false, any_acc = false;
@@ -672,7 +600,7 @@ cudaError_t run_backward(const RowArgs& a, const Plan& pl, cudaStream_t stream) 
 
 template <OpKind K>
 cudaError_t run_op(const RowArgs& a, cudaStream_t stream) {
-  using D = OpDef<K>;
+  using D = RowOp<K>;
   Plan pl;
   if (!base_plan(a, D::kIn, D::kOut, pl)) return cudaErrorInvalidValue;
   bool f64 = false, other = false;

@@ -1,0 +1,73 @@
+// The row ops of layout.h's OpKind, once for every backend: how many inputs and outputs each has
+// and which elbo_math.h formula maps one element's inputs to its outputs. The CPU kernels apply
+// them to SIMD vectors, the CUDA kernels to scalars (arrays decay to the pointers taken here).
+#pragma once
+#include "elbo_math.h"
+#include "layout.h"
+
+namespace vae_fast {
+VF_ISA_NS_BEGIN
+
+template <OpKind K>
+struct RowOp;
+
+template <>
+struct RowOp<OpKind::KlStdFwd> {
+  static constexpr int kIn = 2, kOut = 1;
+  static constexpr bool kBackward = false;
+  template <class V>
+  static VF_HD void apply(const V* x, V* y) { y[0] = elbo::kl_std(x[0], x[1]); }
+};
+template <>
+struct RowOp<OpKind::KlFwd> {
+  static constexpr int kIn = 4, kOut = 1;
+  static constexpr bool kBackward = false;
+  template <class V>
+  static VF_HD void apply(const V* x, V* y) { y[0] = elbo::kl(x[0], x[1], x[2], x[3]); }
+};
+template <>
+struct RowOp<OpKind::GaussLpFwd> {
+  static constexpr int kIn = 3, kOut = 1;
+  static constexpr bool kBackward = false;
+  template <class V>
+  static VF_HD void apply(const V* x, V* y) { y[0] = elbo::gaussian_log_prob(x[0], x[1], x[2]); }
+};
+template <>
+struct RowOp<OpKind::BernLpFwd> {
+  static constexpr int kIn = 2, kOut = 1;
+  static constexpr bool kBackward = false;
+  template <class V>
+  static VF_HD void apply(const V* x, V* y) { y[0] = elbo::bernoulli_log_prob(x[0], x[1]); }
+};
+// Backward: x[0] is the upstream gradient g, then the forward's inputs; y the gradients in order.
+template <>
+struct RowOp<OpKind::KlStdBwd> {
+  static constexpr int kIn = 3, kOut = 2;
+  static constexpr bool kBackward = true;
+  template <class V>
+  static VF_HD void apply(const V* x, V* y) { elbo::kl_std_grad(x[0], x[1], x[2], y[0], y[1]); }
+};
+template <>
+struct RowOp<OpKind::KlBwd> {
+  static constexpr int kIn = 5, kOut = 4;
+  static constexpr bool kBackward = true;
+  template <class V>
+  static VF_HD void apply(const V* x, V* y) { elbo::kl_grad(x[0], x[1], x[2], x[3], x[4], y[0], y[1], y[2], y[3]); }
+};
+template <>
+struct RowOp<OpKind::GaussLpBwd> {
+  static constexpr int kIn = 4, kOut = 3;
+  static constexpr bool kBackward = true;
+  template <class V>
+  static VF_HD void apply(const V* x, V* y) { elbo::gaussian_log_prob_grad(x[0], x[1], x[2], x[3], y[0], y[1], y[2]); }
+};
+template <>
+struct RowOp<OpKind::BernLpBwd> {
+  static constexpr int kIn = 3, kOut = 2;
+  static constexpr bool kBackward = true;
+  template <class V>
+  static VF_HD void apply(const V* x, V* y) { elbo::bernoulli_log_prob_grad(x[0], x[1], x[2], y[0], y[1]); }
+};
+
+VF_ISA_NS_END
+}  // namespace vae_fast
