@@ -210,7 +210,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trai
     if own_group:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        return _train(cfg, resume, progress, device)
+        result = _train(cfg, resume, progress, device)
+        if own_group:
+            # Rank 0 evaluates and writes after the last step: tearing gloo down on a rank that is done
+            # while its peer still talks to it can abort the process ("terminate called ...").
+            dist.barrier()
+        return result
     finally:
         if own_group:
             dist.destroy_process_group()
