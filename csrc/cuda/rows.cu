@@ -143,6 +143,22 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(512, 1) reduce_kernel(const VF_GRID_CONST KParam
   }
 }
 
+// One 4-element chunk: load the inputs, apply the op, store the outputs written in place (kDirect);
+// y returns every output for the callers that accumulate the others.
+template <class D, class A>
+VF_DEV void compute_chunk(const KParams& p, const int64_t* roff, const int64_t* eoff, int valid,
+                          A (&y)[D::kOut][4]) {
+  constexpr int NI = D::kIn;
+  A v[NI][4];
+  load_inputs<D, A>(p, roff, eoff, valid, v);
+  apply4<D, A>(v, y);
+  VF_UNROLL
+  for (int o = 0; o < D::kOut; ++o) {
+    const KOp& q = p.op[NI + o];
+    if (q.cls == kDirect) Mem<A>::store4(q.data, q.dtype, roff[NI + o] + eoff[NI + o], q.inner, 0, valid, y[o]);
+  }
+}
+
 // ---- elementwise: forward elementwise mode, backward without accumulation ---------------------
 // Here the rows are every dim but the innermost (ne == 0), and a chunk is 4 elements of a line.
 template <OpKind K, class A>
@@ -160,15 +176,8 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) map_kernel(const VF_GRID_CONST KParams p
     row_offsets(p, row, roff);
     VF_UNROLL
     for (int o = 0; o < N; ++o) eoff[o] = j0 * p.op[o].inner;
-    A v[NI][4], y[NO][4];
-    load_inputs<D, A>(p, roff, eoff, valid, v);
-    apply4<D, A>(v, y);
-    VF_UNROLL
-    for (int o = 0; o < NO; ++o) {
-      const KOp& q = p.op[NI + o];
-      if (q.cls == kDirect)
-        Mem<A>::store4(q.data, q.dtype, roff[NI + o] + eoff[NI + o], q.inner, 0, valid, y[o]);
-    }
+    A y[NO][4];
+    compute_chunk<D, A>(p, roff, eoff, valid, y);
   }
 }
 
@@ -247,15 +256,12 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) acc_kernel(const VF_GRID_CONST KParams p
           }
         }
         if (valid > 0) {
-          A v[NI][4], y[NO][4];
-          load_inputs<D, A>(p, roff, eoff, valid, v);
-          apply4<D, A>(v, y);
+          A y[NO][4];
+          compute_chunk<D, A>(p, roff, eoff, valid, y);
           VF_UNROLL
           for (int o = 0; o < NO; ++o) {
             const KOp& q = p.op[NI + o];
-            if (q.cls == kDirect) {
-              Mem<A>::store4(q.data, q.dtype, roff[NI + o] + eoff[NI + o], q.inner, 0, valid, y[o]);
-            } else if (q.cls == kAccRow) {
+            if (q.cls == kAccRow) {
               VF_UNROLL
               for (int e = 0; e < 4; ++e)
                 if (e < valid) racc[o] += y[o][e];
