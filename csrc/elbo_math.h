@@ -132,6 +132,14 @@ VF_HD V log_q_from_eps(V lv, V eps) {
   return V(-0.5f) * (V(kLog2Pi) + lv + eps * eps);
 }
 constexpr float kLogQDlogvar = -0.5f;
+// log q(z; stop_grad(mu, lv)) with z = mu + sigma * eps: the gradient reaches (mu, lv) only through
+// z, d log q / d z = -eps / sigma, so with upstream g: dmu = -g * eps * e^(-lv/2), dlv = -0.5 * g * eps^2
+// (dz/dlv = 0.5 * sigma * eps; written without sigma / sigma so a vanishing sigma gives no 0 * inf).
+template <class V>
+VF_HD void log_q_path_grad(V g, V eps, V lv, V& dmu, V& dlv) {
+  dmu = (V(0.0f) - g) * eps * vmath::exp(V(-0.5f) * lv);
+  dlv = V(-0.5f) * g * eps * eps;
+}
 
 // ---- Box-Muller: two uniforms in (0, 1] -> two independent N(0, 1) (float32; see philox.h) -----
 template <class V>

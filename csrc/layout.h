@@ -58,14 +58,27 @@ struct RowArgs {
   Operand out[kMaxOperands];
 };
 
-// Reparameterised sampling over contiguous mu and logvar viewed as (rows, event_numel):
+// Reparameterised sampling over mu and logvar viewed as (rows, event_numel) in logical C order:
 // z[k, r, j] = mu[r, j] + exp(logvar[r, j] / 2) * eps(seed, k * rows * event_numel + r * event_numel + j).
+// Memory: logical flat element m (0 <= m < rows * event_numel) of mu sits at
+//   (m / run) * mu_run_stride + (m % run)      (logvar: logvar_run_stride, the same run),
+// so chunks of an encoder output (along the last dim, or channel halves along dim 1) are read in
+// place; contiguous inputs have run == mu_run_stride == logvar_run_stride (any run dividing the
+// element count). z, log_q, kl and every gradient are contiguous.
 struct SampleArgs {
   const void* mu = nullptr;
   const void* logvar = nullptr;
   DType dtype = DType::Float32;  // of mu, logvar, z and the z/mu/logvar gradients
   int64_t rows = 0, event_numel = 0, num_samples = 1;
-  const int64_t* seed = nullptr;  // one int64 on the op's device (read there: CUDA-graph safe)
+  int64_t run = 0, mu_run_stride = 0, logvar_run_stride = 0;  // memory layout, see above (run >= 1)
+  // The Philox key: *seed when seed != nullptr (one int64 on the op's device, read there: CUDA-graph
+  // safe), else seed_value (passed by value: no host-to-device copy, no sync).
+  const int64_t* seed = nullptr;
+  uint64_t seed_value = 0;
+  // Backward: log_q's gradient flows only through z ("sticking the landing" / DReG): log q is
+  // log q(z; stop_grad(mu), stop_grad(logvar)), so d log_q / d z_k = -eps_k / sigma and nothing
+  // flows to mu and logvar directly. Off: log_q = -0.5 * sum(log 2 pi + logvar + eps^2) at fixed eps.
+  bool log_q_path_only = false;
   // forward outputs (nullptr when not wanted); log_q is (K, rows), kl is (rows), both in the accumulation type
   void* z = nullptr;
   void* log_q = nullptr;

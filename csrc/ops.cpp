@@ -466,6 +466,8 @@ struct SampleProblem {
     a.event_numel = event_numel;
     a.num_samples = num_samples;
     a.seed = seed.data_ptr<int64_t>();
+    a.run = std::max<int64_t>(rows * event_numel, 1);  // contiguous for now
+    a.mu_run_stride = a.logvar_run_stride = a.run;
     return a;
   }
   bool empty() const { return rows * event_numel == 0; }
