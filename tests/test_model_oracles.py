@@ -1,0 +1,115 @@
+"""The model's bounds against independent oracles: ELBO, IWAE and the importance-sampled log-likelihood
+recomputed here in float64 with torch.distributions from the very eps the model drew, for K = 1, 5, 50.
+
+Nothing here calls model.py's objective code: the oracle uses only the model's encoder and decoder
+networks and the eps stream (itself checked against the documented Philox stream in test_known_answers.py).
+The model's ops draw their seeds from torch's generator, so resetting it and drawing eps with mu = 0,
+logvar = 0 (z = eps) reproduces each draw."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import distributions as D
+
+import vae_fast as vf
+from vae_fast import data
+from vae_fast.model import mlp_vae
+
+B, LATENT = 12, 4
+
+
+def draw_eps(seed, num_samples, chunk=None):
+    """The eps the model's sampling calls draw after torch.manual_seed(seed): one (K, B, L) draw, or one
+    draw per chunk of samples in order (log_likelihood draws a fresh seed for each chunk)."""
+    torch.manual_seed(seed)
+    zeros = torch.zeros(B, LATENT, dtype=torch.float64)
+    sizes = [num_samples] if chunk is None else [min(chunk, num_samples - s) for s in range(0, num_samples, chunk)]
+    return torch.cat([vf.reparameterize(zeros, zeros, k) for k in sizes])
+
+
+def make_model(likelihood):
+    torch.manual_seed(0)
+    obs = {"obs_logvar": -1.0} if likelihood == "gaussian" else {}
+    model = mlp_vae(64, LATENT, hidden=(32,), likelihood=likelihood, **obs).double()
+    with torch.no_grad():  # a posterior away from the prior, so the bounds differ visibly
+        model.encoder[1][-1].bias[:LATENT] += torch.linspace(-1.0, 1.0, LATENT, dtype=torch.float64)
+    x = data.load("digits", binarize="fixed")[0][:B].double()
+    return model, x
+
+
+def oracle(model, x, eps, likelihood):
+    """Per example (B,): the ELBO (K-sample reconstruction, closed-form KL), the Monte Carlo ELBO
+    mean_k log w_k, and the IWAE bound log mean_k exp(log w_k), all from the given eps (K, B, L)."""
+    with torch.no_grad():
+        mu, logvar = model.encoder(x).chunk(2, dim=-1)
+        q = D.Independent(D.Normal(mu, torch.exp(0.5 * logvar)), 1)
+        prior = D.Independent(D.Normal(torch.zeros_like(mu), torch.ones_like(mu)), 1)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        out = model.decoder(z.reshape(-1, LATENT)).reshape(*z.shape[:2], *x.shape[1:])
+        if likelihood == "bernoulli":
+            p_x = D.Independent(D.Bernoulli(logits=out), 1)
+        else:
+            p_x = D.Independent(D.Normal(out, math.exp(0.5 * model.obs_logvar_fixed.item())), 1)
+        log_px = p_x.log_prob(x)
+        log_w = log_px + prior.log_prob(z) - q.log_prob(z)
+        k = eps.shape[0]
+        return {
+            "elbo": log_px.mean(0) - D.kl_divergence(q, prior),
+            "mc_elbo": log_w.mean(0),
+            "iwae": torch.logsumexp(log_w, 0) - math.log(k),
+        }
+
+
+CLOSE = {"rtol": 1e-9, "atol": 1e-9}  # float64 throughout: only summation order differs
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("k", [1, 5, 50])
+def test_elbo_and_iwae_match_the_oracle(likelihood, k):
+    model, x = make_model(likelihood)
+    eps = draw_eps(1, k)
+    expected = oracle(model, x, eps, likelihood)
+    torch.manual_seed(1)
+    torch.testing.assert_close(model.elbo(x, k).detach(), expected["elbo"], **CLOSE)
+    torch.manual_seed(1)
+    iwae = model.iwae(x, k).detach()
+    torch.testing.assert_close(iwae, expected["iwae"], **CLOSE)
+    # The gap: IWAE_K >= the mean of the same K log-weights, equal for K = 1 and strictly above for K > 1
+    # (Jensen; the log-weights of an untrained model spread over several nats).
+    gap = iwae - expected["mc_elbo"]
+    if k == 1:
+        torch.testing.assert_close(gap, torch.zeros_like(gap), **CLOSE)
+    else:
+        assert (gap > 1e-3).all(), gap
+
+
+@pytest.mark.parametrize("k", [1, 5, 50])
+def test_training_losses_match_the_oracle(k):
+    model, x = make_model("bernoulli")
+    eps = draw_eps(2, k)
+    expected = oracle(model, x, eps, "bernoulli")
+    torch.manual_seed(2)
+    loss, stats = model(x, num_samples=k)
+    torch.testing.assert_close(loss.detach(), -expected["elbo"].mean(), **CLOSE)
+    torch.testing.assert_close(stats["elbo"], expected["elbo"].mean(), **CLOSE)
+    torch.manual_seed(2)
+    loss, _ = model(x, num_samples=k, objective="iwae")
+    torch.testing.assert_close(loss.detach(), -expected["iwae"].mean(), **CLOSE)
+    if k > 1:  # the IWAE objective is a tighter bound than the ELBO of the same samples
+        assert -loss.item() > expected["mc_elbo"].mean().item() + 1e-3
+
+
+@pytest.mark.parametrize("num_samples, chunk", [(1, None), (5, 2), (50, 50), (50, 7)])
+def test_log_likelihood_matches_the_oracle(num_samples, chunk):
+    model, x = make_model("bernoulli")
+    eps = draw_eps(3, num_samples, chunk=chunk if chunk is not None else num_samples)
+    expected = oracle(model, x, eps, "bernoulli")
+    torch.manual_seed(3)
+    ll = model.log_likelihood(x, num_samples, chunk_size=chunk)
+    # log_likelihood accumulates its logsumexp in float32 (memory-lean for huge K): float32 rounding of
+    # log-weights of tens of nats.
+    torch.testing.assert_close(ll.double(), expected["iwae"], rtol=1e-6, atol=1e-5)
+
