@@ -24,7 +24,8 @@ std::string cuda_build_info() {
   return "CUDA runtime " + std::to_string(runtime / 1000) + "." + std::to_string((runtime % 1000) / 10);
 }
 
-int64_t suggest_n_blocks_cuda(int64_t rows, int64_t event_numel, int64_t slice_numel) {
+int64_t suggest_n_blocks_cuda(int64_t rows, int64_t event_numel, int64_t slice_numel, const at::Device& device) {
+  c10::cuda::CUDAGuard guard(device);  // the SM count of the tensors' device, not the current one
   return cuda::suggest_n_blocks(rows, event_numel, slice_numel);
 }
 
