@@ -1,4 +1,4 @@
-"""``python -m vae_fast train | evaluate | sample | bench``.
+"""``python -m vae_fast train | evaluate | sample | bench`` (also installed as the ``vae-fast`` command).
 
 Bad arguments and bad files give one line on stderr and a non-zero exit (2 for usage, 1 otherwise), never a
 traceback.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import json
 import sys
 from pathlib import Path
 
@@ -38,39 +39,63 @@ def _obs_logvar(text: str):
         return text
 
 
+TRAIN_OBJECTIVES = ("elbo", "iwae", "iwae-dreg", "elbo-stl")
+
+
+def _version() -> str:
+    import torch
+    from . import __version__
+
+    return f"{PROG} {__version__} (torch {torch.__version__})"
+
+
 def _build_parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
 
     d = TrainConfig()
     parser = _Parser(prog=PROG, description="Fused-op VAE: train, evaluate, sample, benchmark.")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a VAE (DDP under torchrun)",
-                       description="Train a VAE; writes checkpoint.pt, config.json, metrics.jsonl and PNGs to --out.")
-    # Defaults are None so that --resume can tell the flags that were given from the saved config's values.
+                       description="Train a VAE; writes checkpoint.pt, config.json, metrics.jsonl and PNGs to --out. "
+                                   "Settings come from the defaults, then --config FILE, then the flags given.")
+    # Defaults are None so that --config and --resume can tell the flags that were given.
     flag = lambda name, **kw: t.add_argument(name, default=None, **kw)  # noqa: E731
+    flag("--config", metavar="FILE", help="settings from a TOML or JSON file (keys as the flags: epochs, "
+                                          "batch_size or batch-size, ...); flags override it")
     flag("--dataset", help=f"digits | synthetic | mnist:PATH (default {d.dataset})")
     flag("--epochs", type=int, help=f"default {d.epochs}")
     flag("--batch-size", type=int, help=f"per process (default {d.batch_size})")
     flag("--latent-dim", type=int, help=f"default {d.latent_dim}")
     flag("--hidden", type=_int_list, help="MLP hidden sizes, comma-separated; '' for a linear model "
                                           f"(default {','.join(map(str, d.hidden))})")
-    flag("--likelihood", choices=["bernoulli", "gaussian"], help=f"default {d.likelihood}")
+    flag("--likelihood", choices=["bernoulli", "gaussian"], help="default gaussian for synthetic, else bernoulli")
     flag("--obs-logvar", type=_obs_logvar, help="Gaussian only: scalar | per_feature | decoder | a fixed number "
                                                 f"(default {d.obs_logvar})")
     flag("--binarize", choices=["dynamic", "fixed", "none"], help=f"Bernoulli only (default {d.binarize})")
-    flag("--num-samples", type=int, help=f"samples of z per example (default {d.num_samples})")
-    flag("--objective", choices=["elbo", "iwae"], help=f"default {d.objective}")
+    flag("--num-samples", type=int, help=f"samples of z per example, K (default {d.num_samples})")
+    flag("--objective", choices=TRAIN_OBJECTIVES, help=f"default {d.objective}")
     flag("--beta", type=float, help=f"KL weight (default {d.beta})")
     flag("--warmup-epochs", type=int, help="epochs of linear KL warm-up from 0 to --beta (default 0)")
     flag("--free-bits", type=float, help="nats per latent dimension (default 0)")
     flag("--lr", type=float, help=f"Adam learning rate (default {d.lr})")
+    flag("--lr-schedule", choices=["constant", "cosine"], help="after the warm-up: constant, or cosine decay to 0 "
+                                                               f"at the last step (default {d.lr_schedule})")
+    flag("--warmup-steps", type=int, help="optimizer steps of linear learning-rate warm-up (default 0)")
+    flag("--grad-clip", type=float, help="clip the global gradient norm to this (default 0: off)")
+    flag("--save", choices=["last", "best"], help="the model the run keeps for its figures, evaluate and sample: "
+                                                  "the last epoch's, or the best test ELBO's (best.pt) (default last)")
     flag("--device", choices=["auto", "cpu", "cuda"], help="default auto")
     flag("--amp", choices=["off", "bf16", "fp16"], help="autocast dtype (fp16 adds a GradScaler; default off)")
     flag("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model")
     flag("--seed", type=int, help=f"default {d.seed}")
-    flag("--out", help=f"run folder (default {d.out})")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    flag("--out", help="run folder (default runs/DATASET)")
+    flag("--log-dir", help="also write TensorBoard events here (needs the tensorboard package)")
+    again = t.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, or "
+                                                             "start it if there is none (the same command for every requeue)")
+    again.add_argument("--overwrite", action="store_true", help="replace a run already in --out (else refused)")
     t.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     t.set_defaults(func=_train)
 
@@ -85,7 +110,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="a PNG grid of samples (and the manifold for a 2-D latent space)")
     s.add_argument("run", help="run folder")
     s.add_argument("-n", "--num", type=int, default=64, help="number of samples (default 64)")
-    s.add_argument("--output", help="PNG path (default RUN/samples.png)")
+    s.add_argument("--output", help="PNG path (default RUN/sample-seedSEED.png; a 2-D latent space also gets "
+                                    "OUTPUT-manifold.png)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_sample)
@@ -94,18 +120,50 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _read_config(path: str) -> dict:
+    """The settings in a TOML or JSON file, keys as TrainConfig's fields (``-`` or ``_``)."""
+    from .train import TrainConfig
+
+    p = Path(path)
+    if p.suffix not in (".toml", ".json"):
+        raise CliError(f"--config {path}: expected a .toml or .json file")
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise CliError(f"--config {path}: cannot read it: {e.strerror or e}") from None
+    try:
+        if p.suffix == ".json":
+            settings = json.loads(text)
+        else:
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                raise CliError(f"--config {path}: TOML needs Python >= 3.11; use a .json file") from None
+            settings = tomllib.loads(text)
+    except ValueError as e:  # json.JSONDecodeError and tomllib.TOMLDecodeError are ValueErrors
+        raise CliError(f"--config {path}: not valid {p.suffix[1:].upper()}: {e}") from None
+    if not isinstance(settings, dict):
+        raise CliError(f"--config {path}: expected a table of settings, got {type(settings).__name__}")
+    try:
+        TrainConfig.from_json(settings)  # unknown keys fail here, with the list of known ones
+    except ValueError as e:
+        raise CliError(f"--config {path}: {e}") from None
+    return {k.replace("-", "_"): v for k, v in settings.items()}
+
+
 def _train(args) -> int:
-    from .train import TrainConfig, load_checkpoint, train, CHECKPOINT
+    from .train import TrainConfig, saved_config, torchrun_restart, train
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
-    if args.resume:
-        out = Path(given.get("out", TrainConfig.out))
-        saved = load_checkpoint(out / CHECKPOINT)["config"]
-        cfg = TrainConfig.from_json({**saved, **given, "out": str(out)})
-    else:
-        cfg = TrainConfig(**given)
-    train(cfg, resume=args.resume, progress=not args.quiet)
+    given = {**(_read_config(args.config) if args.config else {}), **given}
+    cfg = TrainConfig(**given)
+    resume = args.resume or torchrun_restart() > 0
+    if resume:  # settings not given come from the run being continued
+        saved = saved_config(cfg.resolved().out)
+        if saved is not None:
+            cfg = TrainConfig.from_json({**saved, **given})
+    train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.quiet)
     return 0
 
 
@@ -138,7 +196,8 @@ def _evaluate(args) -> int:
         "latent_dim": model.latent_dim,
     }
     write_json(run / "eval.json", result)
-    print(f"{run}: epoch {result['epoch']}, {len(test)} test examples, nats per example")
+    which = " (its best, --save best)" if cfg.save == "best" else ""
+    print(f"{run}: epoch {result['epoch']}{which}, {len(test)} test examples, nats per example")
     print(f"  ELBO                {result['test_elbo']:10.3f}")
     print(f"  IWAE (K={args.iwae_samples:<5d})      {result[f'test_iwae_{args.iwae_samples}']:10.3f}")
     print(f"  log p(x) (K={args.num_samples:<5d})  {result['test_log_likelihood']:10.3f}")
@@ -149,19 +208,23 @@ def _evaluate(args) -> int:
 def _sample(args) -> int:
     import torch
     from . import plots
-    from .train import load_run
+    from .train import load_run, run_title
 
     if args.num < 1:
         raise CliError("--num must be >= 1")
     run = _run_dir(args.run)
-    model, _, _ = load_run(run, args.device)
+    model, cfg, ckpt = load_run(run, args.device)
     torch.manual_seed(args.seed)
-    output = Path(args.output) if args.output else run / "samples.png"
-    if not plots.save_image_grid(model.sample(args.num), output, title=f"{args.num} samples"):
+    # Its own files: never the training run's samples.png or manifold.png.
+    output = Path(args.output) if args.output else run / f"sample-seed{args.seed}.png"
+    title = run_title(cfg, ckpt["epoch"])
+    if not plots.save_image_grid(model.sample(args.num), output,
+                                 title=f"{title}\n{args.num} samples (seed {args.seed})"):
         raise CliError("examples are not square images: nothing to draw")
     print(output)
-    if plots.save_manifold(model, output.with_name("manifold.png")):
-        print(output.with_name("manifold.png"))
+    manifold = output.with_name(f"{output.stem}-manifold.png")
+    if plots.save_manifold(model, manifold, title=title):
+        print(manifold)
     return 0
 
 
@@ -176,6 +239,13 @@ def _bench(argv: list[str]) -> int:
     return bench.main(argv) or 0
 
 
+def _message(e: BaseException) -> str:
+    """One line for the user: no errno numbers, no internal file names."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
@@ -183,8 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CliError, ValueError, OSError, FloatingPointError) as e:
-        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+    except (CliError, ValueError, OSError, FloatingPointError, ImportError) as e:
+        print(f"{PROG} {args.command}: error: {_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def image_side(dim: int) -> int | None:
@@ -40,37 +41,50 @@ def save_image_grid(x: torch.Tensor, path: str | Path, ncols: int = 8, title: st
     images = _as_images(x)
     if images is None:
         return False
-    fig = Figure(figsize=(6, 6 * math.ceil(len(images) / ncols) / ncols + 0.4))
+    fig = Figure(figsize=(6, 6 * math.ceil(len(images) / ncols) / ncols + 0.6))
     ax = fig.add_subplot()
     ax.imshow(_grid(images.clamp(0, 1), ncols).numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
     ax.set_axis_off()
     if title:
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     return True
 
 
-def save_loss_curves(metrics: list[dict], path: str | Path) -> None:
-    """Train and test ELBO per epoch, and the KL term."""
+def _two_line(title: str, what: str) -> str:
+    return f"{title}\n{what}" if title else what
+
+
+def save_loss_curves(metrics: list[dict], path: str | Path, title: str = "", objective: str = "elbo") -> None:
+    """Train and test ELBO per epoch (and the bound an IWAE objective trains), and the ELBO's two terms."""
     epochs = [m["epoch"] for m in metrics]
-    fig = Figure(figsize=(10, 4))
+    fig = Figure(figsize=(10, 4.2))
     ax1, ax2 = fig.subplots(1, 2)
+    if objective.startswith("iwae"):  # what the run maximises is not the ELBO: show it too, named
+        ax1.plot(epochs, [-m["train_loss"] for m in metrics], label=f"train {objective.upper()} bound (objective)")
     ax1.plot(epochs, [m["train_elbo"] for m in metrics], label="train ELBO")
     ax1.plot(epochs, [m["test_elbo"] for m in metrics], label="test ELBO")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("nats per example")
-    ax1.legend()
-    ax2.plot(epochs, [m["train_kl"] for m in metrics], label="KL(q || p)")
-    ax2.plot(epochs, [-m["train_rec"] for m in metrics], label="-E_q log p(x|z)")
-    ax2.set_xlabel("epoch")
-    ax2.set_yscale("log")
-    ax2.legend()
+    ax1.set_ylabel("nats per example (higher is better)")
+    ax1.set_title("bounds on log p(x)", fontsize=10)
+    kl, rec = [m["train_kl"] for m in metrics], [-m["train_rec"] for m in metrics]
+    ax2.plot(epochs, kl, label="KL(q(z|x) || p(z))")
+    ax2.plot(epochs, rec, label="-E_q log p(x|z)")
+    if min(kl + rec) > 0:  # a Gaussian log-likelihood or a collapsed KL can be <= 0: no log scale then
+        ax2.set_yscale("log")
+    ax2.set_ylabel("nats per example")
+    ax2.set_title("the ELBO's terms (train)", fontsize=10)
+    for ax in (ax1, ax2):
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no fractional epochs on short runs
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
 @torch.no_grad()
-def save_reconstructions(model, x: torch.Tensor, path: str | Path, n: int = 16) -> bool:
+def save_reconstructions(model, x: torch.Tensor, path: str | Path, n: int = 16, title: str = "") -> bool:
     """Rows of originals, each above its reconstruction."""
     x = x[:n]
     recon = model.reconstruct(x).reshape(len(x), -1).cpu()
@@ -78,38 +92,54 @@ def save_reconstructions(model, x: torch.Tensor, path: str | Path, n: int = 16) 
     pairs = []
     for i in range(0, len(x), 8):
         pairs += [flat[i : i + 8], recon[i : i + 8]]
-    return save_image_grid(torch.cat(pairs), path, ncols=min(8, len(x)), title="data (odd rows), reconstructions")
+    return save_image_grid(torch.cat(pairs), path, ncols=min(8, len(x)),
+                           title=_two_line(title, "test data (odd rows) and their reconstructions (even rows)"))
 
 
 @torch.no_grad()
-def save_samples(model, path: str | Path, n: int = 64) -> bool:
-    return save_image_grid(model.sample(n), path, title="samples (means of p(x|z), z ~ N(0, I))")
+def save_samples(model, path: str | Path, n: int = 64, title: str = "") -> bool:
+    return save_image_grid(model.sample(n), path, title=_two_line(title, f"{n} samples: means of p(x|z), z ~ N(0, I)"))
 
 
 @torch.no_grad()
-def save_manifold(model, path: str | Path, n: int = 15) -> bool:
-    """Decoded means over an n x n grid of Gaussian quantiles of a 2-D latent space."""
+def save_manifold(model, path: str | Path, n: int = 15, z_max: float = 2.0, title: str = "") -> bool:
+    """Decoded means over an evenly spaced n x n grid of a 2-D latent space, z in [-z_max, z_max]^2 (about 95%
+    of the prior's mass per axis at 2), with the z axes drawn."""
     if model.latent_dim != 2:
         return False
     p = next(model.parameters())
-    q = torch.special.ndtri(torch.linspace(0.05, 0.95, n, dtype=torch.float64)).to(p.dtype)
-    z = torch.stack(torch.meshgrid(q, -q, indexing="xy"), dim=-1).reshape(-1, 2).to(p.device)
+    z_axis = torch.linspace(-z_max, z_max, n, dtype=p.dtype, device=p.device)
+    # Row r of the picture is z2 = z_axis[n - 1 - r] (z2 grows upwards), column c is z1 = z_axis[c].
+    z = torch.stack(torch.meshgrid(z_axis, z_axis.flip(0), indexing="xy"), dim=-1).reshape(-1, 2)
     mean = model.decode(z)
     mean = torch.sigmoid(mean) if model.likelihood == "bernoulli" else mean[0]
-    return save_image_grid(mean, path, ncols=n, title="latent manifold")
+    images = _as_images(mean)
+    if images is None:
+        return False
+    half = z_max / (n - 1) if n > 1 else 0.5  # each image spans one grid step, centred on its z
+    fig = Figure(figsize=(6.6, 6.6))
+    ax = fig.add_subplot()
+    ax.imshow(_grid(images.clamp(0, 1), n).numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest",
+              extent=(-z_max - half, z_max + half, -z_max - half, z_max + half))
+    ax.set_xlabel("z1")
+    ax.set_ylabel("z2")
+    ax.set_title(_two_line(title, f"decoded means over the latent plane, z in [{-z_max:g}, {z_max:g}]^2"), fontsize=10)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return True
 
 
-def save_all(model, metrics: list[dict], test: torch.Tensor, out: str | Path) -> list[Path]:
-    """Every figure that applies to this run; returns the files written."""
+def save_all(model, metrics: list[dict], test: torch.Tensor, out: str | Path, title: str = "",
+             objective: str = "elbo") -> list[Path]:
+    """Every figure that applies to this run, each titled with ``title``; returns the files written."""
     out = Path(out)
     written = []
     if metrics:
-        save_loss_curves(metrics, out / "loss.png")
+        save_loss_curves(metrics, out / "loss.png", title=title, objective=objective)
         written.append(out / "loss.png")
     for name, ok in (
-        ("reconstructions.png", lambda p: save_reconstructions(model, test, p)),
-        ("samples.png", lambda p: save_samples(model, p)),
-        ("manifold.png", lambda p: save_manifold(model, p)),
+        ("reconstructions.png", lambda p: save_reconstructions(model, test, p, title=title)),
+        ("samples.png", lambda p: save_samples(model, p, title=title)),
+        ("manifold.png", lambda p: save_manifold(model, p, title=title)),
     ):
         if ok(out / name):
             written.append(out / name)

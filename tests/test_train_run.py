@@ -1,0 +1,272 @@
+"""The trainer's run folder and options, in process and fast (tiny models on digits): runs are never destroyed
+by accident, divergence is caught at its step, torchrun restarts resume, the learning-rate schedule, gradient
+clipping, best checkpoints, config files, TensorBoard, posterior-collapse warnings and the figures."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import types
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+
+from vae_fast import cli, plots
+from vae_fast.model import VAE
+from vae_fast.train import (BEST, CHECKPOINT, TrainConfig, build_optimizer, learning_rate, load_run, read_metrics,
+                            train)
+
+TINY = dict(hidden=[16], latent_dim=2, batch_size=300)  # 5 steps per epoch on digits' 1500 examples
+
+
+def _cfg(tmp_path, **kw) -> TrainConfig:
+    return TrainConfig(**{**TINY, "epochs": 2, "out": str(tmp_path / "run"), **kw})
+
+
+def _main(argv, capsys) -> tuple[int, str, str]:
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _ckpt(run) -> dict:
+    return torch.load(run / CHECKPOINT, weights_only=True)
+
+
+# ---- a run is never destroyed by accident ----------------------------------------------------------------------
+
+
+def test_a_fresh_run_into_a_folder_with_a_run_is_refused_and_leaves_it_intact(tmp_path, capsys):
+    cfg = _cfg(tmp_path)
+    train(cfg, progress=False)
+    run = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    capsys.readouterr()
+
+    with pytest.raises(FileExistsError, match="--resume continues it, --overwrite replaces it"):
+        train(_cfg(tmp_path, lr=1000.0), progress=False)
+    code, _, err = _main(["train", "--out", run, "--epochs", 1, "--quiet"], capsys)
+    assert code == 1 and "holds a run" in err and len(err.strip().splitlines()) == 1
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing touched, not even config.json
+
+    # --overwrite replaces it; a diverging replacement keeps the old checkpoint (nothing better came).
+    with pytest.raises(FloatingPointError, match="this run saved no checkpoint"):
+        train(_cfg(tmp_path, lr=1e6), overwrite=True, progress=False)
+    assert (run / CHECKPOINT).read_bytes() == before[CHECKPOINT]
+    train(_cfg(tmp_path, epochs=1), overwrite=True, progress=False)
+    assert _ckpt(run)["epoch"] == 1 and len(read_metrics(run / "metrics.jsonl")) == 1
+
+
+def test_resume_starts_an_empty_folder_then_continues_and_says_which(tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--out", run, "--epochs", 2, "--hidden", 16, "--latent-dim", 2, "--quiet", "--resume"]
+    code, _, err = _main(argv, capsys)
+    assert code == 0 and "starting a new run" in err
+    code, _, err = _main([*argv[:4], 3, *argv[5:]], capsys)  # --epochs 3: a run may be extended
+    assert code == 0 and "resuming the run" in err and "epoch 2 of 3" in err
+    assert [m["epoch"] for m in read_metrics(run / "metrics.jsonl")] == [1, 2, 3]
+    code, _, err = _main(argv, capsys)  # a requeue of a finished job succeeds and does nothing
+    assert code == 0 and "nothing left to train" in err and _ckpt(run)["epoch"] == 3
+
+
+def test_a_torchrun_restart_resumes_by_itself(tmp_path, monkeypatch):
+    train(_cfg(tmp_path, epochs=1), progress=False)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    result = train(_cfg(tmp_path, epochs=2), progress=False)  # no resume=True: the restart implies it
+    assert [m["epoch"] for m in result.metrics] == [1, 2]
+
+
+def test_default_out_and_likelihood_follow_the_dataset():
+    assert TrainConfig().resolved().out == "runs/digits"
+    assert TrainConfig(dataset="mnist:/data/mnist.npz").resolved().out == "runs/mnist"
+    synthetic = TrainConfig(dataset="synthetic").resolved()
+    assert (synthetic.out, synthetic.likelihood) == ("runs/synthetic", "gaussian")
+    assert TrainConfig().resolved().likelihood == "bernoulli"
+
+
+# ---- divergence and collapse ----------------------------------------------------------------------------------
+
+
+def test_a_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    cfg = _cfg(tmp_path, epochs=3)
+    train(dataclasses.replace(cfg, epochs=1), progress=False)
+    good = (tmp_path / "run" / CHECKPOINT).read_bytes()
+
+    forward, calls = VAE.forward, []
+
+    def nan_at_third_call(self, *args, **kwargs):  # the resumed run's third step: epoch 2, step 3
+        loss, stats = forward(self, *args, **kwargs)
+        calls.append(1)
+        return (loss * math.nan if len(calls) == 3 else loss), stats
+
+    monkeypatch.setattr(VAE, "forward", nan_at_third_call)
+    with pytest.raises(FloatingPointError, match=r"at epoch 2, step 3 of 5 \(loss nan.*checkpoint \(epoch 1\) is kept"):
+        train(cfg, resume=True, progress=False)
+    assert (tmp_path / "run" / CHECKPOINT).read_bytes() == good
+    assert [m["epoch"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
+
+    monkeypatch.setattr(VAE, "forward", forward)
+    capsys.readouterr()
+    code, _, err = _main(["train", "--out", tmp_path / "lr", "--lr", 1e6, "--hidden", 16, "--quiet"], capsys)
+    assert code == 1 and "training diverged at epoch 1, step" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "lr" / CHECKPOINT).exists()
+
+
+def test_collapse_is_reported_once_when_active_units_fall_to_zero(tmp_path, capsys):
+    result = train(_cfg(tmp_path, epochs=3, beta=50.0), progress=False)  # a KL this costly shuts every unit off
+    assert [m["active_units"] for m in result.metrics] == [0, 0, 0]
+    err = capsys.readouterr().err
+    assert err.count("0 of 2 latent units active") == 1 and "--free-bits" in err
+
+
+# ---- trainer options -------------------------------------------------------------------------------------------
+
+
+def test_learning_rate_schedule():
+    cfg = TrainConfig(lr=1e-2, warmup_steps=4, lr_schedule="cosine")
+    lrs = [learning_rate(cfg, s, 104) for s in range(104)]
+    assert lrs[:4] == pytest.approx([2.5e-3, 5e-3, 7.5e-3, 1e-2])
+    assert lrs[4] == pytest.approx(1e-2) and lrs[54] == pytest.approx(5e-3)  # half-way down the cosine
+    assert lrs[-1] == pytest.approx(1e-2 * 0.5 * (1 + math.cos(math.pi * 99 / 100)))
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))
+    constant = TrainConfig(lr=1e-2, warmup_steps=2)
+    assert [learning_rate(constant, s, 10) for s in (0, 1, 2, 9)] == pytest.approx([5e-3, 1e-2, 1e-2, 1e-2])
+
+
+def test_schedule_and_clipping_are_applied_and_recorded(tmp_path, monkeypatch):
+    clipped = []
+    clip = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, max_norm: clipped.append(max_norm) or clip(p, max_norm))
+    cfg = _cfg(tmp_path, lr_schedule="cosine", warmup_steps=3, grad_clip=0.5)
+    result = train(cfg, progress=False)
+    assert clipped == [0.5] * 10  # every step
+    assert [m["lr"] for m in result.metrics] == pytest.approx([learning_rate(cfg, s, 10) for s in (4, 9)])
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["lr_schedule"], saved["warmup_steps"], saved["grad_clip"]) == ("cosine", 3, 0.5)
+    # A cosine schedule's length is set by --epochs: extending it would change what was computed.
+    with pytest.raises(ValueError, match="cosine schedule"):
+        train(dataclasses.replace(cfg, epochs=3), resume=True, progress=False)
+
+
+def test_save_best_keeps_the_best_epoch_for_figures_evaluate_and_sample(tmp_path):
+    result = train(_cfg(tmp_path, epochs=4, save="best"), progress=False)
+    run = tmp_path / "run"
+    test_elbo = [m["test_elbo"] for m in result.metrics]
+    best_epoch = 1 + test_elbo.index(max(test_elbo))
+    best = torch.load(run / BEST, weights_only=True)
+    assert best["epoch"] == best_epoch and _ckpt(run)["epoch"] == 4  # checkpoint.pt stays the last, to resume
+    model, _, ckpt = load_run(run)
+    assert ckpt["epoch"] == best_epoch
+    assert all(torch.equal(v, best["model"][k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, best["model"][k]) for k, v in result.model.state_dict().items())
+
+
+def test_adam_uses_a_fused_or_foreach_kernel():
+    opt = build_optimizer([torch.nn.Parameter(torch.zeros(3))], 1e-3)
+    assert opt.defaults["fused"] or opt.defaults["foreach"]
+    assert opt.defaults["fused"]  # CPU has a fused Adam in the torch this project pins
+
+
+def test_config_file_then_flags_recorded_and_honoured_by_resume(tmp_path, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text('epochs = 2\nhidden = [16]\nlatent-dim = 2\nlr_schedule = "cosine"\nlr = 0.002\n')
+    run = tmp_path / "run"
+    code, _, err = _main(["train", "--config", toml, "--lr", 0.003, "--out", run, "--quiet"], capsys)
+    assert code == 0, err
+    saved = json.loads((run / "config.json").read_text())
+    assert (saved["epochs"], saved["hidden"], saved["latent_dim"], saved["lr_schedule"], saved["lr"]) == (
+        2, [16], 2, "cosine", 0.003)
+    # --resume alone takes every setting from the run; a changed one is refused, naming it.
+    code, _, err = _main(["train", "--resume", "--out", run, "--quiet"], capsys)
+    assert code == 0 and "nothing left to train" in err
+    code, _, err = _main(["train", "--resume", "--out", run, "--lr-schedule", "constant", "--quiet"], capsys)
+    assert code == 1 and "--lr-schedule 'constant' (saved: 'cosine')" in err
+
+    js = tmp_path / "run.json"
+    js.write_text(json.dumps({"epochs": 1, "hidden": [16], "batch_size": 300}))
+    code, _, err = _main(["train", "--config", js, "--out", tmp_path / "json", "--quiet"], capsys)
+    assert code == 0 and json.loads((tmp_path / "json" / "config.json").read_text())["batch_size"] == 300
+
+    bad = {"bad.toml": ("epochs = ", "not valid TOML"), "bad.json": ("{", "not valid JSON"),
+           "unknown.toml": ("epoch = 3", "unknown settings ['epoch']"), "list.json": ("[1]", "expected a table"),
+           "types.toml": ('lr = "fast"', "--lr must be a number"), "x.yaml": ("", "expected a .toml or .json")}
+    for name, (text, message) in bad.items():
+        (tmp_path / name).write_text(text)
+        code, _, err = _main(["train", "--config", tmp_path / name, "--out", tmp_path / "never"], capsys)
+        assert code == 1 and message in err and len(err.strip().splitlines()) == 1, (name, err)
+    assert not (tmp_path / "never").exists()
+
+
+def test_tensorboard_is_optional(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    code, _, err = _main(["train", "--log-dir", tmp_path / "tb", "--out", tmp_path / "run"], capsys)
+    assert code == 1 and "pip install tensorboard" in err and not (tmp_path / "run").exists()
+
+    events = []
+
+    class SummaryWriter:  # records what the trainer logs
+        def __init__(self, log_dir, purge_step=None):
+            events.append(("open", str(log_dir), purge_step))
+
+        def add_scalar(self, tag, value, step):
+            events.append((tag, value, step))
+
+        def flush(self):
+            pass
+
+        def close(self):
+            events.append(("close",))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", types.SimpleNamespace(SummaryWriter=SummaryWriter))
+    result = train(_cfg(tmp_path, log_dir=str(tmp_path / "tb")), progress=False)
+    assert events[0] == ("open", str(tmp_path / "tb"), 0) and events[-1] == ("close",)
+    test_elbo = [(value, step) for tag, value, step in (e for e in events if len(e) == 3 and e[0] == "test/elbo")]
+    assert test_elbo == [(m["test_elbo"], m["step"]) for m in result.metrics]
+    assert {e[0] for e in events[1:-1]} >= {"train/loss", "train/elbo", "train/kl", "lr", "active_units"}
+
+
+# ---- figures ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def figures(monkeypatch):
+    """The Figure objects the plots save, instead of PNG files."""
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: saved.append(fig))
+    return saved
+
+
+def test_loss_figure_has_a_title_whole_epoch_ticks_and_names_the_iwae_bound(figures):
+    metrics = [{"epoch": e, "train_loss": 40.0 - e, "train_elbo": -41.0 + e, "test_elbo": -42.0 + e,
+                "train_kl": 1.0 * e, "train_rec": -40.0} for e in (1, 2)]
+    plots.save_loss_curves(metrics, "x.png", title="digits: IWAE, epoch 2", objective="iwae")
+    (fig,) = figures
+    assert fig._suptitle.get_text() == "digits: IWAE, epoch 2"
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert labels == ["train IWAE bound (objective)", "train ELBO", "test ELBO"]
+
+
+def test_manifold_has_z_axes_and_range(figures):
+    torch.manual_seed(0)
+    from vae_fast import mlp_vae
+
+    plots.save_manifold(mlp_vae(64, 2, hidden=[8]).eval(), "m.png", title="digits, epoch 1")
+    (fig,) = figures
+    (ax,) = fig.axes
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("z1", "z2")
+    assert ax.get_xlim()[0] < -2 < 2 < ax.get_xlim()[1] and ax.get_ylim()[0] < -2 < 2 < ax.get_ylim()[1]
+    assert "digits, epoch 1" in ax.get_title() and "[-2, 2]" in ax.get_title()
+
+
+def test_version(capsys):
+    code, out, _ = _main(["--version"], capsys)
+    assert code == 0 and out.startswith("vae_fast 0.1.0 (torch ")
