@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import vae_fast as vf
 from vae_fast import reference as ref
-from conftest import DTYPES, randn, tol
+from conftest import DTYPES, assert_within, grad_bounds, randn, tol, value_bounds
 
 # name -> (fused op, reference op, argument names)
 OPS = {
@@ -72,8 +72,10 @@ def call(fn, op, args, event_dims):
     return fn(*args, event_dims=event_dims)
 
 
-def check_against_reference(op, shapes, event_dims, dtypes, device, gen):
-    fused_fn, ref_fn, _ = OPS[op]
+def check_against_reference(op, shapes, event_dims, dtypes, device, gen, perturb=None):
+    """Values and gradients against the float64 reference, each element within its own error bound
+    (conftest.error_bound). `perturb` (name, factor) scales one fused gradient: the tests of the bound."""
+    fused_fn, ref_fn, names = OPS[op]
     if isinstance(dtypes, torch.dtype):
         dtypes = [dtypes] * len(shapes)
     args = [t.to(d).requires_grad_() for t, d in zip(make_inputs(op, shapes, torch.float64, device, gen), dtypes)]
@@ -83,16 +85,19 @@ def check_against_reference(op, shapes, event_dims, dtypes, device, gen):
     acc = torch.float64 if torch.float64 in dtypes else torch.float32
     assert out.dtype == acc
     assert out.shape == expected.shape
-    torch.testing.assert_close(out.detach().cpu().double(), expected.detach(), **tol(*dtypes))
+    terms = lambda *a: call(ref_fn, op, a, 0)  # noqa: E731  (the per-element terms of the reduction)
+    assert_within(out, expected, value_bounds(terms, args64, event_dims, expected, acc, acc), f"{op} value")
     # An upstream gradient that is not 1, and every gradient in its argument's own shape and dtype.
     g = randn(out.shape, acc, device, gen)
     grads = torch.autograd.grad(out, args, g)
     grads64 = torch.autograd.grad(expected, args64, g.cpu().double())
-    for a, gr, gr64, d in zip(args, grads, grads64, dtypes):
+    g_terms = g.cpu().double().reshape(tuple(g.shape) + (1,) * event_dims)
+    bounds = grad_bounds(lambda *a: g_terms * terms(*a), args64, grads64, dtypes, acc)
+    for name, a, gr, gr64, d, bound in zip(names, args, grads, grads64, dtypes, bounds):
         assert gr.shape == a.shape and gr.dtype == a.dtype
-        scale = gr64.abs().max().item() + 1.0  # broadcast gradients are sums: compare relative to their size
-        t = tol(d)
-        torch.testing.assert_close(gr.cpu().double(), gr64, rtol=t["rtol"], atol=t["atol"] * scale)
+        if perturb is not None and perturb[0] == name:
+            gr = (gr.double() * perturb[1]).to(d)
+        assert_within(gr, gr64, bound, f"{op} d{name} ({d})")
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
@@ -110,6 +115,15 @@ def test_mixed_precision_returns_float32(op, low, device, gen):
               "bernoulli_log_prob": [(6, 5), (3, 6, 5)]}[op]
     dtypes = [torch.float32] + [low] * (len(shapes) - 1)
     check_against_reference(op, shapes, 1, dtypes, device, gen)
+
+
+@pytest.mark.parametrize("case, name", [(CASES[0], "logvar"), (CASES[4], "prior_logvar"), (CASES[9], "logvar"),
+                                        (CASES[8], "mean"), (CASES[16], "logits")], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_one_percent_error_in_a_gradient_fails(case, name, dtype, gen):
+    # The bound is per element: a 1% error in one gradient (a broadcast one included) fails in every dtype.
+    with pytest.raises(AssertionError, match=f"d{name} "):
+        check_against_reference(*case, dtype, "cpu", gen, perturb=(name, 1.01))
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)

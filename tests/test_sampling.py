@@ -10,7 +10,7 @@ from scipy import stats
 
 import vae_fast as vf
 from vae_fast import reference as ref
-from conftest import DTYPES, randn, tol
+from conftest import DTYPES, assert_within, grad_bounds, randn, value_bounds
 
 
 def eps_for(shape, seed, num_samples=None, device="cpu"):
@@ -88,9 +88,10 @@ def test_counter_layout_is_the_documented_one():
 
 
 # ---- values, gradients, log q -----------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("num_samples", [None, 3])
-def test_values_and_gradients_against_reference(dtype, num_samples, device, gen):
+def check_against_reference(dtype, num_samples, device, gen, perturb=None):
+    """z, the KL and log q and the gradients through all three (upstream gradients that are not 1)
+    against the float64 reference from the same eps, each element within its own error bound
+    (conftest.error_bound). `perturb` (name, factor) scales one fused gradient: the tests of the bound."""
     mu = randn((6, 9), dtype, device, gen).requires_grad_()
     lv = randn((6, 9), dtype, device, gen).requires_grad_()
     seed = int(torch.randint(0, 2**62, (1,), generator=gen))
@@ -101,23 +102,57 @@ def test_values_and_gradients_against_reference(dtype, num_samples, device, gen)
     z64 = ref.reparameterize(mu64, lv64, eps)
     kl64 = ref.gaussian_kl(mu64, lv64)
     log_q64 = ref.standard_normal_log_prob(eps, lv64.expand_as(eps))
-    assert z.dtype == dtype and kl.dtype == log_q.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    t = tol(dtype)
-    torch.testing.assert_close(z.double().cpu(), z64.detach(), **t)
-    torch.testing.assert_close(kl.double().cpu(), kl64.detach(), **t)
-    torch.testing.assert_close(log_q.double().cpu(), log_q64.detach(), rtol=t["rtol"], atol=t["atol"] * 10)
-    # Upstream gradients that are not 1, through z, kl and log_q together.
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    assert z.dtype == dtype and kl.dtype == log_q.dtype == acc
+    shape = eps.shape
+    assert_within(z, z64, value_bounds(lambda m, l: ref.reparameterize(m, l, eps), (mu64, lv64), 0, z64, dtype, acc,
+                                       shape), "z")
+    assert_within(kl, kl64, value_bounds(lambda m, l: ref.gaussian_kl(m, l, event_dims=0), (mu64, lv64), 1, kl64,
+                                         acc, acc), "kl")
+    assert_within(log_q, log_q64, value_bounds(lambda m, l: ref.standard_normal_log_prob(eps, l, event_dims=0),
+                                               (mu64, lv64), 1, log_q64, acc, acc, shape), "log_q")
+    # Upstream gradients that are not 1, through (z, log q) of one call and (z, kl) of another: each
+    # backward is one kernel, so each gradient is rounded once (autograd's sum of several calls'
+    # gradients in bfloat16 would round again).
     gz, gkl, glq = randn(z.shape, dtype, device, gen), randn(kl.shape, kl.dtype, device, gen), randn(
         log_q.shape, log_q.dtype, device, gen)
-    z2, lq2 = vf.reparameterize(mu, lv, num_samples, seed=seed, return_log_q=True)
-    loss = (z2 * gz).sum() + (vf.reparameterize_with_kl(mu, lv, num_samples, seed=seed)[1] * gkl).sum() + (
-        lq2 * glq).sum()
-    dmu, dlv = torch.autograd.grad(loss, (mu, lv))
-    loss64 = (z64 * gz.double().cpu()).sum() + (kl64 * gkl.double().cpu()).sum() + (log_q64 * glq.double().cpu()).sum()
-    dmu64, dlv64 = torch.autograd.grad(loss64, (mu64, lv64))
-    scale = max(dmu64.abs().max().item(), dlv64.abs().max().item()) + 1
-    torch.testing.assert_close(dmu.double().cpu(), dmu64, rtol=t["rtol"], atol=t["atol"] * scale)
-    torch.testing.assert_close(dlv.double().cpu(), dlv64, rtol=t["rtol"], atol=t["atol"] * scale)
+    gz64, gkl64, glq64 = (t.double().cpu() for t in (gz, gkl, glq))
+    z_and_log_q = vf.reparameterize(mu, lv, num_samples, seed=seed, return_log_q=True)
+    z_and_kl = vf.reparameterize_with_kl(mu, lv, num_samples, seed=seed)
+    # The same losses as element-wise terms over (K, B, D); the KL counted once per (B, D) position.
+    once = torch.zeros(shape, dtype=torch.float64)
+    once.view(-1, *mu.shape)[0] = 1.0
+    checks = [
+        ("z, log q", z_and_log_q, (gz, glq), (z64 * gz64).sum() + (log_q64 * glq64).sum(),
+         lambda m, l: gz64 * ref.reparameterize(m, l, eps) + glq64[..., None] * ref.standard_normal_log_prob(
+             eps, l, event_dims=0)),
+        ("z, kl", z_and_kl, (gz, gkl), (z64 * gz64).sum() + (kl64 * gkl64).sum(),
+         lambda m, l: gz64 * ref.reparameterize(m, l, eps) + once * gkl64[..., None] * ref.gaussian_kl(
+             m, l, event_dims=0)),
+    ]
+    for what, outputs, upstream, loss64, loss_terms in checks:
+        dmu, dlv = torch.autograd.grad(outputs, (mu, lv), upstream)
+        dmu64, dlv64 = torch.autograd.grad(loss64, (mu64, lv64), retain_graph=True)
+        bounds = grad_bounds(loss_terms, (mu64, lv64), (dmu64, dlv64), (dtype, dtype), acc, shape)
+        for name, got, expected, bound in zip(("mu", "logvar"), (dmu, dlv), (dmu64, dlv64), bounds):
+            if perturb is not None and perturb[0] == name:
+                got = (got.double() * perturb[1]).to(dtype)
+            assert_within(got, expected, bound, f"d{name} through {what} ({dtype})")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_samples", [None, 3])
+def test_values_and_gradients_against_reference(dtype, num_samples, device, gen):
+    check_against_reference(dtype, num_samples, device, gen)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_samples", [None, 3])
+def test_a_one_percent_error_in_a_gradient_fails(dtype, num_samples, gen):
+    # The bound is per element: a 1% error in dlogvar (or dmu) fails in every dtype, bfloat16 included.
+    for name in ("mu", "logvar"):
+        with pytest.raises(AssertionError, match=f"d{name}"):
+            check_against_reference(dtype, num_samples, "cpu", gen, perturb=(name, 1.01))
 
 
 @pytest.mark.parametrize("num_samples", [None, 2])
