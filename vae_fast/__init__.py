@@ -10,11 +10,13 @@ from .ops import (
     reparameterize_with_kl,
 )
 from . import data
-from .model import VAE, active_units, mlp_vae
+from .distributions import DiagonalGaussianDistribution
+from .model import VAE, active_units, gradient_snr, mlp_vae
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DiagonalGaussianDistribution",
     "VAE",
     "active_units",
     "bernoulli_log_prob",
@@ -22,6 +24,7 @@ __all__ = [
     "gaussian_kl",
     "gaussian_log_prob",
     "gaussian_nll_loss",
+    "gradient_snr",
     "mlp_vae",
     "reference",
     "reparameterize",

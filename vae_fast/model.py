@@ -18,7 +18,8 @@ from .ops import bernoulli_log_prob, gaussian_kl, gaussian_log_prob, reparameter
 
 LIKELIHOODS = ("bernoulli", "gaussian")
 OBS_LOGVAR_MODES = ("scalar", "per_feature", "decoder")
-OBJECTIVES = ("elbo", "iwae")
+OBJECTIVES = ("elbo", "iwae", "iwae-dreg", "elbo-stl")
+IWAE_OBJECTIVES = ("iwae", "iwae-dreg")
 
 
 class VAE(nn.Module):
@@ -140,27 +141,52 @@ class VAE(nn.Module):
                                        event_dims=0 if per_dim else 1)
         return (z.unsqueeze(0) if num_samples == 1 else z), kl
 
-    def _log_weights(self, x, mu, logvar, num_samples: int):
-        """log p(x|z_k) + log p(z_k) - log q(z_k|x) and log p(x|z_k), each ``(K, B)``."""
+    def _log_weights(self, x, mu, logvar, num_samples: int, dreg: bool = False, path_only: bool = False):
+        """log w_k = log p(x|z_k) + log p(z_k) - log q(z_k|x) and log p(x|z_k), each ``(K, B)``.
+
+        ``path_only``: log q's gradient reaches mu and logvar only through z (STL, Roeder et al. 2017).
+        ``dreg`` (implies ``path_only``): the gradients reaching z and log q are multiplied by the normalised
+        weights w~ = softmax_k(log w), so that with the IWAE loss the encoder gets DReG's
+        sum_k w~_k^2 d log w_k / d z_k dz_k / d phi (Tucker et al. 2018) while the decoder, which sees z only
+        as an input, keeps IWAE's sum_k w~_k d log p(x|z_k) / d theta.
+        """
         _check_num_samples(num_samples)
-        z, log_q = reparameterize(mu, logvar, num_samples, return_log_q=True)
+        path = {"log_q_path_only": True} if path_only or dreg else {}  # TODO(h4): always pass once the op has it
+        z, log_q = reparameterize(mu, logvar, num_samples, return_log_q=True, **path)
+        weights: list[torch.Tensor] = []  # w~: known only once log w is, read when the gradients arrive
+        dreg = dreg and torch.is_grad_enabled()
+        if dreg:
+            z, log_q = _ScaleGradByWeights.apply(z, log_q, weights)
         zero = z.new_zeros(())
         log_pz = gaussian_log_prob(z, zero, zero)
         log_px = self._log_px(x, self.decode(z))
-        return log_px + log_pz - log_q, log_px
+        log_w = log_px + log_pz - log_q
+        if dreg:
+            weights.append(torch.softmax(log_w.detach(), dim=0))
+        return log_w, log_px
 
     def forward(self, x, num_samples: int = 1, beta: float = 1.0, free_bits: float = 0.0, objective: str = "elbo"):
         """``(loss, stats)``: the batch-mean loss to minimise and detached batch means of elbo, kl, rec."""
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-        if objective == "iwae" and (beta != 1.0 or free_bits > 0):
-            raise ValueError("beta and free_bits apply to the ELBO only; objective='iwae' needs beta=1, free_bits=0")
+        if objective in IWAE_OBJECTIVES and (beta != 1.0 or free_bits > 0):
+            raise ValueError(f"beta and free_bits apply to the ELBO only; objective={objective!r} needs beta=1, "
+                             "free_bits=0")
+        if objective == "elbo-stl" and free_bits > 0:
+            raise ValueError("free_bits needs the closed-form per-dimension KL: use objective='elbo', not 'elbo-stl'")
         if free_bits < 0:
             raise ValueError(f"free_bits must be >= 0, got {free_bits}")
         mu, logvar = self.encode(x)
-        if objective == "iwae":
-            log_w, log_px = self._log_weights(x, mu, logvar, num_samples)
+        if objective in IWAE_OBJECTIVES:
+            log_w, log_px = self._log_weights(x, mu, logvar, num_samples, dreg=objective == "iwae-dreg")
             loss = -(torch.logsumexp(log_w, dim=0) - math.log(num_samples)).mean()
+            with torch.no_grad():
+                kl = gaussian_kl(mu, logvar)
+        elif objective == "elbo-stl":
+            # Monte Carlo ELBO, mean_k [log p(x|z_k) - beta * (log q(z_k|x) - log p(z_k))], log q's parameter
+            # path stopped: its gradient is zero-variance at the true posterior ("sticking the landing").
+            log_w, log_px = self._log_weights(x, mu, logvar, num_samples, path_only=True)
+            loss = -(log_px + beta * (log_w - log_px)).mean()
             with torch.no_grad():
                 kl = gaussian_kl(mu, logvar)
         else:
@@ -224,6 +250,26 @@ class VAE(nn.Module):
         return self._output(self.decode(z), mean)
 
 
+class _ScaleGradByWeights(torch.autograd.Function):
+    """Identity on (z ``(K, B, ...)``, log_q ``(K, B)``); the backward multiplies both gradients by the
+    normalised importance weights ``weights[0]`` ``(K, B)``, which the caller appends after the forward
+    (they depend on the decoder's output for these very z)."""
+
+    @staticmethod
+    def forward(ctx, z, log_q, weights):
+        ctx.weights = weights
+        return z.view_as(z), log_q.view_as(log_q)
+
+    @staticmethod
+    def backward(ctx, grad_z, grad_log_q):
+        w = ctx.weights[0]
+        if grad_z is not None:
+            grad_z = grad_z * w.reshape(w.shape + (1,) * (grad_z.dim() - w.dim())).to(grad_z.dtype)
+        if grad_log_q is not None:
+            grad_log_q = grad_log_q * w.to(grad_log_q.dtype)
+        return grad_z, grad_log_q, None
+
+
 def _check_num_samples(num_samples) -> None:
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
@@ -259,6 +305,29 @@ def mlp_vae(
     encoder = nn.Sequential(nn.Flatten(start_dim=-len(shape)), _mlp((flat, *hidden, 2 * latent_dim)))
     decoder = nn.Sequential(_mlp((latent_dim, *reversed(hidden), math.prod(out_shape))), nn.Unflatten(-1, out_shape))
     return VAE(encoder, decoder, latent_dim, likelihood=likelihood, event_dims=len(shape), **kwargs)
+
+
+def gradient_snr(model: VAE, x: torch.Tensor, num_samples: int, objective: str = "iwae", repeats: int = 32,
+                 params=None) -> float:
+    """Signal-to-noise ratio ||E g|| / sqrt(E ||g - E g||^2) of the loss's gradient g on the batch ``x`` (by
+    default with respect to the encoder's parameters), estimated from ``repeats`` independent draws of the
+    samples (Rainforth et al. 2018: IWAE's encoder SNR falls as K grows; DReG's rises).
+
+    ||mean g||^2 overestimates ||E g||^2 by tr(Cov g) / repeats, the floor that makes a pure-noise gradient
+    look like signal; that bias is subtracted (and the result floored at 0), so small SNRs are not hidden
+    under 1 / sqrt(repeats).
+    """
+    if not isinstance(repeats, int) or repeats < 2:
+        raise ValueError(f"repeats must be an int >= 2, got {repeats!r}")
+    params = list(model.encoder.parameters() if params is None else params)
+    grads = []
+    for _ in range(repeats):
+        loss, _ = model(x, num_samples=num_samples, objective=objective)
+        grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    g = torch.stack(grads).double()
+    noise = g.var(0).sum()
+    signal = (g.mean(0).square().sum() - noise / repeats).clamp_min(0)
+    return math.sqrt(signal / noise)
 
 
 @torch.no_grad()

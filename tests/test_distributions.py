@@ -1,0 +1,247 @@
+"""vf.DiagonalGaussianDistribution against diffusers' own class (skipped when diffusers is not installed) and
+float64 references: values, gradients, the logvar clamp's edges, deterministic mode, samples' statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import vae_fast as vf
+from vae_fast import reference as ref
+from vae_fast.distributions import DiagonalGaussianDistribution as Ours
+
+SHAPES = [(3, 8, 5, 4), (2, 6, 3, 4, 5)]  # (B, 2C, H, W) images and (B, 2C, T, H, W) video latents
+
+
+@pytest.fixture(scope="module")
+def Theirs():
+    return pytest.importorskip("diffusers.models.autoencoders.vae").DiagonalGaussianDistribution
+
+
+def _parameters(shape, dtype=torch.float64, seed=0):
+    """Random parameters whose logvar half also crosses both clamp edges (and sits exactly on them)."""
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(shape, generator=g, dtype=torch.float64)
+    c = shape[1] // 2
+    lv = p[:, c:]
+    lv.mul_(2.0)
+    flat = lv.reshape(-1)
+    edges = torch.tensor([-30.0, 20.0, -31.5, 23.0, -45.0, 29.5, -29.0, 19.0], dtype=torch.float64)
+    flat[: len(edges)] = edges
+    return p.to(dtype)
+
+
+def _sum_all_but_batch(t):
+    return t.reshape(t.shape[0], -1).sum(1)
+
+
+def _outputs(d, x, other):
+    """Everything the class computes for one upstream-gradient check."""
+    kl, kl_other, nll = d.kl(), d.kl(other), d.nll(x, dims=list(range(1, x.dim())))
+    return {"mean": d.mean, "logvar": d.logvar, "std": d.std, "var": d.var, "mode": d.mode(),
+            "kl": kl, "kl_other": kl_other, "nll": nll}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_values_and_gradients_equal_diffusers(Theirs, shape, dtype):
+    p = _parameters(shape, dtype).requires_grad_()
+    q = _parameters(shape, dtype, seed=1)
+    x = torch.randn(shape[0], shape[1] // 2, *shape[2:], dtype=dtype)
+    ours = _outputs(Ours(p), x, Ours(q))
+    theirs = _outputs(Theirs(p), x, Theirs(q))
+    if len(shape) == 5:
+        # diffusers' kl sums dims 1, 2, 3 only, leaving (B, W) for video latents; ours sums every dim but the batch
+        theirs["kl"], theirs["kl_other"] = theirs["kl"].sum(-1), theirs["kl_other"].sum(-1)
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-10}
+    g = torch.Generator().manual_seed(7)
+    for name in ours:
+        assert ours[name].shape == theirs[name].shape, name
+        torch.testing.assert_close(ours[name], theirs[name], **tol, msg=name)
+        upstream = torch.randn(ours[name].shape, generator=g, dtype=torch.float64).to(dtype)
+        (g_ours,) = torch.autograd.grad(ours[name], p, upstream, retain_graph=True)
+        (g_theirs,) = torch.autograd.grad(theirs[name], p, upstream, retain_graph=True)
+        torch.testing.assert_close(g_ours, g_theirs, **tol, msg=f"gradient of {name}")
+
+
+def test_kl_against_diffusers_other_and_nll_over_some_dims(Theirs):
+    p = _parameters((2, 6, 4, 3)).requires_grad_()
+    q = _parameters((2, 6, 4, 3), seed=3)
+    x = torch.randn(2, 3, 4, 3, dtype=torch.float64)
+    torch.testing.assert_close(Ours(p).kl(Theirs(q)), Theirs(p).kl(Theirs(q)))  # `other` may be theirs
+    for dims in ([1, 3], [2], [-1, 1]):
+        torch.testing.assert_close(Ours(p).nll(x, dims=dims), Theirs(p).nll(x, dims=dims), msg=str(dims))
+    torch.testing.assert_close(Ours(p).nll(x), Theirs(p).nll(x))  # the default dims
+
+
+def test_bf16_under_autocast(Theirs):
+    """An encoder run under autocast gives bf16 parameters; the ops read them as they are and sum in float32,
+    closer to the float64 truth than diffusers' bf16 arithmetic."""
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+    img = torch.randn(4, 3, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        p = conv(img)
+        assert p.dtype == torch.bfloat16
+        ours = Ours(p)
+        z, kl, nll = ours.sample(), ours.kl(), ours.nll(img[:, :1].expand(-1, 4, -1, -1))
+        kl_theirs = Theirs(p).kl()
+    exact = Theirs(p.detach().double().requires_grad_())
+    assert z.dtype == torch.bfloat16 and ours.mean.dtype == ours.logvar.dtype == torch.bfloat16
+    assert kl.dtype == nll.dtype == torch.float32
+    kl_exact = exact.kl()
+    torch.testing.assert_close(kl.double(), kl_exact, rtol=1e-5, atol=1e-3)
+    assert (kl.double() - kl_exact).abs().max() <= (kl_theirs.double() - kl_exact).abs().max()
+    torch.testing.assert_close(nll.double(), exact.nll(img[:, :1].expand(-1, 4, -1, -1).double()),
+                               rtol=1e-5, atol=1e-2)
+    # Gradients reach the encoder in bf16, equal to the float64 ones to bf16 rounding.
+    (g_ours,) = torch.autograd.grad(kl.sum(), p)
+    (g_exact,) = torch.autograd.grad(kl_exact.sum(), exact.parameters)
+    assert g_ours.dtype == torch.bfloat16
+    torch.testing.assert_close(g_ours.double(), g_exact, rtol=1.6e-2, atol=1.6e-2)
+
+
+def test_clamp_edges_gradient_is_torch_clamps():
+    """Zero gradient strictly outside [-30, 20], passed at the edges and inside (torch.clamp's rule)."""
+    lv = torch.tensor([-45.0, -30.0001, -30.0, -29.0, 0.0, 19.0, 20.0, 20.0001, 29.0], dtype=torch.float64)
+    p = torch.cat([torch.zeros_like(lv), lv]).reshape(1, 2, -1).requires_grad_()
+    d = Ours(p)
+    torch.testing.assert_close(d.logvar.reshape(-1), lv.clamp(-30, 20))
+    (g,) = torch.autograd.grad(d.kl().sum(), p)
+    expected = 0.5 * torch.expm1(lv.clamp(-30, 20)) * ((lv >= -30) & (lv <= 20))
+    torch.testing.assert_close(g[0, 1], expected)
+    # A custom clamp, and none.
+    torch.testing.assert_close(Ours(p, logvar_clamp=(-1.0, 1.0)).logvar.reshape(-1), lv.clamp(-1, 1))
+    torch.testing.assert_close(Ours(p, logvar_clamp=None).logvar.reshape(-1), lv)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_deterministic_mode(Theirs, shape):
+    p = _parameters(shape).requires_grad_()
+    x = torch.randn(shape[0], shape[1] // 2, *shape[2:], dtype=torch.float64)
+    ours, theirs = Ours(p, deterministic=True), Theirs(p, deterministic=True)
+    assert ours.deterministic
+    for name in ("mean", "logvar", "std", "var"):
+        torch.testing.assert_close(getattr(ours, name), getattr(theirs, name))
+    z = ours.sample()
+    torch.testing.assert_close(z, theirs.sample())
+    assert z.data_ptr() != ours.mean.data_ptr()  # a new tensor, as theirs
+    assert ours.kl().tolist() == ours.nll(x).tolist() == theirs.kl().tolist() == [0.0]
+    assert ours.kl().dtype == p.dtype  # on the parameters' device and dtype (diffusers': CPU float32)
+    (g,) = torch.autograd.grad(z.sum(), p)
+    c = shape[1] // 2
+    assert (g[:, :c] == 1).all() and (g[:, c:] == 0).all()
+
+
+def test_sample_reproducible_differentiable_and_standard_normal():
+    p = _parameters((8, 8, 32, 32)).requires_grad_()
+    d = Ours(p)
+    z1 = d.sample(generator=torch.Generator().manual_seed(3))
+    z2 = d.sample(generator=torch.Generator().manual_seed(3))
+    z3 = d.sample(generator=torch.Generator().manual_seed(4))
+    assert torch.equal(z1, z2) and not torch.equal(z1, z3)
+    assert not torch.equal(d.sample(), d.sample())  # torch's generator by default: fresh draws
+    torch.manual_seed(5)
+    a = d.sample()
+    torch.manual_seed(5)
+    assert torch.equal(a, d.sample())  # torch.manual_seed reproduces
+
+    eps = ((z1 - d.mean) / d.std).detach()
+    inside = (d.logvar > -5).detach()  # where std is large enough for eps to be recovered accurately
+    e = eps[inside]
+    assert e.numel() > 20000
+    assert abs(e.mean().item()) < 4.5 / math.sqrt(e.numel()) and abs(e.var().item() - 1) < 0.05
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert scipy_stats.kstest(e.numpy(), "norm").pvalue > 1e-4
+    corr = torch.corrcoef(torch.stack([eps.reshape(-1), ((z3 - d.mean) / d.std).detach().reshape(-1)]))[0, 1]
+    assert abs(corr.item()) < 4.5 / math.sqrt(eps.numel())  # two generators' draws are independent
+
+    # dz/dmean = 1, dz/dlogvar = 0.5 * std * eps (zero where the clamp is active), on the same eps.
+    upstream = torch.randn_like(z1)
+    (g,) = torch.autograd.grad(z1, p, upstream)
+    raw_lv = p[:, 4:].detach()
+    active = (raw_lv >= -30) & (raw_lv <= 20)
+    torch.testing.assert_close(g[:, :4], upstream)
+    torch.testing.assert_close(g[:, 4:], upstream * 0.5 * d.std.detach() * eps * active, rtol=1e-9, atol=1e-12)
+
+
+def test_sample_then_kl_is_one_pass_with_the_same_values_and_gradients():
+    p = _parameters((2, 8, 6, 6)).requires_grad_()
+    d = Ours(p)
+    torch.manual_seed(0)
+    z = d.sample()
+    kl = d.kl()  # from the sampling pass
+    assert kl is not d.kl()  # handed out once; the next call computes it
+    torch.testing.assert_close(kl, ref.gaussian_kl(d.mean, d.logvar, event_dims=3), rtol=1e-12, atol=1e-10)
+    gz = torch.randn_like(z)
+    (g,) = torch.autograd.grad((z * gz).sum() + 3.0 * kl.sum(), p)
+
+    eps = (z - d.mean) / d.std
+    p2 = p.detach().clone().requires_grad_()
+    mean, lv = p2[:, :4], p2[:, 4:].clamp(-30, 20)
+    want = (ref.reparameterize(mean, lv, eps.detach()) * gz).sum() + 3.0 * ref.gaussian_kl(mean, lv, event_dims=3).sum()
+    (g_ref,) = torch.autograd.grad(want, p2)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11)
+
+    # A sample drawn without autograd does not hand its (graph-less) KL to a kl() that needs a gradient.
+    with torch.no_grad():
+        d.sample()
+    assert d.kl().requires_grad
+
+
+def test_attributes_nothing_asks_for_are_not_computed():
+    d = Ours(torch.randn(2, 8, 4, 4))
+    d.sample()
+    d.kl()
+    d.nll(torch.randn(2, 4, 4, 4))
+    assert "std" not in vars(d) and "var" not in vars(d)
+
+
+def test_strided_parameters_and_other_split_dims():
+    base = torch.randn(3, 6, 4, 5, dtype=torch.float64)
+    for p, dim in ((base.permute(0, 2, 3, 1), -1), (base.transpose(2, 3), 1), (base.contiguous(memory_format=
+                   torch.channels_last), 1), (base[:, :, ::2], 1)):
+        p = p.detach().requires_grad_()
+        d = Ours(p, dim=dim)
+        mean, lv = p.chunk(2, dim=dim)
+        lv = lv.clamp(-30, 20)
+        torch.testing.assert_close(d.kl(), _sum_all_but_batch(ref.gaussian_kl(mean, lv, event_dims=0)))
+        (g,) = torch.autograd.grad(d.kl().sum(), p)
+        (g_ref,) = torch.autograd.grad(_sum_all_but_batch(ref.gaussian_kl(mean, lv, event_dims=0)).sum(), p)
+        torch.testing.assert_close(g, g_ref)
+        # a gradient for one half only: the other half's is zero
+        (g_mean,) = torch.autograd.grad(d.mode().sum(), p)
+        torch.testing.assert_close(g_mean, torch.cat([torch.ones_like(mean), torch.zeros_like(lv)], dim))
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="parameters"):
+        Ours([[1.0, 2.0]])
+    with pytest.raises(TypeError, match="parameters"):
+        Ours(torch.ones(2, 4, dtype=torch.int64))
+    with pytest.raises(ValueError, match="even"):
+        Ours(torch.ones(2, 3, 4))
+    with pytest.raises(ValueError, match="dim"):
+        Ours(torch.ones(2, 4), dim=2)
+    with pytest.raises(ValueError, match="batch"):
+        Ours(torch.ones(4, 4), dim=0)
+    with pytest.raises(TypeError, match="dim"):
+        Ours(torch.ones(2, 4), dim=1.0)
+    with pytest.raises(ValueError, match="logvar_clamp"):
+        Ours(torch.ones(2, 4), logvar_clamp=(1.0, -1.0))
+    d = Ours(torch.ones(2, 4, 3))
+    with pytest.raises(TypeError, match="other"):
+        d.kl(torch.ones(2, 2, 3))
+    with pytest.raises(TypeError, match="sample"):
+        d.nll(1.0)
+    with pytest.raises(ValueError, match="dims"):
+        d.nll(torch.ones(2, 2, 3), dims=[1, 1])
+    with pytest.raises(ValueError, match="dims"):
+        d.nll(torch.ones(2, 2, 3), dims=[3])
+    with pytest.raises(ValueError, match="sample"):
+        d.nll(torch.ones(2, 2, 3, 1))
+
+
+def test_exported():
+    assert vf.DiagonalGaussianDistribution is Ours

@@ -1,0 +1,123 @@
+"""Benchmark rows for ``vf.DiagonalGaussianDistribution`` against diffusers' class at latent-diffusion shapes.
+
+One training step of an LDM autoencoder calls ``posterior.sample()`` and ``posterior.kl()`` on the encoder's
+``(B, 2C, H, W)`` output; these rows time exactly that, forward ("fwd", under no_grad) and forward+backward
+("fwd+bwd", gradient of both outputs into ``parameters``), in the schema of DESIGN.md section 5, timed with
+the suite's own helpers (``bench.time_interleaved``, ``bench.peak_mb``). The eager baseline is diffusers'
+``DiagonalGaussianDistribution`` when diffusers is installed, else a line-for-line copy of its three
+methods used here (the row's ``"baseline"`` says which). ``torch.compile`` compiles that baseline (not in
+quick mode).
+
+Bytes (as ``reparameterize_with_kl``, N = latent elements, half the parameters): fwd reads mean and logvar and
+writes z and the per-example KL, 3Ns + B s_out; backward reads gz, gkl, mean and logvar and writes the one
+parameters gradient, Ns + B s_out + 2Ns + 2Ns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import bench
+from .distributions import DiagonalGaussianDistribution
+
+SHAPES = [(16, 8, 64, 64), (16, 32, 32, 32)]  # latents (16, 4, 64, 64) (SD) and (16, 16, 32, 32)
+QUICK_SHAPES = [(2, 8, 16, 16)]
+
+
+def _baseline():
+    """(diffusers' class, its name), or an eager copy of diffusers' sample and kl."""
+    try:
+        import diffusers
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution as Theirs
+
+        return Theirs, f"diffusers {diffusers.__version__}"
+    except ImportError:
+        return _EagerCopy, "eager copy of diffusers' class"
+
+
+class _EagerCopy:
+    """diffusers.models.autoencoders.vae.DiagonalGaussianDistribution's constructor, sample and kl (0.42)."""
+
+    def __init__(self, parameters):
+        self.parameters = parameters
+        self.mean, self.logvar = torch.chunk(parameters, 2, dim=1)
+        self.logvar = torch.clamp(self.logvar, -30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self):
+        return self.mean + self.std * torch.randn(self.mean.shape, device=self.parameters.device,
+                                                  dtype=self.parameters.dtype)
+
+    def kl(self):
+        return 0.5 * torch.sum(torch.pow(self.mean, 2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])
+
+
+def _sample_and_kl(cls):
+    def call(parameters):
+        posterior = cls(parameters)
+        return posterior.sample(), posterior.kl()
+    return call
+
+
+def _case(params: torch.Tensor, theirs) -> bench.Case:
+    """The suite's description of one config: bytes as ``reparameterize_with_kl``'s (z and kl out; the
+    backward reads gz, gkl, mean, logvar and writes the parameters' gradient)."""
+    s_out = 8 if params.dtype == torch.float64 else 4
+    n, b = params.numel() // 2, params.shape[0]
+    out = n * params.element_size() + b * s_out
+    return bench.Case(op="DiagonalGaussianDistribution.sample+kl", shape=list(params.shape), inputs=[params],
+                      fused=_sample_and_kl(DiagonalGaussianDistribution), eager=_sample_and_kl(theirs), grads=[0],
+                      bwd_reads=[0], bwd_writes=[0], out_bytes=out, g_bytes=out)
+
+
+def ldm_rows(device: str, quick: bool, *, repeats: int | None = None, copy_gbps: float | None = None) -> list[dict]:
+    """Rows for each latent-diffusion shape, dtype (float32; bfloat16 too on CUDA) and pass; ``copy_gbps``
+    (measured here when not given) is the suite's copy bandwidth, for ``copy_fraction``."""
+    dev = torch.device(device)
+    theirs, baseline = _baseline()
+    repeats = repeats or (5 if quick else 15)
+    copy = copy_gbps or bench.copy_gbps(dev)
+    dtypes = [torch.float32] + ([torch.bfloat16] if dev.type == "cuda" else [])
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    rows = []
+    for shape in QUICK_SHAPES if quick else SHAPES:
+        for dtype in dtypes:
+            case = _case(torch.randn(shape, generator=gen).to(device=dev, dtype=dtype), theirs)
+            n_sets = 1
+            if dev.type == "cuda":  # rotate input sets past L2, as the rest of the suite does
+                l2 = torch.cuda.get_device_properties(dev).L2_cache_size
+                n_sets = max(1, min(8, math.ceil(4 * l2 / bench._nbytes(case.inputs[0]))))
+            for pass_ in bench.PASSES:
+                sets = bench.input_sets(case, pass_, n_sets)
+                fns = {"fused": case.fused, "eager": case.eager}
+                if not quick:
+                    torch._dynamo.reset()
+                    fns["compile"] = torch.compile(case.eager)
+                calls = {name: bench.make_call(fn, case, pass_, gen) for name, fn in fns.items()}
+                samples = bench.time_interleaved(calls, sets, repeats, dev)
+                stats = {name: bench.percentiles(s) for name, s in samples.items()}
+                peaks = {name: bench.peak_mb(lambda c=call: c(sets[0]), dev) for name, call in calls.items()}
+                nbytes = case.bytes(pass_)
+                gbps = nbytes / (stats["fused"][1] * 1e6)
+                rows.append({
+                    "op": case.op,
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "shape": case.shape,
+                    "pass": pass_,
+                    "fused_ms": stats["fused"][1],
+                    "eager_ms": stats["eager"][1],
+                    "compile_ms": stats["compile"][1] if "compile" in stats else None,
+                    "fused_p20_ms": stats["fused"][0],
+                    "fused_p80_ms": stats["fused"][2],
+                    "bytes": int(nbytes),
+                    "fused_gbps": gbps,
+                    "copy_fraction": gbps / copy,
+                    "peak_mb": {name: peaks.get(name) for name in bench.IMPLS},
+                    "baseline": baseline,
+                })
+                if not quick:
+                    torch._dynamo.reset()
+    return rows

@@ -1,0 +1,176 @@
+"""``DiagonalGaussianDistribution``: a drop-in for the posterior class of diffusers / LDM / taming.
+
+Same attributes (``parameters``, ``mean``, ``logvar``, ``std``, ``var``, ``deterministic``) and methods
+(``sample(generator=None)``, ``kl(other=None)``, ``nll(sample, dims)``, ``mode()``) with the same values and
+gradients, computed by the fused ops:
+
+- ``mean`` and the raw log-variance are views of ``parameters`` (its two halves along ``dim``), read in place
+  by the ops; their gradients are written into one ``parameters``-shaped buffer (no zero-filled buffer per
+  half and no sum of the two, as ``chunk``'s backward does).
+- ``sample()`` is one ``reparameterize_with_kl`` pass: the KL comes out of the same read of mean and logvar
+  and is handed to the next ``kl()`` (the usual ``z = posterior.sample(); kl = posterior.kl()`` costs one
+  forward and one backward pass over the parameters).
+- ``std`` and ``var`` are computed only when asked for.
+
+Differences from diffusers, each a fix: ``kl`` and ``nll`` sum over every dim but the batch's (diffusers
+sums dims 1, 2, 3, which for video latents ``(B, C, T, H, W)`` leaves a ``(B, W)`` result); in deterministic
+mode the zeros come on the parameters' device and dtype (diffusers returns a CPU float32 tensor).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Optional, Sequence
+
+import torch
+
+from .ops import gaussian_kl, gaussian_log_prob, reparameterize_with_kl
+
+
+class _Halves(torch.autograd.Function):
+    """(first half, second half) of ``parameters`` along ``dim`` as views; the backward writes both
+    gradients into one buffer (a missing one as zeros)."""
+
+    @staticmethod
+    def forward(ctx, parameters, dim):
+        half = parameters.shape[dim] // 2
+        ctx.dim = dim
+        return parameters.narrow(dim, 0, half), parameters.narrow(dim, half, half)
+
+    @staticmethod
+    def backward(ctx, grad_first, grad_second):
+        if grad_first is None:
+            grad_first = torch.zeros_like(grad_second)
+        if grad_second is None:
+            grad_second = torch.zeros_like(grad_first)
+        return torch.cat([grad_first, grad_second], dim=ctx.dim), None
+
+
+def _check_parameters(parameters, dim) -> int:
+    if not isinstance(parameters, torch.Tensor):
+        raise TypeError(f"DiagonalGaussianDistribution: `parameters` must be a torch.Tensor, got "
+                        f"{type(parameters).__name__}")
+    if not parameters.is_floating_point():
+        raise TypeError(f"DiagonalGaussianDistribution: `parameters` must be floating point, got {parameters.dtype}")
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"DiagonalGaussianDistribution: `dim` must be an int, got {type(dim).__name__}")
+    if parameters.dim() < 2:
+        raise ValueError(f"DiagonalGaussianDistribution: `parameters` needs a batch dim and a parameter dim, got "
+                         f"shape {tuple(parameters.shape)}")
+    if not -parameters.dim() <= dim < parameters.dim():
+        raise ValueError(f"DiagonalGaussianDistribution: `dim`={dim} is out of range for `parameters` of shape "
+                         f"{tuple(parameters.shape)}")
+    dim %= parameters.dim()
+    if dim == 0:
+        raise ValueError("DiagonalGaussianDistribution: `dim` cannot be the batch dim 0")
+    if parameters.shape[dim] % 2:
+        raise ValueError(f"DiagonalGaussianDistribution: `parameters` must have an even size along dim {dim} (mean, "
+                         f"then logvar), got shape {tuple(parameters.shape)}")
+    return dim
+
+
+class DiagonalGaussianDistribution:
+    """N(mean, diag(exp(logvar))) with ``mean, logvar = parameters.chunk(2, dim)`` and logvar clamped to
+    ``logvar_clamp`` (torch.clamp's gradient: zero outside the interval, passed at its edges)."""
+
+    def __init__(self, parameters: torch.Tensor, deterministic: bool = False, dim: int = 1,
+                 logvar_clamp: Optional[tuple[float, float]] = (-30.0, 20.0)):
+        self._dim = _check_parameters(parameters, dim)
+        if logvar_clamp is not None:
+            lo, hi = (float(v) for v in logvar_clamp)
+            if not lo <= hi:
+                raise ValueError(f"DiagonalGaussianDistribution: `logvar_clamp` must be (low, high) with low <= high, "
+                                 f"got {logvar_clamp}")
+            logvar_clamp = (lo, hi)
+        self._clamp = logvar_clamp
+        self.parameters = parameters
+        self.deterministic = bool(deterministic)
+        self._kl_from_sample: Optional[tuple[torch.Tensor, bool]] = None
+
+    # ---- attributes (lazy: computed on first access) ---------------------------------------------------
+
+    @cached_property
+    def _halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return _Halves.apply(self.parameters, self._dim)
+
+    @cached_property
+    def mean(self) -> torch.Tensor:
+        return self._halves[0]
+
+    @cached_property
+    def logvar(self) -> torch.Tensor:
+        raw = self._halves[1]
+        return raw if self._clamp is None else torch.clamp(raw, *self._clamp)
+
+    @cached_property
+    def std(self) -> torch.Tensor:
+        return torch.zeros_like(self.mean) if self.deterministic else torch.exp(0.5 * self.logvar)
+
+    @cached_property
+    def var(self) -> torch.Tensor:
+        return torch.zeros_like(self.mean) if self.deterministic else torch.exp(self.logvar)
+
+    @property
+    def _event_dims(self) -> int:
+        return self.parameters.dim() - 1  # every dim but the batch's
+
+    def _zero(self) -> torch.Tensor:
+        # What diffusers returns in deterministic mode (shape (1,)), on the parameters' device and dtype.
+        return self.parameters.new_zeros(1)
+
+    # ---- methods -----------------------------------------------------------------------------------------
+
+    def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """mean + std * eps, differentiable, reproducible with ``generator`` (which draws the kernel's seed)."""
+        if self.deterministic:
+            return self.mean.clone()  # std is 0; a new tensor, as diffusers' mean + 0 * eps
+        z, kl = reparameterize_with_kl(self.mean, self.logvar, generator=generator, event_dims=self._event_dims)
+        # The KL came out of the same pass: the next kl() returns it, if autograd was in the same mode.
+        self._kl_from_sample = (kl, torch.is_grad_enabled())
+        return z
+
+    def kl(self, other: Optional["DiagonalGaussianDistribution"] = None) -> torch.Tensor:
+        """KL(self || other), other defaulting to N(0, I): ``(B,)``, summed over every dim but the batch's."""
+        if self.deterministic:
+            return self._zero()
+        if other is None:
+            cached, self._kl_from_sample = self._kl_from_sample, None  # handed out once: callers may modify it
+            if cached is not None and cached[1] == torch.is_grad_enabled():
+                return cached[0]
+            return gaussian_kl(self.mean, self.logvar, event_dims=self._event_dims)
+        if not (hasattr(other, "mean") and hasattr(other, "logvar")):
+            raise TypeError(f"DiagonalGaussianDistribution.kl: `other` must be a DiagonalGaussianDistribution, got "
+                            f"{type(other).__name__}")
+        return gaussian_kl(self.mean, self.logvar, other.mean, other.logvar, event_dims=self._event_dims)
+
+    def nll(self, sample: torch.Tensor, dims: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """-log N(sample; mean, var) summed over ``dims`` (default: every dim but the batch's)."""
+        if self.deterministic:
+            return self._zero()
+        if not isinstance(sample, torch.Tensor):
+            raise TypeError(f"DiagonalGaussianDistribution.nll: `sample` must be a torch.Tensor, got "
+                            f"{type(sample).__name__}")
+        mean, logvar = self.mean, self.logvar
+        ndim = mean.dim()
+        if dims is None:
+            dims = range(1, ndim)
+        if isinstance(dims, int):
+            dims = [dims]
+        try:
+            summed = sorted({int(d) % ndim for d in dims if -ndim <= int(d) < ndim})
+        except (TypeError, ValueError):
+            raise TypeError(f"DiagonalGaussianDistribution.nll: `dims` must be ints, got {dims!r}") from None
+        if not summed or len(summed) != len(list(dims)):
+            raise ValueError(f"DiagonalGaussianDistribution.nll: `dims` must be distinct dims of a {ndim}-d "
+                             f"sample, got {list(dims)}")
+        if sample.dim() != ndim:
+            raise ValueError(f"DiagonalGaussianDistribution.nll: `sample` must have the mean's {ndim} dims, got shape "
+                             f"{tuple(sample.shape)}")
+        # The op sums trailing dims: move the summed ones last (a view; nothing moves when they already are).
+        order = [d for d in range(ndim) if d not in summed] + summed
+        if order != list(range(ndim)):
+            sample, mean, logvar = (t.permute(order) for t in (sample, mean, logvar))
+        return -gaussian_log_prob(sample, mean, logvar, event_dims=len(summed))
+
+    def mode(self) -> torch.Tensor:
+        return self.mean
