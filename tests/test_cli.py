@@ -49,6 +49,9 @@ def run(tmp_path_factory):
 def test_train_writes_the_run_folder(run):
     out, proc = run
     assert "epoch   2/2" in proc.stdout and "test ELBO" in proc.stdout
+    # Not on a terminal: one plain line per epoch, no progress-bar frames in the log.
+    assert [line[:11] for line in proc.stdout.splitlines()] == ["epoch   1/2", "epoch   2/2"]
+    assert "\r" not in proc.stdout + proc.stderr
     for name in ("checkpoint.pt", "config.json", "metrics.jsonl", "loss.png", "reconstructions.png",
                  "samples.png", "manifold.png"):
         assert (out / name).is_file(), name
@@ -56,7 +59,9 @@ def test_train_writes_the_run_folder(run):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = _metrics(out)
     assert [m["epoch"] for m in metrics] == [1, 2]
-    assert all(set(m) >= {"train_loss", "train_elbo", "train_kl", "train_rec", "test_elbo", "step"} for m in metrics)
+    assert all(set(m) >= {"train_loss", "train_elbo", "train_kl", "train_rec", "test_elbo", "step", "active_units",
+                          "lr"} for m in metrics)
+    assert all(0 <= m["active_units"] <= 2 for m in metrics)
     config = json.loads((out / "config.json").read_text())
     assert config["epochs"] == 2 and config["latent_dim"] == 2 and config["hidden"] == [64]
 
@@ -77,15 +82,24 @@ def test_evaluate_and_sample(run):
     assert result["test_elbo"] < result["test_iwae_20"] < result["test_log_likelihood"] < 0
     assert 0 <= result["active_units"] <= 2
 
+    figures = {name: (out / name).read_bytes() for name in ("samples.png", "manifold.png")}
     proc = _cli("sample", out, "-n", 16, "--output", out / "more.png")
     assert proc.returncode == 0, proc.stderr
-    assert (out / "more.png").read_bytes()[:4] == b"\x89PNG"
-    assert str(out / "manifold.png") in proc.stdout
+    assert proc.stdout.split() == [str(out / "more.png"), str(out / "more-manifold.png")]
+    proc = _cli("sample", out, "--seed", 3)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == [str(out / "sample-seed3.png"), str(out / "sample-seed3-manifold.png")]
+    for name in ("more.png", "more-manifold.png", "sample-seed3.png", "sample-seed3-manifold.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+    # The training run's own figures are untouched.
+    assert figures == {name: (out / name).read_bytes() for name in figures}
 
 
 # ---- SIGKILL and --resume -------------------------------------------------------------------------------------
 
-RESUME_ARGS = ["train", "--epochs", 8, *SMALL]
+# The same command every time, as a cluster requeue or torchrun restart runs it: --resume starts the run in
+# an empty folder and continues it afterwards.
+RESUME_ARGS = ["train", "--epochs", 8, *SMALL, "--resume"]
 
 
 def _kill_when(proc, out: Path, moment: str) -> bool:
@@ -119,8 +133,8 @@ def test_sigkill_at_any_moment_then_resume_matches_an_uninterrupted_run(tmp_path
 
     out = tmp_path / "killed"
     kills = []
-    for i, moment in enumerate(["after-checkpoint", "mid-write", "mid-epoch", "mid-write"]):
-        args = [*RESUME_ARGS, "--out", out] + (["--resume"] if i else [])
+    for moment in ["after-checkpoint", "mid-write", "mid-epoch", "mid-write"]:
+        args = [*RESUME_ARGS, "--out", out]
         p = subprocess.Popen([sys.executable, "-m", "vae_fast", *map(str, args)], env=_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         killed = _kill_when(p, out, moment)
@@ -132,8 +146,9 @@ def test_sigkill_at_any_moment_then_resume_matches_an_uninterrupted_run(tmp_path
     assert kills[0][1], "the first run must be killed after its first checkpoint"
     assert any(moment == "mid-write" and torn for moment, _, torn in kills), f"no kill landed mid-write: {kills}"
 
-    proc = _cli(*RESUME_ARGS, "--out", out, "--resume")
+    proc = _cli(*RESUME_ARGS, "--out", out)
     assert proc.returncode == 0, proc.stderr
+    assert "resuming the run" in proc.stderr
     assert _metrics(out) == _metrics(whole)
     assert not [e.name for e in os.scandir(out) if e.name.endswith(".tmp")]
     a = torch.load(whole / "checkpoint.pt", weights_only=True)["model"]
@@ -197,11 +212,17 @@ def test_bad_input_gives_one_line_and_nonzero_exit(run, tmp_path, capsys):
         (["train", "--epochs", "many"], "invalid int value: 'many'", 2),
         (["train", "--hidden", "a,b"], "comma-separated integers", 2),
         (["train", "--epochs", -1, "--out", empty], "--epochs must be", 1),
+        (["train", "--epochs", 0, "--out", empty], "--epochs must be a positive integer", 1),
+        (["train", "--resume", "--overwrite", "--out", empty], "not allowed with argument", 2),
+        (["train", "--dataset", "synthetic", "--likelihood", "bernoulli", "--out", empty], "--likelihood gaussian", 1),
+        (["train", "--out", tmp_path / "garbage" / "checkpoint.pt" / "run", "--epochs", 1, *SMALL],
+         "cannot create the run folder", 1),
+        (["train", "--config", tmp_path / "missing.toml", "--out", empty], "cannot read it: No such file", 1),
         (["train", "--lr", 0, "--out", empty], "--lr must be > 0", 1),
         (["train", "--objective", "iwae", "--beta", 0.5, "--out", empty], "ELBO only", 1),
         (["train", "--dataset", "imagenet", "--out", empty], "unknown data set 'imagenet'", 1),
         (["train", "--dataset", f"mnist:{tmp_path / 'nope'}", "--out", empty], "does not exist", 1),
-        (["train", "--resume", "--out", empty], "no checkpoint at", 1),
+        (["train", "--resume", "--out", garbage], "cannot read checkpoint", 1),
         (["train", "--resume", "--out", good, "--lr", 0.5], "not --lr 0.5 (saved: 0.001)", 1),
         (["evaluate", tmp_path / "missing"], "does not exist", 1),
         (["evaluate", empty], "no checkpoint at", 1),
@@ -216,6 +237,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(run, tmp_path, capsys):
         got_code, err = _main(argv, capsys)
         assert got_code == code and message in err, (argv, got_code, err)
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, (argv, err)
+        assert "Errno" not in err and ".tmp" not in err, (argv, err)
     assert not any(empty.iterdir())  # a failed command leaves nothing behind
 
     # And for real: a process, its exit status, its stderr.
@@ -254,9 +276,9 @@ def test_gaussian_run_on_non_image_data(tmp_path, capsys):
     """synthetic has 8 features: a loss plot but no image grids, and `sample` says why it draws nothing."""
     from vae_fast.train import TrainConfig, train
 
-    cfg = TrainConfig(dataset="synthetic", likelihood="gaussian", latent_dim=2, hidden=[], epochs=2,
-                      out=str(tmp_path))
+    cfg = TrainConfig(dataset="synthetic", latent_dim=2, hidden=[], epochs=2, out=str(tmp_path))
     result = train(cfg, progress=False)
+    assert json.loads((tmp_path / "config.json").read_text())["likelihood"] == "gaussian"  # synthetic's default
     assert result.metrics[-1]["test_elbo"] > result.metrics[0]["test_elbo"]
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["loss.png"]
     code, err = _main(["sample", tmp_path], capsys)

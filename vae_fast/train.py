@@ -503,8 +503,10 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, progress: bool, devi
                    "beta": beta, "lr": lr, "world_size": world, "time_s": round(time.perf_counter() - t0, 4)}
             metrics.append(row)
             if active == 0 and was_active:
-                _say(f"warning: epoch {epoch + 1}: 0 of {cfg.latent_dim} latent units active (posterior collapse: "
-                     "the decoder ignores z); KL warm-up (--warmup-epochs) or --free-bits can help")
+                _say(f"warning: epoch {epoch + 1}: 0 of {cfg.latent_dim} latent units active: the decoder ignores z "
+                     "(posterior collapse, if it lasts); KL warm-up (--warmup-epochs) or --free-bits can help")
+            elif active and not was_active:
+                _say(f"epoch {epoch + 1}: {active} of {cfg.latent_dim} latent units active again")
             was_active = active
             # The metrics line first, then best.pt, then the checkpoint: a resume drops lines past the
             # checkpoint's epoch and redoes (bitwise) whatever came after it.
