@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 TORCH_VERSION="${VAE_FAST_TORCH:-2.13.0}"
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check "torch==${TORCH_VERSION}"
+# diffusers: the optional test extra (tests of vf.DiagonalGaussianDistribution against diffusers' own
+# class); it depends on no torch (checked with pip install --dry-run --report).
 .venv/bin/python -m pip install -q --disable-pip-version-check "scikit-build-core>=0.10" "pybind11>=2.12" cmake ninja \
-  numpy tqdm matplotlib scikit-learn pytest hypothesis expecttest
+  numpy tqdm matplotlib scikit-learn pytest hypothesis expecttest "diffusers==0.42.1"
 .venv/bin/python -m pip install -q --disable-pip-version-check --no-build-isolation -e ".[test]"
 .venv/bin/python -c "import vae_fast, vae_fast._C as C; print('vae_fast built:', C.build_info())"
