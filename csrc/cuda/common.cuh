@@ -25,7 +25,7 @@
 #define VF_DEV inline
 #define VF_GLOBAL
 #define VF_GRID_CONST
-#define VF_SHARED static
+#define VF_SHARED_ARRAY(T, name, n) static ::emu::SharedArray<T, n> name
 #define VF_LAUNCH_BOUNDS(...)
 #define VF_UNROLL
 #define VF_NO_UNROLL
@@ -33,7 +33,7 @@
 #define VF_DEV __device__ __forceinline__
 #define VF_GLOBAL __global__
 #define VF_GRID_CONST __grid_constant__
-#define VF_SHARED __shared__
+#define VF_SHARED_ARRAY(T, name, n) __shared__ T name[n]
 #define VF_LAUNCH_BOUNDS(...) __launch_bounds__(__VA_ARGS__)
 #define VF_UNROLL _Pragma("unroll")
 #define VF_NO_UNROLL _Pragma("unroll 1")
@@ -131,6 +131,23 @@ VF_DEV int64_t fdiv(const FastDiv& f, int64_t n) {
   const uint64_t t = umul64hi(nn, f.m64);
   return static_cast<int64_t>((t + nn) >> f.s);
 }
+
+// floor(u * total / n) for 0 <= u <= n, with total = q * n + r (0 <= r < n) and div dividing by n:
+// u * q + floor(u * r / n), never forming u * total, which overflows int64 once both pass ~3e9
+// (a per-target unit of the reorder mode has total == n: then r == 0). The caller guarantees
+// n * r < 2^63 (make_split refuses otherwise).
+struct Split {
+  int64_t q = 0, r = 0;
+  FastDiv div;
+};
+inline bool make_split(int64_t total, int64_t n, Split& s) {
+  if (n < 1 || total < 0) return false;
+  s.q = total / n;
+  s.r = total % n;
+  s.div = make_fastdiv(n);
+  return s.r == 0 || n <= (INT64_MAX / s.r);
+}
+VF_DEV int64_t split_point(const Split& s, int64_t u) { return u * s.q + fdiv(s.div, u * s.r); }
 
 // Adds the coordinates of flat index idx over n dims (C order: dim n-1 varies fastest; div[d]
 // divides by the size of dim d) times per-operand strides: off[o] += c_d * stride(o, d), innermost
@@ -309,11 +326,42 @@ struct Mem<double> {  // every operand is float64 in a float64 launch
   }
 };
 
+// ---- compensated summation ------------------------------------------------------------------
+// Every sum in these kernels is a CSum: the running sum s and the exact rounding error of each
+// addition accumulated in c (Knuth's TwoSum: branch-free, exact in IEEE arithmetic with
+// round-to-nearest), so a float sum of n terms is off by about eps + n * eps^2 relative instead of
+// n * eps: float32 sums of 1e8 terms agree with float64 to ~1e-7. The value is s + c. merge is
+// symmetric (TwoSum's error is exact, so it is the same whichever operand comes first), which the
+// butterfly below needs: both partners must compute bitwise the same pair.
+template <class A>
+struct CSum {
+  A s, c;
+  VF_DEV CSum() : s(A(0)), c(A(0)) {}
+  VF_DEV void add(A x) {
+    const A t = s + x;
+    const A bp = t - s;
+    c += (s - (t - bp)) + (x - bp);
+    s = t;
+  }
+  VF_DEV void merge(const CSum& o) {
+    const A c2 = c + o.c;
+    c = A(0);
+    add(o.s);
+    c += c2;
+  }
+  VF_DEV A value() const { return s + c; }
+};
+// CSum as stored in shared memory (a trivial type: __shared__ variables take no constructor).
+template <class A>
+struct SumPair {
+  A s, c;
+};
+
 // ---- deterministic group reduction -----------------------------------------------------------
 // A group is tpr threads (a power of two): an aligned slice of a warp when tpr <= 32 (mask names
 // its lanes), or the whole block when tpr > 32 (then every thread of the block must call it the
-// same number of times). Fixed butterfly: every lane of the group returns the same, bitwise
-// reproducible sum (IEEE addition is commutative, so partners compute identical values).
+// same number of times). Fixed butterfly over (sum, error) pairs: every lane of the group returns
+// the same, bitwise reproducible sum. smem: VF_SHARED_ARRAY(SumPair<A>, name, 32).
 VF_DEV unsigned group_mask(int tpr, int tid) {
   if (tpr >= 32) return 0xffffffffu;
   const unsigned m = (1u << tpr) - 1u;
@@ -321,22 +369,39 @@ VF_DEV unsigned group_mask(int tpr, int tid) {
 }
 
 template <class A>
-VF_DEV A group_sum(A v, int tpr, unsigned mask, A* smem /* >= 32 */) {
+VF_DEV void shfl_merge(unsigned mask, CSum<A>& v, int off) {
+  CSum<A> o;
+  o.s = shfl_xor(mask, v.s, off);
+  o.c = shfl_xor(mask, v.c, off);
+  v.merge(o);
+}
+
+#ifndef VF_DROP_BARRIER  // test-only: 1 or 2 drops that barrier of group_sum (see race_check.cu)
+#define VF_DROP_BARRIER 0
+#endif
+
+template <class A, class Smem>
+VF_DEV A group_sum(CSum<A> v, int tpr, unsigned mask, Smem& smem) {
   if (tpr <= 32) {
-    for (int off = tpr >> 1; off > 0; off >>= 1) v += shfl_xor(mask, v, off);
-    return v;
+    for (int off = tpr >> 1; off > 0; off >>= 1) shfl_merge(mask, v, off);
+    return v.value();
   }
   VF_UNROLL
-  for (int off = 16; off > 0; off >>= 1) v += shfl_xor(0xffffffffu, v, off);
+  for (int off = 16; off > 0; off >>= 1) shfl_merge(0xffffffffu, v, off);
   const int tid = tid_x();
   const int lane = tid & 31, warp = tid >> 5, nw = tpr >> 5;
-  sync_block();  // smem may still be read by a previous call
-  if (lane == 0) smem[warp] = v;
-  sync_block();
-  v = lane < nw ? smem[lane] : A(0);
+  if (VF_DROP_BARRIER != 1) sync_block();  // smem may still be read by a previous call
+  if (lane == 0) smem[warp] = SumPair<A>{v.s, v.c};
+  if (VF_DROP_BARRIER != 2) sync_block();
+  v = CSum<A>();
+  if (lane < nw) {
+    const SumPair<A> t = smem[lane];
+    v.s = t.s;
+    v.c = t.c;
+  }
   VF_UNROLL
-  for (int off = 16; off > 0; off >>= 1) v += shfl_xor(0xffffffffu, v, off);
-  return v;
+  for (int off = 16; off > 0; off >>= 1) shfl_merge(0xffffffffu, v, off);
+  return v.value();
 }
 
 // The calling thread's place among groups of tpr threads (a power of two) that each take one item
@@ -351,10 +416,20 @@ struct ThreadGroup {
       : tpr(t), tid(tid_x()), lane(tid & (t - 1)), mask(group_mask(t, tid)), lg(ilog2_pow2(t)),
         gpb(bdim_x() >> lg), ngroups(gdim_x() * gpb) {}
   VF_DEV int64_t first() const { return bid_x() * gpb + (tid >> lg); }
-  // group_sum over this group (smem: >= 32 elements of shared memory).
-  template <class A>
-  VF_DEV A sum(A v, A* smem) const { return group_sum(v, tpr, mask, smem); }
+  // group_sum over this group (smem: VF_SHARED_ARRAY(SumPair<A>, name, 32)).
+  template <class A, class Smem>
+  VF_DEV A sum(const CSum<A>& v, Smem& smem) const { return group_sum(v, tpr, mask, smem); }
 };
+
+// ---- random normals ---------------------------------------------------------------------------
+// The four normals of Philox block b (elements 4b .. 4b+3 of the flat index space), philox.h's
+// layout: what every sampling kernel draws.
+VF_DEV void normals4(uint64_t seed, uint64_t b, float (&n)[4]) {
+  uint32_t x[4];
+  philox::block(seed, b, x);
+  elbo::box_muller(philox::uniform(x[0]), philox::uniform(x[1]), n[0], n[1]);
+  elbo::box_muller(philox::uniform(x[2]), philox::uniform(x[3]), n[2], n[3]);
+}
 
 // ---- launch helper -------------------------------------------------------------------------
 template <class... P, class... Args>
@@ -371,17 +446,17 @@ inline cudaError_t launch_kernel(void (*kernel)(P...), int64_t grid, int block, 
 #endif
 }
 
-// SM count of the current device (cached per device). Only ever sizes grids, never changes a
-// result. A failed query falls back to 132 (H100 SXM) and clears its error, so that the
+// SM count of `device` (cached per device; -1: the current device). Only ever sizes grids, never
+// changes a result. A failed query falls back to 132 (H100 SXM) and clears its error, so that the
 // cudaGetLastError after the next launch reports that launch only.
-inline int num_sms() {
+inline int num_sms(int device = -1) {
 #if defined(VF_EMULATE)
-  return emu::sms();
+  return emu::sms(device);
 #else
   constexpr int kMaxDevices = 64;
   static std::atomic<int> cache[kMaxDevices];
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) {
+  int dev = device;
+  if (dev < 0 && cudaGetDevice(&dev) != cudaSuccess) {
     (void)cudaGetLastError();
     return 132;
   }

@@ -11,7 +11,15 @@
 //    every kernel load and store is bounds-checked against the live allocations;
 //  * no two threads may write the same 2-byte granule in one launch (the kernels' determinism
 //    rests on every output and partial-sum slot having one owner thread);
-//  * a deadlock (no runnable fiber, no barrier that can open) is an error.
+//  * a deadlock (no runnable fiber, no barrier that can open) is an error;
+//  * shared memory (VF_SHARED_ARRAY) is poisoned at the start of every block, and every access is
+//    checked against the accesses of the other threads since the last barrier: a read of a slot
+//    that no thread has written in this block, a read of a slot another thread wrote since the
+//    last barrier (read-after-write), and a write to a slot another thread read or wrote since
+//    the last barrier (write-after-read/write) are errors, whichever order the threads ran in;
+//  * the threads of a block are scheduled in one of several orders (ascending, descending, a
+//    seeded shuffle), changing from block to block, so order-dependent results show up as
+//    mismatches between blocks and runs.
 // Errors print a line and abort().
 #pragma once
 #include <ucontext.h>
@@ -20,8 +28,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <functional>
 #include <map>
+#include <random>
 #include <unordered_map>
 #include <vector>
 
@@ -48,9 +58,17 @@ struct State {
   const std::function<void()>* body = nullptr;
   std::map<uintptr_t, size_t> allocs;                  // base -> bytes
   std::unordered_map<uintptr_t, int64_t> writers;      // granule -> writer id (this launch)
-  int sms = 2;
   int64_t launches = 0;
+  uint64_t epoch = 0;                // barrier intervals: a new one at every block start and barrier
+  std::vector<struct SharedBase*> shared;  // every VF_SHARED_ARRAY, poisoned at each block start
+  std::vector<int> order;            // the order in which the block's threads are run
+  int64_t blocks_run = 0;
 };
+
+// SM counts of the emulated devices: device 0 (the current one) has 2, device 1 has 8 (a mixed
+// machine, so that a host computation on the wrong device shows).
+constexpr int kDevices = 2;
+constexpr int kSms[kDevices] = {2, 8};
 
 inline State& S() {
   static State s;
@@ -67,7 +85,7 @@ inline int tid() { return S().cur; }
 inline unsigned bid() { return S().bx; }
 inline unsigned bdim() { return S().bdx; }
 inline unsigned gdim() { return S().gx; }
-inline int sms() { return S().sms; }
+inline int sms(int device) { return kSms[device >= 0 && device < kDevices ? device : 0]; }
 
 inline void yield_to_scheduler() {
   State& s = S();
@@ -130,6 +148,74 @@ inline void note_write(const void* p, size_t n) {
   }
 }
 
+// ---- shared memory ---------------------------------------------------------------------------
+struct SharedBase {
+  virtual void poison() = 0;
+  virtual ~SharedBase() = default;
+};
+
+// N elements of T in "shared memory", with a shadow per element: who wrote it and who read it in
+// which barrier interval. Accessed through operator[] (a proxy that checks every read and write).
+template <class T, int N>
+struct SharedArray : SharedBase {
+  T data[N];
+  struct Shadow {
+    bool written = false;
+    uint64_t w_epoch = ~uint64_t{0}, r_epoch = ~uint64_t{0};
+    int writer = -1, reader = -1;  // reader -2: several threads read in r_epoch
+  } shadow[N];
+
+  SharedArray() {
+    S().shared.push_back(this);
+    poison();
+  }
+  void poison() override {
+    std::memset(static_cast<void*>(data), 0xff, sizeof data);
+    for (auto& x : shadow) x = Shadow{};
+  }
+  void check_index(int i) {
+    if (i < 0 || i >= N) die("shared memory index out of bounds");
+  }
+  T read(int i) {
+    check_index(i);
+    State& s = S();
+    Shadow& h = shadow[i];
+    if (!h.written) die("read of shared memory that no thread of this block has written");
+    if (h.w_epoch == s.epoch && h.writer != s.cur)
+      die("shared memory race: read of a slot another thread wrote since the last barrier");
+    if (h.r_epoch == s.epoch && h.reader != s.cur) {
+      h.reader = -2;
+    } else if (h.r_epoch != s.epoch) {
+      h.r_epoch = s.epoch;
+      h.reader = s.cur;
+    }
+    return data[i];
+  }
+  void write(int i, const T& v) {
+    check_index(i);
+    State& s = S();
+    Shadow& h = shadow[i];
+    if (h.w_epoch == s.epoch && h.writer != s.cur)
+      die("shared memory race: two threads wrote one slot since the last barrier");
+    if (h.r_epoch == s.epoch && h.reader != s.cur)
+      die("shared memory race: write to a slot another thread read since the last barrier");
+    h.written = true;
+    h.w_epoch = s.epoch;
+    h.writer = s.cur;
+    data[i] = v;
+  }
+  struct Ref {
+    SharedArray* a;
+    int i;
+    operator T() const { return a->read(i); }
+    Ref& operator=(const T& v) {
+      a->write(i, v);
+      return *this;
+    }
+  };
+  Ref operator[](int i) { return Ref{this, i}; }
+};
+
 inline cudaError_t Malloc(void** p, size_t n) {
   const size_t bytes = ((n + 255) / 256) * 256 + 256;
   void* q = std::aligned_alloc(256, bytes);
@@ -171,9 +257,17 @@ inline void run_block() {
     f.ctx.uc_link = &s.main_ctx;
     makecontext(&f.ctx, fiber_entry, 0);
   }
+  for (SharedBase* a : s.shared) a->poison();
+  ++s.epoch;
+  // The order of this block's threads: ascending, descending or shuffled, in turn.
+  s.order.resize(n);
+  for (int t = 0; t < n; ++t) s.order[t] = t;
+  const int64_t kind = s.blocks_run++ % 3;
+  if (kind == 1) std::reverse(s.order.begin(), s.order.end());
+  if (kind == 2) std::shuffle(s.order.begin(), s.order.end(), std::mt19937(static_cast<unsigned>(s.blocks_run)));
   for (;;) {
     bool ran = false;
-    for (int t = 0; t < n; ++t) {
+    for (int t : s.order) {
       if (s.fibers[t].state != kRun) continue;
       s.cur = t;
       swapcontext(&s.main_ctx, &s.fibers[t].ctx);
@@ -220,6 +314,7 @@ inline void run_block() {
     if (bar > 0 && bar + done == n) {
       if (done > 0) die("__syncthreads while some threads of the block have exited");
       for (auto& f : s.fibers) f.state = kRun;
+      ++s.epoch;
       continue;
     }
     die("deadlock: threads wait at barriers that cannot open");

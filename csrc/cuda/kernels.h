@@ -34,8 +34,8 @@ cudaError_t launch_sample_forward(const SampleArgs& args, cudaStream_t stream);
 // grad_mu / grad_logvar from grad_z (eps regenerated from the seed), grad_log_q and grad_kl.
 cudaError_t launch_sample_backward(const SampleArgs& args, cudaStream_t stream);
 
-// A good RowLayout::n_blocks for a launch_rows backward with accumulate outputs on the current
-// device. slice_numel: the largest block_stride among the *accumulated* outputs only (the numel of
+// A good RowLayout::n_blocks for a launch_rows backward with accumulate outputs on `device` (the
+// device the launch will run on; its SM count sizes the choice). slice_numel: the largest block_stride among the *accumulated* outputs only (the numel of
 // the largest broadcast argument whose gradient is wanted; never a full-size gradient, which is
 // written directly and needs no slices). Returns 1 when slice_numel >= rows: the targets then
 // follow the rows, and with n_blocks == 1 the kernels reduce every target over its broadcast dims
@@ -45,6 +45,6 @@ cudaError_t launch_sample_backward(const SampleArgs& args, cudaStream_t stream);
 // Correctness never depends on the choice; speed does: n_blocks == 1 with a few large reductions
 // (a scalar or per-feature logvar over a big batch) leaves one thread group per target.
 // Depends only on the shapes and the device's SM count, never on data. Host only; no launch.
-int64_t suggest_n_blocks(int64_t rows, int64_t event_numel, int64_t slice_numel);
+int64_t suggest_n_blocks(int device, int64_t rows, int64_t event_numel, int64_t slice_numel);
 
 }  // namespace vae_fast::cuda

@@ -18,7 +18,10 @@
 //    Reorder mode (n_blocks == 1): a unit is one target of one output; the kept dims are the rows,
 //    the broadcast dims the event, so every target is reduced by one group in one pass.
 // Loads are 16-byte vectors when a chunk is unit-stride and aligned (8 bytes for 16-bit types);
-// the summation order never depends on that.
+// the summation order never depends on that. Every sum is compensated (common.cuh's CSum): per
+// lane, then a fixed butterfly over (sum, error) pairs. An accumulated slice slot receives one
+// addition per run of consecutive rows that share its target (the glue's slices then add in
+// order); within a run the sum is compensated.
 #include "kernels.h"
 #include "common.cuh"
 #include "../row_ops.h"
@@ -33,7 +36,9 @@ namespace detail {
 
 // ---- kernel parameters -------------------------------------------------------------------------
 constexpr int kMaxRowDims = 2 * kMaxDims;  // reorder mode may move event dims to the rows
-constexpr int kMaxEvDims = kMaxDims;
+// Reorder mode makes every broadcast dim of an output (row or event, up to 2 * kMaxDims of them)
+// an event dim: all but the innermost are "outer" event dims.
+constexpr int kMaxEvDims = 2 * kMaxDims - 1;
 constexpr int kMaxOps = 9;                 // at most 5 inputs + 4 outputs (KlBwd)
 
 enum Cls : int32_t {
@@ -64,8 +69,8 @@ struct KParams {
   int64_t inner = 1;           // size of the innermost event dim
   int64_t cpi = 0;             // chunks per innermost line: ceil(inner / 4)
   int64_t n_chunks = 0;        // chunks per row: cpi * product of the outer event dims
-  int64_t n_units = 0, unit_rows = 0, row_mult = 1;  // acc_kernel's units (see the top)
-  FastDiv udiv;                                       // by n_units
+  int64_t n_units = 0, row_mult = 1;  // acc_kernel's units (see the top)
+  Split usplit;                       // unit u owns rows [split_point(u), split_point(u + 1)) * row_mult
   KOp op[kMaxOps];
 };
 
@@ -120,13 +125,13 @@ template <OpKind K, class A>
 VF_GLOBAL void VF_LAUNCH_BOUNDS(512, 1) reduce_kernel(const VF_GRID_CONST KParams p) {
   using D = RowOp<K>;
   constexpr int NI = D::kIn, N = D::kIn + 1;
-  VF_SHARED A smem[32];
+  VF_SHARED_ARRAY(SumPair<A>, smem, 32);
   const ThreadGroup g(p.tpr);
   VF_NO_UNROLL
   for (int64_t row = g.first(); row < p.rows; row += g.ngroups) {
     int64_t roff[N];
     row_offsets(p, row, roff);
-    A acc = A(0);
+    CSum<A> acc;
     VF_NO_UNROLL
     for (int64_t c = g.lane; c < p.n_chunks; c += g.tpr) {
       int64_t eoff[N];
@@ -136,10 +141,10 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(512, 1) reduce_kernel(const VF_GRID_CONST KParam
       apply4<D, A>(v, y);
       VF_UNROLL
       for (int e = 0; e < 4; ++e)
-        if (e < valid) acc += y[0][e];
+        if (e < valid) acc.add(y[0][e]);
     }
-    acc = g.sum(acc, smem);
-    if (g.lane == 0) Mem<A>::store1(p.op[NI].data, p.op[NI].dtype, roff[NI], acc);
+    const A total = g.sum(acc, smem);
+    if (g.lane == 0) Mem<A>::store1(p.op[NI].data, p.op[NI].dtype, roff[NI], total);
   }
 }
 
@@ -186,12 +191,12 @@ template <OpKind K, class A>
 VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) acc_kernel(const VF_GRID_CONST KParams p) {
   using D = RowOp<K>;
   constexpr int NI = D::kIn, NO = D::kOut, N = NI + NO;
-  VF_SHARED A smem[32];
+  VF_SHARED_ARRAY(SumPair<A>, smem, 32);
   const ThreadGroup g(p.tpr);
   VF_NO_UNROLL
   for (int64_t u = g.first(); u < p.n_units; u += g.ngroups) {  // group-uniform
-    const int64_t r0 = fdiv(p.udiv, u * p.unit_rows) * p.row_mult;
-    const int64_t r1 = fdiv(p.udiv, (u + 1) * p.unit_rows) * p.row_mult;
+    const int64_t r0 = split_point(p.usplit, u) * p.row_mult;
+    const int64_t r1 = split_point(p.usplit, u + 1) * p.row_mult;
     A* slice[NO];
     VF_UNROLL
     for (int o = 0; o < NO; ++o) {
@@ -199,11 +204,11 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) acc_kernel(const VF_GRID_CONST KParams p
       slice[o] = q.cls >= kAccRow ? static_cast<A*>(q.data) + u * q.block_stride : nullptr;
     }
     // kAccRow state: the group's partial for target rprev[o] (carried across chunk passes).
-    A racc[NO];
+    CSum<A> racc[NO];
     int64_t rprev[NO];
     bool rhas[NO];
     VF_UNROLL
-    for (int o = 0; o < NO; ++o) { racc[o] = A(0); rprev[o] = 0; rhas[o] = false; }
+    for (int o = 0; o < NO; ++o) { rprev[o] = 0; rhas[o] = false; }
 
     VF_NO_UNROLL
     for (int64_t cb = 0; cb < p.n_chunks; cb += g.tpr) {  // group-uniform trip count
@@ -217,13 +222,11 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) acc_kernel(const VF_GRID_CONST KParams p
         for (int o = 0; o < N; ++o) eoff[o] = 0;
       }
       // kAccElem state: this lane's partials for its chunk's targets at row part eprev[o].
-      A eacc[NO][4];
+      CSum<A> eacc[NO][4];
       int64_t eprev[NO];
       bool ehas[NO];
       VF_UNROLL
       for (int o = 0; o < NO; ++o) {
-        VF_UNROLL
-        for (int e = 0; e < 4; ++e) eacc[o][e] = A(0);
         eprev[o] = 0;
         ehas[o] = false;
       }
@@ -239,7 +242,7 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) acc_kernel(const VF_GRID_CONST KParams p
             if (rhas[o] && t != rprev[o]) {  // uniform: depends on the row only
               const A total = g.sum(racc[o], smem);
               if (g.lane == 0) acc_add(slice[o] + rprev[o], total);
-              racc[o] = A(0);
+              racc[o] = CSum<A>();
             }
             rprev[o] = t;
             rhas[o] = true;
@@ -247,8 +250,8 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) acc_kernel(const VF_GRID_CONST KParams p
             if (ehas[o] && t != eprev[o]) {
               VF_UNROLL
               for (int e = 0; e < 4; ++e) {
-                if (e < valid) acc_add(slice[o] + (eprev[o] + eoff[NI + o] + e * q.inner), eacc[o][e]);
-                eacc[o][e] = A(0);
+                if (e < valid) acc_add(slice[o] + (eprev[o] + eoff[NI + o] + e * q.inner), eacc[o][e].value());
+                eacc[o][e] = CSum<A>();
               }
             }
             eprev[o] = t;
@@ -264,10 +267,10 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) acc_kernel(const VF_GRID_CONST KParams p
             if (q.cls == kAccRow) {
               VF_UNROLL
               for (int e = 0; e < 4; ++e)
-                if (e < valid) racc[o] += y[o][e];
+                if (e < valid) racc[o].add(y[o][e]);
             } else if (q.cls == kAccElem) {
               VF_UNROLL
-              for (int e = 0; e < 4; ++e) eacc[o][e] += y[o][e];
+              for (int e = 0; e < 4; ++e) eacc[o][e].add(y[o][e]);
             }
           }
         }
@@ -278,7 +281,7 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) acc_kernel(const VF_GRID_CONST KParams p
         if (q.cls == kAccElem && ehas[o]) {
           VF_UNROLL
           for (int e = 0; e < 4; ++e)
-            if (e < valid) acc_add(slice[o] + (eprev[o] + eoff[NI + o] + e * q.inner), eacc[o][e]);
+            if (e < valid) acc_add(slice[o] + (eprev[o] + eoff[NI + o] + e * q.inner), eacc[o][e].value());
         }
       }
     }
@@ -449,11 +452,10 @@ template <OpKind K, class A>
 cudaError_t launch_acc(KParams& p, const Dims& rows, const Dims& ev, int nops, int64_t n_units,
                        int64_t unit_rows, int64_t row_mult, cudaStream_t stream) {
   if (!set_geometry(p, rows, ev, nops)) return cudaErrorInvalidValue;
-  p.n_units = n_units;
-  p.unit_rows = unit_rows;
-  p.row_mult = row_mult;
-  p.udiv = make_fastdiv(n_units);
   if (n_units <= 0 || p.n_chunks == 0) return cudaSuccess;
+  p.n_units = n_units;
+  p.row_mult = row_mult;
+  if (!make_split(unit_rows, n_units, p.usplit)) return cudaErrorInvalidValue;
   p.tpr = pick_tpr(p.n_chunks, n_units, 256);
   int64_t grid;
   int block;
@@ -650,12 +652,12 @@ cudaError_t launch_rows(OpKind op, const RowArgs& args, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
-int64_t suggest_n_blocks(int64_t rows, int64_t event_numel, int64_t slice_numel) {
+int64_t suggest_n_blocks(int device, int64_t rows, int64_t event_numel, int64_t slice_numel) {
   if (rows <= 1) return 1;
   // A slice at least as large as the rows means the targets (mostly) follow the rows: the
   // reorder mode (n_blocks == 1) is then fully parallel over the targets and needs no slices.
   if (slice_numel >= rows) return 1;
-  int64_t n = std::min<int64_t>(rows, static_cast<int64_t>(detail::num_sms()) * 32);
+  int64_t n = std::min<int64_t>(rows, static_cast<int64_t>(detail::num_sms(device)) * 32);
   const int64_t budget = std::max<int64_t>(rows * std::max<int64_t>(event_numel, 1) / 4, 1 << 20);
   if (slice_numel > 0) n = std::min(n, std::max<int64_t>(budget / slice_numel, 1));
   return std::max<int64_t>(n, 1);

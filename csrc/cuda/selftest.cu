@@ -166,6 +166,7 @@ struct ArgSpec {
   bool transposed = false;  // memory layout with the dims in reverse order
   int64_t pad = 0;          // leading elements: misaligns the data pointer
   bool grad = true;
+  std::function<double(int64_t)> value;  // when set: the value of element i (memory order), not `role`
 };
 
 struct RowCase {
@@ -176,6 +177,7 @@ struct RowCase {
   std::vector<ArgSpec> args;
   int64_t n_blocks = 1;
   bool elementwise = false;
+  double rtol32 = 1e-5;  // float32/16 compute tolerance, relative to the sum of the terms' magnitudes
 };
 
 int64_t prod(const std::vector<int64_t>& v) {
@@ -336,6 +338,7 @@ RowRun run_row_case(const RowCase& c, bool check = true) {
                                 : a.role == kX01 ? uniform(0.0, 1.0)
                                 : a.role == kLogit ? normal(3.0)
                                 : normal(1.0);
+    if (a.value) gen = [f = a.value, i = int64_t{0}]() mutable { return f(i++); };
     vals.push_back(fill(in.back(), gen));
     strides.push_back(mem_strides(a.shape, a.transposed));
   }
@@ -375,7 +378,7 @@ RowRun run_row_case(const RowCase& c, bool check = true) {
       int bad = 0;
       std::string first;
       for (size_t o = 0; o < got.size(); ++o)
-        if (!close(got[o], ref[o], mag[o], f64 ? 1e-13 : 1e-5, 1e-300)) {
+        if (!close(got[o], ref[o], mag[o], f64 ? 1e-13 : c.rtol32, 1e-300)) {
           if (!bad++) first = "at " + std::to_string(o) + ": got " + std::to_string(got[o]) +
                               " want " + std::to_string(ref[o]);
         }
@@ -477,7 +480,7 @@ RowRun run_row_case(const RowCase& c, bool check = true) {
       std::string first;
       for (int64_t e = 0; e < n; ++e) {
         // compute error (bounded by the intermediates) + the rounding of the stored value
-        const double tol = (f64 ? 1e-13 : 1e-5) * mag[i][e] + 2 * store_rtol(od) * std::fabs(ref[i][e]) +
+        const double tol = (f64 ? 1e-13 : c.rtol32) * mag[i][e] + 2 * store_rtol(od) * std::fabs(ref[i][e]) +
                            (od == DType::Float16 ? 6e-8 : 0.0);  // half subnormal spacing 2^-24
         if (!close(logical[e], ref[i][e], 0.0, 0.0, tol + 1e-300)) {
           if (!bad++) {
@@ -573,6 +576,29 @@ void row_tests() {
        {arg({2, 3, 2, 3, 5, 2}, kNormal), arg({1, 3, 1, 3, 5, 2}, kMu), arg({2, 1, 2, 3, 1, 2}, kLv)},
        4});
 
+  // More reduced (broadcast) dims than a forward has event dims: a scalar logvar against 10 dims
+  // that cannot be coalesced (x is stored transposed), in reorder mode and in row-block mode.
+  for (int64_t nb : {1, 3}) {
+    RowCase c{"gauss scalar logvar over 10 uncoalescable dims nb=" + std::to_string(nb), OpKind::GaussLpFwd,
+              OpKind::GaussLpBwd, {2, 3, 2, 3, 2, 3, 2, 3, 2, 3}, 5,
+              {arg({2, 3, 2, 3, 2, 3, 2, 3, 2, 3}, kNormal), arg({2, 3, 2, 3, 2, 3, 2, 3, 2, 3}, kMu),
+               arg({1, 1, 1, 1, 1, 1, 1, 1, 1, 1}, kLv)}, nb};
+    c.args[0].transposed = true;
+    add(c);
+  }
+  // Long rows: compensated sums. The first 2048 elements of each row (the first chunk of every
+  // lane) have KL terms of 5000, the other 2^20 - 2048 terms of 5e-5: a plain float32 running sum
+  // drops every small term (half an ulp of 2e4 is 1e-3) and is off by 5e-6 relative; the
+  // compensated one keeps them. The scalar logvar's gradient reduces all 2^21 elements.
+  {
+    const int64_t n = int64_t{1} << 20;
+    RowCase c{"klstd 2 rows of 2^20, compensated sums", OpKind::KlStdFwd, OpKind::KlStdBwd, {2, n}, 1,
+              {arg({2, n}, kMu), arg({1, 1}, kLv)}, 1};
+    c.args[0].value = [n](int64_t i) { return (i % n) < 2048 ? 100.0 : 0.01; };
+    c.args[1].value = [](int64_t) { return 0.0; };
+    c.rtol32 = 5e-7;
+    add(c);
+  }
   for (auto& c : cases) run_row_case(c);
 
   // Random problems: rank, event dims, broadcast pattern, dtypes, layouts, misalignment, n_blocks.
@@ -653,33 +679,77 @@ float host_eps(uint64_t seed, uint64_t i) {
   return n[i % 4];
 }
 
-// The arguments every sampling launch shares: mu, logvar (R x E of dt), the seed, K samples.
-SampleArgs sample_args(const DevBuf& mu, const DevBuf& lv, const DevBuf& sd, DType dt, int64_t R,
-                       int64_t E, int64_t K) {
+// How a sampling case hands mu and logvar to the kernels.
+struct SampleOpts {
+  bool strided = false;        // mu, logvar = the two halves of each row of a (R, 2E) tensor
+  bool seed_by_value = false;  // SampleArgs::seed_value instead of a device seed
+  bool path_only = false;      // backward: log_q_path_only
+};
+
+// mu and logvar (R x E logical, of dt) in device memory as opts say, with their logical values.
+struct SampleInputs {
+  DevBuf mu, lv, par, sd;
+  std::vector<double> muv, lvv;
   SampleArgs sa;
-  sa.mu = mu.data;
-  sa.logvar = lv.data;
-  sa.dtype = dt;
-  sa.rows = R;
-  sa.event_numel = E;
-  sa.num_samples = K;
-  sa.seed = static_cast<const int64_t*>(sd.data);
-  return sa;
+  SampleInputs(DType dt, int64_t R, int64_t E, int64_t K, int64_t seed, const SampleOpts& o) : sd(DType::Float64, 1) {
+    const int64_t RE = R * E;
+    if (o.strided) {
+      // one (R, 2E) buffer: logical element m of mu at (m / E) * 2E + m % E, of logvar E later
+      par = DevBuf(dt, 2 * RE);
+      std::vector<double> pv = fill(par, [&, i = int64_t{0}]() mutable {
+        const bool is_lv = E > 0 && (i++ / E) % 2 == 1;
+        return is_lv ? uniform(-3.0, 3.0)() : normal(1.0)();
+      });
+      for (int64_t m = 0; m < RE; ++m) {
+        muv.push_back(pv[(m / E) * 2 * E + m % E]);
+        lvv.push_back(pv[(m / E) * 2 * E + E + m % E]);
+      }
+      sa.mu = par.data;
+      sa.logvar = static_cast<char*>(par.data) + E * dsize(dt);
+      sa.run = std::max<int64_t>(E, 1);
+      sa.mu_run_stride = sa.logvar_run_stride = 2 * E;
+    } else {
+      mu = DevBuf(dt, RE);
+      lv = DevBuf(dt, RE);
+      muv = fill(mu, normal(1.0));
+      lvv = fill(lv, uniform(-3.0, 3.0));
+      sa.mu = mu.data;
+      sa.logvar = lv.data;
+      sa.run = sa.mu_run_stride = sa.logvar_run_stride = std::max<int64_t>(RE, 1);
+    }
+    sa.dtype = dt;
+    sa.rows = R;
+    sa.event_numel = E;
+    sa.num_samples = K;
+    if (o.seed_by_value) {
+      sa.seed_value = static_cast<uint64_t>(seed);
+    } else {
+      CK(cudaMemcpy(sd.data, &seed, 8, cudaMemcpyHostToDevice));
+      sa.seed = static_cast<const int64_t*>(sd.data);
+    }
+    sa.log_q_path_only = o.path_only;
+  }
+};
+
+std::string opts_name(const SampleOpts& o) {
+  return std::string(o.strided ? " strided" : "") + (o.seed_by_value ? " seed-by-value" : "") +
+         (o.path_only ? " path-only" : "");
 }
 
 void sample_case(DType dt, int64_t R, int64_t E, int64_t K, int64_t seed, bool want_z,
-                 bool want_lq, bool want_kl) {
+                 bool want_lq, bool want_kl, const SampleOpts& opts = {}) {
   const std::string name = std::string("sample ") + dname(dt) + " R=" + std::to_string(R) +
                            " E=" + std::to_string(E) + " K=" + std::to_string(K) +
-                           (want_z ? " z" : "") + (want_lq ? " log_q" : "") + (want_kl ? " kl" : "");
+                           (want_z ? " z" : "") + (want_lq ? " log_q" : "") + (want_kl ? " kl" : "") +
+                           opts_name(opts);
   const bool f64 = dt == DType::Float64;
   const DType acc = f64 ? DType::Float64 : DType::Float32;
   const int64_t RE = R * E;
-  DevBuf mu(dt, RE), lv(dt, RE), sd(DType::Float64, 1);
-  const std::vector<double> muv = fill(mu, normal(1.0)), lvv = fill(lv, uniform(-3.0, 3.0));
-  CK(cudaMemcpy(sd.data, &seed, 8, cudaMemcpyHostToDevice));
+  SampleInputs in(dt, R, E, K, seed, opts);
+  const std::vector<double>& muv = in.muv;
+  const std::vector<double>& lvv = in.lvv;
   DevBuf z(dt, K * RE), lq(acc, K * R), kl(acc, R);
-  SampleArgs sa = sample_args(mu, lv, sd, dt, R, E, K);
+  SampleArgs sa = in.sa;
   sa.z = want_z ? z.data : nullptr;
   sa.log_q = want_lq ? lq.data : nullptr;
   sa.kl = want_kl ? kl.data : nullptr;
@@ -742,21 +812,22 @@ void sample_case(DType dt, int64_t R, int64_t E, int64_t K, int64_t seed, bool w
 }
 
 void sample_bwd_case(DType dt, int64_t R, int64_t E, int64_t K, int64_t seed, bool has_gz,
-                     bool has_gq, bool has_gkl, bool want_mu, bool want_lv) {
+                     bool has_gq, bool has_gkl, bool want_mu, bool want_lv, const SampleOpts& opts = {}) {
   const std::string name = std::string("sample bwd ") + dname(dt) + " R=" + std::to_string(R) +
                            " E=" + std::to_string(E) + " K=" + std::to_string(K) +
                            (has_gz ? " gz" : "") + (has_gq ? " gq" : "") + (has_gkl ? " gkl" : "") +
-                           (want_mu ? " ->mu" : "") + (want_lv ? " ->lv" : "");
+                           (want_mu ? " ->mu" : "") + (want_lv ? " ->lv" : "") + opts_name(opts);
   const bool f64 = dt == DType::Float64;
   const DType acc = f64 ? DType::Float64 : DType::Float32;
   const int64_t RE = R * E;
-  DevBuf mu(dt, RE), lv(dt, RE), sd(DType::Float64, 1), gz(dt, K * RE), gq(acc, K * R), gkl(acc, R);
+  SampleInputs in(dt, R, E, K, seed, opts);
+  const std::vector<double>& muv = in.muv;
+  const std::vector<double>& lvv = in.lvv;
+  DevBuf gz(dt, K * RE), gq(acc, K * R), gkl(acc, R);
   DevBuf gmu(dt, RE), glv(dt, RE);
-  const std::vector<double> muv = fill(mu, normal(1.0)), lvv = fill(lv, uniform(-3.0, 3.0));
   const std::vector<double> gzv = fill(gz, normal(1.0)), gqv = fill(gq, normal(1.0));
   const std::vector<double> gklv = fill(gkl, normal(1.0));
-  CK(cudaMemcpy(sd.data, &seed, 8, cudaMemcpyHostToDevice));
-  SampleArgs sa = sample_args(mu, lv, sd, dt, R, E, K);
+  SampleArgs sa = in.sa;
   sa.grad_z = has_gz ? gz.data : nullptr;
   sa.grad_log_q = has_gq ? gq.data : nullptr;
   sa.grad_kl = has_gkl ? gkl.data : nullptr;
@@ -771,18 +842,29 @@ void sample_bwd_case(DType dt, int64_t R, int64_t E, int64_t K, int64_t seed, bo
     const int64_t r = m / E;
     const double sig = std::exp(0.5 * lvv[m]);
     double sg = 0, sge = 0, sgq = 0, ag = 0, age = 0;
+    double qmu = 0, qlv = 0, aqmu = 0, aqlv = 0;  // log_q's path terms (written out here, not elbo_math.h)
     for (int64_t k = 0; k < K; ++k) {
+      const double eps = host_eps(s, static_cast<uint64_t>(k * RE + m));
       if (has_gz) {
         const double g = gzv[k * RE + m];
-        const double eps = host_eps(s, static_cast<uint64_t>(k * RE + m));
         sg += g; sge += g * eps; ag += std::fabs(g); age += std::fabs(g * eps);
       }
-      if (has_gq) sgq += gqv[k * R + r];
+      if (has_gq && opts.path_only) {
+        // log q(z; stop_grad(mu, lv)) = -0.5 * (log 2 pi + lv + (z - mu)^2 / sigma^2) with
+        // z = mu + sigma * eps: d/dz = -eps / sigma, dz/dmu = 1, dz/dlv = sigma * eps / 2.
+        const double g = gqv[k * R + r];
+        qmu += -g * eps / sig;
+        qlv += -g * eps / sig * (0.5 * sig * eps);
+        aqmu += std::fabs(g * eps / sig);
+        aqlv += 0.5 * std::fabs(g) * eps * eps;
+      } else if (has_gq) {
+        sgq += gqv[k * R + r];
+      }
     }
-    rmu[m] = sg;
-    mmu[m] = ag;
-    rlv[m] = elbo::reparameterize_dlogvar(sig, sge) + sgq * elbo::kLogQDlogvar;
-    mlv[m] = 0.5 * sig * age + 0.5 * K * 4.0;
+    rmu[m] = sg + qmu;
+    mmu[m] = ag + aqmu;
+    rlv[m] = 0.5 * sig * sge - 0.5 * sgq + qlv;  // d/dlv of z (0.5 sigma eps per sample) and of log q at fixed eps (-1/2)
+    mlv[m] = 0.5 * sig * age + 0.5 * K * 4.0 + aqlv;
     if (has_gkl) {
       double a, b;
       elbo::kl_std_grad(gklv[r], muv[m], lvv[m], a, b);
@@ -840,6 +922,24 @@ void sample_tests() {
   sample_bwd_case(F, 5, 13, 3, 99, true, true, true, true, false);
   for (DType dt : {B, H, D}) sample_bwd_case(dt, 4, 9, 2, big_seed, true, true, true, true, true);
   for (int64_t E : {1, 2, 3, 6}) sample_bwd_case(F, 5, E, 3, 1234, true, true, true, true, true);
+  // Strided mu/logvar (halves of a (R, 2E) encoder output), seed by value, log_q path only.
+  SampleOpts strided, by_value, path, all3;
+  strided.strided = true;
+  by_value.seed_by_value = true;
+  path.path_only = true;
+  all3.strided = all3.seed_by_value = all3.path_only = true;
+  for (DType dt : {F, B, D}) {
+    for (int64_t E : {1, 3, 4, 37}) {
+      sample_case(dt, 5, E, 3, 42, true, true, true, strided);
+      sample_bwd_case(dt, 5, E, 3, 42, true, true, true, true, true, strided);
+    }
+    sample_case(dt, 5, 37, 3, big_seed, true, true, false, by_value);
+    sample_bwd_case(dt, 5, 37, 3, big_seed, true, false, false, false, true, by_value);
+    for (int mask = 0; mask < 8; ++mask)
+      sample_bwd_case(dt, 4, 13, 3, 5, mask & 1, true, mask & 2, true, mask & 4, path);
+    sample_bwd_case(dt, 6, 11, 2, big_seed, true, true, true, true, true, all3);
+  }
+  sample_case(F, 3, 3000, 2, 11, true, true, true, strided);  // block-wide groups, runs inside chunks
   {
     std::mt19937_64 r(777);
     auto pick = [&](int64_t n) { return static_cast<int64_t>(r() % static_cast<uint64_t>(n)); };
@@ -851,9 +951,13 @@ void sample_tests() {
       const int64_t R = 1 + pick(9), E = pick(6) == 0 ? 0 : 1 + pick(pick(2) ? 70 : 9), K = 1 + pick(4);
       const int64_t seed = static_cast<int64_t>(r());
       const int f = static_cast<int>(pick(8));
-      if (f) sample_case(dt, R, E, K, seed, f & 1, f & 2, f & 4);
+      SampleOpts o;
+      o.strided = pick(2) == 0;
+      o.seed_by_value = pick(2) == 0;
+      o.path_only = pick(2) == 0;
+      if (f) sample_case(dt, R, E, K, seed, f & 1, f & 2, f & 4, o);
       const int b = static_cast<int>(pick(32));
-      if (E > 0 && (b & 24)) sample_bwd_case(dt, R, E, K, seed, b & 1, b & 2, b & 4, b & 8, b & 16);
+      if (E > 0 && (b & 24)) sample_bwd_case(dt, R, E, K, seed, b & 1, b & 2, b & 4, b & 8, b & 16, o);
     }
   }
   // z must equal the same elements whether or not the reductions are asked for
@@ -865,6 +969,7 @@ void sample_tests() {
     CK(cudaMemcpy(sd.data, &seed, 8, cudaMemcpyHostToDevice));
     SampleArgs sa;
     sa.mu = mu.data; sa.logvar = lv.data; sa.rows = 6; sa.event_numel = 10; sa.num_samples = 3;
+    sa.run = sa.mu_run_stride = sa.logvar_run_stride = 60;
     sa.seed = static_cast<const int64_t*>(sd.data);
     sa.z = z1.data;
     CK(vc::launch_sample_forward(sa, nullptr));
@@ -930,22 +1035,164 @@ void fastdiv_tests() {
   cudaFree(df);
 }
 
+// floor(u * total / n) without overflow (acc_kernel's unit ranges): targets past 3e9 in reorder
+// mode made u * total wrap around int64 (those gradients stayed 0).
+VF_GLOBAL void split_kernel(const vc::detail::Split* sp, const int64_t* u, int64_t* out, int count) {
+  const int i = static_cast<int>(vc::detail::bid_x() * vc::detail::bdim_x() + vc::detail::tid_x());
+  if (i < count) vc::detail::st(out + i, vc::detail::split_point(sp[i], vc::detail::ldg(u + i)));
+}
+
+void split_tests() {
+  struct T { int64_t total, n, u; };
+  std::vector<T> ts;
+  const int64_t big = 4000000007ll;  // > 3.04e9 = sqrt(2^63): u * total overflows
+  for (int64_t u : {int64_t{0}, int64_t{1}, int64_t{3037000500}, big - 1, big}) ts.push_back({big, big, u});
+  for (int64_t u : {0, 1, 77, 4095, 4096}) ts.push_back({(int64_t{1} << 62) + 12345, 4096, u});
+  for (int64_t u : {0, 1, 500, 999, 1000}) ts.push_back({5000000007ll, 1000, u});
+  for (int t = 0; t < 200; ++t) {
+    const int64_t n = 1 + static_cast<int64_t>(g_rng() % 100000);
+    const int64_t total = static_cast<int64_t>(g_rng() >> 2);
+    ts.push_back({total, n, static_cast<int64_t>(g_rng() % static_cast<uint64_t>(n + 1))});
+  }
+  const int count = static_cast<int>(ts.size());
+  std::vector<vc::detail::Split> sp(count);
+  std::vector<int64_t> us(count);
+  bool made = true;
+  for (int i = 0; i < count; ++i) {
+    made &= vc::detail::make_split(ts[i].total, ts[i].n, sp[i]);
+    us[i] = ts[i].u;
+  }
+  report(made, "make_split accepts every case");
+  vc::detail::Split* dsp;
+  int64_t *du, *dout;
+  CK(cudaMalloc(&dsp, count * sizeof(vc::detail::Split)));
+  CK(cudaMalloc(&du, count * sizeof(int64_t)));
+  CK(cudaMalloc(&dout, count * sizeof(int64_t)));
+  CK(cudaMemcpy(dsp, sp.data(), count * sizeof(vc::detail::Split), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(du, us.data(), count * sizeof(int64_t), cudaMemcpyHostToDevice));
+  CK(vc::detail::launch_kernel(&split_kernel, (count + 255) / 256, 256, nullptr,
+                               static_cast<const vc::detail::Split*>(dsp), static_cast<const int64_t*>(du),
+                               dout, count));
+  CK(cudaDeviceSynchronize());
+  std::vector<int64_t> got(count);
+  CK(cudaMemcpy(got.data(), dout, count * sizeof(int64_t), cudaMemcpyDeviceToHost));
+  int bad = 0;
+  std::string first;
+  for (int i = 0; i < count; ++i) {
+    const int64_t want = static_cast<int64_t>(static_cast<__int128>(ts[i].u) * ts[i].total / ts[i].n);
+    if (got[i] != want && !bad++)
+      first = std::to_string(ts[i].u) + " * " + std::to_string(ts[i].total) + " / " + std::to_string(ts[i].n) +
+              " gave " + std::to_string(got[i]);
+  }
+  report(bad == 0, "unit ranges past 3e9 targets (no int64 overflow)", first);
+  cudaFree(dsp);
+  cudaFree(du);
+  cudaFree(dout);
+}
+
+// Philox4x32-10 of philox.h (the host-callable code the kernels run) against Random123's published
+// known-answer vectors (examples/kat_vectors: counter, key, expected output).
+void philox_known_answers() {
+  struct V { uint32_t ctr[4], key[2], out[4]; };
+  const V vs[] = {
+      {{0, 0, 0, 0}, {0, 0}, {0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u}},
+      {{0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu}, {0xffffffffu, 0xffffffffu},
+       {0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu}},
+      {{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}, {0xa4093822u, 0x299f31d0u},
+       {0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}},
+  };
+  for (const V& v : vs) {
+    uint32_t c[4] = {v.ctr[0], v.ctr[1], v.ctr[2], v.ctr[3]};
+    philox::philox4x32_10(c, v.key[0], v.key[1]);
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "key %08x %08x: got %08x %08x %08x %08x", v.key[0], v.key[1], c[0], c[1], c[2], c[3]);
+    report(c[0] == v.out[0] && c[1] == v.out[1] && c[2] == v.out[2] && c[3] == v.out[3],
+           "Philox4x32-10 known answer", buf);
+  }
+  // philox::block puts block b in counter words 0 (low) and 1 (high) and the seed in the key.
+  uint32_t x[4];
+  philox::block(0x299f31d0a4093822ull, 0x85a308d3243f6a88ull, x);
+  uint32_t c[4] = {0x243f6a88u, 0x85a308d3u, 0, 0};
+  philox::philox4x32_10(c, 0xa4093822u, 0x299f31d0u);
+  report(x[0] == c[0] && x[1] == c[1] && x[2] == c[2] && x[3] == c[3], "philox::block counter and key layout");
+}
+
+// --dump-eps SEED START N: the eps of flat indices START .. START+N-1 as the sampling kernels draw
+// them, one per line (9 significant digits). Small ranges run the real forward kernel with mu = 0,
+// logvar = 0 (z = eps exactly), seed by value; ranges past 2^22 (no buffer that large) run
+// normals4, the function every sampling kernel draws with, for the blocks that cover the range.
+VF_GLOBAL void eps_kernel(uint64_t seed, int64_t start, int64_t n, float* out) {
+  const int64_t i = vc::detail::bid_x() * vc::detail::bdim_x() + vc::detail::tid_x();
+  if (i >= n) return;
+  float v[4];
+  const int64_t flat = start + i;
+  vc::detail::normals4(seed, static_cast<uint64_t>(flat >> 2), v);
+  vc::detail::st(out + i, v[flat & 3]);
+}
+
+int dump_eps(uint64_t seed, int64_t start, int64_t n) {
+  if (start < 0 || n < 0) return 2;
+  std::vector<double> eps;
+  if (start + n <= (int64_t{1} << 22)) {
+    const int64_t total = std::max<int64_t>(start + n, 1);
+    DevBuf mu(DType::Float32, total), lv(DType::Float32, total), z(DType::Float32, total);
+    mu.zero();
+    lv.zero();
+    SampleArgs sa;
+    sa.mu = mu.data;
+    sa.logvar = lv.data;
+    sa.rows = 1;
+    sa.event_numel = total;
+    sa.run = sa.mu_run_stride = sa.logvar_run_stride = total;
+    sa.seed_value = seed;
+    sa.z = z.data;
+    CK(vc::launch_sample_forward(sa, nullptr));
+    CK(cudaDeviceSynchronize());
+    const std::vector<double> all = z.download();
+    eps.assign(all.begin() + start, all.begin() + start + n);
+  } else {
+    DevBuf out(DType::Float32, std::max<int64_t>(n, 1));
+    CK(vc::detail::launch_kernel(&eps_kernel, (n + 255) / 256, 256, nullptr, seed, start, n,
+                                 static_cast<float*>(out.data)));
+    CK(cudaDeviceSynchronize());
+    eps = out.download();
+    eps.resize(static_cast<size_t>(n));
+  }
+  for (double e : eps) std::printf("%.9g\n", e);
+  return 0;
+}
+
 }  // namespace
 
-int main() {
+int main(int argc, char** argv) {
   int n = 0;
   if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
     std::printf("no CUDA device: nothing run\n0 passed, 0 failed, 1 skipped\n");
     return 0;
   }
+  if (argc == 5 && std::string(argv[1]) == "--dump-eps")
+    return dump_eps(std::strtoull(argv[2], nullptr, 0), std::strtoll(argv[3], nullptr, 0),
+                    std::strtoll(argv[4], nullptr, 0));
+  if (argc > 1) {
+    std::fprintf(stderr, "usage: %s [--dump-eps SEED START N]\n", argv[0]);
+    return 2;
+  }
+  philox_known_answers();
   fastdiv_tests();
+  split_tests();
   row_tests();
   sample_tests();
   {
-    const int64_t a = vc::suggest_n_blocks(4096, 784, 1);
-    const int64_t b = vc::suggest_n_blocks(4096, 784, 4096);
-    const int64_t c = vc::suggest_n_blocks(1, 10, 1);
+    const int64_t a = vc::suggest_n_blocks(0, 4096, 784, 1);
+    const int64_t b = vc::suggest_n_blocks(0, 4096, 784, 4096);
+    const int64_t c = vc::suggest_n_blocks(0, 1, 10, 1);
     report(a > 1 && a <= 4096 && b == 1 && c == 1, "suggest_n_blocks");
+#if defined(VF_EMULATE)
+    // emulated devices 0 and 1 have 2 and 8 SMs: the count is the named device's, not the current one's
+    const int64_t d1 = vc::suggest_n_blocks(1, 4096, 784, 1);
+    report(a == 2 * 32 && d1 == 8 * 32, "suggest_n_blocks uses the named device's SM count",
+           std::to_string(a) + " " + std::to_string(d1));
+#endif
   }
 #if defined(VF_EMULATE)
   std::printf("(emulated: %lld kernel launches on the CPU)\n", static_cast<long long>(emu::S().launches));
