@@ -270,3 +270,13 @@ def test_manifold_has_z_axes_and_range(figures):
 def test_version(capsys):
     code, out, _ = _main(["--version"], capsys)
     assert code == 0 and out.startswith("vae_fast 0.1.0 (torch ")
+
+
+def test_file_errors_name_the_file_without_errno(tmp_path):
+    from vae_fast.data import read_idx
+    from vae_fast.train import atomic_write
+
+    with pytest.raises(OSError, match=f"^cannot read {tmp_path}: Is a directory$"):
+        read_idx(tmp_path)
+    with pytest.raises(OSError, match=f"^cannot write {tmp_path / 'nope' / 'x.pt'}: No such file or directory$"):
+        atomic_write(tmp_path / "nope" / "x.pt", lambda f: f.write(b"x"))

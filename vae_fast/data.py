@@ -16,6 +16,7 @@ import math
 import os
 import struct
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,8 +166,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     try:
         with opener(path, "rb") as f:
             data = f.read()
-    except (OSError, EOFError) as e:  # a truncated or non-gzip .gz
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:  # a truncated, corrupt or non-gzip .gz
         raise ValueError(f"malformed IDX file {path}: {e}") from None
+    except OSError as e:  # the file itself (permissions, a folder, ...): no errno numbers for the user
+        raise OSError(f"cannot read {path}: {e.strerror or e}") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise ValueError(f"malformed IDX file {path}: bad magic number")
     if data[2] != 0x08:
