@@ -19,7 +19,6 @@ mode the zeros come on the parameters' device and dtype (diffusers returns a CPU
 
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Optional, Sequence
 
 import torch
@@ -86,29 +85,37 @@ class DiagonalGaussianDistribution:
         self.parameters = parameters
         self.deterministic = bool(deterministic)
         self._kl_from_sample: Optional[tuple[torch.Tensor, bool]] = None
+        self._cache: dict = {}
 
-    # ---- attributes (lazy: computed on first access) ---------------------------------------------------
+    # ---- attributes (lazy: computed on first access, then kept) ---------------------------------------
+    # Plain properties over a dict rather than functools.cached_property, whose lock (Python 3.11) stops
+    # torch.compile from tracing them.
 
-    @cached_property
-    def _halves(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return _Halves.apply(self.parameters, self._dim)
+    def _lazy(self, name: str, compute):
+        if name not in self._cache:
+            self._cache[name] = compute()
+        return self._cache[name]
 
-    @cached_property
+    @property
     def mean(self) -> torch.Tensor:
-        return self._halves[0]
+        return self._lazy("halves", lambda: _Halves.apply(self.parameters, self._dim))[0]
 
-    @cached_property
+    @property
     def logvar(self) -> torch.Tensor:
-        raw = self._halves[1]
-        return raw if self._clamp is None else torch.clamp(raw, *self._clamp)
+        def clamped():
+            raw = self._lazy("halves", lambda: _Halves.apply(self.parameters, self._dim))[1]
+            return raw if self._clamp is None else torch.clamp(raw, *self._clamp)
+        return self._lazy("logvar", clamped)
 
-    @cached_property
+    @property
     def std(self) -> torch.Tensor:
-        return torch.zeros_like(self.mean) if self.deterministic else torch.exp(0.5 * self.logvar)
+        return self._lazy("std", lambda: torch.zeros_like(self.mean) if self.deterministic
+                          else torch.exp(0.5 * self.logvar))
 
-    @cached_property
+    @property
     def var(self) -> torch.Tensor:
-        return torch.zeros_like(self.mean) if self.deterministic else torch.exp(self.logvar)
+        return self._lazy("var", lambda: torch.zeros_like(self.mean) if self.deterministic
+                          else torch.exp(self.logvar))
 
     @property
     def _event_dims(self) -> int:
