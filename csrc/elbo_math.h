@@ -4,11 +4,18 @@
 // sqrt, sincos)
 // in namespace vae_fast::vmath *before* including this header (qualified calls bind at definition).
 //
-// Numerics:
+// Numerics (each formula is right wherever the maths is finite; none forms 0 * inf):
 //  * KL terms use expm1(d) - d, never exp(d) - d - 1: the latter rounds below zero in float32 for
 //    small |d|, the former is >= 0 for every d, so each per-element KL term is >= 0.
-//  * Bernoulli uses x * l - softplus(l) with softplus(l) = max(l, 0) + log1p(exp(-|l|)): finite for
-//    any |l|, never log(sigmoid(l)).
+//  * (x - m)^2 / v is formed as s * s with s = (x - m) * e^(-lv/2) = ((x - m) * e^(-lv/4)) * e^(-lv/4):
+//    no intermediate overflows where the result is finite (e^(-lv/4) overflows only for lv below
+//    -355 in float32, -2839 in float64, where every nonzero (x - m) gives an infinite term), and
+//    x == m gives 0 for any lv (zero_where_zero: never 0 * inf = NaN, e.g. lv = -89 in float32).
+//  * Bernoulli uses x * l - softplus(l), written as (x - 1) * max(l, 0) + x * min(l, 0)
+//    - log1p(exp(-|l|)) with each product 0 when its data factor is 0: finite for any finite l,
+//    and l = +-inf gives -inf or 0 as the maths does (x = 0, l = +inf: -inf; x = 0, l = -inf: 0).
+//    Never log(sigmoid(l)).
+//  * The Gaussian NLL loss clamps var with clamp_min (NaN stays NaN, as torch.clamp), never fmax.
 #pragma once
 #include <cmath>
 
@@ -35,7 +42,15 @@ VF_HD double expm1(double x) { return ::expm1(x); }
 VF_HD double log1p(double x) { return ::log1p(x); }
 VF_HD double abs(double x) { return ::fabs(x); }
 VF_HD double max(double a, double b) { return ::fmax(a, b); }
+VF_HD float min(float a, float b) { return ::fminf(a, b); }
+VF_HD double min(double a, double b) { return ::fmin(a, b); }
 VF_HD float sqrt(float x) { return ::sqrtf(x); }
+// v where a != 0, else 0 (a product whose data factor is exactly 0 is 0, even against inf).
+VF_HD float zero_where_zero(float a, float v) { return a == 0.0f ? 0.0f : v; }
+VF_HD double zero_where_zero(double a, double v) { return a == 0.0 ? 0.0 : v; }
+// max(x, lo) that keeps a NaN x (torch.clamp(min=lo)); fmax would turn it into lo.
+VF_HD float clamp_min(float x, float lo) { return x < lo ? lo : x; }
+VF_HD double clamp_min(double x, double lo) { return x < lo ? lo : x; }
 // expm1(x) - x, the KL's d-term: >= 0 for every x (expm1 is rounded monotonically), no exp(x) - 1 - x.
 VF_HD float expm1_minus_x(float x) { return ::expm1f(x) - x; }
 VF_HD double expm1_minus_x(double x) { return ::expm1(x) - x; }
@@ -59,50 +74,79 @@ VF_HD void kl_std_grad(V g, V mu, V lv, V& dmu, V& dlv) {
   dlv = g * V(0.5f) * vmath::expm1(lv);
 }
 
+// ---- a * e^(-lv/2), the data scaled by the inverse standard deviation ---------------------
+// e4 = e^(-lv/4), applied twice so the product overflows only where the result does; exactly 0
+// when a == 0 (x == m) whatever lv.
+template <class V>
+VF_HD V inv_std_quarter(V lv) {
+  return vmath::exp(V(-0.25f) * lv);
+}
+template <class V>
+VF_HD V times_inv_std(V a, V e4) {
+  return vmath::zero_where_zero(a, (a * e4) * e4);
+}
+
 // ---- KL(N(m1, e^lv1) || N(m2, e^lv2)) per element, and its gradient ---------------------------
-// = 0.5 * (lv2 - lv1 + (e^lv1 + (m1 - m2)^2) / e^lv2 - 1) = 0.5 * (expm1(d) - d + (m1 - m2)^2 e^-lv2),
-// d = lv1 - lv2.
+// = 0.5 * (lv2 - lv1 + (e^lv1 + (m1 - m2)^2) / e^lv2 - 1) = 0.5 * (expm1(d) - d + s^2),
+// d = lv1 - lv2, s = (m1 - m2) e^(-lv2/2).
 template <class V>
 VF_HD V kl(V m1, V lv1, V m2, V lv2) {
-  V d = lv1 - lv2;
-  V diff = m1 - m2;
-  return V(0.5f) * (vmath::expm1_minus_x(d) + diff * diff * vmath::exp(lv2 * V(-1.0f)));
+  V s = times_inv_std(m1 - m2, inv_std_quarter(lv2));
+  return V(0.5f) * (vmath::expm1_minus_x(lv1 - lv2) + s * s);
 }
 template <class V>
 VF_HD void kl_grad(V g, V m1, V lv1, V m2, V lv2, V& dm1, V& dlv1, V& dm2, V& dlv2) {
-  V d = lv1 - lv2;
-  V diff = m1 - m2;
-  V scaled = diff * vmath::exp(lv2 * V(-1.0f));  // (m1 - m2) / v2
-  V em1 = vmath::expm1(d);
+  V e4 = inv_std_quarter(lv2);
+  V s = times_inv_std(m1 - m2, e4);
+  V scaled = times_inv_std(s, e4);  // (m1 - m2) / v2
+  V em1 = vmath::expm1(lv1 - lv2);
   dm1 = g * scaled;
   dm2 = V(0.0f) - dm1;
   dlv1 = g * V(0.5f) * em1;
-  dlv2 = g * V(-0.5f) * (em1 + diff * scaled);
+  dlv2 = g * V(-0.5f) * (em1 + s * s);
 }
 
 // ---- log N(x; m, e^lv) per element, and its gradient ------------------------------------------
 template <class V>
 VF_HD V gaussian_log_prob(V x, V m, V lv) {
-  V diff = x - m;
-  return V(-0.5f) * (V(kLog2Pi) + lv + diff * diff * vmath::exp(lv * V(-1.0f)));
+  V s = times_inv_std(x - m, inv_std_quarter(lv));
+  return V(-0.5f) * (V(kLog2Pi) + lv + s * s);
 }
 template <class V>
 VF_HD void gaussian_log_prob_grad(V g, V x, V m, V lv, V& dx, V& dm, V& dlv) {
-  V diff = x - m;
-  V scaled = diff * vmath::exp(lv * V(-1.0f));  // (x - m) / v
-  dm = g * scaled;
+  V e4 = inv_std_quarter(lv);
+  V s = times_inv_std(x - m, e4);
+  dm = g * times_inv_std(s, e4);  // g (x - m) / v
   dx = V(0.0f) - dm;
-  dlv = g * V(0.5f) * (diff * scaled - V(1.0f));
+  dlv = g * V(0.5f) * (s * s - V(1.0f));
+}
+
+// ---- F.gaussian_nll_loss's per-element term, and its gradient ---------------------------------
+// 0.5 * (log vc + (x - t)^2 / vc), vc = clamp_min(v, eps); the gradient passes straight through the
+// clamp (torch clamps var under no_grad): d/dv = 0.5 * (1 / vc - (x - t)^2 / vc^2).
+template <class V>
+VF_HD V gaussian_nll(V x, V t, V v, V eps) {
+  V vc = vmath::clamp_min(v, eps);
+  V d = x - t;
+  return V(0.5f) * (vmath::log(vc) + d * d / vc);
+}
+template <class V>
+VF_HD void gaussian_nll_grad(V g, V x, V t, V v, V eps, V& dx, V& dt, V& dv) {
+  V vc = vmath::clamp_min(v, eps);
+  V scaled = (x - t) / vc;
+  dx = g * scaled;
+  dt = V(0.0f) - dx;
+  dv = g * V(0.5f) * (V(1.0f) - (x - t) * scaled) / vc;
 }
 
 // ---- log Bernoulli(x; sigmoid(l)) per element, and its gradient -------------------------------
-template <class V>
-VF_HD V softplus(V l) {
-  return vmath::max(l, V(0.0f)) + vmath::log1p(vmath::exp(V(0.0f) - vmath::abs(l)));
-}
+// x * l - softplus(l) = (x - 1) * max(l, 0) + x * min(l, 0) - log1p(exp(-|l|)).
 template <class V>
 VF_HD V bernoulli_log_prob(V x, V l) {
-  return x * l - softplus(l);
+  V pos = vmath::max(l, V(0.0f)), neg = vmath::min(l, V(0.0f));
+  V xm1 = x - V(1.0f);
+  return vmath::zero_where_zero(xm1, xm1 * pos) + vmath::zero_where_zero(x, x * neg) -
+         vmath::log1p(vmath::exp(V(0.0f) - vmath::abs(l)));
 }
 template <class V>
 VF_HD void bernoulli_log_prob_grad(V g, V x, V l, V& dx, V& dl) {

@@ -48,6 +48,8 @@ enum class OpKind : int32_t {
   GaussLpBwd,     // in: g, x, mean, logvar              out: dx, dmean, dlogvar
   BernLpFwd,      // in: x, logits                       out: lp
   BernLpBwd,      // in: g, x, logits                    out: dx, dlogits
+  GaussNllFwd,    // in: input, target, var, eps         out: loss terms (eps: a scalar operand)
+  GaussNllBwd,    // in: g, input, target, var, eps      out: dinput, dtarget, dvar
 };
 
 constexpr int kMaxOperands = 5;

@@ -1,5 +1,7 @@
 // vae_fast._C: the op registrations (ops.cpp, loaded with this module) and build information.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <torch/python.h>
 #include <torch/version.h>
 
 #include <cstdlib>
@@ -11,6 +13,9 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "vae_fast compiled kernels; the ops are registered as torch.ops.vae_fast.*";
+  m.def("check_op", &vae_fast::check_op, "The checks an op's eager call makes, without running it (fake kernels).",
+        py::arg("op"), py::arg("tensors"), py::arg("event_dims"), py::arg("num_samples") = 1,
+        py::arg("sample_dim") = false);
   m.def(
       "build_info",
       []() {

@@ -3,10 +3,12 @@
 #include "ops.h"
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ExpandUtils.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <mutex>
 #include <sstream>
 
 #include "cpu/kernels.h"
@@ -64,6 +66,7 @@ at::ScalarType check_args(const std::vector<NamedTensor>& args) {
     TORCH_CHECK_VALUE(a.tensor.device() == device, "vae_fast: all arguments must be on one device, but `",
                       args[0].name, "` is on ", device, " and `", a.name, "` is on ", a.tensor.device());
   }
+  if (device.is_meta()) return any64 ? at::kDouble : at::kFloat;  // shapes only (torch.compile's fake tensors)
   if (device.is_cuda()) {
     TORCH_CHECK(cuda_available(), "vae_fast: `", args[0].name,
                 "` is a CUDA tensor but this build of vae_fast has no CUDA kernels (rebuild with a CUDA "
@@ -129,12 +132,25 @@ std::vector<int64_t> broadcast_strides(at::IntArrayRef own, const std::vector<in
   return st;
 }
 
+// Strides of tensor `t` as it lies in memory, read as if broadcast to `full` (0 where it is broadcast):
+// chunks, slices and transposes are read in place.
+std::vector<int64_t> strides_in_place(const at::Tensor& t, const std::vector<int64_t>& full) {
+  const size_t n = full.size(), off = n - static_cast<size_t>(t.dim());
+  std::vector<int64_t> st(n, 0);
+  for (size_t i = off; i < n; ++i) {
+    const int64_t d = static_cast<int64_t>(i - off);
+    st[i] = (t.size(d) == 1 && full[i] != 1) ? 0 : t.stride(d);
+  }
+  return st;
+}
+
 struct Group {
   std::vector<int64_t> sizes;
   std::vector<std::vector<int64_t>> strides;  // per operand
 };
 
-// Drops size-1 dims and merges neighbours that every operand walks as one.
+// Drops size-1 dims and merges neighbours that every operand walks as one; `ok` false when more
+// than kMaxDims dims remain.
 Group coalesce(const std::vector<int64_t>& sizes, const std::vector<std::vector<int64_t>>& strides) {
   Group g;
   g.strides.resize(strides.size());
@@ -151,8 +167,6 @@ Group coalesce(const std::vector<int64_t>& sizes, const std::vector<std::vector<
       for (size_t j = 0; j < strides.size(); ++j) g.strides[j].push_back(strides[j][d]);
     }
   }
-  TORCH_CHECK(static_cast<int>(g.sizes.size()) <= kMaxDims, "vae_fast: at most ", kMaxDims,
-              " non-mergeable dimensions are supported, got ", g.sizes.size());
   return g;
 }
 
@@ -189,10 +203,7 @@ RowProblem::RowProblem(const std::vector<NamedTensor>& inputs, int64_t event_dim
   out_shape.assign(shape.begin(), shape.end() - event_dims);
   elementwise = event_dims == 0;
   split = elementwise ? std::max<int64_t>(n - 1, 0) : n - event_dims;
-  for (const auto& a : inputs) {
-    NamedTensor c{unexpand(a.tensor).contiguous(), a.name};
-    in.push_back(c);
-  }
+  for (const auto& a : inputs) in.push_back({unexpand(a.tensor), a.name});  // read in place, never copied
   numel = 1;
   for (auto s : shape) numel *= s;
   event_numel = 1;
@@ -201,14 +212,21 @@ RowProblem::RowProblem(const std::vector<NamedTensor>& inputs, int64_t event_dim
 
 // Strides over `shape` of a tensor shaped like the output (g, or the output itself): its own
 // (possibly narrowed) strides over the leading out_shape dims, 0 over the summed event dims.
-std::vector<int64_t> RowProblem::out_strides(at::IntArrayRef own) const {
-  std::vector<int64_t> st = broadcast_strides(own, out_shape);
+std::vector<int64_t> RowProblem::out_strides(const at::Tensor& t) const {
+  std::vector<int64_t> st = strides_in_place(t, out_shape);
   st.resize(shape.size(), 0);
   return st;
 }
 
-RowArgs RowProblem::make_args(const std::vector<std::vector<int64_t>>& in_strides,
-                              const std::vector<std::vector<int64_t>>& out_strides, int64_t n_blocks) const {
+std::vector<std::vector<int64_t>> RowProblem::input_strides(bool first_is_grad) const {
+  std::vector<std::vector<int64_t>> st;
+  for (size_t j = 0; j < in.size(); ++j)
+    st.push_back(first_is_grad && j == 0 ? out_strides(in[0].tensor) : strides_in_place(in[j].tensor, shape));
+  return st;
+}
+
+bool RowProblem::make_args(const std::vector<std::vector<int64_t>>& in_strides,
+                           const std::vector<std::vector<int64_t>>& out_strides, int64_t n_blocks, RowArgs& args) const {
   std::vector<std::vector<int64_t>> all(in_strides);
   all.insert(all.end(), out_strides.begin(), out_strides.end());
   std::vector<int64_t> row_sizes(shape.begin(), shape.begin() + split), event_sizes(shape.begin() + split, shape.end());
@@ -220,8 +238,9 @@ RowArgs RowProblem::make_args(const std::vector<std::vector<int64_t>>& in_stride
     if (shape.empty()) ev_st[j] = {0};
   }
   Group rows = coalesce(row_sizes, row_st), events = coalesce(event_sizes, ev_st);
+  if (rows.sizes.size() > static_cast<size_t>(kMaxDims) || events.sizes.size() > static_cast<size_t>(kMaxDims))
+    return false;
   reuse_broadcast_rows(rows, in_strides.size());
-  RowArgs args;
   RowLayout& L = args.layout;
   L.n_row_dims = static_cast<int>(rows.sizes.size());
   L.rows = 1;
@@ -242,24 +261,36 @@ RowArgs RowProblem::make_args(const std::vector<std::vector<int64_t>>& in_stride
   };
   for (size_t j = 0; j < in_strides.size(); ++j) fill(args.in[j], j);
   for (size_t j = 0; j < out_strides.size(); ++j) fill(args.out[j], in_strides.size() + j);
+  return true;
+}
+
+// The launch description with every input read in place; when the strides leave more than kMaxDims
+// dims that cannot be merged, the inputs are copied to contiguous memory (the only copy ever made).
+RowArgs RowProblem::layout(const std::vector<std::vector<int64_t>>& out_strides, int64_t n_blocks, bool first_is_grad) {
+  RowArgs args;
+  if (make_args(input_strides(first_is_grad), out_strides, n_blocks, args)) return args;
+  for (auto& a : in) a.tensor = a.tensor.contiguous();
+  TORCH_CHECK(make_args(input_strides(first_is_grad), out_strides, n_blocks, args), "vae_fast: at most ", kMaxDims,
+              " non-mergeable dimensions are supported (after broadcasting) in the row and in the event dims");
   return args;
 }
 
-// Runs a forward row op: out has shape out_shape (or shape when elementwise), in the accumulation type.
-at::Tensor RowProblem::forward(OpKind op) const {
-  auto out = at::empty(out_shape, in[0].tensor.options().dtype(acc_dtype));
-  if (numel == 0) {
-    if (out.numel() > 0) out.zero_();  // a sum over an empty event is 0
-    return out;
-  }
-  std::vector<std::vector<int64_t>> in_st;
-  for (const auto& a : in) in_st.push_back(broadcast_strides(a.tensor.sizes(), shape));
-  std::vector<int64_t> out_st = out_strides(at::IntArrayRef(out_shape));
-  RowArgs args = make_args(in_st, {out_st}, 1);
+void RowProblem::bind_inputs(RowArgs& args) const {
   for (size_t j = 0; j < in.size(); ++j) {
     args.in[j].data = in[j].tensor.data_ptr();
     args.in[j].dtype = to_dtype(in[j].tensor.scalar_type());
   }
+}
+
+// Runs a forward row op: out has shape out_shape (or shape when elementwise), in the accumulation type.
+at::Tensor RowProblem::forward(OpKind op) {
+  auto out = at::empty(out_shape, in[0].tensor.options().dtype(acc_dtype));
+  if (numel == 0 || out.is_meta()) {
+    if (out.numel() > 0 && !out.is_meta()) out.zero_();  // a sum over an empty event is 0
+    return out;
+  }
+  RowArgs args = layout({out_strides(out)}, 1, false);
+  bind_inputs(args);
   args.out[0].data = out.data_ptr();
   args.out[0].dtype = to_dtype(acc_dtype);
   launch(op, args, in[0].tensor.device());
@@ -267,23 +298,20 @@ at::Tensor RowProblem::forward(OpKind op) const {
 }
 
 // Runs a backward row op; in[0] is the incoming gradient (shape out_shape). Returns one gradient per
-// other input: its own shape and dtype when `needs`, else an empty tensor.
+// original argument: its own shape and dtype when `needs`, else an empty tensor.
 std::vector<at::Tensor> RowProblem::backward(OpKind op, const std::vector<bool>& needs,
-                                             const std::vector<at::Tensor>& originals) const {
-  const size_t n_args = in.size() - 1;
+                                             const std::vector<at::Tensor>& originals) {
+  const size_t n_args = originals.size();
   std::vector<at::Tensor> grads(n_args), partials(n_args);
-  const bool on_cuda = in[0].tensor.device().is_cuda();
-  std::vector<std::vector<int64_t>> in_st, out_st;
+  const auto device = in[0].tensor.device();
   const auto gs = in[0].tensor.sizes();  // narrowed where the caller expanded it
-  bool grad_ok = originals.size() + 1 == in.size() && gs.size() <= out_shape.size();
+  bool grad_ok = gs.size() <= out_shape.size();
   for (size_t i = 0; grad_ok && i < gs.size(); ++i) {
     int64_t want = out_shape[out_shape.size() - gs.size() + i];
     grad_ok = gs[i] == want || gs[i] == 1;
   }
   TORCH_CHECK_VALUE(grad_ok, "vae_fast: grad must have the output's shape ", shape_str(out_shape), ", got ",
                     shape_str(gs));
-  in_st.push_back(out_strides(in[0].tensor.sizes()));
-  for (size_t j = 1; j < in.size(); ++j) in_st.push_back(broadcast_strides(in[j].tensor.sizes(), shape));
   // Row blocks for broadcast arguments' partial sums: a function of the shapes alone.
   int64_t rows = 1;
   for (int64_t d = 0; d < split; ++d) rows *= shape[d];
@@ -291,18 +319,21 @@ std::vector<at::Tensor> RowProblem::backward(OpKind op, const std::vector<bool>&
   for (size_t j = 0; j < n_args; ++j)  // only broadcast arguments get partial sums
     if (needs[j] && originals[j].numel() != numel) max_partial = std::max<int64_t>(max_partial, originals[j].numel());
   int64_t n_blocks = 1;
-  if (on_cuda) {
-    n_blocks = suggest_n_blocks_cuda(rows, event_numel, max_partial);
-  } else {  // 64 blocks balance 2..64 threads; partial sums capped at 16M elements
-    n_blocks = std::min<int64_t>(std::max<int64_t>(rows, 1), 64);
+  if (device.is_cuda()) {
+    n_blocks = suggest_n_blocks_cuda(rows, event_numel, max_partial, device);
+  } else {  // 64 blocks balance 2..64 threads; partial sums capped at 16M elements; few rows: one block
+    n_blocks = rows * event_numel < (int64_t{1} << 15) ? 1 : std::min<int64_t>(std::max<int64_t>(rows, 1), 64);
     n_blocks = std::max<int64_t>(1, std::min<int64_t>(n_blocks, (int64_t{1} << 24) / max_partial));
   }
+  // CPU partial sums are kept in double (long sums of broadcast gradients keep their digits); the
+  // CUDA kernels keep them in the accumulation type.
+  const auto partial_dtype = device.is_cuda() ? acc_dtype : at::kDouble;
 
   std::vector<bool> accumulate(n_args, false);
+  std::vector<std::vector<int64_t>> out_st;
   for (size_t j = 0; j < n_args; ++j) {
     const at::Tensor& orig = originals[j];
-    std::vector<int64_t> st = broadcast_strides(orig.sizes(), shape);
-    out_st.push_back(st);
+    out_st.push_back(broadcast_strides(orig.sizes(), shape));
     if (!needs[j]) {
       grads[j] = at::empty({0}, orig.options());
       continue;
@@ -311,34 +342,32 @@ std::vector<at::Tensor> RowProblem::backward(OpKind op, const std::vector<bool>&
       grads[j] = at::empty(orig.sizes(), orig.options().memory_format(at::MemoryFormat::Contiguous));
     } else {
       accumulate[j] = true;
-      partials[j] = at::zeros({n_blocks, orig.numel()}, orig.options().dtype(acc_dtype));
+      partials[j] = at::zeros({n_blocks, orig.numel()}, orig.options().dtype(partial_dtype));
     }
   }
-  if (numel > 0) {
-    RowArgs args = make_args(in_st, out_st, n_blocks);
-    for (size_t j = 0; j < in.size(); ++j) {
-      args.in[j].data = in[j].tensor.data_ptr();
-      args.in[j].dtype = to_dtype(in[j].tensor.scalar_type());
-    }
+  if (numel > 0 && !device.is_meta()) {
+    RowArgs args = layout(out_st, n_blocks, true);
+    bind_inputs(args);
     for (size_t j = 0; j < n_args; ++j) {
       if (!needs[j]) continue;
       Operand& o = args.out[j];
       o.accumulate = accumulate[j];
       if (accumulate[j]) {
         o.data = partials[j].data_ptr();
-        o.dtype = to_dtype(acc_dtype);
+        o.dtype = to_dtype(partial_dtype);
         o.block_stride = originals[j].numel();
       } else {
         o.data = grads[j].data_ptr();
         o.dtype = to_dtype(grads[j].scalar_type());
       }
     }
-    launch(op, args, in[0].tensor.device());
+    launch(op, args, device);
   }
   for (size_t j = 0; j < n_args; ++j) {
     if (!accumulate[j]) continue;
     // Block partial sums added in block order: deterministic.
-    grads[j] = partials[j].sum(0).view(originals[j].sizes()).to(originals[j].scalar_type());
+    grads[j] = (n_blocks == 1 ? partials[j].view(originals[j].sizes()) : partials[j].sum(0).view(originals[j].sizes()))
+                   .to(originals[j].scalar_type());
   }
   return grads;
 }
@@ -355,6 +384,10 @@ void RowProblem::launch(OpKind op, const RowArgs& args, const at::Device& device
 // The ops.
 // ------------------------------------------------------------------------------------------------
 namespace {
+
+std::optional<at::Tensor> i_opt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
 
 std::vector<NamedTensor> kl_args(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& pmu,
                                  const std::optional<at::Tensor>& plogvar) {
@@ -418,17 +451,67 @@ std::vector<at::Tensor> bernoulli_log_prob_backward(const at::Tensor& grad, cons
   return p.backward(OpKind::BernLpBwd, needs, {x, logits});
 }
 
+// F.gaussian_nll_loss's terms 0.5 * (log clamp_min(var, eps) + (input - target)^2 / clamp_min(var, eps)),
+// summed over the trailing event_dims. eps enters the kernel as a scalar operand (stride 0).
+at::Tensor eps_operand(double eps, const at::Tensor& like, at::ScalarType acc) {
+  return at::scalar_tensor(eps, like.options().dtype(acc));
+}
+
+at::Tensor gaussian_nll(const at::Tensor& input, const at::Tensor& target, const at::Tensor& var, double eps,
+                        int64_t event_dims) {
+  std::vector<NamedTensor> args{{input, "input"}, {target, "target"}, {var, "var"}};
+  const auto acc = check_args(args);
+  args.push_back({eps_operand(eps, input, acc), "eps"});
+  RowProblem p(args, event_dims, false);
+  return p.forward(OpKind::GaussNllFwd);
+}
+
+std::vector<at::Tensor> gaussian_nll_backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& target,
+                                              const at::Tensor& var, double eps, int64_t event_dims,
+                                              c10::List<bool> needs_list) {
+  std::vector<bool> needs(needs_list.begin(), needs_list.end());
+  std::vector<NamedTensor> args{{grad, "grad"}, {input, "input"}, {target, "target"}, {var, "var"}};
+  const auto acc = check_args(args);
+  args.push_back({eps_operand(eps, input, acc), "eps"});
+  RowProblem p(args, event_dims, true);
+  needs.resize(3);
+  return p.backward(OpKind::GaussNllBwd, needs, {input, target, var});
+}
+
 // ---- sampling ----------------------------------------------------------------------------------
 
+// (run, run_stride) with logical flat element m of `t` at (m / run) * run_stride + m % run (layout.h),
+// or (0, 0) when its strides are not of that form.
+std::pair<int64_t, int64_t> runs_of(const at::Tensor& t) {
+  int64_t run = 1;
+  int64_t d = t.dim() - 1;
+  for (; d >= 0; --d) {  // trailing dims that are contiguous form the run
+    if (t.size(d) == 1) continue;
+    if (t.stride(d) != run) break;
+    run *= t.size(d);
+  }
+  if (d < 0) return {run, run};  // contiguous: any run dividing numel, run_stride == run
+  const int64_t run_stride = t.stride(d);
+  int64_t expect = t.stride(d) * t.size(d);
+  for (int64_t e = d - 1; e >= 0; --e) {  // the leading dims must step uniformly by run_stride
+    if (t.size(e) == 1) continue;
+    if (t.stride(e) != expect) return {0, 0};
+    expect *= t.size(e);
+  }
+  return {run, run_stride};
+}
+
 struct SampleProblem {
-  at::Tensor mu, logvar, seed;
+  at::Tensor mu, logvar, seed;  // seed undefined: the key is seed_value
+  uint64_t seed_value = 0;
   std::vector<int64_t> shape, reduced_shape;
   int64_t rows = 1, event_numel = 1, num_samples = 1;
+  int64_t run = 1, mu_run_stride = 1, logvar_run_stride = 1;
   bool sample_dim = false;
   at::ScalarType acc_dtype = at::kFloat;
 
-  SampleProblem(const at::Tensor& mu_, const at::Tensor& logvar_, const at::Tensor& seed_, int64_t k,
-                bool sample_dim_, int64_t event_dims)
+  SampleProblem(const at::Tensor& mu_, const at::Tensor& logvar_, const std::optional<at::Tensor>& seed_,
+                std::optional<int64_t> seed_value_, int64_t k, bool sample_dim_, int64_t event_dims)
       : num_samples(k), sample_dim(sample_dim_) {
     acc_dtype = check_args({{mu_, "mu"}, {logvar_, "logvar"}});
     TORCH_CHECK_TYPE(mu_.scalar_type() == logvar_.scalar_type(), "vae_fast: mu and logvar must have one dtype, got ",
@@ -437,19 +520,61 @@ struct SampleProblem {
                       shape_str(mu_.sizes()), " and logvar ", shape_str(logvar_.sizes()));
     TORCH_CHECK_VALUE(k >= 1, "vae_fast: num_samples must be >= 1, got ", k);
     TORCH_CHECK_VALUE(sample_dim || k == 1, "vae_fast: num_samples > 1 needs a sample dimension");
-    TORCH_CHECK_TYPE(seed_.scalar_type() == at::kLong && seed_.numel() == 1,
-                     "vae_fast: seed must be a 1-element int64 tensor, got ", seed_.scalar_type(), " of shape ",
-                     shape_str(seed_.sizes()));
-    TORCH_CHECK_VALUE(seed_.device() == mu_.device(), "vae_fast: seed must be on mu's device (", mu_.device(),
-                      "), got ", seed_.device());
     check_event_dims(event_dims, mu_.dim(), "mu");
-    mu = mu_.contiguous();
-    logvar = logvar_.contiguous();
-    seed = seed_.reshape({1}).contiguous();
+    std::optional<at::Tensor> drawn;
+    if (!(seed_ && seed_->defined()) && !seed_value_ && !mu_.is_meta()) {
+      at::Tensor t;
+      draw_seed(mu_.device(), t, seed_value_);
+      if (t.defined()) drawn = t;
+    }
+    const std::optional<at::Tensor>& seed_in = drawn ? drawn : seed_;
+    if (seed_in && seed_in->defined()) {
+      TORCH_CHECK_TYPE(seed_in->scalar_type() == at::kLong && seed_in->numel() == 1,
+                       "vae_fast: seed must be a 1-element int64 tensor, got ", seed_in->scalar_type(), " of shape ",
+                       shape_str(seed_in->sizes()));
+      TORCH_CHECK_VALUE(seed_in->device() == mu_.device(), "vae_fast: seed must be on mu's device (", mu_.device(),
+                        "), got ", seed_in->device());
+      seed = seed_in->reshape({1}).contiguous();
+    } else if (seed_value_) {
+      seed_value = static_cast<uint64_t>(*seed_value_);
+    }
+    mu = mu_;
+    logvar = logvar_;
     shape.assign(mu.sizes().begin(), mu.sizes().end());
     reduced_shape.assign(shape.begin(), shape.end() - event_dims);
     for (auto s : reduced_shape) rows *= s;
     for (size_t d = reduced_shape.size(); d < shape.size(); ++d) event_numel *= shape[d];
+    layout_runs();
+  }
+
+  // mu and logvar read in place when both are runs of one length (chunks of an encoder output, channel
+  // halves); otherwise the one that is not gets copied to contiguous memory.
+  void layout_runs() {
+    const int64_t numel = rows * event_numel;
+    if (numel == 0) return;
+    auto [ru, su] = runs_of(mu);
+    auto [rl, sl] = runs_of(logvar);
+    if (ru == 0) {
+      mu = mu.contiguous();
+      ru = su = numel;
+    }
+    if (rl == 0) {
+      logvar = logvar.contiguous();
+      rl = sl = numel;
+    }
+    if (ru != rl) {
+      if (ru == numel) {  // contiguous mu: any run works for it
+        ru = su = rl;
+      } else if (rl == numel) {
+        rl = sl = ru;
+      } else {
+        logvar = logvar.contiguous();
+        rl = sl = ru;
+      }
+    }
+    run = ru;
+    mu_run_stride = su;
+    logvar_run_stride = sl;
   }
 
   std::vector<int64_t> with_samples(std::vector<int64_t> s) const {
@@ -465,26 +590,31 @@ struct SampleProblem {
     a.rows = rows;
     a.event_numel = event_numel;
     a.num_samples = num_samples;
-    a.seed = seed.data_ptr<int64_t>();
-    a.run = std::max<int64_t>(rows * event_numel, 1);  // contiguous for now
-    a.mu_run_stride = a.logvar_run_stride = a.run;
+    a.run = run;
+    a.mu_run_stride = mu_run_stride;
+    a.logvar_run_stride = logvar_run_stride;
+    a.seed = seed.defined() ? seed.data_ptr<int64_t>() : nullptr;
+    a.seed_value = seed_value;
     return a;
   }
-  bool empty() const { return rows * event_numel == 0; }
+  bool skip() const { return rows * event_numel == 0 || mu.is_meta(); }
 };
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_gaussian(const at::Tensor& mu, const at::Tensor& logvar,
-                                                               const at::Tensor& seed, int64_t num_samples,
-                                                               bool sample_dim, int64_t event_dims, bool want_log_q,
-                                                               bool want_kl) {
-  SampleProblem p(mu, logvar, seed, num_samples, sample_dim, event_dims);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_gaussian(
+    const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& seed,
+    std::optional<int64_t> seed_value, int64_t num_samples, bool sample_dim, int64_t event_dims, bool want_log_q,
+    bool want_kl, bool log_q_path_only) {
+  (void)log_q_path_only;  // a backward option: the forward values are the same
+  SampleProblem p(mu, logvar, seed, seed_value, num_samples, sample_dim, event_dims);
   auto acc = p.mu.options().dtype(p.acc_dtype);
-  at::Tensor z = at::empty(p.with_samples(p.shape), p.mu.options());
+  at::Tensor z = at::empty(p.with_samples(p.shape), p.mu.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor log_q = want_log_q ? at::empty(p.with_samples(p.reduced_shape), acc) : at::empty({0}, acc);
   at::Tensor kl = want_kl ? at::empty(p.reduced_shape, acc) : at::empty({0}, acc);
-  if (p.empty()) {
-    log_q.zero_();
-    kl.zero_();
+  if (p.skip()) {
+    if (!mu.is_meta()) {
+      log_q.zero_();
+      kl.zero_();
+    }
     return {z, log_q, kl};
   }
   SampleArgs a = p.args();
@@ -499,29 +629,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_gaussian(const at::Tensor&
   return {z, log_q, kl};
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward(const std::optional<at::Tensor>& grad_z,
-                                                            const std::optional<at::Tensor>& grad_log_q,
-                                                            const std::optional<at::Tensor>& grad_kl,
-                                                            const at::Tensor& mu, const at::Tensor& logvar,
-                                                            const at::Tensor& seed, int64_t num_samples,
-                                                            bool sample_dim, int64_t event_dims, bool need_mu,
-                                                            bool need_logvar) {
-  SampleProblem p(mu, logvar, seed, num_samples, sample_dim, event_dims);
-  at::Tensor gz, glq, gkl;
+std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward(
+    const std::optional<at::Tensor>& grad_z, const std::optional<at::Tensor>& grad_log_q,
+    const std::optional<at::Tensor>& grad_kl, const at::Tensor& mu, const at::Tensor& logvar,
+    const std::optional<at::Tensor>& seed, std::optional<int64_t> seed_value, int64_t num_samples, bool sample_dim,
+    int64_t event_dims, bool log_q_path_only, bool need_mu, bool need_logvar) {
+  TORCH_CHECK_VALUE((seed && seed->defined()) || seed_value,
+                    "vae_fast: sample_gaussian_backward needs the forward's seed (seed or seed_value)");
+  SampleProblem p(mu, logvar, seed, seed_value, num_samples, sample_dim, event_dims);
   auto expect = [&](const std::optional<at::Tensor>& t, const std::vector<int64_t>& shape, at::ScalarType dt,
                     const char* name) {
     if (!t || !t->defined()) return at::Tensor();
     TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(shape), "vae_fast: ", name, " must have shape ",
                       shape_str(shape), ", got ", shape_str(t->sizes()));
+    TORCH_CHECK_VALUE(t->device() == mu.device(), "vae_fast: ", name, " must be on mu's device (", mu.device(),
+                      "), got ", t->device());
     return t->to(dt).contiguous();
   };
-  gz = expect(grad_z, p.with_samples(p.shape), p.mu.scalar_type(), "grad_z");
-  glq = expect(grad_log_q, p.with_samples(p.reduced_shape), p.acc_dtype, "grad_log_q");
-  gkl = expect(grad_kl, p.reduced_shape, p.acc_dtype, "grad_kl");
-  at::Tensor dmu = need_mu ? at::empty(p.shape, p.mu.options()) : at::empty({0}, p.mu.options());
-  at::Tensor dlv = need_logvar ? at::empty(p.shape, p.mu.options()) : at::empty({0}, p.mu.options());
-  if (p.empty() || !(need_mu || need_logvar)) return {dmu, dlv};
+  at::Tensor gz = expect(grad_z, p.with_samples(p.shape), p.mu.scalar_type(), "grad_z");
+  at::Tensor glq = expect(grad_log_q, p.with_samples(p.reduced_shape), p.acc_dtype, "grad_log_q");
+  at::Tensor gkl = expect(grad_kl, p.reduced_shape, p.acc_dtype, "grad_kl");
+  auto opts = p.mu.options().memory_format(at::MemoryFormat::Contiguous);
+  at::Tensor dmu = need_mu ? at::empty(p.shape, opts) : at::empty({0}, opts);
+  at::Tensor dlv = need_logvar ? at::empty(p.shape, opts) : at::empty({0}, opts);
+  if (p.skip() || !(need_mu || need_logvar)) return {dmu, dlv};
+  if (!gz.defined() && !glq.defined() && !gkl.defined()) {  // nothing flows back: zero gradients
+    dmu.zero_();
+    dlv.zero_();
+    return {dmu, dlv};
+  }
   SampleArgs a = p.args();
+  a.log_q_path_only = log_q_path_only;
   a.grad_z = gz.defined() ? gz.data_ptr() : nullptr;
   a.grad_log_q = glq.defined() ? glq.data_ptr() : nullptr;
   a.grad_kl = gkl.defined() ? gkl.data_ptr() : nullptr;
@@ -537,6 +675,20 @@ std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward(const std::optional<
 
 }  // namespace
 
+// The key of a sampling call that was given none. CPU: a value drawn from torch's default generator as
+// torch.randint(0, 2**62, (1,)) draws it (so torch.compile's traced randint, under Inductor's
+// fallback_random, gives the same samples), no tensor made. Elsewhere: a device tensor from
+// torch.randint (no host sync).
+void draw_seed(const at::Device& device, at::Tensor& seed, std::optional<int64_t>& seed_value) {
+  if (device.is_cpu()) {
+    auto gen = at::detail::getDefaultCPUGenerator();
+    std::lock_guard<std::mutex> lock(gen.mutex());
+    seed_value = static_cast<int64_t>(gen.get<at::CPUGeneratorImpl>()->random64() % (uint64_t{1} << 62));
+  } else {
+    seed = at::randint(0, int64_t{1} << 62, {1}, at::TensorOptions().dtype(at::kLong).device(device));
+  }
+}
+
 TORCH_LIBRARY(vae_fast, m) {
   m.def("gaussian_kl(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, int event_dims) -> Tensor");
   m.def("gaussian_kl_backward(Tensor grad, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, "
@@ -546,11 +698,18 @@ TORCH_LIBRARY(vae_fast, m) {
         "bool[] needs) -> Tensor[]");
   m.def("bernoulli_log_prob(Tensor x, Tensor logits, int event_dims) -> Tensor");
   m.def("bernoulli_log_prob_backward(Tensor grad, Tensor x, Tensor logits, int event_dims, bool[] needs) -> Tensor[]");
-  m.def("sample_gaussian(Tensor mu, Tensor logvar, Tensor seed, int num_samples, bool sample_dim, int event_dims, "
-        "bool want_log_q, bool want_kl) -> (Tensor, Tensor, Tensor)");
+  m.def("gaussian_nll(Tensor input, Tensor target, Tensor var, float eps, int event_dims) -> Tensor");
+  m.def("gaussian_nll_backward(Tensor grad, Tensor input, Tensor target, Tensor var, float eps, int event_dims, "
+        "bool[] needs) -> Tensor[]");
+  // seed: a 1-element int64 tensor on mu's device (read there: graph-capture safe), or seed_value by
+  // value, or neither: drawn from torch's generator for mu's device. Tagged nondeterministic_seeded so
+  // no compiler merges two calls.
+  m.def("sample_gaussian(Tensor mu, Tensor logvar, Tensor? seed, int? seed_value, int num_samples, bool sample_dim, "
+        "int event_dims, bool want_log_q, bool want_kl, bool log_q_path_only) -> (Tensor, Tensor, Tensor)",
+        {at::Tag::nondeterministic_seeded});
   m.def("sample_gaussian_backward(Tensor? grad_z, Tensor? grad_log_q, Tensor? grad_kl, Tensor mu, Tensor logvar, "
-        "Tensor seed, int num_samples, bool sample_dim, int event_dims, bool need_mu, bool need_logvar) "
-        "-> (Tensor, Tensor)");
+        "Tensor? seed, int? seed_value, int num_samples, bool sample_dim, int event_dims, bool log_q_path_only, "
+        "bool need_mu, bool need_logvar) -> (Tensor, Tensor)");
 }
 
 // One implementation serves both devices: the glue branches on the device inside, after the checks.
@@ -562,10 +721,32 @@ TORCH_LIBRARY(vae_fast, m) {
     m.impl("gaussian_log_prob_backward", &gaussian_log_prob_backward);       \
     m.impl("bernoulli_log_prob", &bernoulli_log_prob);                       \
     m.impl("bernoulli_log_prob_backward", &bernoulli_log_prob_backward);     \
+    m.impl("gaussian_nll", &gaussian_nll);                                   \
+    m.impl("gaussian_nll_backward", &gaussian_nll_backward);                 \
     m.impl("sample_gaussian", &sample_gaussian);                             \
     m.impl("sample_gaussian_backward", &sample_gaussian_backward);           \
   }
 VF_REGISTER(CPU)
 VF_REGISTER(CUDA)
+
+// The checks an op's eager call makes, without running it. torch.compile's fake kernels
+// (vae_fast/ops.py) call this with their fake tensors, so compiled code raises what eager code raises.
+void check_op(const std::string& op, const std::vector<std::optional<at::Tensor>>& t, int64_t event_dims,
+              int64_t num_samples, bool sample_dim) {
+  auto get = [&](size_t i) { return i < t.size() && t[i] ? *t[i] : at::Tensor(); };
+  if (op == "gaussian_kl") {
+    RowProblem p(kl_args(get(0), get(1), i_opt(get(2)), i_opt(get(3))), event_dims, false);
+  } else if (op == "gaussian_log_prob") {
+    RowProblem p({{get(0), "x"}, {get(1), "mean"}, {get(2), "logvar"}}, event_dims, false);
+  } else if (op == "bernoulli_log_prob") {
+    RowProblem p({{get(0), "x"}, {get(1), "logits"}}, event_dims, false);
+  } else if (op == "gaussian_nll") {
+    RowProblem p({{get(0), "input"}, {get(1), "target"}, {get(2), "var"}}, event_dims, false);
+  } else if (op == "sample_gaussian") {  // a seed value stands in for a missing seed: nothing is drawn
+    SampleProblem p(get(0), get(1), i_opt(get(2)), int64_t{0}, num_samples, sample_dim, event_dims);
+  } else {
+    TORCH_CHECK(false, "vae_fast.check_op: unknown op ", op);
+  }
+}
 
 }  // namespace vae_fast

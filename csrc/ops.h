@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -22,28 +23,37 @@ std::vector<int64_t> broadcast_shape(const std::vector<NamedTensor>& args);
 // One row op's problem: the arguments broadcast to `shape`, the trailing `event_dims` summed.
 struct RowProblem {
   RowProblem(const std::vector<NamedTensor>& inputs, int64_t event_dims, bool grad_is_first);
-  at::Tensor forward(OpKind op) const;
-  std::vector<at::Tensor> backward(OpKind op, const std::vector<bool>& needs,
-                                   const std::vector<at::Tensor>& originals) const;
+  at::Tensor forward(OpKind op);
+  std::vector<at::Tensor> backward(OpKind op, const std::vector<bool>& needs, const std::vector<at::Tensor>& originals);
 
-  std::vector<NamedTensor> in;  // unexpanded, contiguous in their own shapes
+  std::vector<NamedTensor> in;  // unexpanded, read in place through their strides
   std::vector<int64_t> shape, out_shape;
   int64_t event_dims = 1, split = 0, numel = 1, event_numel = 1;
   bool elementwise = false;
   at::ScalarType acc_dtype = at::kFloat;
 
  private:
-  std::vector<int64_t> out_strides(at::IntArrayRef own) const;
-  RowArgs make_args(const std::vector<std::vector<int64_t>>& in_strides,
-                    const std::vector<std::vector<int64_t>>& out_strides, int64_t n_blocks) const;
+  std::vector<int64_t> out_strides(const at::Tensor& t) const;
+  std::vector<std::vector<int64_t>> input_strides(bool first_is_grad) const;
+  bool make_args(const std::vector<std::vector<int64_t>>& in_strides, const std::vector<std::vector<int64_t>>& out_strides,
+                 int64_t n_blocks, RowArgs& args) const;
+  RowArgs layout(const std::vector<std::vector<int64_t>>& out_strides, int64_t n_blocks, bool first_is_grad);
+  void bind_inputs(RowArgs& args) const;
   void launch(OpKind op, const RowArgs& args, const at::Device& device) const;
 };
+
+// The checks an op's eager call makes, without running it (for torch.compile's fake kernels).
+void check_op(const std::string& op, const std::vector<std::optional<at::Tensor>>& tensors, int64_t event_dims,
+              int64_t num_samples, bool sample_dim);
+
+// The key of a sampling call given none: seed_value on the CPU, a device `seed` tensor elsewhere (ops.cpp).
+void draw_seed(const at::Device& device, at::Tensor& seed, std::optional<int64_t>& seed_value);
 
 // CUDA side (ops_cuda.cpp when built with CUDA, else ops_nocuda.cpp, whose versions raise).
 bool cuda_available();
 std::string cuda_build_info();
 // Row blocks for accumulated gradients on the GPU (a function of the shapes and the device only).
-int64_t suggest_n_blocks_cuda(int64_t rows, int64_t event_numel, int64_t slice_numel);
+int64_t suggest_n_blocks_cuda(int64_t rows, int64_t event_numel, int64_t slice_numel, const at::Device& device);
 void launch_rows_cuda(OpKind op, const RowArgs& args, const at::Device& device);
 void sample_forward_cuda(const SampleArgs& args, const at::Device& device);
 void sample_backward_cuda(const SampleArgs& args, const at::Device& device);

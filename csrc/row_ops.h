@@ -69,5 +69,20 @@ struct RowOp<OpKind::BernLpBwd> {
   static VF_HD void apply(const V* x, V* y) { elbo::bernoulli_log_prob_grad(x[0], x[1], x[2], y[0], y[1]); }
 };
 
+template <>
+struct RowOp<OpKind::GaussNllFwd> {
+  static constexpr int kIn = 4, kOut = 1;
+  static constexpr bool kBackward = false;
+  template <class V>
+  static VF_HD void apply(const V* x, V* y) { y[0] = elbo::gaussian_nll(x[0], x[1], x[2], x[3]); }
+};
+template <>
+struct RowOp<OpKind::GaussNllBwd> {
+  static constexpr int kIn = 5, kOut = 3;
+  static constexpr bool kBackward = true;
+  template <class V>
+  static VF_HD void apply(const V* x, V* y) { elbo::gaussian_nll_grad(x[0], x[1], x[2], x[3], x[4], y[0], y[1], y[2]); }
+};
+
 VF_ISA_NS_END
 }  // namespace vae_fast

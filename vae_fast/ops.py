@@ -1,9 +1,11 @@
-"""The public fused ops: thin wrappers over ``torch.ops.vae_fast.*`` (csrc/ops.cpp), their autograd
-formulas (which call the fused backward kernels) and fake kernels (shapes for torch.compile).
+"""The public fused ops: thin wrappers over ``torch.ops.vae_fast.*`` (csrc/ops.cpp).
 
 The C++ side checks every argument (dtype, device, shapes, event_dims) before a kernel runs and
-raises TypeError / ValueError / RuntimeError naming the argument; these wrappers add the checks that
-only Python can make (non-tensor arguments) and draw the RNG seeds.
+raises TypeError / ValueError / RuntimeError naming the argument; it also holds the ops' autograd
+(csrc/autograd.cpp) and their shape functions for torch.compile (the Meta kernels run the same
+checks, so compiled code reports the errors eager code reports). These wrappers add what only
+Python can do: checks of non-tensor arguments, seeds under torch.compile, `gaussian_nll_loss`'s
+drop-in argument handling, and the composite formulas that make double backward work.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Optional
 import torch
 
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.vae_fast.*)
+from . import reference
 
 _ops = torch.ops.vae_fast
 LOG_2PI = math.log(2.0 * math.pi)
@@ -29,35 +32,40 @@ def _require_tensor(fn: str, **tensors) -> None:
             raise TypeError(f"vae_fast.{fn}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
 
 
-def _require_event_dims(fn: str, event_dims) -> None:
-    if isinstance(event_dims, bool) or not isinstance(event_dims, int):
-        raise TypeError(f"vae_fast.{fn}: event_dims must be an int, got {type(event_dims).__name__}")
+def _require_int(fn: str, name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"vae_fast.{fn}: {name} must be an int, got {type(value).__name__}")
 
 
-def _acc_dtype(*tensors) -> torch.dtype:
-    """Reductions come out in float64 for float64 inputs, else float32 (half/bf16 are summed in fp32)."""
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+def _seed_args(fn: str, seed, generator, device: torch.device):
+    """(seed tensor or None, seed value or None) for the sampling op.
 
-
-def _seed_tensor(seed, generator, device: torch.device) -> torch.Tensor:
-    """A 1-element int64 seed on `device`: drawn from torch's generator (or `generator`), or given."""
-    if seed is None:
-        gen_device = generator.device if generator is not None else device
-        drawn = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=gen_device, generator=generator)
-        return drawn.to(device)
+    Neither given: eager CPU calls leave the draw to C++ (torch's CPU generator, no extra op); under
+    torch.compile, and on CUDA, the seed is a device tensor from torch.randint, so compiled code
+    draws what eager code draws (Inductor's fallback_random), no two calls share a seed, and CUDA
+    graphs replay fresh draws (the seed is read on the device).
+    """
     if generator is not None:
-        raise ValueError("vae_fast: give seed= or generator=, not both")
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"vae_fast.{fn}: generator must be a torch.Generator, got {type(generator).__name__}")
+        if seed is not None:
+            raise ValueError(f"vae_fast.{fn}: give seed= or generator=, not both")
+        drawn = torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=generator.device, generator=generator)
+        return drawn.to(device), None
+    if seed is None:
+        if device.type == "cpu" and not torch.compiler.is_compiling():
+            return None, None
+        return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device), None
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64 or seed.numel() != 1:
-            raise TypeError(f"vae_fast: seed must be an int or a 1-element int64 tensor, got {seed.dtype} of shape "
-                            f"{tuple(seed.shape)}")
-        return seed.reshape(1).to(device)
+            raise TypeError(f"vae_fast.{fn}: seed must be an int or a 1-element int64 tensor, got {seed.dtype} of "
+                            f"shape {tuple(seed.shape)}")
+        return seed.reshape(1).to(device), None
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"vae_fast: seed must be an int or a 1-element int64 tensor, got {type(seed).__name__}")
+        raise TypeError(f"vae_fast.{fn}: seed must be an int or a 1-element int64 tensor, got {type(seed).__name__}")
     if not -(2**63) <= seed < 2**64:
-        raise ValueError(f"vae_fast: seed must fit in 64 bits, got {seed}")
-    signed = seed - 2**64 if seed >= 2**63 else seed
-    return torch.tensor([signed], dtype=torch.int64, device=device)
+        raise ValueError(f"vae_fast.{fn}: seed must fit in 64 bits, got {seed}")
+    return None, seed - 2**64 if seed >= 2**63 else seed  # passed by value: no host-to-device copy
 
 
 def _num_samples(fn: str, num_samples) -> int:
@@ -65,8 +73,8 @@ def _num_samples(fn: str, num_samples) -> int:
         return 1
     if isinstance(num_samples, bool) or not isinstance(num_samples, int):
         raise TypeError(f"vae_fast.{fn}: num_samples must be an int or None, got {type(num_samples).__name__}")
-    if num_samples < 1:
-        raise ValueError(f"vae_fast.{fn}: num_samples must be >= 1, got {num_samples}")
+    if not 1 <= num_samples < 2**62:
+        raise ValueError(f"vae_fast.{fn}: num_samples must be in [1, 2**62), got {num_samples}")
     return num_samples
 
 
@@ -83,37 +91,39 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, event_dims: int
         raise ValueError("vae_fast.gaussian_kl: prior_mu and prior_logvar must be given together or not at all")
     if prior_mu is not None:
         _require_tensor("gaussian_kl", prior_mu=prior_mu, prior_logvar=prior_logvar)
-    _require_event_dims("gaussian_kl", event_dims)
+    _require_int("gaussian_kl", "event_dims", event_dims)
     return _ops.gaussian_kl(mu, logvar, prior_mu, prior_logvar, event_dims)
 
 
 def gaussian_log_prob(x, mean, logvar, *, event_dims: int = 1) -> torch.Tensor:
     """log N(x; mean, exp(logvar)) summed over the trailing `event_dims`; the arguments broadcast."""
     _require_tensor("gaussian_log_prob", x=x, mean=mean, logvar=logvar)
-    _require_event_dims("gaussian_log_prob", event_dims)
+    _require_int("gaussian_log_prob", "event_dims", event_dims)
     return _ops.gaussian_log_prob(x, mean, logvar, event_dims)
 
 
 def bernoulli_log_prob(x, logits, *, event_dims: int = 1) -> torch.Tensor:
     """log Bernoulli(x; sigmoid(logits)) = sum(x * l - softplus(l)) over the trailing `event_dims`."""
     _require_tensor("bernoulli_log_prob", x=x, logits=logits)
-    _require_event_dims("bernoulli_log_prob", event_dims)
+    _require_int("bernoulli_log_prob", "event_dims", event_dims)
     return _ops.bernoulli_log_prob(x, logits, event_dims)
 
 
 def reparameterize(mu, logvar, num_samples: Optional[int] = None, *, seed=None, generator=None,
-                   return_log_q: bool = False, event_dims: int = 1):
+                   return_log_q: bool = False, log_q_path_only: bool = False, event_dims: int = 1):
     """z = mu + exp(logvar / 2) * eps, eps ~ N(0, I) from the in-kernel Philox stream.
 
     Returns z of shape mu.shape, or (num_samples, *mu.shape) when num_samples is given. With
     `return_log_q`, also log q(z|x) per example (summed over `event_dims`), computed from the exact eps.
+    With `log_q_path_only`, log_q is log q(z; stop_grad(mu), stop_grad(logvar)): the same value, its
+    gradient reaching mu and logvar only through z (sticking the landing; DReG).
     """
     _require_tensor("reparameterize", mu=mu, logvar=logvar)
-    _require_event_dims("reparameterize", event_dims)
+    _require_int("reparameterize", "event_dims", event_dims)
     k = _num_samples("reparameterize", num_samples)
-    seed_t = _seed_tensor(seed, generator, mu.device)
-    z, log_q, _ = _ops.sample_gaussian(mu, logvar, seed_t, k, num_samples is not None, event_dims,
-                                       bool(return_log_q), False)
+    seed_t, seed_v = _seed_args("reparameterize", seed, generator, mu.device)
+    z, log_q, _ = _ops.sample_gaussian(mu, logvar, seed_t, seed_v, k, num_samples is not None, event_dims,
+                                       bool(return_log_q), False, bool(log_q_path_only))
     return (z, log_q) if return_log_q else z
 
 
@@ -121,29 +131,40 @@ def reparameterize_with_kl(mu, logvar, num_samples: Optional[int] = None, *, see
                            event_dims: int = 1):
     """(z, KL(q || N(0, I))) in one pass over mu and logvar; see `reparameterize` and `gaussian_kl`."""
     _require_tensor("reparameterize_with_kl", mu=mu, logvar=logvar)
-    _require_event_dims("reparameterize_with_kl", event_dims)
+    _require_int("reparameterize_with_kl", "event_dims", event_dims)
     k = _num_samples("reparameterize_with_kl", num_samples)
-    seed_t = _seed_tensor(seed, generator, mu.device)
-    z, _, kl = _ops.sample_gaussian(mu, logvar, seed_t, k, num_samples is not None, event_dims, False, True)
+    seed_t, seed_v = _seed_args("reparameterize_with_kl", seed, generator, mu.device)
+    z, _, kl = _ops.sample_gaussian(mu, logvar, seed_t, seed_v, k, num_samples is not None, event_dims, False, True,
+                                    False)
     return z, kl
 
 
-class _StraightThroughLogClamp(torch.autograd.Function):
-    """log(max(var, eps)) whose gradient passes straight through the clamp (as F.gaussian_nll_loss's).
+# ------------------------------------------------------------------------------------------------
+# gaussian_nll_loss: torch 2.13's F.gaussian_nll_loss argument handling, fused terms
+# ------------------------------------------------------------------------------------------------
+_DTYPE_PROXIES: dict = {}
 
-    One pass and one tensor: the backward's 1 / max(var, eps) is exp(-logvar) of the saved output.
-    """
 
-    @staticmethod
-    def forward(ctx, var, eps):
-        logvar = var.clamp(min=eps).log_()
-        ctx.save_for_backward(logvar)
-        return logvar
+def _proxy(dtype: torch.dtype, zero_dim: bool) -> torch.Tensor:
+    """A meta tensor standing for an intermediate of that dtype and dimensionality (type promotion)."""
+    key = (dtype, zero_dim)
+    if key not in _DTYPE_PROXIES:
+        _DTYPE_PROXIES[key] = torch.empty(() if zero_dim else (1,), dtype=dtype, device="meta")
+    return _DTYPE_PROXIES[key]
 
-    @staticmethod
-    def backward(ctx, grad):
-        (logvar,) = ctx.saved_tensors
-        return grad * torch.exp(-logvar), None
+
+def _nll_dtype(input, target, var_dtype: torch.dtype, var_zero_dim: bool) -> torch.dtype:
+    """The dtype of torch's `0.5 * (log(var) + (input - target) ** 2 / var)`, 0-dim rules included."""
+    floating = (input.dtype == target.dtype == var_dtype) and input.dtype.is_floating_point
+    if floating:
+        return input.dtype
+    default = torch.get_default_dtype()
+    diff_zero = input.dim() == 0 and target.dim() == 0
+    diff = torch.result_type(input, target)
+    quotient = torch.result_type(_proxy(diff, diff_zero), _proxy(var_dtype, var_zero_dim))
+    quotient = quotient if quotient.is_floating_point else default
+    log_var = var_dtype if var_dtype.is_floating_point else default
+    return torch.result_type(_proxy(log_var, var_zero_dim), _proxy(quotient, diff_zero and var_zero_dim))
 
 
 def _check_var_negative(var: torch.Tensor) -> None:
@@ -152,23 +173,30 @@ def _check_var_negative(var: torch.Tensor) -> None:
         return
     if var.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    if var.amin() < 0:  # one reduction, no boolean temporary (NaN compares False, as in torch.any(var < 0))
+    if torch.any(var < 0):  # as torch: a NaN elsewhere does not hide a negative entry
         raise ValueError("var has negative entry/entries")
 
 
 def gaussian_nll_loss(input, target, var, full: bool = False, eps: float = 1e-6, reduction: str = "mean"):
     """Drop-in for ``torch.nn.functional.gaussian_nll_loss`` (torch 2.13): same values, gradients, errors.
 
-    The per-element terms are the fused `gaussian_log_prob`; with reduction "mean"/"sum" the sum over
-    every element happens inside that one pass. The negative-var check runs in eager mode only.
+    One fused pass sums the per-element terms 0.5 * (log max(var, eps) + (input - target)^2 / max(var, eps))
+    (+ 0.5 log 2 pi with `full`) in float32 (float64 for float64), compensated; the gradient passes
+    straight through the clamp, as torch's. The negative-var check runs in eager mode only.
     """
     _require_tensor("gaussian_nll_loss", input=input, target=target)
     if isinstance(var, float):
         if var < 0:
             raise ValueError("var has negative entry/entries")
-        var = torch.full((), var, dtype=input.dtype, device=input.device)  # broadcasts like ones_like(input) * var
+        # torch: var * ones_like(input); a 0-dim tensor broadcasts the same without the full-size copy
+        var_dtype = input.dtype if input.dtype.is_floating_point else torch.get_default_dtype()
+        var_zero_dim = input.dim() == 0
+        var = torch.full((), var, dtype=var_dtype, device=input.device)
     else:
         _require_tensor("gaussian_nll_loss", var=var)
+        if not (var.dtype.is_floating_point or var.dtype.is_complex):  # torch's clamp_(min=eps) refuses these
+            raise RuntimeError(f"result type Float can't be cast to the desired output type {var.dtype}: "
+                               "vae_fast.gaussian_nll_loss: `var` must be a floating tensor")
         _check_var_negative(var)
         if var.size() != input.size():
             if input.size()[:-1] == var.size():
@@ -177,48 +205,77 @@ def gaussian_nll_loss(input, target, var, full: bool = False, eps: float = 1e-6,
                 pass
             else:
                 raise ValueError("var is of incorrect size")
+        var_dtype, var_zero_dim = var.dtype, var.dim() == 0
     if reduction not in ("none", "mean", "sum"):
-        raise ValueError(reduction + " is not valid")
+        raise ValueError(f"{reduction} is not valid: reduction must be 'none', 'mean' or 'sum'")
+    shape = torch.broadcast_shapes(input.shape, target.shape)  # RuntimeError on a mismatch, as torch's
+    shape = torch.broadcast_shapes(shape, var.shape)
 
-    out_dtype = torch.promote_types(torch.promote_types(input.dtype, target.dtype), var.dtype)
-    if out_dtype == torch.float64:  # the fused ops take float64 only unmixed
-        input, target, var = (t.to(torch.float64) for t in (input, target, var))
-    logvar = _StraightThroughLogClamp.apply(var, eps)
-    constant = 0.0 if full else 0.5 * LOG_2PI  # log N includes 0.5 log(2 pi); the loss without `full` does not
+    out_dtype = _nll_dtype(input, target, var_dtype, var_zero_dim)
+    if not all(t.dtype.is_floating_point for t in (input, target)) or out_dtype == torch.float64:
+        # integer data, or float64 (the fused ops take float64 only unmixed): cast to the result type
+        input, target, var = (t.to(out_dtype) if t.dtype != out_dtype else t for t in (input, target, var))
     if reduction == "none":
-        loss = -gaussian_log_prob(target, input, logvar, event_dims=0) - constant
+        loss = _ops.gaussian_nll(input, target, var, float(eps), 0)
+        if full:
+            loss = loss + 0.5 * LOG_2PI
         return loss.to(out_dtype)
-    ndim = len(torch.broadcast_shapes(input.shape, target.shape, var.shape))
-    numel = math.prod(torch.broadcast_shapes(input.shape, target.shape, var.shape))
-    total = -gaussian_log_prob(target, input, logvar, event_dims=ndim) - constant * numel
+    numel = math.prod(shape)
+    total = _ops.gaussian_nll(input, target, var, float(eps), len(shape))
+    if full:
+        total = total + 0.5 * LOG_2PI * numel
     if reduction == "mean":
         total = total / numel
     return total.to(out_dtype)
 
 
 # ------------------------------------------------------------------------------------------------
-# Fake kernels: output shapes and dtypes for tracing (torch.compile, opcheck).
+# Fake kernels: output shapes and dtypes for tracing (torch.compile, opcheck). With static shapes they
+# first run the eager checks (csrc/ops.cpp's check_op on the fake tensors), so compiled code raises
+# the TypeError / ValueError eager code raises; with symbolic shapes only the shapes are derived.
 # ------------------------------------------------------------------------------------------------
+def _static(*tensors) -> bool:
+    return all(isinstance(s, int) for t in tensors if t is not None for s in (*t.shape, *t.stride()))
+
+
+def _eager_checks(op: str, tensors, event_dims: int, num_samples: int = 1, sample_dim: bool = False) -> None:
+    if _static(*tensors):
+        _C.check_op(op, list(tensors), event_dims, num_samples, sample_dim)
+
+
+def _acc_dtype(*tensors) -> torch.dtype:
+    """Reductions come out in float64 for float64 inputs, else float32 (half/bf16 are summed in fp32)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def _row_out(event_dims: int, *tensors) -> torch.Tensor:
     shape = torch.broadcast_shapes(*(t.shape for t in tensors))
-    out_shape = shape[: len(shape) - event_dims]
-    return tensors[0].new_empty(out_shape, dtype=_acc_dtype(*tensors))
+    return tensors[0].new_empty(shape[: len(shape) - event_dims], dtype=_acc_dtype(*tensors))
 
 
 @torch.library.register_fake("vae_fast::gaussian_kl")
 def _(mu, logvar, prior_mu, prior_logvar, event_dims):
+    _eager_checks("gaussian_kl", (mu, logvar, prior_mu, prior_logvar), event_dims)
     priors = [] if prior_mu is None else [prior_mu, prior_logvar]
     return _row_out(event_dims, mu, logvar, *priors)
 
 
 @torch.library.register_fake("vae_fast::gaussian_log_prob")
 def _(x, mean, logvar, event_dims):
+    _eager_checks("gaussian_log_prob", (x, mean, logvar), event_dims)
     return _row_out(event_dims, x, mean, logvar)
 
 
 @torch.library.register_fake("vae_fast::bernoulli_log_prob")
 def _(x, logits, event_dims):
+    _eager_checks("bernoulli_log_prob", (x, logits), event_dims)
     return _row_out(event_dims, x, logits)
+
+
+@torch.library.register_fake("vae_fast::gaussian_nll")
+def _(input, target, var, eps, event_dims):
+    _eager_checks("gaussian_nll", (input, target, var), event_dims)
+    return _row_out(event_dims, input, target, var)
 
 
 def _grads_like(needs, originals):
@@ -242,8 +299,14 @@ def _(grad, x, logits, event_dims, needs):
     return _grads_like(needs, [x, logits])
 
 
+@torch.library.register_fake("vae_fast::gaussian_nll_backward")
+def _(grad, input, target, var, eps, event_dims, needs):
+    return _grads_like(needs, [input, target, var])
+
+
 @torch.library.register_fake("vae_fast::sample_gaussian")
-def _(mu, logvar, seed, num_samples, sample_dim, event_dims, want_log_q, want_kl):
+def _(mu, logvar, seed, seed_value, num_samples, sample_dim, event_dims, want_log_q, want_kl, log_q_path_only):
+    _eager_checks("sample_gaussian", (mu, logvar, seed), event_dims, num_samples, sample_dim)
     acc = _acc_dtype(mu)
     lead = (num_samples,) if sample_dim else ()
     reduced = tuple(mu.shape[: mu.dim() - event_dims])
@@ -254,85 +317,94 @@ def _(mu, logvar, seed, num_samples, sample_dim, event_dims, want_log_q, want_kl
 
 
 @torch.library.register_fake("vae_fast::sample_gaussian_backward")
-def _(grad_z, grad_log_q, grad_kl, mu, logvar, seed, num_samples, sample_dim, event_dims, need_mu, need_logvar):
+def _(grad_z, grad_log_q, grad_kl, mu, logvar, seed, seed_value, num_samples, sample_dim, event_dims,
+      log_q_path_only, need_mu, need_logvar):
     return (mu.new_empty(mu.shape if need_mu else (0,)), mu.new_empty(mu.shape if need_logvar else (0,)))
 
 
 # ------------------------------------------------------------------------------------------------
-# Autograd: the backward of each op is its fused backward kernel, asked only for needed gradients.
+# Double backward: the backward ops' own autograd, as the vector-Jacobian product of their composite
+# formulas (reference.py). Correctness, not speed: only create_graph=True reaches it.
 # ------------------------------------------------------------------------------------------------
-def _setup_row(ctx, inputs, output):
-    ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
-    ctx.has_prior = len(inputs) == 5 and inputs[2] is not None
-    ctx.event_dims = inputs[-1]
+def _leaves(tensors):
+    return [t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+            for t in tensors]
 
 
-def _kl_backward(ctx, grad):
-    saved = ctx.saved_tensors
-    needs = list(ctx.needs_input_grad[: len(saved)])
-    mu, logvar = saved[0], saved[1]
-    pmu, plv = (saved[2], saved[3]) if ctx.has_prior else (None, None)
-    grads = _ops.gaussian_kl_backward(grad, mu, logvar, pmu, plv, ctx.event_dims, needs)
-    out = [g if n else None for g, n in zip(grads, needs)]
-    out += [None] * (4 - len(out))
-    return out[0], out[1], out[2], out[3], None
+def _vjp_of_first_order(first_order, tensors, out_grads):
+    """Gradients w.r.t. `tensors` of sum(out_grads * first_order(*tensors)); None where not reached."""
+    with torch.enable_grad():
+        leaves = _leaves(tensors)
+        outs = first_order(*leaves)
+        pairs = [(o, g) for o, g in zip(outs, out_grads) if o is not None and g is not None and o.requires_grad]
+        wrt = [t for t in leaves if isinstance(t, torch.Tensor) and t.requires_grad]
+        if not pairs or not wrt:
+            return [None] * len(tensors)
+        grads = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True,
+                                    create_graph=torch.is_grad_enabled())
+    it = iter(grads)
+    return [next(it) if isinstance(t, torch.Tensor) and t.requires_grad else None for t in leaves]
 
 
-def _gauss_backward(ctx, grad):
-    x, mean, logvar = ctx.saved_tensors
-    needs = list(ctx.needs_input_grad[:3])
-    grads = _ops.gaussian_log_prob_backward(grad, x, mean, logvar, ctx.event_dims, needs)
-    return (*[g if n else None for g, n in zip(grads, needs)], None)
+def _first_order(forward, n_args):
+    """first_order(grad, *args): autograd.grad of the composite forward, differentiable itself."""
+    def first_order(grad, *args):
+        wrt = [a for a in args[:n_args] if a is not None]
+        out = forward(*args)
+        grads = torch.autograd.grad(out, wrt, grad, create_graph=True, allow_unused=True)
+        it = iter(grads)
+        return [next(it) if a is not None else None for a in args[:n_args]]
+    return first_order
 
 
-def _bern_backward(ctx, grad):
-    x, logits = ctx.saved_tensors
-    needs = list(ctx.needs_input_grad[:2])
-    grads = _ops.bernoulli_log_prob_backward(grad, x, logits, ctx.event_dims, needs)
-    return (*[g if n else None for g, n in zip(grads, needs)], None)
-
-
-def _setup_sample(ctx, inputs, output):
-    mu, logvar, seed, num_samples, sample_dim, event_dims, want_log_q, want_kl = inputs
-    ctx.save_for_backward(mu, logvar, seed)  # nothing of size K x B x D: eps is regenerated from the seed
-    ctx.args = (num_samples, sample_dim, event_dims)
-    ctx.wanted = (want_log_q, want_kl)
-    ctx.set_materialize_grads(False)
-
-
-def _sample_backward(ctx, grad_z, grad_log_q, grad_kl):
-    mu, logvar, seed = ctx.saved_tensors
-    num_samples, sample_dim, event_dims = ctx.args
-    need_mu, need_logvar = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_log_q = grad_log_q if ctx.wanted[0] else None
-    grad_kl = grad_kl if ctx.wanted[1] else None
-    dmu = None
-    if need_mu and grad_z is not None and grad_log_q is None and grad_kl is None and not sample_dim:
-        dmu, need_mu = grad_z, False  # dz/dmu = 1: the gradient is g itself, no kernel
-    if need_mu or need_logvar:
-        kmu, klv = _ops.sample_gaussian_backward(grad_z, grad_log_q, grad_kl, mu, logvar, seed, num_samples,
-                                                 sample_dim, event_dims, need_mu, need_logvar)
-        dmu = kmu if need_mu else dmu
-        dlv = klv if need_logvar else None
-    else:
-        dlv = None
-    return dmu, dlv, None, None, None, None, None, None
-
-
-def _no_double_backward(name):
-    def backward(ctx, *grads):
-        raise RuntimeError(f"vae_fast: double backward through {name} is not supported")
-
+def _register_row_double_backward(name, forward, n_args, extra_before_event=0):
+    """Autograd of `vae_fast::<name>_backward(grad, *tensors, [extra,] event_dims, needs)`."""
     def setup(ctx, inputs, output):
-        pass
+        ctx.inputs = inputs  # double backward is rare; keeping the references is simplest
+        ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
 
-    torch.library.register_autograd(f"vae_fast::{name}", backward, setup_context=setup)
+    def backward(ctx, grads):
+        grad, *rest = ctx.inputs
+        tensors, params = rest[:n_args], rest[n_args:]
+        event_dims = params[extra_before_event]
+        extra = params[:extra_before_event]
+        first = _first_order(lambda *a: forward(*a[:n_args], *extra, event_dims=event_dims), n_args)
+        gg = [g if g is not None and g.numel() == t.numel() and t is not None else None
+              for g, t in zip(grads, tensors)]
+        out = _vjp_of_first_order(lambda gr, *ts: first(gr, *ts), [grad, *tensors], gg)
+        return (*out, *([None] * len(params)))
+
+    torch.library.register_autograd(f"vae_fast::{name}_backward", backward, setup_context=setup)
 
 
-torch.library.register_autograd("vae_fast::gaussian_kl", _kl_backward, setup_context=_setup_row)
-torch.library.register_autograd("vae_fast::gaussian_log_prob", _gauss_backward, setup_context=_setup_row)
-torch.library.register_autograd("vae_fast::bernoulli_log_prob", _bern_backward, setup_context=_setup_row)
-torch.library.register_autograd("vae_fast::sample_gaussian", _sample_backward, setup_context=_setup_sample)
-for _name in ("gaussian_kl_backward", "gaussian_log_prob_backward", "bernoulli_log_prob_backward",
-              "sample_gaussian_backward"):
-    _no_double_backward(_name)
+_register_row_double_backward("gaussian_kl", reference.gaussian_kl, 4)
+_register_row_double_backward("gaussian_log_prob", reference.gaussian_log_prob, 3)
+_register_row_double_backward("bernoulli_log_prob", reference.bernoulli_log_prob, 2)
+_register_row_double_backward("gaussian_nll", reference.gaussian_nll_terms, 3, extra_before_event=1)
+
+
+def _sample_double_backward_setup(ctx, inputs, output):
+    ctx.inputs = inputs
+    ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
+
+
+def _sample_double_backward(ctx, grad_dmu, grad_dlogvar):
+    (grad_z, grad_log_q, grad_kl, mu, logvar, seed, seed_value, num_samples, sample_dim, event_dims,
+     path_only, need_mu, need_logvar) = ctx.inputs
+    zeros = torch.zeros_like(mu)  # z = eps exactly when mu = 0 and logvar = 0: the forward's eps
+    eps = _ops.sample_gaussian(zeros, zeros, seed, seed_value, num_samples, sample_dim, event_dims, False, False,
+                               False)[0]
+
+    def first(gz, glq, gkl, m, lv):
+        outs = reference.sample_terms(m, lv, eps, event_dims, path_only)
+        pairs = [(o, g) for o, g in zip(outs, (gz, glq, gkl)) if g is not None]
+        return list(torch.autograd.grad([o for o, _ in pairs], [m, lv], [g for _, g in pairs], create_graph=True,
+                                        allow_unused=True))
+
+    gg = [grad_dmu if need_mu else None, grad_dlogvar if need_logvar else None]
+    out = _vjp_of_first_order(first, [grad_z, grad_log_q, grad_kl, mu, logvar], gg)
+    return (*out, *([None] * 8))
+
+
+torch.library.register_autograd("vae_fast::sample_gaussian_backward", _sample_double_backward,
+                                setup_context=_sample_double_backward_setup)

@@ -54,6 +54,28 @@ def standard_normal_log_prob(eps, logvar, *, event_dims=1):
     return _sum_event(-0.5 * (LOG_2PI + logvar + eps * eps), event_dims)
 
 
+def gaussian_nll_terms(input, target, var, eps, *, event_dims=0):
+    """F.gaussian_nll_loss's terms 0.5 * (log vc + (input - target)^2 / vc), vc = max(var, eps), summed
+    over ``event_dims``; the gradient passes straight through the clamp, as torch's."""
+    vc = var + (var.clamp(min=eps) - var).detach()
+    return _sum_event(0.5 * (torch.log(vc) + (input - target) ** 2 / vc), event_dims)
+
+
+def sample_terms(mu, logvar, eps, event_dims=1, log_q_path_only=False):
+    """(z, log q(z|x), KL) of the sampling op for a given eps (leading sample dims), composite.
+
+    With ``log_q_path_only`` log q is evaluated at stop_grad(mu, logvar): its gradient flows through z.
+    """
+    z = reparameterize(mu, logvar, eps)
+    if log_q_path_only:
+        m, lv = mu.detach(), logvar.detach()
+        scaled = (z - m) * torch.exp(-0.5 * lv)
+        log_q = _sum_event(-0.5 * (LOG_2PI + lv + scaled * scaled), event_dims)
+    else:
+        log_q = standard_normal_log_prob(eps, logvar, event_dims=event_dims)
+    return z, log_q, gaussian_kl(mu, logvar, event_dims=event_dims)
+
+
 def gaussian_nll_loss(input, target, var, full=False, eps=1e-6, reduction="mean"):
     """The eager baseline for the drop-in loss: PyTorch's own implementation."""
     return F.gaussian_nll_loss(input, target, var, full=full, eps=eps, reduction=reduction)

@@ -10,6 +10,7 @@
 #include <cstring>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "../isa.h"
 
@@ -72,6 +73,20 @@ template <class T>
 inline at::vec::Vectorized<T> max(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
   return at::vec::maximum(a, b);
 }
+template <class T>
+inline at::vec::Vectorized<T> min(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b) {
+  return at::vec::minimum(a, b);
+}
+template <class T>
+inline at::vec::Vectorized<T> zero_where_zero(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& v) {
+  using V = at::vec::Vectorized<T>;
+  return V::blendv(v, V(T(0)), a == V(T(0)));
+}
+template <class T>
+inline at::vec::Vectorized<T> clamp_min(const at::vec::Vectorized<T>& x, const at::vec::Vectorized<T>& lo) {
+  using V = at::vec::Vectorized<T>;
+  return V::blendv(x, lo, x < lo);  // a NaN x compares false and stays NaN
+}
 }  // namespace vmath
 VF_ISA_NS_END
 }  // namespace vae_fast
@@ -123,7 +138,10 @@ const acc_t* load_typed(const src_t* p, int64_t stride, int64_t n, acc_t* buf) {
   if (stride == 1) {
     at::vec::convert(p, buf, n);
   } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<acc_t>(static_cast<float>(p[i * stride]));
+    for (int64_t i = 0; i < n; ++i) {
+      if constexpr (std::is_floating_point_v<src_t>) buf[i] = static_cast<acc_t>(p[i * stride]);
+      else buf[i] = static_cast<acc_t>(static_cast<float>(p[i * stride]));  // Half / BFloat16 via float
+    }
   }
   return buf;
 }
@@ -160,10 +178,7 @@ void store_typed(const acc_t* v, dst_t* p, int64_t stride, int64_t n, bool accum
 template <class acc_t>
 void store(const Operand& op, int64_t off, int64_t stride, int64_t n, const acc_t* v) {
   switch (op.dtype) {
-    case DType::Float64:
-      if constexpr (std::is_same_v<acc_t, double>)
-        store_typed(v, static_cast<double*>(op.data) + off, stride, n, op.accumulate);
-      break;
+    case DType::Float64: store_typed(v, static_cast<double*>(op.data) + off, stride, n, op.accumulate); break;
     case DType::Float32: store_typed(v, static_cast<float*>(op.data) + off, stride, n, op.accumulate); break;
     case DType::Float16: store_typed(v, static_cast<c10::Half*>(op.data) + off, stride, n, op.accumulate); break;
     case DType::BFloat16:
@@ -192,9 +207,11 @@ acc_t hsum(const Vec<acc_t>& v) {
   return s;
 }
 
+// Adds one value into an accumulated partial-sum slice (kept in double on the CPU: see ops.cpp).
 template <class acc_t>
-void add_to(const Operand& op, int64_t off, acc_t value) {  // one element, op in acc_t
-  static_cast<acc_t*>(op.data)[off] += value;
+void add_to(const Operand& op, int64_t off, double value) {
+  if (op.dtype == DType::Float64) static_cast<double*>(op.data)[off] += value;
+  else static_cast<acc_t*>(op.data)[off] += static_cast<acc_t>(value);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -233,7 +250,9 @@ void run_row_range(const RowArgs& args, int64_t row_begin, int64_t row_end, int6
       for (int j = 0; j < Op::kOut; ++j) out_row[j] += idx * args.out[j].row_strides[d];
     }
 
-    acc_t row_sum[Op::kOut] = {};
+    // Sums keep their digits: terms are summed per chunk (<= kChunk / lanes terms per lane), and
+    // chunk sums are added in double in a fixed order (error ~ 1e-7 relative over 1e8 float terms).
+    double row_sum[Op::kOut] = {};
     for (int64_t line = 0; line < lines; ++line) {
       int64_t in_off[Op::kIn], out_off[Op::kOut];
       for (int j = 0; j < Op::kIn; ++j) in_off[j] = in_row[j];
@@ -249,8 +268,7 @@ void run_row_range(const RowArgs& args, int64_t row_begin, int64_t row_end, int6
       for (int j = 0; j < Op::kIn; ++j) in_st[j] = ne > 0 ? args.in[j].event_strides[ne - 1] : 0;
       for (int j = 0; j < Op::kOut; ++j) out_st[j] = ne > 0 ? args.out[j].event_strides[ne - 1] : 0;
 
-      V line_sum[Op::kOut];
-      for (int j = 0; j < Op::kOut; ++j) line_sum[j] = V(acc_t(0));
+      double line_sum[Op::kOut] = {};
       for (int64_t c0 = 0; c0 < inner; c0 += kChunk) {
         const int64_t n = std::min(kChunk, inner - c0);
         Loaded<acc_t> src[Op::kIn];
@@ -260,6 +278,8 @@ void run_row_range(const RowArgs& args, int64_t row_begin, int64_t row_end, int6
           dst[j] = (args.out[j].data && out_st[j] != 0)
                        ? output_target<acc_t>(args.out[j], out_off[j] + c0 * out_st[j], out_st[j], out_buf[j])
                        : nullptr;
+        V chunk_sum[Op::kOut];
+        for (int j = 0; j < Op::kOut; ++j) chunk_sum[j] = V(acc_t(0));
         for (int64_t i = 0; i < n; i += VS) {
           const int64_t count = std::min(VS, n - i);
           V a[Op::kIn], o[Op::kOut];
@@ -270,25 +290,29 @@ void run_row_range(const RowArgs& args, int64_t row_begin, int64_t row_end, int6
             if (dst[j]) {
               if (count == VS) o[j].store(dst[j] + i); else o[j].store(dst[j] + i, count);
             } else if (args.out[j].data) {
-              line_sum[j] = line_sum[j] + (count == VS ? o[j] : V::set(V(acc_t(0)), o[j], count));
+              chunk_sum[j] = chunk_sum[j] + (count == VS ? o[j] : V::set(V(acc_t(0)), o[j], count));
             }
           }
         }
-        for (int j = 0; j < Op::kOut; ++j)
+        for (int j = 0; j < Op::kOut; ++j) {
           if (dst[j] == out_buf[j]) store<acc_t>(args.out[j], out_off[j] + c0 * out_st[j], out_st[j], n, out_buf[j]);
+          else if (!dst[j] && args.out[j].data) line_sum[j] += static_cast<double>(hsum(chunk_sum[j]));
+        }
       }
       for (int j = 0; j < Op::kOut; ++j) {
         if (!args.out[j].data || out_st[j] != 0) continue;
-        acc_t s = hsum(line_sum[j]);
         if (out_is_row_sum[j]) {
-          row_sum[j] += s;
+          row_sum[j] += line_sum[j];
         } else {
-          add_to<acc_t>(args.out[j], out_off[j], s);  // accumulated partial (acc_t)
+          add_to<acc_t>(args.out[j], out_off[j], line_sum[j]);  // accumulated partial
         }
       }
     }
-    for (int j = 0; j < Op::kOut; ++j)
-      if (out_is_row_sum[j]) store<acc_t>(args.out[j], out_row[j], 1, 1, &row_sum[j]);
+    for (int j = 0; j < Op::kOut; ++j) {
+      if (!out_is_row_sum[j]) continue;
+      const acc_t total = static_cast<acc_t>(row_sum[j]);
+      store<acc_t>(args.out[j], out_row[j], 1, 1, &total);
+    }
   }
 }
 
@@ -427,10 +451,11 @@ acc_t sum_range(const acc_t* v, int64_t n) {
   return s;
 }
 
-// Adds the terms of flat elements [flat, flat + n) into out[row] (row = element / E); a row's
-// first element assigns, so `out` needs no zeroing.
+// Writes the per-row sums of the terms of flat elements [flat, flat + n) into out[row], row = element
+// / E. The caller walks whole rows in order; a row that spans chunks is carried in `carry` (double,
+// so long sums keep their digits) and written when it ends: `out` needs no zeroing.
 template <class acc_t>
-void add_segments(const acc_t* terms, int64_t flat, int64_t n, int64_t E, acc_t* out) {
+void add_segments(const acc_t* terms, int64_t flat, int64_t n, int64_t E, acc_t* out, double& carry) {
   if (E == 1) {  // event_dims = 0: every element is its own row
     std::memcpy(out + flat, terms, sizeof(acc_t) * static_cast<size_t>(n));
     return;
@@ -438,8 +463,10 @@ void add_segments(const acc_t* terms, int64_t flat, int64_t n, int64_t E, acc_t*
   for (int64_t i = 0; i < n;) {
     const int64_t row = (flat + i) / E, row_end = (row + 1) * E - flat;
     const int64_t len = std::min(n, row_end) - i;
-    const acc_t s = sum_range(terms + i, len);
-    out[row] = ((flat + i) % E == 0) ? s : out[row] + s;
+    const double s = static_cast<double>(sum_range(terms + i, len));
+    const bool first = (flat + i) % E == 0, last = i + len == row_end;
+    carry = first ? s : carry + s;
+    if (last) out[row] = static_cast<acc_t>(carry);
     i += len;
   }
 }
@@ -458,25 +485,63 @@ inline int64_t sample_grain(const SampleArgs& a) {  // ~16K elements of z per ta
   return std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, a.event_numel * a.num_samples));
 }
 
+// n logical elements [c, c + n) of a sampler input (mu or logvar, read in place through its runs,
+// see layout.h) in acc_t: the tensor itself when they lie in one run stored in acc_t, else gathered
+// run by run into `buf`.
+template <class acc_t>
+const acc_t* load_logical(DType dtype, const void* base, int64_t run, int64_t run_stride, int64_t c, int64_t n,
+                          acc_t* buf) {
+  const int64_t r0 = c / run, j0 = c - r0 * run;
+  if (j0 + n <= run) return load_contiguous<acc_t>(dtype, base, r0 * run_stride + j0, n, buf);
+  for (int64_t i = 0; i < n;) {
+    const int64_t pos = c + i, r = pos / run, j = pos - r * run, len = std::min(n - i, run - j);
+    const acc_t* src = load_contiguous<acc_t>(dtype, base, r * run_stride + j, len, buf + i);
+    if (src != buf + i) std::memcpy(buf + i, src, sizeof(acc_t) * static_cast<size_t>(len));
+    i += len;
+  }
+  return buf;
+}
+
+// out[i] = sum_k per_row[k * k_stride + row(c + i)] for the n elements from flat index c, row = index / E:
+// per-row upstream gradients (of kl, of log_q) spread over their rows' elements.
+template <class acc_t>
+void spread_rows(const acc_t* per_row, int64_t K, int64_t k_stride, int64_t c, int64_t n, int64_t E, acc_t* out) {
+  for (int64_t i = 0; i < n;) {
+    const int64_t row = (c + i) / E, len = std::min(n, (row + 1) * E - c) - i;
+    acc_t v = 0;
+    for (int64_t k = 0; k < K; ++k) v += per_row[k * k_stride + row];
+    std::fill(out + i, out + i + len, v);
+    i += len;
+  }
+}
+
+inline uint64_t sample_seed(const SampleArgs& a) {
+  return a.seed ? static_cast<uint64_t>(*a.seed) : a.seed_value;
+}
+
 template <class acc_t>
 void sample_forward_typed(const SampleArgs& a) {
   using V = Vec<acc_t>;
   constexpr int64_t VS = V::size();
   const int64_t E = a.event_numel, R = a.rows, K = a.num_samples, N = R * E;
-  const uint64_t seed = static_cast<uint64_t>(*a.seed);
+  const uint64_t seed = sample_seed(a);
   at::parallel_for(0, R, sample_grain(a), [&](int64_t r0, int64_t r1) {
     alignas(64) acc_t mu_buf[kChunk], lv_buf[kChunk], sigma[kChunk], z_buf[kChunk], eps_buf[kChunk], terms[kChunk];
     alignas(64) float eps_f[kChunk];
+    // Row carries per log_q sample and the KL's (on the stack unless K is large: no heap on small calls).
+    double carry_stack[64] = {};
+    std::vector<double> carry_heap(K + 1 > 64 ? static_cast<size_t>(K) + 1 : 0, 0.0);
+    double* carry = K + 1 > 64 ? carry_heap.data() : carry_stack;
     for_each_chunk(r0 * E, r1 * E, [&](int64_t c, int64_t n) {
-      const acc_t* mu = load_contiguous<acc_t>(a.dtype, a.mu, c, n, mu_buf);
-      const acc_t* lv = load_contiguous<acc_t>(a.dtype, a.logvar, c, n, lv_buf);
+      const acc_t* mu = load_logical<acc_t>(a.dtype, a.mu, a.run, a.mu_run_stride, c, n, mu_buf);
+      const acc_t* lv = load_logical<acc_t>(a.dtype, a.logvar, a.run, a.logvar_run_stride, c, n, lv_buf);
       for (int64_t i = 0; i < n; i += VS) {
         const int64_t cnt = std::min(VS, n - i);
         V m = V::loadu(mu + i, cnt), l = V::loadu(lv + i, cnt);
         elbo::sigma_from_logvar(l).store(sigma + i, cnt);
         if (a.kl) elbo::kl_std(m, l).store(terms + i, cnt);
       }
-      if (a.kl) add_segments(terms, c, n, E, typed<acc_t>(a.kl));
+      if (a.kl) add_segments(terms, c, n, E, typed<acc_t>(a.kl), carry[K]);
       for (int64_t k = 0; k < K; ++k) {
         const acc_t* eps = eps_chunk<acc_t>(seed, static_cast<uint64_t>(k * N + c), n, eps_f, eps_buf);
         acc_t* z = contiguous_target<acc_t>(a.dtype, a.z, k * N + c, z_buf);
@@ -487,7 +552,7 @@ void sample_forward_typed(const SampleArgs& a) {
           if (a.log_q) elbo::log_q_from_eps(V::loadu(lv + i, cnt), e).store(terms + i, cnt);
         }
         store_contiguous<acc_t>(a.dtype, a.z, k * N + c, n, z);
-        if (a.log_q) add_segments(terms, c, n, E, typed<acc_t>(a.log_q) + k * R);
+        if (a.log_q) add_segments(terms, c, n, E, typed<acc_t>(a.log_q) + k * R, carry[k]);
       }
     });
   });
@@ -498,48 +563,47 @@ void sample_backward_typed(const SampleArgs& a) {
   using V = Vec<acc_t>;
   constexpr int64_t VS = V::size();
   const int64_t E = a.event_numel, R = a.rows, K = a.num_samples, N = R * E;
-  const uint64_t seed = static_cast<uint64_t>(*a.seed);
+  const uint64_t seed = sample_seed(a);
   const acc_t* grad_kl = static_cast<const acc_t*>(a.grad_kl);
   const acc_t* grad_log_q = static_cast<const acc_t*>(a.grad_log_q);
+  // log_q's gradient through z (per sample, needs eps) or at fixed eps (a constant per row).
+  const bool log_q_path = grad_log_q && a.log_q_path_only;
+  const bool need_eps = (a.grad_z && a.grad_logvar) || log_q_path;
   at::parallel_for(0, R, sample_grain(a), [&](int64_t r0, int64_t r1) {
     alignas(64) acc_t mu_buf[kChunk], lv_buf[kChunk], g_buf[kChunk], eps_buf[kChunk], sum_g[kChunk], sum_ge[kChunk];
-    alignas(64) acc_t g_kl[kChunk], g_lq[kChunk], dmu_buf[kChunk], dlv_buf[kChunk];
+    alignas(64) acc_t g_kl[kChunk], g_lq[kChunk], path_mu[kChunk], path_lv[kChunk], dmu_buf[kChunk], dlv_buf[kChunk];
     alignas(64) float eps_f[kChunk];
     for_each_chunk(r0 * E, r1 * E, [&](int64_t c, int64_t n) {
-      const acc_t* lv = load_contiguous<acc_t>(a.dtype, a.logvar, c, n, lv_buf);
+      const acc_t* lv = load_logical<acc_t>(a.dtype, a.logvar, a.run, a.logvar_run_stride, c, n, lv_buf);
       // Only the KL's gradient reads mu.
-      const acc_t* mu = grad_kl ? load_contiguous<acc_t>(a.dtype, a.mu, c, n, mu_buf) : nullptr;
-      // Per-row upstream gradients of kl and sum_k log_q, spread over the row's elements.
-      if (E == 1) {  // event_dims = 0: one row per element, read the row gradients as vectors
-        if (grad_log_q) {
-          std::fill(g_lq, g_lq + n, acc_t(0));
-          for (int64_t k = 0; k < K; ++k)
-            for (int64_t i = 0; i < n; ++i) g_lq[i] += grad_log_q[k * R + c + i];
-        }
-        if (grad_kl) std::memcpy(g_kl, grad_kl + c, sizeof(acc_t) * static_cast<size_t>(n));
-      } else if (grad_kl || grad_log_q) {
-        for (int64_t i = 0; i < n;) {
-          const int64_t row = (c + i) / E, len = std::min(n, (row + 1) * E - c) - i;
-          acc_t lq = 0;
-          if (grad_log_q)
-            for (int64_t k = 0; k < K; ++k) lq += grad_log_q[k * R + row];
-          std::fill(g_kl + i, g_kl + i + len, grad_kl ? grad_kl[row] : acc_t(0));
-          std::fill(g_lq + i, g_lq + i + len, lq);
-          i += len;
-        }
-      }
-      // sum_k g_k and sum_k g_k * eps_k, the eps regenerated from the seed.
+      const acc_t* mu = grad_kl ? load_logical<acc_t>(a.dtype, a.mu, a.run, a.mu_run_stride, c, n, mu_buf) : nullptr;
+      if (grad_kl) spread_rows(grad_kl, 1, 0, c, n, E, g_kl);
+      if (grad_log_q && !log_q_path) spread_rows(grad_log_q, K, R, c, n, E, g_lq);
+      // sum_k g_k, sum_k g_k * eps_k and log_q's path gradients, the eps regenerated from the seed.
       std::fill(sum_g, sum_g + n, acc_t(0));
       std::fill(sum_ge, sum_ge + n, acc_t(0));
-      for (int64_t k = 0; a.grad_z && k < K; ++k) {
-        const acc_t* g = load_contiguous<acc_t>(a.dtype, a.grad_z, k * N + c, n, g_buf);
-        const acc_t* eps = a.grad_logvar ? eps_chunk<acc_t>(seed, static_cast<uint64_t>(k * N + c), n, eps_f, eps_buf)
-                                         : nullptr;
+      if (log_q_path) {
+        std::fill(path_mu, path_mu + n, acc_t(0));
+        std::fill(path_lv, path_lv + n, acc_t(0));
+      }
+      for (int64_t k = 0; (a.grad_z || log_q_path) && k < K; ++k) {
+        const acc_t* g = a.grad_z ? load_contiguous<acc_t>(a.dtype, a.grad_z, k * N + c, n, g_buf) : nullptr;
+        const acc_t* eps = need_eps ? eps_chunk<acc_t>(seed, static_cast<uint64_t>(k * N + c), n, eps_f, eps_buf)
+                                    : nullptr;
+        if (log_q_path) spread_rows(grad_log_q + k * R, 1, 0, c, n, E, g_lq);
         for (int64_t i = 0; i < n; i += VS) {
           const int64_t cnt = std::min(VS, n - i);
-          V gv = V::loadu(g + i, cnt);
-          if (a.grad_mu) (V::loadu(sum_g + i, cnt) + gv).store(sum_g + i, cnt);
-          if (eps) (V::loadu(sum_ge + i, cnt) + gv * V::loadu(eps + i, cnt)).store(sum_ge + i, cnt);
+          if (g) {
+            V gv = V::loadu(g + i, cnt);
+            if (a.grad_mu) (V::loadu(sum_g + i, cnt) + gv).store(sum_g + i, cnt);
+            if (eps && a.grad_logvar) (V::loadu(sum_ge + i, cnt) + gv * V::loadu(eps + i, cnt)).store(sum_ge + i, cnt);
+          }
+          if (log_q_path) {
+            V dm, dl;
+            elbo::log_q_path_grad(V::loadu(g_lq + i, cnt), V::loadu(eps + i, cnt), V::loadu(lv + i, cnt), dm, dl);
+            (V::loadu(path_mu + i, cnt) + dm).store(path_mu + i, cnt);
+            (V::loadu(path_lv + i, cnt) + dl).store(path_lv + i, cnt);
+          }
         }
       }
       acc_t* dmu = a.grad_mu ? contiguous_target<acc_t>(a.dtype, a.grad_mu, c, dmu_buf) : nullptr;
@@ -549,10 +613,15 @@ void sample_backward_typed(const SampleArgs& a) {
         V l = V::loadu(lv + i, cnt);
         V kl_dmu(acc_t(0)), kl_dlv(acc_t(0));
         if (grad_kl) elbo::kl_std_grad(V::loadu(g_kl + i, cnt), V::loadu(mu + i, cnt), l, kl_dmu, kl_dlv);
-        if (dmu) (V::loadu(sum_g + i, cnt) + kl_dmu).store(dmu + i, cnt);
+        if (dmu) {
+          V d = V::loadu(sum_g + i, cnt) + kl_dmu;
+          if (log_q_path) d = d + V::loadu(path_mu + i, cnt);
+          d.store(dmu + i, cnt);
+        }
         if (dlv) {
           V d = elbo::reparameterize_dlogvar(elbo::sigma_from_logvar(l), V::loadu(sum_ge + i, cnt)) + kl_dlv;
-          if (grad_log_q) d = d + V::loadu(g_lq + i, cnt) * V(acc_t(elbo::kLogQDlogvar));
+          if (log_q_path) d = d + V::loadu(path_lv + i, cnt);
+          else if (grad_log_q) d = d + V::loadu(g_lq + i, cnt) * V(acc_t(elbo::kLogQDlogvar));
           d.store(dlv + i, cnt);
         }
       }
@@ -574,6 +643,8 @@ void run_rows(OpKind op, const RowArgs& args) {
     case OpKind::GaussLpBwd: return dispatch_acc<RowOp<OpKind::GaussLpBwd>>(args);
     case OpKind::BernLpFwd: return dispatch_acc<RowOp<OpKind::BernLpFwd>>(args);
     case OpKind::BernLpBwd: return dispatch_acc<RowOp<OpKind::BernLpBwd>>(args);
+    case OpKind::GaussNllFwd: return dispatch_acc<RowOp<OpKind::GaussNllFwd>>(args);
+    case OpKind::GaussNllBwd: return dispatch_acc<RowOp<OpKind::GaussNllBwd>>(args);
   }
 }
 
