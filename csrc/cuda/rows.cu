@@ -648,6 +648,8 @@ cudaError_t launch_rows(OpKind op, const RowArgs& args, cudaStream_t stream) {
     case OpKind::GaussLpBwd: return run_op<OpKind::GaussLpBwd>(args, stream);
     case OpKind::BernLpFwd: return run_op<OpKind::BernLpFwd>(args, stream);
     case OpKind::BernLpBwd: return run_op<OpKind::BernLpBwd>(args, stream);
+    case OpKind::GaussNllFwd: return run_op<OpKind::GaussNllFwd>(args, stream);
+    case OpKind::GaussNllBwd: return run_op<OpKind::GaussNllBwd>(args, stream);
   }
   return cudaErrorInvalidValue;
 }
