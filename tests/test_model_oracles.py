@@ -30,17 +30,45 @@ def draw_eps(seed, num_samples, chunk=None):
     return torch.cat([vf.reparameterize(zeros, zeros, k) for k in sizes])
 
 
-def make_model(likelihood):
+# Observation models: Bernoulli; Gaussian with a fixed, a learned per-pixel, or a predicted log-variance
+# (the last two on 1x8x8 images, event_dims = 3). Learned values are set away from their start (0).
+MODELS = ["bernoulli", "gaussian-fixed", "gaussian-per_feature-image", "gaussian-decoder-image"]
+
+
+def make_model(kind):
     torch.manual_seed(0)
-    obs = {"obs_logvar": -1.0} if likelihood == "gaussian" else {}
-    model = mlp_vae(64, LATENT, hidden=(32,), likelihood=likelihood, **obs).double()
+    likelihood, *mode = kind.split("-")
+    image = mode[-1:] == ["image"]
+    obs = {"obs_logvar": -1.0 if mode[0] == "fixed" else mode[0]} if mode else {}
+    model = mlp_vae((1, 8, 8) if image else 64, LATENT, hidden=(32,), likelihood=likelihood, **obs).double()
     with torch.no_grad():  # a posterior away from the prior, so the bounds differ visibly
-        model.encoder[1][-1].bias[:LATENT] += torch.linspace(-1.0, 1.0, LATENT, dtype=torch.float64)
+        model.encoder[-1][-1].bias[:LATENT] += torch.linspace(-1.0, 1.0, LATENT, dtype=torch.float64)
+        if mode and mode[0] == "per_feature":
+            model.obs_logvar_raw.copy_(torch.linspace(-8.0, 1.0, 64, dtype=torch.float64).reshape(1, 8, 8))
     x = data.load("digits", binarize="fixed")[0][:B].double()
-    return model, x
+    return model, (x.reshape(B, 1, 8, 8) if image else x)
 
 
-def oracle(model, x, eps, likelihood):
+def observation_model(model, out, event_dims):
+    """p(x|z) from the decoder's output, by the documented parametrisation: Bernoulli logits, or a Gaussian
+    mean with log-variance fixed, learned or predicted (the second half of the last dimension), learned and
+    predicted ones floored smoothly: floor + softplus(raw - floor)."""
+    def floored(raw):
+        return model.min_obs_logvar + torch.nn.functional.softplus(raw - model.min_obs_logvar)
+
+    if model.likelihood == "bernoulli":
+        return D.Independent(D.Bernoulli(logits=out), event_dims)
+    if model.obs_logvar_mode == "fixed":
+        mean, logvar = out, model.obs_logvar_fixed
+    elif model.obs_logvar_mode == "decoder":
+        mean, raw = out.chunk(2, dim=-1)
+        logvar = floored(raw)
+    else:
+        mean, logvar = out, floored(model.obs_logvar_raw)
+    return D.Independent(D.Normal(mean, torch.exp(0.5 * logvar).expand_as(mean)), event_dims)
+
+
+def oracle(model, x, eps):
     """Per example (B,): the ELBO (K-sample reconstruction, closed-form KL), the Monte Carlo ELBO
     mean_k log w_k, and the IWAE bound log mean_k exp(log w_k), all from the given eps (K, B, L)."""
     with torch.no_grad():
@@ -48,12 +76,9 @@ def oracle(model, x, eps, likelihood):
         q = D.Independent(D.Normal(mu, torch.exp(0.5 * logvar)), 1)
         prior = D.Independent(D.Normal(torch.zeros_like(mu), torch.ones_like(mu)), 1)
         z = mu + torch.exp(0.5 * logvar) * eps
-        out = model.decoder(z.reshape(-1, LATENT)).reshape(*z.shape[:2], *x.shape[1:])
-        if likelihood == "bernoulli":
-            p_x = D.Independent(D.Bernoulli(logits=out), 1)
-        else:
-            p_x = D.Independent(D.Normal(out, math.exp(0.5 * model.obs_logvar_fixed.item())), 1)
-        log_px = p_x.log_prob(x)
+        out = model.decoder(z.reshape(-1, LATENT))
+        out = out.reshape(*z.shape[:2], *out.shape[1:])
+        log_px = observation_model(model, out, x.dim() - 1).log_prob(x)
         log_w = log_px + prior.log_prob(z) - q.log_prob(z)
         k = eps.shape[0]
         return {
@@ -66,12 +91,12 @@ def oracle(model, x, eps, likelihood):
 CLOSE = {"rtol": 1e-9, "atol": 1e-9}  # float64 throughout: only summation order differs
 
 
-@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("kind", MODELS)
 @pytest.mark.parametrize("k", [1, 5, 50])
-def test_elbo_and_iwae_match_the_oracle(likelihood, k):
-    model, x = make_model(likelihood)
+def test_elbo_and_iwae_match_the_oracle(kind, k):
+    model, x = make_model(kind)
     eps = draw_eps(1, k)
-    expected = oracle(model, x, eps, likelihood)
+    expected = oracle(model, x, eps)
     torch.manual_seed(1)
     torch.testing.assert_close(model.elbo(x, k).detach(), expected["elbo"], **CLOSE)
     torch.manual_seed(1)
@@ -90,7 +115,7 @@ def test_elbo_and_iwae_match_the_oracle(likelihood, k):
 def test_training_losses_match_the_oracle(k):
     model, x = make_model("bernoulli")
     eps = draw_eps(2, k)
-    expected = oracle(model, x, eps, "bernoulli")
+    expected = oracle(model, x, eps)
     torch.manual_seed(2)
     loss, stats = model(x, num_samples=k)
     torch.testing.assert_close(loss.detach(), -expected["elbo"].mean(), **CLOSE)
@@ -106,7 +131,7 @@ def test_training_losses_match_the_oracle(k):
 def test_log_likelihood_matches_the_oracle(num_samples, chunk):
     model, x = make_model("bernoulli")
     eps = draw_eps(3, num_samples, chunk=chunk if chunk is not None else num_samples)
-    expected = oracle(model, x, eps, "bernoulli")
+    expected = oracle(model, x, eps)
     torch.manual_seed(3)
     ll = model.log_likelihood(x, num_samples, chunk_size=chunk)
     # log_likelihood accumulates its logsumexp in float32 (memory-lean for huge K): float32 rounding of
