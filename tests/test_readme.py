@@ -71,7 +71,8 @@ def tables(section: str):
     i = 0
     while i < len(lines):
         if lines[i].startswith("|") and i + 1 < len(lines) and re.match(r"^\|[-| :]+\|$", lines[i + 1]):
-            cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
+            # Cells without Markdown emphasis or code marks: `op`, **1.48** read as op, 1.48.
+            cells = lambda line: [c.strip().strip("`*_").strip() for c in line.strip().strip("|").split("|")]  # noqa: E731
             header = [c.lower() for c in cells(lines[i])]
             j = i + 2
             rows = []
@@ -126,7 +127,7 @@ def check_table(caption, header, rows, result) -> list[str]:
             candidates = [r for r in json_rows if r["name"] == cell["config"]]
         else:
             label = cell["op"]
-            op = re.match(r"[A-Za-z_]+", label).group(0)
+            op = re.match(r"[A-Za-z_]*", label).group(0)
             shape = [int(s) for s in cell["shape"].split("x")] if "shape" in cell else label_shape(label, caption)
             dtype = cell.get("dtype", caption_dtype)
             candidates = [r for r in json_rows if r["op"].startswith(op)
