@@ -75,7 +75,7 @@ def save_loss_curves(metrics: list[dict], path: str | Path, title: str = "", obj
     ax2.set_title("the ELBO's terms (train)", fontsize=10)
     for ax in (ax1, ax2):
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no fractional epochs on short runs
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))  # no fractional epochs
         ax.legend(fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)

@@ -166,7 +166,8 @@ def build_model(cfg: TrainConfig, input_dim: int) -> VAE:
 
 def build_optimizer(params, lr: float) -> torch.optim.Optimizer:
     """Adam with its fused kernel where the device has one (CPU and CUDA in current torch), else the foreach
-    one. The for-loop default took 0.52 of a 2.2 ms digits step; fused takes 0.19 (tests: bitwise resumable)."""
+    one. On a digits step (one core) the for-loop default's optimizer.step took 0.53-0.56 of 2.1-2.2 ms; the fused
+    one takes 0.19 of 1.7-1.85 ms."""
     params = list(params)
     try:
         return torch.optim.Adam(params, lr=lr, fused=True)
@@ -291,7 +292,7 @@ def run_title(cfg: TrainConfig, epoch: int) -> str:
         objective += f", K={cfg.num_samples}"
     if cfg.beta != 1:
         objective += f", beta={cfg.beta:g}"
-    return f"{cfg.dataset}: {cfg.likelihood} VAE, latent {cfg.latent_dim}, {objective}, epoch {epoch}"
+    return f"{cfg.dataset}: {cfg.likelihood.capitalize()} VAE, latent {cfg.latent_dim}, {objective}, epoch {epoch}"
 
 
 # ---- training ------------------------------------------------------------------------------------------------
