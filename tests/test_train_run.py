@@ -259,8 +259,15 @@ def test_manifold_has_z_axes_and_range(figures):
     torch.manual_seed(0)
     from vae_fast import mlp_vae
 
-    plots.save_manifold(mlp_vae(64, 2, hidden=[8]).eval(), "m.png", title="digits, epoch 1")
+    model = mlp_vae(64, 2, hidden=[8]).eval()
+    decoded = []
+    decode = model.decode
+    model.decode = lambda z: decoded.append(z) or decode(z)
+    plots.save_manifold(model, "m.png", title="digits, epoch 1")
     (fig,) = figures
+    # Read as a plot: the first image (top left) is z = (-2, 2), the last of the first row (2, 2), the last (2, -2).
+    (z,) = decoded
+    assert z.shape == (225, 2) and z[0].tolist() == [-2, 2] and z[14].tolist() == [2, 2] and z[-1].tolist() == [2, -2]
     (ax,) = fig.axes
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("z1", "z2")
     assert ax.get_xlim()[0] < -2 < 2 < ax.get_xlim()[1] and ax.get_ylim()[0] < -2 < 2 < ax.get_ylim()[1]
