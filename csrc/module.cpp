@@ -1,6 +1,7 @@
 // vae_fast._C: the op registrations (ops.cpp, loaded with this module) and build information.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/python.h>
 #include <torch/version.h>
 
@@ -13,7 +14,15 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "vae_fast compiled kernels; the ops are registered as torch.ops.vae_fast.*";
-  m.def("check_op", &vae_fast::check_op, "The checks an op's eager call makes, without running it (fake kernels).",
+  m.def(
+      "check_op",
+      [](const std::string& op, const std::vector<std::optional<at::Tensor>>& tensors, int64_t event_dims,
+         int64_t num_samples, bool sample_dim) {
+        HANDLE_TH_ERRORS  // c10::ValueError / TypeError reach Python as ValueError / TypeError
+        vae_fast::check_op(op, tensors, event_dims, num_samples, sample_dim);
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      "The checks an op's eager call makes, without running it (fake kernels).",
         py::arg("op"), py::arg("tensors"), py::arg("event_dims"), py::arg("num_samples") = 1,
         py::arg("sample_dim") = false);
   m.def(

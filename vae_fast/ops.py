@@ -208,8 +208,12 @@ def gaussian_nll_loss(input, target, var, full: bool = False, eps: float = 1e-6,
         var_dtype, var_zero_dim = var.dtype, var.dim() == 0
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{reduction} is not valid: reduction must be 'none', 'mean' or 'sum'")
-    shape = torch.broadcast_shapes(input.shape, target.shape)  # RuntimeError on a mismatch, as torch's
-    shape = torch.broadcast_shapes(shape, var.shape)
+    try:
+        shape = torch.broadcast_shapes(input.shape, target.shape, var.shape)
+    except RuntimeError:  # raise torch's own message: its loss fails at `input - target` (or at `/ var`)
+        meta = [torch.empty(t.shape, device="meta") for t in (input, target, var)]
+        (meta[0] - meta[1]) / meta[2]
+        raise
 
     out_dtype = _nll_dtype(input, target, var_dtype, var_zero_dim)
     if not all(t.dtype.is_floating_point for t in (input, target)) or out_dtype == torch.float64:
@@ -369,7 +373,7 @@ def _register_row_double_backward(name, forward, n_args, extra_before_event=0):
         event_dims = params[extra_before_event]
         extra = params[:extra_before_event]
         first = _first_order(lambda *a: forward(*a[:n_args], *extra, event_dims=event_dims), n_args)
-        gg = [g if g is not None and g.numel() == t.numel() and t is not None else None
+        gg = [g if t is not None and g is not None and g.numel() == t.numel() else None
               for g, t in zip(grads, tensors)]
         out = _vjp_of_first_order(lambda gr, *ts: first(gr, *ts), [grad, *tensors], gg)
         return (*out, *([None] * len(params)))
