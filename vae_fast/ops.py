@@ -211,8 +211,8 @@ def gaussian_nll_loss(input, target, var, full: bool = False, eps: float = 1e-6,
     try:
         shape = torch.broadcast_shapes(input.shape, target.shape, var.shape)
     except RuntimeError:  # raise torch's own message: its loss fails at `input - target` (or at `/ var`)
-        meta = [torch.empty(t.shape, device="meta") for t in (input, target, var)]
-        (meta[0] - meta[1]) / meta[2]
+        stand_ins = [torch.zeros(()).expand(t.shape) for t in (input, target, var)]  # no memory
+        (stand_ins[0] - stand_ins[1]) / stand_ins[2]
         raise
 
     out_dtype = _nll_dtype(input, target, var_dtype, var_zero_dim)
@@ -400,10 +400,21 @@ def _sample_double_backward(ctx, grad_dmu, grad_dlogvar):
                                False)[0]
 
     def first(gz, glq, gkl, m, lv):
-        outs = reference.sample_terms(m, lv, eps, event_dims, path_only)
-        pairs = [(o, g) for o, g in zip(outs, (gz, glq, gkl)) if g is not None]
-        return list(torch.autograd.grad([o for o, _ in pairs], [m, lv], [g for _, g in pairs], create_graph=True,
-                                        allow_unused=True))
+        outs = reference.sample_terms(m, lv, eps, event_dims, False)
+        path = path_only and glq is not None  # its gradient field has no potential: written out below
+        pairs = [(o, g) for i, (o, g) in enumerate(zip(outs, (gz, glq, gkl))) if g is not None and not (path and i == 1)]
+        grads = [torch.zeros_like(m), torch.zeros_like(lv)]
+        if pairs:
+            got = torch.autograd.grad([o for o, _ in pairs], [m, lv], [g for _, g in pairs], create_graph=True,
+                                      allow_unused=True)
+            grads = [a if a is not None else b for a, b in zip(got, grads)]
+        if path:  # d log q / d z = -eps / sigma: dmu = -g eps e^(-lv/2), dlogvar = -0.5 g eps^2, summed over K
+            g = glq.reshape(glq.shape + (1,) * event_dims)
+            dm, dl = -g * eps * torch.exp(-0.5 * lv), -0.5 * g * eps * eps
+            if sample_dim:
+                dm, dl = dm.sum(0), dl.sum(0)
+            grads = [grads[0] + dm, grads[1] + dl]
+        return grads
 
     gg = [grad_dmu if need_mu else None, grad_dlogvar if need_logvar else None]
     out = _vjp_of_first_order(first, [grad_z, grad_log_q, grad_kl, mu, logvar], gg)
