@@ -1,0 +1,295 @@
+#!/usr/bin/env python3
+"""Mutation audit: plant small wrong changes in a copy of the repository, rebuild, run the tests, and report
+which mutants the suite kills. Not part of CI (minutes per mutant); run it before resolving an issue that
+changes kernels or the model, and give the score in the note. Goal: every mutant killed.
+
+    .venv/bin/python scripts/mutate.py              # every mutant: its own tests first (-x), then the rest
+    .venv/bin/python scripts/mutate.py --quick      # only each mutant's own tests
+    .venv/bin/python scripts/mutate.py --only philox-round-key,iwae-as-mean
+    .venv/bin/python scripts/mutate.py --list
+    .venv/bin/python scripts/mutate.py --work /tmp/vf-mutate   # keep the scratch copy: reruns rebuild less
+
+How: the source (committed HEAD, or the working tree with --source worktree) is copied once into a scratch
+folder and built there with CMake in its own build folder (Ninja; only what a mutant touches is recompiled).
+Each mutant is one exact string replacement in one file (it fails loudly if the text is not there exactly
+once: the code moves, update the mutant), applied, rebuilt when it touches C++, tested, and reverted. Tests
+run under a Python that sees the project's .venv packages but not its editable install, with the copy first
+on the path, so they import the mutated build and nothing else. A baseline run of the same tests on the
+unmutated copy comes first (a test failing there would make every mutant look killed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV = REPO / ".venv"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # file in the repository
+    old: str | tuple  # exact text, present exactly once; a tuple: alternatives for code in flux, first found
+    new: str | tuple  # the replacement (one per alternative)
+    tests: tuple  # the test files (pytest node ids) that should kill it, run first with -x
+    why: str
+
+    def edits(self):
+        return list(zip(self.old, self.new)) if isinstance(self.old, tuple) else [(self.old, self.new)]
+
+
+SAMPLING_TESTS = ("tests/test_known_answers.py", "tests/test_sampling.py")
+OP_TESTS = ("tests/test_ops.py",)
+MODEL_TESTS = ("tests/test_model_oracles.py", "tests/test_model.py")
+
+MUTANTS = [
+    # ---- the random stream ----------------------------------------------------------------------------------
+    Mutant("philox-round-key", "csrc/philox.h", "c0 = hi1 ^ c1 ^ k0;", "c0 = hi1 ^ c1 ^ k1;", SAMPLING_TESTS,
+           "a Philox round that XORs the wrong key word (passed the whole suite before the known-answer tests)"),
+    Mutant("philox-weyl-constant", "csrc/philox.h", "kWeyl1 = 0xBB67AE85u", "kWeyl1 = 0xBB67AE87u", SAMPLING_TESTS,
+           "a wrong key-schedule constant"),
+    Mutant("cpu-counter-word", "csrc/cpu/kernels.cpp", "c1[j] = static_cast<uint32_t>(b >> 32);",
+           "c1[j] = static_cast<uint32_t>(b);", SAMPLING_TESTS,
+           "the CPU's counter word 1 off the documented layout (the CUDA counter is built elsewhere)"),
+    Mutant("box-muller-swap", "csrc/elbo_math.h", "n0 = r * c;\n  n1 = r * s;", "n0 = r * s;\n  n1 = r * c;",
+           SAMPLING_TESTS, "sin and cos swapped: still a perfect normal stream, but not the documented one"),
+    # ---- formulas ------------------------------------------------------------------------------------------
+    Mutant("kl-std-dlogvar", "csrc/elbo_math.h", "dlv = g * V(0.5f) * vmath::expm1(lv);",
+           "dlv = g * V(0.505f) * vmath::expm1(lv);", OP_TESTS + SAMPLING_TESTS, "a 1% error in the KL's dlogvar"),
+    Mutant("gaussian-log-prob-dlogvar", "csrc/elbo_math.h",
+           ("dlv = g * V(0.5f) * (s * s - V(1.0f));", "dlv = g * V(0.5f) * (diff * scaled - V(1.0f));"),
+           ("dlv = g * V(0.505f) * (s * s - V(1.0f));", "dlv = g * V(0.505f) * (diff * scaled - V(1.0f));"),
+           OP_TESTS, "a 1% error in the likelihood's dlogvar"),
+    Mutant("bernoulli-grad-sign", "csrc/elbo_math.h", "dl = g * (x - sigmoid);", "dl = g * (sigmoid - x);", OP_TESTS,
+           "the Bernoulli gradient's sign"),
+    Mutant("log-q-dlogvar", "csrc/elbo_math.h", "constexpr float kLogQDlogvar = -0.5f;",
+           "constexpr float kLogQDlogvar = -0.495f;", SAMPLING_TESTS, "a 1% error in d log q / d logvar"),
+    # ---- the sampler backward ------------------------------------------------------------------------------
+    Mutant("sampler-dlogvar-scale", "csrc/elbo_math.h", "return V(0.5f) * sigma * sum_g_eps;",
+           "return V(0.505f) * sigma * sum_g_eps;", SAMPLING_TESTS, "a 1% error in the sampler's dlogvar"),
+    Mutant("sampler-backward-last-sample-only", "csrc/cpu/kernels.cpp",
+           "(V::loadu(sum_ge + i, cnt) + gv * V::loadu(eps + i, cnt)).store(sum_ge + i, cnt);",
+           "(gv * V::loadu(eps + i, cnt)).store(sum_ge + i, cnt);", SAMPLING_TESTS,
+           "dlogvar from the last of K samples only"),
+    # ---- the reduction of broadcast gradients --------------------------------------------------------------
+    Mutant("broadcast-partial-overwrites", "csrc/cpu/kernels.cpp",
+           ("if (op.dtype == DType::Float64) static_cast<double*>(op.data)[off] += value;",
+            "  static_cast<acc_t*>(op.data)[off] += value;"),
+           ("if (op.dtype == DType::Float64) static_cast<double*>(op.data)[off] = value;",
+            "  static_cast<acc_t*>(op.data)[off] = value;"), OP_TESTS,
+           "a broadcast argument's partial sum keeps only the last line added to it"),
+    Mutant("broadcast-first-block-only", "csrc/ops.cpp", "partials[j].sum(0).view(", "partials[j].select(0, 0).view(",
+           OP_TESTS, "the block partial sums of a broadcast gradient: only the first block kept"),
+    # ---- the model's objectives ----------------------------------------------------------------------------
+    Mutant("iwae-as-mean", "vae_fast/model.py",
+           "        log_w, _ = self._log_weights(x, mu, logvar, num_samples)\n"
+           "        return torch.logsumexp(log_w, dim=0) - math.log(num_samples)",
+           "        log_w, _ = self._log_weights(x, mu, logvar, num_samples)\n        return log_w.mean(0)",
+           MODEL_TESTS, "iwae() as a K-sample ELBO (passed the whole suite before the model oracles)"),
+    Mutant("iwae-objective-as-mean", "vae_fast/model.py",
+           "loss = -(torch.logsumexp(log_w, dim=0) - math.log(num_samples)).mean()", "loss = -log_w.mean()",
+           MODEL_TESTS, "the IWAE training objective as a K-sample ELBO"),
+    Mutant("elbo-sums-samples", "vae_fast/model.py", "return self._log_px(x, self.decode(z)).mean(0) - kl",
+           "return self._log_px(x, self.decode(z)).sum(0) - kl", MODEL_TESTS,
+           "elbo() sums the K reconstructions instead of averaging them"),
+    Mutant("log-likelihood-normaliser", "vae_fast/model.py", "return total - math.log(num_samples)",
+           "return total - math.log(chunk_size)", MODEL_TESTS,
+           "the importance-sampled log-likelihood divided by the chunk size instead of K"),
+    # ---- checkpoint / resume -------------------------------------------------------------------------------
+    Mutant("resume-drops-optimizer-state", "vae_fast/train.py",
+           '        optimizer.load_state_dict(ckpt["optimizer"])\n', "", ("tests/test_cli.py", "tests/test_model.py"),
+           "--resume restarts Adam's moments from zero"),
+    Mutant("resume-epoch-seed", "vae_fast/train.py", "epoch_seed = derive_seed(cfg.seed, rank, epoch)",
+           "epoch_seed = derive_seed(cfg.seed, rank, epoch - start_epoch)", ("tests/test_cli.py",),
+           "a resumed run re-seeds its epochs from the resume point"),
+]
+
+
+# ---- the scratch copy -----------------------------------------------------------------------------------------
+def run(cmd, cwd=None, env=None, timeout=None, check=True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, timeout=timeout, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        sys.exit(f"failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{proc.stdout[-4000:]}{proc.stderr[-4000:]}")
+    return proc
+
+
+def make_copy(work: Path, source: str) -> Path:
+    """The source copied into work/repo (over an earlier copy: file times are kept, so an existing build
+    folder rebuilds only what changed)."""
+    copy = work / "repo"
+    if source == "head":
+        copy.mkdir(exist_ok=True)
+        git = subprocess.Popen(["git", "-C", str(REPO), "archive", "--format=tar", "HEAD"], stdout=subprocess.PIPE)
+        subprocess.run(["tar", "-x", "-C", str(copy)], stdin=git.stdout, check=True)
+        if git.wait() != 0:
+            sys.exit("git archive failed")
+    else:
+        shutil.copytree(REPO, copy, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(".venv", "build", ".git", "runs", "__pycache__", "*.so",
+                                                      ".pytest_cache", ".hypothesis"))
+    return copy
+
+
+def test_python(work: Path) -> Path:
+    """A Python that imports the .venv's packages (torch, pytest, ...) but not its editable vae_fast: a venv
+    whose only link to .venv is a .pth line naming its site-packages (.pth files inside are not run)."""
+    base = run([VENV / "bin" / "python", "-c", "import sys; print(sys.base_prefix)"]).stdout.strip()
+    site = run([VENV / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
+    env_dir = work / "pyenv"
+    if not (env_dir / "bin" / "python").exists():
+        run([Path(base) / "bin" / "python3", "-m", "venv", "--without-pip", env_dir])
+    purelib = run([env_dir / "bin" / "python", "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout
+    Path(purelib.strip(), "vae_fast_mutate_base.pth").write_text(site + "\n")
+    return env_dir / "bin" / "python"
+
+
+def build(copy: Path) -> float:
+    """Configure once, then rebuild incrementally; the module lands in the copy's package folder."""
+    start = time.time()
+    build_dir = copy / "build" / "mutate"
+    env = {**os.environ, "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+    if not (build_dir / "build.ninja").exists():
+        run([VENV / "bin" / "cmake", "-S", copy, "-B", build_dir, "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+             f"-DPython3_EXECUTABLE={VENV / 'bin' / 'python'}", "-DVAE_FAST_CUDA=OFF"], env=env)
+    proc = run([VENV / "bin" / "cmake", "--build", build_dir, "--target", "_C"], env=env, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"build failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    (module,) = build_dir.glob("_C*.so")
+    shutil.copy2(module, copy / "vae_fast" / module.name)
+    return time.time() - start
+
+
+def pytest(python: Path, copy: Path, targets, timeout: float, first_failure=True):
+    """(exit code, the failed test ids or the output's tail, seconds); exit code -1 on a timeout."""
+    env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
+    env.pop("VAE_FAST_CPU_ISA", None)
+    start = time.time()
+    stop = ["-x"] if first_failure else []
+    try:
+        proc = run([python, "-m", "pytest", *stop, "-q", "-p", "no:cacheprovider", *targets], cwd=copy, env=env,
+                   timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return -1, ["timed out"], time.time() - start
+    failed = re.findall(r"^(?:FAILED|ERROR) (\S+)", proc.stdout, re.M)
+    return proc.returncode, failed or [proc.stdout[-300:].strip()], time.time() - start
+
+
+def apply(copy: Path, mutant: Mutant) -> str:
+    """Plants the mutant; returns the file's original text."""
+    path = copy / mutant.path
+    text = path.read_text()
+    for old, new in mutant.edits():
+        if text.count(old) == 1:
+            path.write_text(text.replace(old, new))
+            return text
+    counts = [text.count(old) for old, _ in mutant.edits()]
+    raise LookupError(f"mutant {mutant.name}: the text to replace occurs {counts} times in {mutant.path} (expected "
+                      f"once; the code has moved, update the mutant): {[old for old, _ in mutant.edits()]}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", help="comma-separated mutant names")
+    parser.add_argument("--quick", action="store_true", help="run only each mutant's own tests")
+    parser.add_argument("--source", choices=["head", "worktree"], default="head",
+                        help="mutate the committed HEAD (default) or the working tree as it is")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the baseline run on the unmutated copy")
+    parser.add_argument("--deselect-failing", action="store_true",
+                        help="deselect the tests that fail unmutated (code in flux) instead of stopping")
+    parser.add_argument("--timeout", type=float, default=1800, help="seconds per pytest run")
+    parser.add_argument("--work", type=Path,
+                        help="scratch folder to use and keep (a second run reuses its build: faster)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and exit")
+    args = parser.parse_args()
+
+    mutants = MUTANTS
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - {m.name for m in MUTANTS})
+        if unknown:
+            parser.error(f"unknown mutants: {unknown}")
+        mutants = [m for m in MUTANTS if m.name in wanted]
+    if args.list:
+        for m in MUTANTS:
+            print(f"{m.name:36s} {m.path:22s} {m.why}")
+        return 0
+
+    work = args.work.resolve() if args.work else Path(tempfile.mkdtemp(prefix="vae_fast_mutate_"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        copy = make_copy(work, args.source)
+        python = test_python(work)
+        for m in mutants:  # every pattern checked before anything slow runs
+            (copy / m.path).write_text(apply(copy, m))
+        print(f"building the unmutated copy in {copy} ...", flush=True)
+        print(f"  built in {build(copy):.0f} s", flush=True)
+        own = sorted({t for m in mutants for t in m.tests})
+        deselect = []
+        if not args.no_baseline:
+            rc, failed, secs = pytest(python, copy, own, args.timeout, first_failure=False)
+            if rc != 0:
+                print(f"baseline: the unmutated copy fails ({secs:.0f} s):\n  " + "\n  ".join(failed), flush=True)
+                if not args.deselect_failing:
+                    print("fix that first, or rerun with --deselect-failing")
+                    return 2
+                deselect = [f"--deselect={t}" for t in failed]
+            else:
+                print(f"baseline: {', '.join(own)} pass unmutated ({secs:.0f} s)", flush=True)
+
+        killed, survived, errors = [], [], []
+        for m in mutants:
+            original = apply(copy, m)
+            try:
+                compiled = not m.path.endswith(".py")
+                if compiled:
+                    try:
+                        build(copy)
+                    except RuntimeError as e:
+                        errors.append(m.name)
+                        print(f"ERROR     {m.name}: {e}", flush=True)
+                        continue
+                stages = [[*m.tests, *deselect]]
+                if not args.quick:
+                    stages.append(["tests", *[f"--deselect={t}" for t in m.tests], *deselect])
+                verdict = None
+                for stage in stages:
+                    rc, failed, secs = pytest(python, copy, stage, args.timeout)
+                    if rc == 1 or rc == -1:
+                        verdict = f"KILLED    {m.name}: {failed[0]} ({secs:.0f} s)"
+                        break
+                    if rc != 0:
+                        verdict = f"ERROR     {m.name}: pytest exit {rc}: {failed[0]}"
+                        break
+                if verdict is None:
+                    survived.append(m.name)
+                    print(f"SURVIVED  {m.name}: {m.why}", flush=True)
+                else:
+                    (killed if verdict.startswith("KILLED") else errors).append(m.name)
+                    print(verdict, flush=True)
+            finally:
+                (copy / m.path).write_text(original)
+        if any(not m.path.endswith(".py") for m in mutants):
+            build(copy)  # leave the copy's build unmutated (for a later run with the same --work)
+        print(f"\nscore: {len(killed)}/{len(mutants)} killed"
+              + (f"; survived: {', '.join(survived)}" if survived else "")
+              + (f"; errors: {', '.join(errors)}" if errors else ""))
+        return 0 if len(killed) == len(mutants) else 1
+    finally:
+        if args.work:
+            print(f"scratch folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
