@@ -178,3 +178,17 @@ def test_gradient_snr_of_a_noiseless_gradient_is_infinite():
         model.encoder[1][-1].weight[3:].fill_(0)
         model.encoder[1][-1].bias[3:].fill_(-200.0)  # logvar = -200: z = mu to float64 precision
     assert vf.gradient_snr(model, x, 2, "iwae", repeats=3, params=[bias]) > 1e6
+
+
+def test_dreg_under_torch_compile_equals_eager():
+    """The weights reach the gradient scaling after the forward (through a list): compiled code must agree."""
+    model = _model()
+    x = torch.rand(5, 6, dtype=torch.float64).bernoulli()
+    out = []
+    for m in (model, torch.compile(model, backend="aot_eager")):
+        torch.manual_seed(1)
+        loss, _ = m(x, num_samples=4, objective="iwae-dreg")
+        out.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-13, atol=0)
+    for a, b in zip(out[1][1], out[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)

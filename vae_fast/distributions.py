@@ -96,14 +96,18 @@ class DiagonalGaussianDistribution:
             self._cache[name] = compute()
         return self._cache[name]
 
+    def _halves(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, unclamped logvar): views of ``parameters``."""
+        return self._lazy("halves", lambda: _Halves.apply(self.parameters, self._dim))
+
     @property
     def mean(self) -> torch.Tensor:
-        return self._lazy("halves", lambda: _Halves.apply(self.parameters, self._dim))[0]
+        return self._halves()[0]
 
     @property
     def logvar(self) -> torch.Tensor:
         def clamped():
-            raw = self._lazy("halves", lambda: _Halves.apply(self.parameters, self._dim))[1]
+            raw = self._halves()[1]
             return raw if self._clamp is None else torch.clamp(raw, *self._clamp)
         return self._lazy("logvar", clamped)
 
