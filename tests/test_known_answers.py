@@ -62,21 +62,26 @@ def test_numpy_philox_matches_random123_known_answers(rounds, counter, key, expe
 def oracle_eps(seed: int, start: int, n: int) -> np.ndarray:
     """eps for flat indices start .. start + n - 1 by csrc/philox.h's documented layout, in float64.
 
-    Block b = i // 4 under key (seed low word, seed high word), counter (b low, b high, 0, 0); outputs
-    (x0, x1, x2, x3) give r(x0) cos t(x1), r(x0) sin t(x1), r(x2) cos t(x3), r(x2) sin t(x3). The layout
-    fixes u(x) = x * 2^-32 + 2^-33 and t = 2 pi u in float32: those two roundings are reproduced exactly
-    (each a single IEEE operation), the log, sqrt, sin and cos are taken in float64.
-    """
+    Block b = i // 4 under key (seed low word, seed high word), counter (b low, b high, 0, 0); its outputs
+    give the block's four normals (normals_from_block)."""
     seed %= 2**64  # a negative int64 seed tensor is the same 64 bits
     i = np.arange(start, start + n, dtype=np.uint64)
     b = i >> np.uint64(2)
     x = philox4x32((b & MASK32, b >> np.uint64(32), 0, 0), (seed & 0xFFFFFFFF, seed >> 32))
+    return normals_from_block(x, (i & np.uint64(3)).astype(np.int64))
+
+
+def normals_from_block(x, lane):
+    """Normal `lane` (0..3) of a block with Philox outputs (x0, x1, x2, x3): r(x0) cos t(x1), r(x0) sin t(x1),
+    r(x2) cos t(x3), r(x2) sin t(x3). The layout fixes u(x) = x * 2^-32 + 2^-33 and t = 2 pi u in float32:
+    those two roundings are reproduced exactly (each a single IEEE operation); log, sqrt, sin and cos are
+    taken in float64."""
+    x = [np.asarray(w, dtype=np.uint64) for w in x]
 
     def uniform(w):  # float32(float32(w) * 2^-32 + 2^-33): the multiply is exact, the add rounds once
         return w.astype(np.float32) * np.float32(2.0**-32) + np.float32(2.0**-33)
 
-    lane = (i & np.uint64(3)).astype(np.int64)
-    pair = lane // 2  # elements 0, 1 use (x0, x1); elements 2, 3 use (x2, x3)
+    pair = lane // 2  # lanes 0, 1 use (x0, x1); lanes 2, 3 use (x2, x3)
     u_radius = np.where(pair == 0, uniform(x[0]), uniform(x[2])).astype(np.float64)
     u_angle = np.where(pair == 0, uniform(x[1]), uniform(x[3]))
     t = (np.float32(2 * np.pi) * u_angle).astype(np.float64)
@@ -95,6 +100,15 @@ def assert_eps_equal(ours: np.ndarray, seed: int, start: int, what: str) -> None
     assert not bad.any(), (
         f"{what}: {bad.sum()} of {ours.size} eps differ from the documented stream, first at flat index "
         f"{start + int(np.argmax(bad))}: {ours[bad][:4]} vs {expected[bad][:4]}")
+
+
+def test_seed_0_block_0_is_the_published_zero_vector(device):
+    # Seed 0, block 0 is Philox4x32-10 of counter 0 under key 0: its eps follow from the published
+    # outputs directly, without this file's Philox.
+    words = next(expected for rounds, counter, key, expected in KAT_VECTORS if rounds == 10 and not any(counter + key))
+    zeros = torch.zeros(4, device=device)
+    eps = vf.reparameterize(zeros, zeros, seed=0).cpu().double().numpy()
+    np.testing.assert_allclose(eps, normals_from_block(words, np.arange(4)), rtol=EPS_RTOL, atol=EPS_ATOL)
 
 
 def test_oracle_is_a_standard_normal_stream():
