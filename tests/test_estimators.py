@@ -4,35 +4,13 @@ encoder-gradient SNR against IWAE's on a trained digits model (Rainforth et al. 
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import pytest
 import torch
 
 import vae_fast as vf
-import vae_fast.model as model_mod
 from vae_fast import data, reference as ref
-
-
-# TODO(h4): remove once ops.reparameterize has log_q_path_only (the lead is adding it to the fused op).
-# A float64 stand-in with the same eps (drawn by the fused op from the same seed), so the model code is tested now.
-def _standin_reparameterize(mu, logvar, num_samples=None, *, seed=None, generator=None, return_log_q=False,
-                            log_q_path_only=False, event_dims=1):
-    zeros = torch.zeros_like(mu)
-    eps = vf.reparameterize(zeros, zeros, num_samples, seed=seed, generator=generator)
-    z = mu + torch.exp(0.5 * logvar) * eps
-    if not return_log_q:
-        return z
-    if log_q_path_only:
-        return z, ref.gaussian_log_prob(z, mu.detach(), logvar.detach(), event_dims=event_dims)
-    return z, ref.standard_normal_log_prob(eps, logvar, event_dims=event_dims)
-
-
-@pytest.fixture(autouse=True)
-def _path_only_op(monkeypatch):
-    if "log_q_path_only" not in inspect.signature(vf.reparameterize).parameters:
-        monkeypatch.setattr(model_mod, "reparameterize", _standin_reparameterize)
 
 
 def _model(dtype=torch.float64, seed=0):

@@ -151,8 +151,7 @@ class VAE(nn.Module):
         as an input, keeps IWAE's sum_k w~_k d log p(x|z_k) / d theta.
         """
         _check_num_samples(num_samples)
-        path = {"log_q_path_only": True} if path_only or dreg else {}  # TODO(h4): always pass once the op has it
-        z, log_q = reparameterize(mu, logvar, num_samples, return_log_q=True, **path)
+        z, log_q = reparameterize(mu, logvar, num_samples, return_log_q=True, log_q_path_only=path_only or dreg)
         weights: list[torch.Tensor] = []  # w~: known only once log w is, read when the gradients arrive
         dreg = dreg and torch.is_grad_enabled()
         if dreg:
