@@ -265,3 +265,20 @@ def test_compiles_in_one_graph():
     g_got = torch.autograd.grad(sum(t.sum() for t in got), p)[0]
     g_want = torch.autograd.grad(sum(t.sum() for t in want), p)[0]
     torch.testing.assert_close(g_got, g_want)
+
+
+def test_ldm_benchmark_rows_have_the_suite_schema():
+    from vae_fast.bench_ldm import ldm_rows
+
+    rows = ldm_rows("cpu", quick=True, repeats=3, copy_gbps=10.0)
+    assert [r["pass"] for r in rows] == ["fwd", "fwd+bwd"]
+    for r in rows:
+        assert {"op", "dtype", "shape", "pass", "fused_ms", "eager_ms", "compile_ms", "fused_p20_ms", "fused_p80_ms",
+                "bytes", "fused_gbps", "copy_fraction", "peak_mb", "baseline"} <= set(r)
+        assert r["op"] == "DiagonalGaussianDistribution.sample+kl" and r["shape"] == [2, 8, 16, 16]
+        assert 0 < r["fused_p20_ms"] <= r["fused_ms"] <= r["fused_p80_ms"] and r["eager_ms"] > 0
+        assert r["compile_ms"] is None and set(r["peak_mb"]) == {"fused", "eager", "compile"}
+        assert r["copy_fraction"] == pytest.approx(r["fused_gbps"] / 10.0)
+    n = 2 * 4 * 16 * 16  # latent elements, float32; B = 2 float32 KL values
+    assert rows[0]["bytes"] == 3 * 4 * n + 2 * 4  # read mean, logvar; write z, kl
+    assert rows[1]["bytes"] == rows[0]["bytes"] + (4 * n + 2 * 4) + 4 * 4 * n  # read gz, gkl, mean, logvar; write grad
