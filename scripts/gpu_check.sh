@@ -13,6 +13,8 @@
 # bench-fast/ and bench-compile/ (the benchmark's JSON and Markdown). At most 8 files, as the device
 # tool brings back.
 # Usage: bash scripts/gpu_check.sh [STEP ...]   (default: all steps; GPU_CHECK_BUDGET_S=690 total)
+# Before a device run, carry what the machine lacks: `pip download --no-deps -d .whl expecttest`
+# (.whl/ is git-ignored; name it in the run's carry list).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-out}"
@@ -63,6 +65,9 @@ step_build() {
     set -e
     $PY -c 'import torch; print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no GPU visible\")'
     nvcc --version | tail -2
+    # Test-only packages the machine lacks (expecttest, for torch's OpInfo tests), carried as wheels in
+    # .whl/ (no network there); torch itself is never installed.
+    if compgen -G '.whl/*.whl' >/dev/null; then $PY -m pip install -q --no-index --no-deps .whl/*.whl; fi
     VAE_FAST_CUDA=ON $PY -m pip install --no-build-isolation --no-deps -v -e .
     $PY -c 'import vae_fast._C as C; i = C.build_info(); print(i); assert i[\"cuda\"], \"build_info says no CUDA\"'
   " && BUILD_OK=1
