@@ -162,17 +162,24 @@ DDP_SCRIPT = """
 import os, sys, torch
 from vae_fast.train import TrainConfig, train
 out = sys.argv[1]
-result = train(TrainConfig(epochs=2, hidden=[32], batch_size=50, out=out + "/run"), progress=False)
+restart = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+# The first attempt trains 1 epoch and crashes; torchrun restarts the job, whose same call resumes by itself.
+result = train(TrainConfig(epochs=1 if restart == 0 else 2, hidden=[32], batch_size=50, out=out + "/run"),
+               progress=False)
+if restart == 0:
+    os._exit(3)
 torch.save(result.model.state_dict(), f"{out}/rank{os.environ['RANK']}.pt")
 """
 
 
-def test_ddp_with_two_cpu_processes_keeps_replicas_identical(tmp_path):
+def test_ddp_with_two_cpu_processes_keeps_replicas_identical_and_resumes_after_a_restart(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), str(tmp_path)], capture_output=True, text=True, env=_env(), timeout=300)
+                           "--max-restarts", "1", str(script), str(tmp_path)],
+                          capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming the run" in proc.stderr and "at epoch 1 of 2" in proc.stderr
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # each rank drew its own noise, yet in sync
@@ -182,6 +189,8 @@ def test_ddp_with_two_cpu_processes_keeps_replicas_identical(tmp_path):
     metrics = _metrics(tmp_path / "run")  # written once, by rank 0
     assert [m["epoch"] for m in metrics] == [1, 2] and all(m["world_size"] == 2 for m in metrics)
     assert metrics[-1]["step"] == 2 * 15  # each rank trains on its half: 750 examples, batches of 50
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and all(torch.equal(ckpt["model"][k], rank0[k]) for k in rank0)
 
 
 # ---- bad input ------------------------------------------------------------------------------------------------
