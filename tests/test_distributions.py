@@ -282,3 +282,23 @@ def test_ldm_benchmark_rows_have_the_suite_schema():
     n = 2 * 4 * 16 * 16  # latent elements, float32; B = 2 float32 KL values
     assert rows[0]["bytes"] == 3 * 4 * n + 2 * 4  # read mean, logvar; write z, kl
     assert rows[1]["bytes"] == rows[0]["bytes"] + (4 * n + 2 * 4) + 4 * 4 * n  # read gz, gkl, mean, logvar; write grad
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_equals_cpu(dtype):
+    """Same generator seed, same eps on both devices (the kernels share the counter layout): values and
+    gradients of sample, kl and nll agree to float rounding; bf16 parameters are read as they are."""
+    p_cpu = _parameters((4, 8, 16, 16), torch.float32).to(dtype)
+    x = torch.randn(4, 4, 16, 16)
+    out = {}
+    for device in ("cpu", "cuda"):
+        p = p_cpu.to(device).requires_grad_()
+        d = Ours(p)
+        z = d.sample(generator=torch.Generator().manual_seed(3))
+        kl, nll = d.kl(), d.nll(x.to(device, dtype))
+        (g,) = torch.autograd.grad((z.float().sum() + kl.sum() + nll.sum()), p)
+        out[device] = [t.detach().float().cpu() for t in (z, kl, nll, g)]
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1.6e-2}
+    for name, a, b in zip(("z", "kl", "nll", "grad"), out["cuda"], out["cpu"]):
+        torch.testing.assert_close(a, b, **tol, msg=name)
