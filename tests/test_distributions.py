@@ -142,6 +142,13 @@ def test_sample_reproducible_differentiable_and_standard_normal():
     z3 = d.sample(generator=torch.Generator().manual_seed(4))
     assert torch.equal(z1, z2) and not torch.equal(z1, z3)
     assert not torch.equal(d.sample(), d.sample())  # torch's generator by default: fresh draws
+    # A list of generators, one per example (diffusers' randn_tensor): example i's draw depends on generator i only.
+    gens = lambda seeds: [torch.Generator().manual_seed(s) for s in seeds]  # noqa: E731
+    z_list = d.sample(generator=gens(range(8)))
+    torch.testing.assert_close(Ours(p[2:3]).sample(generator=gens([2])), z_list[2:3], rtol=0, atol=0)
+    assert torch.equal(d.sample(generator=gens(range(8))), z_list)
+    with pytest.raises(ValueError, match="one per example"):
+        d.sample(generator=gens(range(3)))
     torch.manual_seed(5)
     a = d.sample()
     torch.manual_seed(5)

@@ -131,11 +131,23 @@ class DiagonalGaussianDistribution:
 
     # ---- methods -----------------------------------------------------------------------------------------
 
-    def sample(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """mean + std * eps, differentiable, reproducible with ``generator`` (which draws the kernel's seed)."""
+    def sample(self, generator=None) -> torch.Tensor:
+        """mean + std * eps, differentiable, reproducible with ``generator`` (which draws the kernel's seed), or
+        with a list of one generator per example (as diffusers' ``randn_tensor``: example i's noise then
+        depends on ``generator[i]`` only)."""
         if self.deterministic:
             return self.mean.clone()  # std is 0; a new tensor, as diffusers' mean + 0 * eps
-        z, kl = reparameterize_with_kl(self.mean, self.logvar, generator=generator, event_dims=self._event_dims)
+        if isinstance(generator, (list, tuple)) and len(generator) == 1:
+            generator = generator[0]
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != self.parameters.shape[0]:
+                raise ValueError(f"DiagonalGaussianDistribution.sample: a list of generators needs one per example "
+                                 f"({self.parameters.shape[0]}), got {len(generator)}")
+            parts = [reparameterize_with_kl(m, lv, generator=g, event_dims=self._event_dims)
+                     for m, lv, g in zip(self.mean.split(1), self.logvar.split(1), generator)]
+            z, kl = torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
+        else:
+            z, kl = reparameterize_with_kl(self.mean, self.logvar, generator=generator, event_dims=self._event_dims)
         # The KL came out of the same pass: the next kl() returns it, if autograd was in the same mode.
         self._kl_from_sample = (kl, torch.is_grad_enabled())
         return z
