@@ -335,11 +335,6 @@ void run_rows_typed(const RowArgs& args) {
   }
 }
 
-template <class Op>
-void dispatch_acc(const RowArgs& args) {
-  if (args.in[0].dtype == DType::Float64) run_rows_typed<double, Op>(args);
-  else run_rows_typed<float, Op>(args);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Normals: Philox over arrays of counters (auto-vectorised), Box-Muller on SIMD vectors.
@@ -629,6 +624,103 @@ void sample_backward_typed(const SampleArgs& a) {
       if (dlv) store_contiguous<acc_t>(a.dtype, a.grad_logvar, c, n, dlv);
     });
   });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The flat row engine, for the layouts users pass most (a (B, D) batch, contiguous or a chunk of an
+// encoder output): every operand is rows of E contiguous elements at a uniform row stride, one value
+// per row, or one value. The rows are walked as one flat index space in chunks at global multiples
+// of kChunk: full SIMD vectors however short the rows (no per-row loop overhead), per-row values
+// spread over their elements, per-row sums taken by segments (the same sums for any thread count).
+// ---------------------------------------------------------------------------------------------
+enum class FlatKind { Run, PerRow, Scalar };
+
+bool flat_kind(const Operand& op, const RowLayout& L, FlatKind& kind) {
+  const int64_t rs = L.n_row_dims == 1 ? op.row_strides[0] : 0, es = op.event_strides[0];
+  if (es == 1) kind = FlatKind::Run;
+  else if (es == 0 && (rs == 1 || L.rows == 1)) kind = FlatKind::PerRow;
+  else if (es == 0 && rs == 0) kind = FlatKind::Scalar;
+  else return false;
+  return true;
+}
+
+template <class acc_t, class Op>
+bool run_flat(const RowArgs& args) {
+  using V = Vec<acc_t>;
+  constexpr int64_t VS = V::size();
+  const RowLayout& L = args.layout;
+  const int64_t E = L.event_numel, R = L.rows;
+  if (L.n_row_dims > 1 || L.n_event_dims != 1) return false;
+  FlatKind in_kind[Op::kIn], out_kind[Op::kOut];
+  int64_t in_rs[Op::kIn];
+  for (int j = 0; j < Op::kIn; ++j) {
+    if (!flat_kind(args.in[j], L, in_kind[j])) return false;
+    in_rs[j] = L.n_row_dims == 1 ? args.in[j].row_strides[0] : E;
+  }
+  const DType acc_dtype = std::is_same_v<acc_t, double> ? DType::Float64 : DType::Float32;
+  for (int j = 0; j < Op::kOut; ++j) {
+    const Operand& o = args.out[j];
+    if (!o.data) continue;
+    if (o.accumulate || !flat_kind(o, L, out_kind[j]) || out_kind[j] == FlatKind::Scalar) return false;
+    if (out_kind[j] == FlatKind::Run && R > 1 && o.row_strides[0] != E) return false;  // written contiguously
+    if (out_kind[j] == FlatKind::PerRow && o.dtype != acc_dtype) return false;
+  }
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, E));
+  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+    alignas(64) acc_t in_buf[Op::kIn][kChunk];
+    alignas(64) acc_t out_buf[Op::kOut][kChunk];
+    double carry[Op::kOut] = {};
+    for_each_chunk(r0 * E, r1 * E, [&](int64_t c, int64_t n) {
+      const acc_t* src[Op::kIn];
+      acc_t scalar[Op::kIn];
+      for (int j = 0; j < Op::kIn; ++j) {
+        const Operand& op = args.in[j];
+        src[j] = nullptr;
+        if (in_kind[j] == FlatKind::Run) {
+          src[j] = load_logical<acc_t>(op.dtype, op.data, E, in_rs[j], c, n, in_buf[j]);
+        } else if (in_kind[j] == FlatKind::Scalar) {
+          scalar[j] = read_one<acc_t>(op, 0);
+        } else {  // one value per row, spread over the row's elements
+          for (int64_t i = 0; i < n;) {
+            const int64_t row = (c + i) / E, len = std::min(n, (row + 1) * E - c) - i;
+            std::fill(in_buf[j] + i, in_buf[j] + i + len, read_one<acc_t>(op, row * (R > 1 ? in_rs[j] : 0)));
+            i += len;
+          }
+          src[j] = in_buf[j];
+        }
+      }
+      acc_t* dst[Op::kOut];
+      for (int j = 0; j < Op::kOut; ++j) {
+        const Operand& o = args.out[j];
+        dst[j] = !o.data ? out_buf[j]
+                 : out_kind[j] == FlatKind::Run ? contiguous_target<acc_t>(o.dtype, o.data, c, out_buf[j])
+                                                 : out_buf[j];
+      }
+      for (int64_t i = 0; i < n; i += VS) {
+        const int64_t cnt = std::min(VS, n - i);
+        V a[Op::kIn], o[Op::kOut];
+        for (int j = 0; j < Op::kIn; ++j) a[j] = src[j] ? V::loadu(src[j] + i, cnt) : V(scalar[j]);
+        Op::apply(a, o);
+        for (int j = 0; j < Op::kOut; ++j) o[j].store(dst[j] + i, cnt);
+      }
+      for (int j = 0; j < Op::kOut; ++j) {
+        const Operand& o = args.out[j];
+        if (!o.data) continue;
+        if (out_kind[j] == FlatKind::Run) store_contiguous<acc_t>(o.dtype, o.data, c, n, dst[j]);
+        else add_segments(dst[j], c, n, E, typed<acc_t>(o.data), carry[j]);
+      }
+    });
+  });
+  return true;
+}
+
+template <class Op>
+void dispatch_acc(const RowArgs& args) {
+  if (args.in[0].dtype == DType::Float64) {
+    if (!run_flat<double, Op>(args)) run_rows_typed<double, Op>(args);
+  } else {
+    if (!run_flat<float, Op>(args)) run_rows_typed<float, Op>(args);
+  }
 }
 
 }  // namespace
