@@ -322,23 +322,6 @@ def test_compile_aot_eager_matrix(case, gen):
     torch.testing.assert_close(torch.autograd.grad(out, args, g), torch.autograd.grad(call(fn, op, args, ed), args, g))
 
 
-def test_double_backward_raises_clearly(gen):
-    x, m, lv = (t.requires_grad_() for t in make_inputs("gaussian_log_prob", [(4, 3)] * 3, torch.float64, "cpu", gen))
-    (dm,) = torch.autograd.grad(vf.gaussian_log_prob(x, m, lv).sum(), m, create_graph=True)
-    with pytest.raises(RuntimeError, match="double backward"):
-        dm.sum().backward()
-
-
-def test_vmap_raises_or_works(gen):
-    x, m, lv = make_inputs("gaussian_log_prob", [(4, 3)] * 3, torch.float32, "cpu", gen)
-    try:
-        out = torch.vmap(lambda a: vf.gaussian_log_prob(a, m[0], lv[0]))(x)
-    except RuntimeError as e:
-        assert "vmap" in str(e) or "batching" in str(e).lower()
-    else:
-        torch.testing.assert_close(out, vf.gaussian_log_prob(x, m[0], lv[0]))
-
-
 # ---- hypothesis: shapes, strides, values -------------------------------------------------------------
 @st.composite
 def broadcast_problem(draw):

@@ -208,8 +208,9 @@ def test_opcheck(dtype, device, gen):
     mu = randn((5, 7), dtype, device, gen).requires_grad_()
     lv = randn((5, 7), dtype, device, gen).requires_grad_()
     seed = torch.tensor([42], device=device)
-    for args in [(2, True, 1, True, True), (1, False, 0, False, True), (1, False, 1, True, False)]:
-        torch.library.opcheck(torch.ops.vae_fast.sample_gaussian.default, (mu, lv, seed, *args))
+    for seeds in [(seed, None), (None, 42)]:  # a device seed tensor, or a seed by value
+        for args in [(2, True, 1, True, True, False), (1, False, 0, False, True, False), (1, False, 1, True, False, True)]:
+            torch.library.opcheck(torch.ops.vae_fast.sample_gaussian.default, (mu, lv, *seeds, *args))
 
 
 def test_empty_and_shapes(device):
