@@ -105,12 +105,6 @@ DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-def tol(*dtypes: torch.dtype) -> dict:
-    rtol = max(TOLERANCES[d][0] for d in dtypes)
-    atol = max(TOLERANCES[d][1] for d in dtypes)
-    return {"rtol": rtol, "atol": atol}
-
-
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
