@@ -689,6 +689,14 @@ void draw_seed(const at::Device& device, at::Tensor& seed, std::optional<int64_t
   }
 }
 
+// A 1-element int64 seed on like's device, drawn as a sampling call given no seed draws it.
+at::Tensor draw_seed_op(const at::Tensor& like) {
+  at::Tensor seed;
+  std::optional<int64_t> value;
+  draw_seed(like.device(), seed, value);
+  return value ? at::full({1}, *value, at::TensorOptions().dtype(at::kLong)) : seed;
+}
+
 TORCH_LIBRARY(vae_fast, m) {
   m.def("gaussian_kl(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, int event_dims) -> Tensor");
   m.def("gaussian_kl_backward(Tensor grad, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, "
@@ -707,6 +715,9 @@ TORCH_LIBRARY(vae_fast, m) {
   m.def("sample_gaussian(Tensor mu, Tensor logvar, Tensor? seed, int? seed_value, int num_samples, bool sample_dim, "
         "int event_dims, bool want_log_q, bool want_kl, bool log_q_path_only) -> (Tensor, Tensor, Tensor)",
         {at::Tag::nondeterministic_seeded});
+  // The seed draw_seed gives the sampler when it is called with none (for torch.compile and CUDA: an
+  // opaque op, so compiled code draws from torch's generator exactly as eager code does).
+  m.def("draw_seed(Tensor like) -> Tensor", {at::Tag::nondeterministic_seeded});
   m.def("sample_gaussian_backward(Tensor? grad_z, Tensor? grad_log_q, Tensor? grad_kl, Tensor mu, Tensor logvar, "
         "Tensor? seed, int? seed_value, int num_samples, bool sample_dim, int event_dims, bool log_q_path_only, "
         "bool need_mu, bool need_logvar) -> (Tensor, Tensor)");
@@ -725,6 +736,7 @@ TORCH_LIBRARY(vae_fast, m) {
     m.impl("gaussian_nll_backward", &gaussian_nll_backward);                 \
     m.impl("sample_gaussian", &sample_gaussian);                             \
     m.impl("sample_gaussian_backward", &sample_gaussian_backward);           \
+    m.impl("draw_seed", &draw_seed_op);                                      \
   }
 VF_REGISTER(CPU)
 VF_REGISTER(CUDA)

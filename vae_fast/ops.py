@@ -37,14 +37,16 @@ def _require_int(fn: str, name: str, value) -> None:
         raise TypeError(f"vae_fast.{fn}: {name} must be an int, got {type(value).__name__}")
 
 
-def _seed_args(fn: str, seed, generator, device: torch.device):
+def _seed_args(fn: str, seed, generator, like: torch.Tensor):
     """(seed tensor or None, seed value or None) for the sampling op.
 
     Neither given: eager CPU calls leave the draw to C++ (torch's CPU generator, no extra op); under
-    torch.compile, and on CUDA, the seed is a device tensor from torch.randint, so compiled code
-    draws what eager code draws (Inductor's fallback_random), no two calls share a seed, and CUDA
-    graphs replay fresh draws (the seed is read on the device).
+    torch.compile, and on CUDA, the seed is a device tensor from the opaque op `draw_seed` (the same
+    C++ draw; torch.randint on CUDA), so compiled code draws what eager code draws, no two calls
+    share a seed (the op is tagged nondeterministic_seeded), and CUDA graphs replay fresh draws (the
+    seed is drawn and read on the device).
     """
+    device = like.device
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"vae_fast.{fn}: generator must be a torch.Generator, got {type(generator).__name__}")
@@ -54,8 +56,9 @@ def _seed_args(fn: str, seed, generator, device: torch.device):
         return drawn.to(device), None
     if seed is None:
         if device.type == "cpu" and not torch.compiler.is_compiling():
-            return None, None
-        return torch.randint(0, _SEED_HIGH, (1,), dtype=torch.int64, device=device), None
+            return None, None  # drawn in C++, no extra op
+        # a fresh empty tensor per call: graph CSE never merges two draws (it never merges aten.empty)
+        return _ops.draw_seed(torch.empty(0, device=device)), None
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise TypeError(f"vae_fast.{fn}: seed must be an int or a 1-element int64 tensor, got {seed.dtype} of "
@@ -121,7 +124,7 @@ def reparameterize(mu, logvar, num_samples: Optional[int] = None, *, seed=None, 
     _require_tensor("reparameterize", mu=mu, logvar=logvar)
     _require_int("reparameterize", "event_dims", event_dims)
     k = _num_samples("reparameterize", num_samples)
-    seed_t, seed_v = _seed_args("reparameterize", seed, generator, mu.device)
+    seed_t, seed_v = _seed_args("reparameterize", seed, generator, mu)
     z, log_q, _ = _ops.sample_gaussian(mu, logvar, seed_t, seed_v, k, num_samples is not None, event_dims,
                                        bool(return_log_q), False, bool(log_q_path_only))
     return (z, log_q) if return_log_q else z
@@ -133,7 +136,7 @@ def reparameterize_with_kl(mu, logvar, num_samples: Optional[int] = None, *, see
     _require_tensor("reparameterize_with_kl", mu=mu, logvar=logvar)
     _require_int("reparameterize_with_kl", "event_dims", event_dims)
     k = _num_samples("reparameterize_with_kl", num_samples)
-    seed_t, seed_v = _seed_args("reparameterize_with_kl", seed, generator, mu.device)
+    seed_t, seed_v = _seed_args("reparameterize_with_kl", seed, generator, mu)
     z, _, kl = _ops.sample_gaussian(mu, logvar, seed_t, seed_v, k, num_samples is not None, event_dims, False, True,
                                     False)
     return z, kl
@@ -318,6 +321,11 @@ def _(mu, logvar, seed, seed_value, num_samples, sample_dim, event_dims, want_lo
     log_q = mu.new_empty(lead + reduced if want_log_q else (0,), dtype=acc)
     kl = mu.new_empty(reduced if want_kl else (0,), dtype=acc)
     return z, log_q, kl
+
+
+@torch.library.register_fake("vae_fast::draw_seed")
+def _(like):
+    return like.new_empty((1,), dtype=torch.int64)
 
 
 @torch.library.register_fake("vae_fast::sample_gaussian_backward")
