@@ -10,7 +10,8 @@ changes kernels or the model, and give the score in the note. Goal: every mutant
     .venv/bin/python scripts/mutate.py --work /tmp/vf-mutate   # keep the scratch copy: reruns rebuild less
 
 How: the source (committed HEAD, or the working tree with --source worktree) is copied once into a scratch
-folder and built there with CMake in its own build folder (Ninja; only what a mutant touches is recompiled).
+folder and built there with CMake in its own build folder (Ninja; only what a mutant touches is recompiled),
+together with the emulated CUDA self-test (build/cuda-emu/selftest, when the CUDA headers are there).
 Each mutant is one exact string replacement in one file (it fails loudly if the text is not there exactly
 once: the code moves, update the mutant), applied, rebuilt when it touches C++, tested, and reverted. Tests
 run under a Python that sees the project's .venv packages but not its editable install, with the copy first
@@ -61,6 +62,9 @@ MUTANTS = [
     Mutant("cpu-counter-word", "csrc/cpu/kernels.cpp", "c1[j] = static_cast<uint32_t>(b >> 32);",
            "c1[j] = static_cast<uint32_t>(b);", SAMPLING_TESTS,
            "the CPU's counter word 1 off the documented layout (the CUDA counter is built elsewhere)"),
+    Mutant("cuda-counter-word", "csrc/philox.h", "out[2] = 0u;", "out[2] = 1u;", ("tests/test_known_answers.py",),
+           "the counter the CUDA kernels build (philox::block; the CPU builds its own): only the emulated CUDA "
+           "kernels (or a GPU) can see it"),
     Mutant("box-muller-swap", "csrc/elbo_math.h", "n0 = r * c;\n  n1 = r * s;", "n0 = r * s;\n  n1 = r * c;",
            SAMPLING_TESTS, "sin and cos swapped: still a perfect normal stream, but not the documented one"),
     # ---- formulas ------------------------------------------------------------------------------------------
@@ -166,7 +170,38 @@ def build(copy: Path) -> float:
         raise RuntimeError(f"build failed:\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     (module,) = build_dir.glob("_C*.so")
     shutil.copy2(module, copy / "vae_fast" / module.name)
+    build_emulated_cuda(copy)
     return time.time() - start
+
+
+def cuda_headers() -> Path | None:
+    """The CUDA toolkit's include folder (cuda_runtime.h), as scripts/check_cuda_compile.sh finds it."""
+    if shutil.which("nvcc"):
+        out = subprocess.run(["nvcc", "--dryrun", "-x", "cu", "/dev/null", "-o", "/dev/null"], capture_output=True,
+                             text=True).stderr
+        m = re.search(r'INCLUDES="*-I([^" ]*)', out)
+        if m and Path(m.group(1), "cuda_runtime.h").exists():
+            return Path(m.group(1))
+    home = Path(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include")
+    return home if (home / "cuda_runtime.h").exists() else None
+
+
+def build_emulated_cuda(copy: Path) -> None:
+    """build/cuda-emu/selftest in the copy, as CI builds it (tests/test_known_answers.py compares its eps
+    with the documented stream): the CUDA kernels compiled by g++ against csrc/cuda/emu.h. Without the
+    CUDA headers there is none, and the test skips (so a CUDA-only mutant survives: say so)."""
+    include = cuda_headers()
+    if include is None:
+        return
+    out = copy / "build" / "cuda-emu"
+    out.mkdir(parents=True, exist_ok=True)
+    procs = [subprocess.Popen(["g++", "-std=c++17", "-O1", "-DVF_EMULATE", "-x", "c++", f"-I{include}", "-Icsrc", "-c",
+                               f"csrc/cuda/{f}.cu", "-o", str(out / f"{f}.o")], cwd=copy, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for f in ("selftest", "rows", "sample")]
+    logs = [p.communicate()[0] for p in procs]
+    if any(p.returncode for p in procs):
+        raise RuntimeError("emulated CUDA build failed:\n" + "".join(logs)[-3000:])
+    run(["g++", *(out / f"{f}.o" for f in ("selftest", "rows", "sample")), "-o", out / "selftest", "-lpthread"])
 
 
 def pytest(python: Path, copy: Path, targets, timeout: float, first_failure=True):
