@@ -43,7 +43,8 @@ for p in "${pids[@]}"; do wait "$p"; done  # (set -e: a failed compile stops her
 g++ "$emu/selftest.o" "$emu/rows.o" "$emu/sample.o" -o "$emu/selftest" -lpthread
 "$emu/race_check_0"
 for d in 1 2; do
-  if "$emu/race_check_$d" >"$emu/race_check_$d.log" 2>&1; then
+  # (in a subshell that reports the expected abort into the log, not on the terminal)
+  if ("$emu/race_check_$d"; rc=$?; exit $rc) >"$emu/race_check_$d.log" 2>&1; then
     echo "FAIL: the emulator did not catch the race of group_sum without barrier $d"
     exit 1
   fi
