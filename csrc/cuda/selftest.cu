@@ -157,7 +157,7 @@ double out_rtol(DType d) {
 }
 
 // ---- row ops ----------------------------------------------------------------------------------
-enum Role { kMu, kLv, kX01, kLogit, kNormal };
+enum Role { kMu, kLv, kX01, kLogit, kNormal, kVar };
 
 struct ArgSpec {
   std::vector<int64_t> shape;  // rank of the full shape; 1 where broadcast
@@ -224,22 +224,64 @@ int64_t offset_of(int64_t flat, const std::vector<int64_t>& full, const std::vec
   return off;
 }
 
-// float64 reference of one element.
+// float64 reference of one element: the textbook formulas (DESIGN.md section 1, torch's
+// F.gaussian_nll_loss), written out here in double, sharing no code with elbo_math.h, so that a
+// wrong formula there fails this test. Inputs are moderate (|logvar| <= 3), where the plain forms
+// are accurate in double.
+constexpr double kLog2PiRef = 1.8378770664093454836;  // log(2 pi)
 double ref_fwd(OpKind op, const double* x) {
+  using std::exp; using std::log; using std::log1p; using std::fabs;
   switch (op) {
-    case OpKind::KlStdFwd: return elbo::kl_std(x[0], x[1]);
-    case OpKind::KlFwd: return elbo::kl(x[0], x[1], x[2], x[3]);
-    case OpKind::GaussLpFwd: return elbo::gaussian_log_prob(x[0], x[1], x[2]);
-    case OpKind::BernLpFwd: return elbo::bernoulli_log_prob(x[0], x[1]);
+    case OpKind::KlStdFwd: return 0.5 * (x[0] * x[0] + std::expm1(x[1]) - x[1]);
+    case OpKind::KlFwd: {  // KL(N(m1, e^lv1) || N(m2, e^lv2))
+      const double d = x[0] - x[2];
+      return 0.5 * (x[3] - x[1] + (exp(x[1]) + d * d) / exp(x[3]) - 1.0);
+    }
+    case OpKind::GaussLpFwd: {
+      const double d = x[0] - x[1];
+      return -0.5 * (kLog2PiRef + x[2] + d * d / exp(x[2]));
+    }
+    case OpKind::BernLpFwd: return x[0] * x[1] - (std::max(x[1], 0.0) + log1p(exp(-fabs(x[1]))));
+    case OpKind::GaussNllFwd: {  // input, target, var, eps
+      const double vc = std::max(x[2], x[3]), d = x[0] - x[1];
+      return 0.5 * (log(vc) + d * d / vc);
+    }
     default: return 0;
   }
 }
 void ref_bwd(OpKind op, double g, const double* x, double* y) {
+  using std::exp;
   switch (op) {
-    case OpKind::KlStdBwd: elbo::kl_std_grad(g, x[0], x[1], y[0], y[1]); break;
-    case OpKind::KlBwd: elbo::kl_grad(g, x[0], x[1], x[2], x[3], y[0], y[1], y[2], y[3]); break;
-    case OpKind::GaussLpBwd: elbo::gaussian_log_prob_grad(g, x[0], x[1], x[2], y[0], y[1], y[2]); break;
-    case OpKind::BernLpBwd: elbo::bernoulli_log_prob_grad(g, x[0], x[1], y[0], y[1]); break;
+    case OpKind::KlStdBwd:
+      y[0] = g * x[0];
+      y[1] = g * 0.5 * (exp(x[1]) - 1.0);
+      break;
+    case OpKind::KlBwd: {
+      const double d = x[0] - x[2], v2 = exp(x[3]);
+      y[0] = g * d / v2;
+      y[1] = g * 0.5 * (exp(x[1]) / v2 - 1.0);
+      y[2] = -g * d / v2;
+      y[3] = g * 0.5 * (1.0 - (exp(x[1]) + d * d) / v2);
+      break;
+    }
+    case OpKind::GaussLpBwd: {
+      const double d = x[0] - x[1], v = exp(x[2]);
+      y[0] = -g * d / v;
+      y[1] = g * d / v;
+      y[2] = g * 0.5 * (d * d / v - 1.0);
+      break;
+    }
+    case OpKind::BernLpBwd:
+      y[0] = g * x[1];
+      y[1] = g * (x[0] - 1.0 / (1.0 + exp(-x[1])));
+      break;
+    case OpKind::GaussNllBwd: {  // the gradient passes straight through the clamp (torch's)
+      const double vc = std::max(x[2], x[3]), d = x[0] - x[1];
+      y[0] = g * d / vc;
+      y[1] = -g * d / vc;
+      y[2] = g * 0.5 * (1.0 / vc - d * d / (vc * vc));
+      break;
+    }
     default: break;
   }
 }
@@ -257,9 +299,13 @@ double fwd_scale(OpKind op, const double* x) {
     }
     case OpKind::GaussLpFwd: {
       const double m = fabs(x[0]) + fabs(x[1]);
-      return 0.5 * (elbo::kLog2Pi + fabs(x[2]) + m * m * exp(-x[2]) * (1 + fabs(x[2])));
+      return 0.5 * (kLog2PiRef + fabs(x[2]) + m * m * exp(-x[2]) * (1 + fabs(x[2])));
     }
     case OpKind::BernLpFwd: return fabs(x[0] * x[1]) + fabs(x[1]) + 1.0;
+    case OpKind::GaussNllFwd: {
+      const double vc = std::max(x[2], x[3]), m = fabs(x[0]) + fabs(x[1]);
+      return 0.5 * (fabs(std::log(vc)) + m * m / vc + 1.0);
+    }
     default: return 0;
   }
 }
@@ -289,6 +335,12 @@ void bwd_scale(OpKind op, double g, const double* x, double* y) {
       y[0] = g * fabs(x[1]);
       y[1] = g * (fabs(x[0]) + 1);
       break;
+    case OpKind::GaussNllBwd: {
+      const double vc = std::max(x[2], x[3]), m = fabs(x[0]) + fabs(x[1]);
+      y[0] = y[1] = g * m / vc;
+      y[2] = g * 0.5 * (1.0 / vc + m * m / (vc * vc));
+      break;
+    }
     default: break;
   }
 }
@@ -337,6 +389,7 @@ RowRun run_row_case(const RowCase& c, bool check = true) {
                                 : a.role == kLv ? uniform(-2.0, 2.0)
                                 : a.role == kX01 ? uniform(0.0, 1.0)
                                 : a.role == kLogit ? normal(3.0)
+                                : a.role == kVar ? uniform(0.02, 3.0)
                                 : normal(1.0);
     if (a.value) gen = [f = a.value, i = int64_t{0}]() mutable { return f(i++); };
     vals.push_back(fill(in.back(), gen));
@@ -433,7 +486,7 @@ RowRun run_row_case(const RowCase& c, bool check = true) {
       ref[i].assign(static_cast<size_t>(prod(c.args[i].shape)), 0.0);
       mag[i] = ref[i];
     }
-    double x[5], y[4], ys[4];
+    double x[5], y[4] = {0, 0, 0, 0}, ys[4] = {0, 0, 0, 0};
     for (int64_t f = 0; f < numel; ++f) {
       elem(f, x);
       const double gg = gv[offset_of(f, c.full, gfull, gst)];
@@ -576,6 +629,22 @@ void row_tests() {
        {arg({2, 3, 2, 3, 5, 2}, kNormal), arg({1, 3, 1, 3, 5, 2}, kMu), arg({2, 1, 2, 3, 1, 2}, kLv)},
        4});
 
+  // gaussian_nll_loss's terms: var clamped at a scalar eps operand (0.3, so some of var falls below
+  // it), var per row (B, 1) and full, reduced over the event or elementwise.
+  for (int64_t nb : {1, 4}) {
+    RowCase c{"gauss nll var (B,1), eps 0.3 nb=" + std::to_string(nb), OpKind::GaussNllFwd, OpKind::GaussNllBwd,
+              {30, 17}, 1, {arg({30, 17}, kNormal), arg({30, 17}, kMu), arg({30, 1}, kVar), arg({1, 1}, kVar)}, nb};
+    c.args[3].value = [](int64_t) { return 0.3; };
+    c.args[3].grad = false;
+    add(c);
+  }
+  {
+    RowCase c{"gauss nll elementwise bf16 input", OpKind::GaussNllFwd, OpKind::GaussNllBwd, {9, 13}, 1,
+              {arg({9, 13}, kNormal, B), arg({9, 13}, kMu), arg({9, 13}, kVar), arg({1, 1}, kVar)}, 1, true};
+    c.args[3].value = [](int64_t) { return 1e-6; };
+    c.args[3].grad = false;
+    add(c);
+  }
   // More reduced (broadcast) dims than a forward has event dims: a scalar logvar against 10 dims
   // that cannot be coalesced (x is stored transposed), in reorder mode and in row-block mode.
   for (int64_t nb : {1, 3}) {
@@ -670,13 +739,19 @@ void row_tests() {
 }
 
 // ---- sampling ---------------------------------------------------------------------------------
-float host_eps(uint64_t seed, uint64_t i) {
+// eps of flat index i by philox.h's documented layout: Philox4x32-10 (checked against the
+// published known answers in philox_known_answers) of block i / 4, then Box-Muller written out
+// here in double (u = x * 2^-32 + 2^-33 rounded to float32, as documented).
+double host_eps(uint64_t seed, uint64_t i) {
   uint32_t x[4];
   philox::block(seed, i / 4, x);
-  float n[4];
-  elbo::box_muller(philox::uniform(x[0]), philox::uniform(x[1]), n[0], n[1]);
-  elbo::box_muller(philox::uniform(x[2]), philox::uniform(x[3]), n[2], n[3]);
-  return n[i % 4];
+  const int lane = static_cast<int>(i % 4), pair = lane / 2;
+  auto u = [](uint32_t w) {
+    return static_cast<double>(static_cast<float>(w) * 2.3283064365386963e-10f + 1.1641532182693481e-10f);
+  };
+  const double r = std::sqrt(-2.0 * std::log(u(x[2 * pair])));
+  const double t = static_cast<double>(6.283185307179586f * static_cast<float>(u(x[2 * pair + 1])));
+  return lane % 2 == 0 ? r * std::cos(t) : r * std::sin(t);
 }
 
 // How a sampling case hands mu and logvar to the kernels.
@@ -783,9 +858,9 @@ void sample_case(DType dt, int64_t R, int64_t E, int64_t K, int64_t seed, bool w
         double ref = 0, mag = 0;
         for (int64_t j = 0; j < E; ++j) {
           const double eps = host_eps(s, static_cast<uint64_t>(k * RE + r * E + j));
-          const double t = elbo::log_q_from_eps(lvv[r * E + j], eps);
+          const double t = -0.5 * (kLog2PiRef + lvv[r * E + j] + eps * eps);
           ref += t;
-          mag += 0.5 * (elbo::kLog2Pi + std::fabs(lvv[r * E + j]) + eps * eps);
+          mag += 0.5 * (kLog2PiRef + std::fabs(lvv[r * E + j]) + eps * eps);
         }
         if (!close(got[k * R + r], ref, mag, f64 ? 1e-6 : 2e-5, 1e-12)) {
           if (!bad++) first = "at " + std::to_string(k * R + r) + ": got " +
@@ -800,8 +875,8 @@ void sample_case(DType dt, int64_t R, int64_t E, int64_t K, int64_t seed, bool w
     for (int64_t r = 0; r < R; ++r) {
       double ref = 0, mag = 0;
       for (int64_t j = 0; j < E; ++j) {
-        const double t = elbo::kl_std(muv[r * E + j], lvv[r * E + j]);
         const double xs[2] = {muv[r * E + j], lvv[r * E + j]};
+        const double t = ref_fwd(OpKind::KlStdFwd, xs);
         ref += t;
         mag += fwd_scale(OpKind::KlStdFwd, xs);
       }
@@ -867,7 +942,11 @@ void sample_bwd_case(DType dt, int64_t R, int64_t E, int64_t K, int64_t seed, bo
     mlv[m] = 0.5 * sig * age + 0.5 * K * 4.0 + aqlv;
     if (has_gkl) {
       double a, b;
-      elbo::kl_std_grad(gklv[r], muv[m], lvv[m], a, b);
+      const double xk[2] = {muv[m], lvv[m]};
+      double yk[2];
+      ref_bwd(OpKind::KlStdBwd, gklv[r], xk, yk);
+      a = yk[0];
+      b = yk[1];
       rmu[m] += a;
       rlv[m] += b;
       const double xs[2] = {muv[m], lvv[m]};
