@@ -99,6 +99,8 @@ BCAST_K = 8  # samples in the (K, B, D) decoder-output case
 CPU_SIZES = [(64, 1024), (1024, 1024), (4096, 1024), (16384, 1024)]  # 64K .. 16M elements
 CUDA_SIZES = [(4096, 1024), (65536, 1024), (262144, 1024)]  # 16 MB, 256 MB, 1 GB per float32 tensor
 QUICK_SIZES = [(16, 256), (64, 1024)]
+# Per-call cost where VAEs are trained: a few hundred rows, tens to hundreds of columns (float32).
+PER_CALL_SIZES = [(100, 8), (128, 20), (128, 784), (1024, 64)]
 DTYPE_NAMES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
                "float16": torch.float16}
 
@@ -287,7 +289,7 @@ def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
         del result
     events = []
@@ -302,6 +304,20 @@ def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
         total += size
         peak = max(peak, total)
     return peak / 2**20
+
+
+@contextlib.contextmanager
+def _stderr_silenced():
+    """File descriptor 2 to /dev/null: the profiler's C++ side logs two lines per start/stop there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def copy_gbps(device: torch.device, repeats: int = 7) -> float:
@@ -368,13 +384,13 @@ def bench_op(op: str, dtype: torch.dtype, size: tuple[int, int], pass_: str, dev
 # Whole training step and the large-K log-likelihood
 # ------------------------------------------------------------------------------------------------
 def _ref_reparameterize(mu, logvar, num_samples=None, *, seed=None, generator=None, return_log_q=False,
-                        event_dims=1):
+                        log_q_path_only=False, event_dims=1):
     shape = mu.shape if num_samples is None else (num_samples, *mu.shape)
     eps = torch.randn(shape, dtype=mu.dtype, device=mu.device, generator=generator)
     z = R.reparameterize(mu, logvar, eps)
-    if return_log_q:
-        return z, R.standard_normal_log_prob(eps, logvar, event_dims=event_dims)
-    return z
+    if not return_log_q:
+        return z
+    return z, R.sample_log_q(mu, logvar, z, eps, event_dims=event_dims, log_q_path_only=log_q_path_only)
 
 
 def _ref_reparameterize_with_kl(mu, logvar, num_samples=None, *, seed=None, generator=None, event_dims=1):
@@ -405,23 +421,68 @@ def reference_ops_in_model():
             setattr(model_module, name, fn)
 
 
-TRAIN_CONFIGS = [  # name, batch, input_dim, latent_dim
-    ("digits", 128, 64, 16),
-    ("large", 4096, 784, 32),
+@dataclass
+class TrainConfig:
+    name: str
+    batch: int
+    input_dim: int
+    hidden: tuple
+    latent: int
+    likelihood: str = "bernoulli"
+    obs_logvar: str = "scalar"
+    objective: str = "elbo"
+    num_samples: int = 1
+
+
+TRAIN_CONFIGS = [
+    TrainConfig("digits", 128, 64, (256, 128), 8),
+    TrainConfig("mnist-mlp", 128, 784, (512,), 20),
+    TrainConfig("mnist-mlp-b1024", 1024, 784, (512,), 20),
+    TrainConfig("mnist-mlp-iwae50", 128, 784, (512,), 20, objective="iwae", num_samples=50),
+    TrainConfig("mnist-mlp-gauss-perfeature", 512, 784, (512,), 20, likelihood="gaussian",
+                obs_logvar="per_feature"),
 ]
 
 
+class _FixedEncoder(torch.nn.Module):
+    """Returns a fixed leaf tensor: the encoder's output without its cost (for timing the ELBO ops alone)."""
+
+    def __init__(self, h):
+        super().__init__()
+        self.h = torch.nn.Parameter(h)
+
+    def forward(self, x):
+        return self.h
+
+
+class _FixedDecoder(torch.nn.Module):
+    """A fixed output that still depends on z (one broadcast add), shaped like the real decoder's."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out = torch.nn.Parameter(out)
+
+    def forward(self, z):
+        return self.out[: z.shape[0]] + z[:, :1].reshape((z.shape[0],) + (1,) * (self.out.dim() - 1))
+
+
+def _train_data(cfg: TrainConfig, device, gen):
+    x = torch.rand((cfg.batch, cfg.input_dim), generator=gen, device=device)
+    return (x < 0.3).float() if cfg.likelihood == "bernoulli" else x
+
+
 def bench_train_step(device: torch.device, repeats: int, quick: bool, gen: torch.Generator) -> tuple[list, str]:
-    """One Adam step of vae_fast.mlp_vae (Bernoulli), fused vs reference ops, eager and compiled."""
+    """One Adam step of vae_fast.mlp_vae: fused vs reference ops, eager and compiled, and the ELBO ops' share."""
     try:
         from .model import mlp_vae
     except ImportError as e:
         return [], f"train step skipped: vae_fast.model is not available ({e})"
     rows = []
-    for name, batch, input_dim, latent in TRAIN_CONFIGS[:1] if quick else TRAIN_CONFIGS:
+    for cfg in TRAIN_CONFIGS[:1] if quick else TRAIN_CONFIGS:
         torch.manual_seed(0)
-        base = mlp_vae(input_dim, latent).to(device)
-        x = (torch.rand((batch, input_dim), generator=gen, device=device) < 0.3).float()
+        base = mlp_vae(cfg.input_dim, cfg.latent, hidden=cfg.hidden, likelihood=cfg.likelihood,
+                       obs_logvar=cfg.obs_logvar).to(device)
+        x = _train_data(cfg, device, gen)
         variants = {"fused": (False, False), "eager": (True, False)}
         if not quick:
             variants.update({"compile": (True, True), "fused_compile": (False, True)})
@@ -429,24 +490,55 @@ def bench_train_step(device: torch.device, repeats: int, quick: bool, gen: torch
         torch._dynamo.reset()
         for impl, (reference, compiled) in variants.items():
             model = _clone_module(base)
-            opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+            opt = _adam(model)
             run_model = torch.compile(model) if compiled else model
-            calls[impl] = _train_step_call(run_model, opt, reference)
+            calls[impl] = _train_step_call(run_model, opt, reference, cfg)
         samples = time_interleaved(calls, [[x]], repeats, device, budget_s=4 * CONFIG_BUDGET_S)
         stats = {impl: percentiles(s) for impl, s in samples.items()}
         peaks = {impl: peak_mb(lambda c=call: c([x]), device) for impl, call in calls.items()}
+        elbo = _elbo_ops_ms(base, x, cfg, repeats, device)
         rows.append({
-            "name": name, "batch": [batch, input_dim], "latent_dim": latent, "model": "mlp_vae, bernoulli, Adam",
+            "name": cfg.name, "batch": [cfg.batch, cfg.input_dim], "latent_dim": cfg.latent,
+            "model": f"mlp_vae {cfg.input_dim}-{'-'.join(map(str, cfg.hidden))}-{cfg.latent}, {cfg.likelihood}"
+                     + (f" ({cfg.obs_logvar} logvar)" if cfg.likelihood == "gaussian" else "")
+                     + f", {cfg.objective} K={cfg.num_samples}, Adam",
             **{f"{impl}_ms": (stats[impl][1] if impl in stats else None) for impl in
                ("fused", "eager", "compile", "fused_compile")},
             "fused_p20_ms": stats["fused"][0], "fused_p80_ms": stats["fused"][2],
+            "elbo_ops_ms": elbo,
+            "elbo_share": {impl: elbo[impl] / stats[impl][1] for impl in ("fused", "eager")},
             "peak_mb": {impl: peaks.get(impl) for impl in ("fused", "eager", "compile", "fused_compile")},
         })
         torch._dynamo.reset()
     note = ("train step: fused = the model as written; eager = the same model with reference.py's maths "
             "patched into vae_fast.model; compile = torch.compile of the eager one; fused_compile = torch.compile "
-            "of the fused one. Adam step included." + (" Quick mode: no compiled variants." if quick else ""))
+            "of the fused one. Adam (fused=True where the device has it) step included. ELBO ops = the same step "
+            "with the encoder and decoder replaced by fixed tensors (one broadcast add keeps z in the graph), so "
+            "what remains is the objective's ops, forward and backward; share = that time over the whole step."
+            + (" Quick mode: no compiled variants." if quick else ""))
     return rows, note
+
+
+def _adam(model):
+    try:
+        return torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.Adam(model.parameters(), lr=1e-3)
+
+
+def _elbo_ops_ms(base, x, cfg: TrainConfig, repeats: int, device: torch.device) -> dict:
+    """Time of the objective's ops alone (fused and eager), forward and backward, in one step's shapes."""
+    model = _clone_module(base)
+    with torch.no_grad():
+        h = model.encoder(x)
+        mu = h[..., : cfg.latent]
+        z = mu.expand(cfg.num_samples, *mu.shape).reshape(-1, cfg.latent) if cfg.num_samples > 1 else mu
+        out = model.decoder(z)
+    model.encoder, model.decoder = _FixedEncoder(h), _FixedDecoder(out)
+    model.to(device)
+    calls = {impl: _train_step_call(model, None, impl == "eager", cfg) for impl in ("fused", "eager")}
+    samples = time_interleaved(calls, [[x]], repeats, device, budget_s=2 * CONFIG_BUDGET_S)
+    return {impl: percentiles(s)[1] for impl, s in samples.items()}
 
 
 def _clone_module(module):
@@ -455,15 +547,19 @@ def _clone_module(module):
     return copy.deepcopy(module)
 
 
-def _train_step_call(model, opt, reference: bool):
+def _train_step_call(model, opt, reference: bool, cfg: TrainConfig):
     def step(inputs):
         (x,) = inputs
         ctx = reference_ops_in_model() if reference else contextlib.nullcontext()
         with ctx:
-            opt.zero_grad(set_to_none=True)
-            loss, _ = model(x)
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+            else:
+                model.zero_grad(set_to_none=True)
+            loss, _ = model(x, num_samples=cfg.num_samples, objective=cfg.objective)
             loss.backward()
-            opt.step()
+            if opt is not None:
+                opt.step()
         return loss.detach()
     return step
 
@@ -653,18 +749,35 @@ def to_markdown(result: dict) -> str:
             f"{_ratio(r['fused_ms'], r['compile_ms'])} | {_fmt(r['fused_gbps'])} | {_fmt(gb(r['eager_ms']))} | "
             f"{_fmt(gb(r['compile_ms']))} | {r['copy_fraction']:.2f} | "
             f"{_fmt(pk['fused'])} / {_fmt(pk['eager'])} / {_fmt(pk['compile'])} |")
+    if result.get("per_call"):
+        lines += ["", "## Per call at training-loop sizes (float32)", "",
+                  "| op | shape | pass | fused us | eager us | compile us | fused/eager | fused/compile |",
+                  "|---|---|---|---|---|---|---|---|"]
+        us = lambda ms: None if ms is None else ms * 1e3  # noqa: E731
+        for r in result["per_call"]:
+            lines.append(f"| {r['op']} | {'x'.join(map(str, r['shape']))} | {r['pass']} | {_fmt(us(r['fused_ms']))} | "
+                         f"{_fmt(us(r['eager_ms']))} | {_fmt(us(r['compile_ms']))} | "
+                         f"{_ratio(r['fused_ms'], r['eager_ms'])} | {_ratio(r['fused_ms'], r['compile_ms'])} |")
+    if result.get("ldm"):
+        lines += ["", "## DiagonalGaussianDistribution: sample() + kl(), against diffusers' class", "",
+                  "| parameters | dtype | pass | fused ms | baseline ms | compiled baseline ms | fused/baseline | "
+                  "fused GB/s | copy | baseline |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in result["ldm"]:
+            lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['pass']} | {_fmt(r['fused_ms'])} | "
+                         f"{_fmt(r['eager_ms'])} | {_fmt(r['compile_ms'])} | {_ratio(r['fused_ms'], r['eager_ms'])} | "
+                         f"{_fmt(r['fused_gbps'])} | {r['copy_fraction']:.2f} | {r.get('baseline', '')} |")
     lines += ["", "## Training step", ""]
     if result["train_step"]:
-        lines += ["| config | batch | fused ms | eager ms | compile ms | fused+compile ms | fused/eager | "
-                  "fused/compile | peak MiB fused/eager/compile/fused+compile |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += ["| config | model | fused ms | eager ms | compile ms | fused+compile ms | fused/eager | "
+                  "fused/compile | ELBO ops ms fused / eager | ELBO share fused / eager | peak MiB fused/eager |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["train_step"]:
-            pk = r["peak_mb"]
+            pk, e, sh = r["peak_mb"], r.get("elbo_ops_ms") or {}, r.get("elbo_share") or {}
             lines.append(
-                f"| {r['name']} | {'x'.join(map(str, r['batch']))} | {_fmt(r['fused_ms'])} | {_fmt(r['eager_ms'])} | "
+                f"| {r['name']} (batch {r['batch'][0]}) | {r['model']} | {_fmt(r['fused_ms'])} | {_fmt(r['eager_ms'])} | "
                 f"{_fmt(r['compile_ms'])} | {_fmt(r['fused_compile_ms'])} | {_ratio(r['fused_ms'], r['eager_ms'])} | "
-                f"{_ratio(r['fused_ms'], r['compile_ms'])} | {_fmt(pk['fused'])} / {_fmt(pk['eager'])} / "
-                f"{_fmt(pk['compile'])} / {_fmt(pk['fused_compile'])} |")
+                f"{_ratio(r['fused_ms'], r['compile_ms'])} | {_fmt(e.get('fused'))} / {_fmt(e.get('eager'))} | "
+                f"{_fmt(sh.get('fused'), 2)} / {_fmt(sh.get('eager'), 2)} | {_fmt(pk['fused'])} / {_fmt(pk['eager'])} |")
     lines += ["", result["train_step_note"], "", "## Log-likelihood memory", ""]
     ll = result["log_likelihood"]
     if "skipped" in ll:
@@ -770,6 +883,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per config (default 10; quick 2)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (compile_ms is null)")
     p.add_argument("--no-model", action="store_true", help="skip the training step and log-likelihood lines")
+    p.add_argument("--no-per-call", action="store_true", help="skip the per-call table at training-loop sizes")
+    p.add_argument("--no-ldm", action="store_true", help="skip the DiagonalGaussianDistribution rows")
     return p
 
 
@@ -819,6 +934,26 @@ def main(argv=None) -> int:
                           f"{_fmt(row['compile_ms']):>9s} ms  {row['fused_gbps']:6.1f} GB/s "
                           f"({row['copy_fraction']:.2f} of copy)", flush=True)
 
+    per_call = []
+    for op in ([] if args.no_per_call else ops):
+        for size in PER_CALL_SIZES[:1] if quick else PER_CALL_SIZES:
+            for pass_ in PASSES:
+                row = bench_op(op, torch.float32, size, pass_, device, repeats, not (args.no_compile or quick), copy,
+                               gen)
+                per_call.append(row)
+                print(f"per call {op:24s} {'x'.join(map(str, row['shape'])):>10s} {pass_:7s} fused "
+                      f"{row['fused_ms'] * 1e3:8.1f} us  eager {row['eager_ms'] * 1e3:8.1f} us  compile "
+                      f"{_fmt(None if row['compile_ms'] is None else row['compile_ms'] * 1e3):>8s} us", flush=True)
+
+    ldm = []
+    if not args.no_ldm:
+        from .bench_ldm import ldm_rows
+
+        ldm = ldm_rows(device.type, quick, copy_gbps=copy)
+        for row in ldm:
+            print(f"DiagonalGaussianDistribution {'x'.join(map(str, row['shape']))} {row['dtype']} {row['pass']}: fused "
+                  f"{row['fused_ms']:.3f} ms, {row.get('baseline', 'eager')} {row['eager_ms']:.3f} ms", flush=True)
+
     if args.no_model:
         train_rows, train_note, ll = [], "train step skipped (--no-model)", {"skipped": "--no-model"}
     else:
@@ -859,6 +994,8 @@ def main(argv=None) -> int:
         "cases": {"gaussian_log_prob_bcast": f"x (B, D), mean (K, B, D), logvar () with K = {BCAST_K}; "
                                              "shape is the broadcast (K, B, D)"},
         "compile_config": compile_config(),
+        "per_call": per_call,
+        "ldm": ldm,
         "train_step": train_rows,
         "train_step_note": train_note,
         "log_likelihood": ll,

@@ -61,18 +61,20 @@ def gaussian_nll_terms(input, target, var, eps, *, event_dims=0):
     return _sum_event(0.5 * (torch.log(vc) + (input - target) ** 2 / vc), event_dims)
 
 
-def sample_terms(mu, logvar, eps, event_dims=1, log_q_path_only=False):
-    """(z, log q(z|x), KL) of the sampling op for a given eps (leading sample dims), composite.
+def sample_log_q(mu, logvar, z, eps, *, event_dims=1, log_q_path_only=False):
+    """log q(z|x) of z = mu + sigma * eps, from the exact eps; with ``log_q_path_only`` evaluated at
+    stop_grad(mu, logvar), so that its gradient flows through z only."""
+    if not log_q_path_only:
+        return standard_normal_log_prob(eps, logvar, event_dims=event_dims)
+    m, lv = mu.detach(), logvar.detach()
+    scaled = (z - m) * torch.exp(-0.5 * lv)
+    return _sum_event(-0.5 * (LOG_2PI + lv + scaled * scaled), event_dims)
 
-    With ``log_q_path_only`` log q is evaluated at stop_grad(mu, logvar): its gradient flows through z.
-    """
+
+def sample_terms(mu, logvar, eps, event_dims=1, log_q_path_only=False):
+    """(z, log q(z|x), KL) of the sampling op for a given eps (leading sample dims), composite."""
     z = reparameterize(mu, logvar, eps)
-    if log_q_path_only:
-        m, lv = mu.detach(), logvar.detach()
-        scaled = (z - m) * torch.exp(-0.5 * lv)
-        log_q = _sum_event(-0.5 * (LOG_2PI + lv + scaled * scaled), event_dims)
-    else:
-        log_q = standard_normal_log_prob(eps, logvar, event_dims=event_dims)
+    log_q = sample_log_q(mu, logvar, z, eps, event_dims=event_dims, log_q_path_only=log_q_path_only)
     return z, log_q, gaussian_kl(mu, logvar, event_dims=event_dims)
 
 
