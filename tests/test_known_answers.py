@@ -112,8 +112,8 @@ def test_seed_0_block_0_is_the_published_zero_vector(device):
 
 
 def test_oracle_is_a_standard_normal_stream():
-    # Not a known answer, but it keeps the oracle honest about its own Box-Muller (a swapped pair or a
-    # wrong angle scale would give the wrong variance or odd moments).
+    # Not a known answer, but it keeps the oracle's own Box-Muller honest where no published vector
+    # reaches (a wrong radius or angle scale gives the wrong variance or the wrong tails).
     e = oracle_eps(3, 0, 40_000)
     assert abs(e.mean()) < 0.03 and abs(e.var() - 1) < 0.03 and np.abs(e).max() < 6.7
 
