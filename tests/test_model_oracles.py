@@ -1,8 +1,9 @@
 """The model's bounds against independent oracles: ELBO, IWAE and the importance-sampled log-likelihood
 recomputed here in float64 with torch.distributions from the very eps the model drew, for K = 1, 5, 50.
 
-Nothing here calls model.py's objective code: the oracle uses only the model's encoder and decoder
-networks and the eps stream (itself checked against the documented Philox stream in test_known_answers.py).
+Nothing here calls model.py's code: the oracle uses only the model's encoder and decoder networks, its
+observation log-variance parameters (with the documented smooth floor) and the eps stream (itself checked
+against the documented Philox stream in test_known_answers.py).
 The model's ops draw their seeds from torch's generator, so resetting it and drawing eps with mu = 0,
 logvar = 0 (z = eps) reproduces each draw."""
 
