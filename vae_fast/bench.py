@@ -341,26 +341,16 @@ def write_gbps(device: torch.device, numel: int = 16 * 2**20, repeats: int = 7) 
 # ------------------------------------------------------------------------------------------------
 # Op benchmarks
 # ------------------------------------------------------------------------------------------------
-def bench_op(op: str, dtype: torch.dtype, size: tuple[int, int], pass_: str, device: torch.device,
-             repeats: int, compile_it: bool, copy: float, gen: torch.Generator) -> dict:
-    case = make_case(op, size[0], size[1], dtype, device, gen)
-    n_sets = 1
-    if device.type == "cuda":
-        l2 = torch.cuda.get_device_properties(device).L2_cache_size
-        set_bytes = sum(_nbytes(t) for t in case.inputs)
-        n_sets = max(1, min(8, math.ceil(4 * l2 / set_bytes)))
-    sets = input_sets(case, pass_, n_sets)
-    calls = {"fused": make_call(case.fused, case, pass_, gen), "eager": make_call(case.eager, case, pass_, gen)}
-    if compile_it:
-        torch._dynamo.reset()
-        calls["compile"] = make_call(torch.compile(case.eager), case, pass_, gen)
+def time_row(case: Case, dtype: torch.dtype, pass_: str, calls: dict, sets: list, repeats: int,
+             device: torch.device, copy: float) -> dict:
+    """Times `calls` (fused, eager[, compile]) on the input `sets`: one row of the results JSON."""
     samples = time_interleaved(calls, sets, repeats, device)
     stats = {name: percentiles(s) for name, s in samples.items()}
     peaks = {name: peak_mb(lambda c=call: c(sets[0]), device) for name, call in calls.items()}
     nbytes = case.bytes(pass_)
     fused_gbps = nbytes / (stats["fused"][1] * 1e6)
-    row = {
-        "op": op,
+    return {
+        "op": case.op,
         "dtype": str(dtype).replace("torch.", ""),
         "shape": list(case.shape),
         "pass": pass_,
@@ -374,6 +364,22 @@ def bench_op(op: str, dtype: torch.dtype, size: tuple[int, int], pass_: str, dev
         "copy_fraction": fused_gbps / copy,
         "peak_mb": {name: peaks.get(name) for name in IMPLS},
     }
+
+
+def bench_op(op: str, dtype: torch.dtype, size: tuple[int, int], pass_: str, device: torch.device,
+             repeats: int, compile_it: bool, copy: float, gen: torch.Generator) -> dict:
+    case = make_case(op, size[0], size[1], dtype, device, gen)
+    n_sets = 1
+    if device.type == "cuda":
+        l2 = torch.cuda.get_device_properties(device).L2_cache_size
+        set_bytes = sum(_nbytes(t) for t in case.inputs)
+        n_sets = max(1, min(8, math.ceil(4 * l2 / set_bytes)))
+    sets = input_sets(case, pass_, n_sets)
+    calls = {"fused": make_call(case.fused, case, pass_, gen), "eager": make_call(case.eager, case, pass_, gen)}
+    if compile_it:
+        torch._dynamo.reset()
+        calls["compile"] = make_call(torch.compile(case.eager), case, pass_, gen)
+    row = time_row(case, dtype, pass_, calls, sets, repeats, device, copy)
     del sets, calls, case
     if compile_it:
         torch._dynamo.reset()

@@ -97,27 +97,8 @@ def ldm_rows(device: str, quick: bool, *, repeats: int | None = None, copy_gbps:
                     torch._dynamo.reset()
                     fns["compile"] = torch.compile(case.eager)
                 calls = {name: bench.make_call(fn, case, pass_, gen) for name, fn in fns.items()}
-                samples = bench.time_interleaved(calls, sets, repeats, dev)
-                stats = {name: bench.percentiles(s) for name, s in samples.items()}
-                peaks = {name: bench.peak_mb(lambda c=call: c(sets[0]), dev) for name, call in calls.items()}
-                nbytes = case.bytes(pass_)
-                gbps = nbytes / (stats["fused"][1] * 1e6)
-                rows.append({
-                    "op": case.op,
-                    "dtype": str(dtype).replace("torch.", ""),
-                    "shape": case.shape,
-                    "pass": pass_,
-                    "fused_ms": stats["fused"][1],
-                    "eager_ms": stats["eager"][1],
-                    "compile_ms": stats["compile"][1] if "compile" in stats else None,
-                    "fused_p20_ms": stats["fused"][0],
-                    "fused_p80_ms": stats["fused"][2],
-                    "bytes": int(nbytes),
-                    "fused_gbps": gbps,
-                    "copy_fraction": gbps / copy,
-                    "peak_mb": {name: peaks.get(name) for name in bench.IMPLS},
-                    "baseline": baseline,
-                })
+                row = bench.time_row(case, dtype, pass_, calls, sets, repeats, dev, copy)
+                rows.append({**row, "baseline": baseline})
                 if not quick:
                     torch._dynamo.reset()
     return rows
