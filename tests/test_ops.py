@@ -125,6 +125,15 @@ def test_mixed_precision_returns_float32(op, low, device, gen):
     check_against_reference(op, shapes, 1, dtypes, device, gen)
 
 
+@pytest.mark.parametrize("case", [("gaussian_log_prob", [(64, 300), (8, 64, 300), (300,)], 1),
+                                  ("gaussian_kl", [(512, 64), (512, 64), (64,), ()], 1)], ids=case_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_broadcast_gradients_over_many_row_blocks(case, dtype, device, gen):
+    # From 2^15 elements on the CPU sums a broadcast argument's gradient in up to 64 row blocks, then
+    # adds the blocks' partial sums in order; CASES are small enough for one block.
+    check_against_reference(*case, dtype, device, gen)
+
+
 @pytest.mark.parametrize("case, name", [(CASES[0], "logvar"), (CASES[4], "prior_logvar"), (CASES[9], "logvar"),
                                         (CASES[8], "mean"), (CASES[16], "logits")], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
