@@ -89,7 +89,7 @@ def test_counter_layout_is_the_documented_one():
 
 # ---- values, gradients, log q -----------------------------------------------------------------------
 def check_against_reference(dtype, num_samples, device, gen, perturb=None):
-    """z, the KL and log q and the gradients through all three (upstream gradients that are not 1)
+    """z, the KL and log q, and the gradients through (z, log q) and (z, kl) (upstream gradients that are not 1)
     against the float64 reference from the same eps, each element within its own error bound
     (conftest.error_bound). `perturb` (name, factor) scales one fused gradient: the tests of the bound."""
     mu = randn((6, 9), dtype, device, gen).requires_grad_()
