@@ -41,7 +41,9 @@ def gaussian_log_prob(x, mean, logvar, *, event_dims=1):
 
 def bernoulli_log_prob(x, logits, *, event_dims=1):
     """log Bernoulli(x; sigmoid(logits)) = x * l - softplus(l), summed over ``event_dims``."""
-    return _sum_event(x * logits - F.softplus(logits), event_dims)
+    # softplus as max(l, 0) + log1p(exp(-|l|)): exact for every l (F.softplus switches to l above 20)
+    softplus = logits.clamp(min=0) + torch.log1p(torch.exp(-logits.abs()))
+    return _sum_event(x * logits - softplus, event_dims)
 
 
 def reparameterize(mu, logvar, eps):
