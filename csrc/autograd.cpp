@@ -54,6 +54,31 @@ void check_ad_mode(const char* op, std::initializer_list<Tensor> ts) {
                 "(torch.autograd.grad / .backward()).");
 }
 
+using OptClamp = std::optional<c10::ArrayRef<double>>;
+// A clamp argument as saved (empty: none) and as passed to an op.
+OptClamp clamp_arg(const std::vector<double>& c) { return c.empty() ? OptClamp() : OptClamp(c); }
+std::vector<double> clamp_saved(const OptClamp& c) { return c ? c->vec() : std::vector<double>(); }
+
+// The dim along which `b` follows `a` in memory when the two are the halves of one tensor (one storage, one
+// shape and one set of strides, b starting where a ends along that dim): a backward then writes both
+// gradients into one buffer (the ops' concat_dim), which DiagonalGaussianDistribution hands on as the
+// parameters' gradient with no cat. First-order CPU backward only (CUDA's sampler writes contiguously).
+std::optional<int64_t> halves_dim(const Tensor& a, const Tensor& b) {
+  if (at::GradMode::is_enabled() || !a.is_cpu() || !a.is_alias_of(b) || a.sizes() != b.sizes() ||
+      a.strides() != b.strides() || a.scalar_type() != b.scalar_type())
+    return std::nullopt;
+  for (int64_t d = 0; d < a.dim(); ++d)
+    if (a.size(d) > 0 && b.storage_offset() - a.storage_offset() == a.size(d) * a.stride(d)) return d;
+  return std::nullopt;
+}
+
+// The two gradients of a backward that ran with concat_dim, as views of its one buffer.
+void split_halves(Tensor joint, int64_t dim, Tensor& first, Tensor& second) {  // joint by value: may be `first`
+  const int64_t h = joint.size(dim) / 2;
+  first = joint.narrow(dim, 0, h);
+  second = joint.narrow(dim, h, h);
+}
+
 // A backward that runs below autograd unless the caller builds a graph of it (create_graph=True).
 struct BackwardMode {
   std::optional<at::AutoDispatchBelowADInplaceOrView> below;
@@ -68,19 +93,21 @@ enum class RowOpId : int64_t { Kl, GaussLp, BernLp, GaussNll };
 struct RowCall {  // a row op's non-tensor arguments
   RowOpId id;
   int64_t event_dims;
-  double eps;  // GaussNll only
+  double eps;                                  // GaussNll only
+  std::vector<double> clamp = {}, prior_clamp = {};  // Kl and GaussLp: logvar_clamp; Kl: prior_logvar_clamp
 };
 
 Tensor row_forward(const RowCall& c, const Tensor& a, const Tensor& b, const Tensor& x, const Tensor& y) {
   switch (c.id) {
     case RowOpId::Kl: {
       static auto op = handle<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                                     const std::optional<Tensor>&, int64_t)>("vae_fast::gaussian_kl");
-      return op.call(a, b, opt(x), opt(y), c.event_dims);
+                                     const std::optional<Tensor>&, int64_t, OptClamp, OptClamp)>("vae_fast::gaussian_kl");
+      return op.call(a, b, opt(x), opt(y), c.event_dims, clamp_arg(c.clamp), clamp_arg(c.prior_clamp));
     }
     case RowOpId::GaussLp: {
-      static auto op = handle<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t)>("vae_fast::gaussian_log_prob");
-      return op.call(a, b, x, c.event_dims);
+      static auto op = handle<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, OptClamp)>(
+          "vae_fast::gaussian_log_prob");
+      return op.call(a, b, x, c.event_dims, clamp_arg(c.clamp));
     }
     case RowOpId::BernLp: {
       static auto op = handle<Tensor(const Tensor&, const Tensor&, int64_t)>("vae_fast::bernoulli_log_prob");
@@ -95,18 +122,21 @@ Tensor row_forward(const RowCall& c, const Tensor& a, const Tensor& b, const Ten
 }
 
 std::vector<Tensor> row_backward(const RowCall& c, const Tensor& g, const Tensor& a, const Tensor& b, const Tensor& x,
-                                 const Tensor& y, const c10::List<bool>& needs) {
+                                 const Tensor& y, const c10::List<bool>& needs, std::optional<int64_t> concat_dim) {
   using List = c10::List<bool>;
+  using OptInt = std::optional<int64_t>;
   switch (c.id) {
     case RowOpId::Kl: {
       static auto op = handle<std::vector<Tensor>(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                                                  const std::optional<Tensor>&, int64_t, List)>("vae_fast::gaussian_kl_backward");
-      return op.call(g, a, b, opt(x), opt(y), c.event_dims, needs);
+                                                  const std::optional<Tensor>&, int64_t, List, OptClamp, OptClamp, OptInt)>(
+          "vae_fast::gaussian_kl_backward");
+      return op.call(g, a, b, opt(x), opt(y), c.event_dims, needs, clamp_arg(c.clamp), clamp_arg(c.prior_clamp),
+                     concat_dim);
     }
     case RowOpId::GaussLp: {
-      static auto op = handle<std::vector<Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, List)>(
-          "vae_fast::gaussian_log_prob_backward");
-      return op.call(g, a, b, x, c.event_dims, needs);
+      static auto op = handle<std::vector<Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, List,
+                                                  OptClamp, OptInt)>("vae_fast::gaussian_log_prob_backward");
+      return op.call(g, a, b, x, c.event_dims, needs, clamp_arg(c.clamp), concat_dim);
     }
     case RowOpId::BernLp: {
       static auto op = handle<std::vector<Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, List)>(
@@ -130,13 +160,16 @@ struct RowFn : public torch::autograd::Function<RowFn> {
     ctx->saved_data["id"] = static_cast<int64_t>(call.id);
     ctx->saved_data["event_dims"] = call.event_dims;
     ctx->saved_data["eps"] = call.eps;
+    ctx->saved_data["clamp"] = call.clamp;
+    ctx->saved_data["prior_clamp"] = call.prior_clamp;
     return row_forward(call, a, b, x.value_or(Tensor()), y.value_or(Tensor()));
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const RowCall call{static_cast<RowOpId>(ctx->saved_data["id"].toInt()), ctx->saved_data["event_dims"].toInt(),
-                       ctx->saved_data["eps"].toDouble()};
+                       ctx->saved_data["eps"].toDouble(), ctx->saved_data["clamp"].toDoubleVector(),
+                       ctx->saved_data["prior_clamp"].toDoubleVector()};
     c10::List<bool> needs;
     bool any = false;
     for (size_t i = 0, edge = 0; i < 4; ++i) {  // needs_input_grad counts the tensor arguments given
@@ -146,8 +179,13 @@ struct RowFn : public torch::autograd::Function<RowFn> {
     }
     variable_list out(5);
     if (!any) return out;
+    // The (mean, logvar) pair: halves of one tensor get their gradients in one buffer.
+    const int pair = call.id == RowOpId::Kl ? 0 : call.id == RowOpId::GaussLp ? 1 : -1;
+    std::optional<int64_t> concat;
+    if (pair >= 0 && needs.get(static_cast<size_t>(pair)) && needs.get(static_cast<size_t>(pair) + 1)) concat = halves_dim(saved[pair], saved[pair + 1]);
     BackwardMode mode;
-    auto g = row_backward(call, grads[0], saved[0], saved[1], saved[2], saved[3], needs);
+    auto g = row_backward(call, grads[0], saved[0], saved[1], saved[2], saved[3], needs, concat);
+    if (concat) split_halves(g[pair], *concat, g[pair], g[pair + 1]);
     for (size_t i = 0; i < 4 && i < g.size(); ++i)
       if (needs.get(i)) out[i] = g[i];
     return out;
@@ -165,13 +203,17 @@ Tensor row_autograd(const char* name, const RowCall& call, const Tensor& a, cons
 }
 
 Tensor gaussian_kl_autograd(const Tensor& mu, const Tensor& logvar, const std::optional<Tensor>& pmu,
-                            const std::optional<Tensor>& plogvar, int64_t event_dims) {
-  return row_autograd("gaussian_kl", {RowOpId::Kl, event_dims, 0.0}, mu, logvar, pmu.value_or(Tensor()),
-                      plogvar.value_or(Tensor()));
+                            const std::optional<Tensor>& plogvar, int64_t event_dims, OptClamp logvar_clamp,
+                            OptClamp prior_logvar_clamp) {
+  return row_autograd("gaussian_kl",
+                      {RowOpId::Kl, event_dims, 0.0, clamp_saved(logvar_clamp), clamp_saved(prior_logvar_clamp)}, mu,
+                      logvar, pmu.value_or(Tensor()), plogvar.value_or(Tensor()));
 }
 
-Tensor gaussian_log_prob_autograd(const Tensor& x, const Tensor& mean, const Tensor& logvar, int64_t event_dims) {
-  return row_autograd("gaussian_log_prob", {RowOpId::GaussLp, event_dims, 0.0}, x, mean, logvar, Tensor());
+Tensor gaussian_log_prob_autograd(const Tensor& x, const Tensor& mean, const Tensor& logvar, int64_t event_dims,
+                                  OptClamp logvar_clamp) {
+  return row_autograd("gaussian_log_prob", {RowOpId::GaussLp, event_dims, 0.0, clamp_saved(logvar_clamp)}, x, mean,
+                      logvar, Tensor());
 }
 
 Tensor bernoulli_log_prob_autograd(const Tensor& x, const Tensor& logits, int64_t event_dims) {
@@ -188,16 +230,18 @@ struct SampleCall {
   std::optional<int64_t> seed_value;
   int64_t num_samples, event_dims;
   bool sample_dim, want_log_q, want_kl, log_q_path_only;
+  std::vector<double> clamp;  // logvar_clamp (empty: none)
 };
 
 using SampleSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                                                      std::optional<int64_t>, int64_t, bool, int64_t, bool, bool, bool);
+                                                      std::optional<int64_t>, int64_t, bool, int64_t, bool, bool, bool,
+                                                      OptClamp);
 
 std::tuple<Tensor, Tensor, Tensor> sample_call(const SampleCall& c, const Tensor& mu, const Tensor& logvar,
                                                const Tensor& seed) {
   static auto op = handle<SampleSig>("vae_fast::sample_gaussian");
   return op.call(mu, logvar, opt(seed), c.seed_value, c.num_samples, c.sample_dim, c.event_dims, c.want_log_q,
-                 c.want_kl, c.log_q_path_only);
+                 c.want_kl, c.log_q_path_only, clamp_arg(c.clamp));
 }
 
 struct SampleFn : public torch::autograd::Function<SampleFn> {
@@ -211,6 +255,7 @@ struct SampleFn : public torch::autograd::Function<SampleFn> {
     ctx->saved_data["event_dims"] = c.event_dims;
     ctx->saved_data["flags"] = static_cast<int64_t>(c.sample_dim | c.want_log_q << 1 | c.want_kl << 2 |
                                                     c.log_q_path_only << 3);
+    ctx->saved_data["clamp"] = c.clamp;
     ctx->set_materialize_grads(false);
     auto [z, log_q, kl] = sample_call(c, mu, logvar, seed);
     if (!c.want_log_q) ctx->mark_non_differentiable({log_q});
@@ -229,19 +274,23 @@ struct SampleFn : public torch::autograd::Function<SampleFn> {
     const Tensor& gz = grads[0];
     const Tensor glq = want_log_q ? grads[1] : Tensor(), gkl = want_kl ? grads[2] : Tensor();
     bool need_mu = ctx->needs_input_grad(0), need_logvar = ctx->needs_input_grad(1);
+    const std::vector<double> clamp = ctx->saved_data["clamp"].toDoubleVector();
     variable_list out(4);
-    if (need_mu && gz.defined() && !glq.defined() && !gkl.defined() && !sample_dim) {
+    // Halves of one tensor: both gradients written into one buffer (dmu too, rather than g itself).
+    const std::optional<int64_t> concat = need_mu && need_logvar ? halves_dim(mu, logvar) : std::nullopt;
+    if (!concat && need_mu && gz.defined() && !glq.defined() && !gkl.defined() && !sample_dim) {
       out[0] = gz;  // dz/dmu = 1: the gradient is g itself, no kernel
       need_mu = false;
     }
     if (need_mu || need_logvar) {
       static auto op = handle<std::tuple<Tensor, Tensor>(
           const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&,
-          const Tensor&, const std::optional<Tensor>&, std::optional<int64_t>, int64_t, bool, int64_t, bool, bool, bool)>(
-          "vae_fast::sample_gaussian_backward");
+          const Tensor&, const std::optional<Tensor>&, std::optional<int64_t>, int64_t, bool, int64_t, bool, bool, bool,
+          OptClamp, std::optional<int64_t>)>("vae_fast::sample_gaussian_backward");
       BackwardMode mode;
       auto [dmu, dlogvar] = op.call(opt(gz), opt(glq), opt(gkl), mu, logvar, opt(seed), seed_value, num_samples,
-                                    sample_dim, event_dims, path_only, need_mu, need_logvar);
+                                    sample_dim, event_dims, path_only, need_mu, need_logvar, clamp_arg(clamp), concat);
+      if (concat) split_halves(dmu, *concat, dmu, dlogvar);
       if (need_mu) out[0] = dmu;
       if (need_logvar) out[1] = dlogvar;
     }
@@ -253,7 +302,7 @@ std::tuple<Tensor, Tensor, Tensor> sample_gaussian_autograd(const Tensor& mu, co
                                                             const std::optional<Tensor>& seed,
                                                             std::optional<int64_t> seed_value, int64_t num_samples,
                                                             bool sample_dim, int64_t event_dims, bool want_log_q,
-                                                            bool want_kl, bool log_q_path_only) {
+                                                            bool want_kl, bool log_q_path_only, OptClamp logvar_clamp) {
   check_ad_mode("reparameterize", {mu, logvar});
   Tensor seed_t = seed.value_or(Tensor());
   // The key is fixed here, before the forward, so that the backward regenerates the same eps.
@@ -261,7 +310,8 @@ std::tuple<Tensor, Tensor, Tensor> sample_gaussian_autograd(const Tensor& mu, co
   // vae_fast/ops.py passes a draw_seed tensor under torch.compile instead.
   if (!seed_t.defined() && !seed_value && !mu.is_meta() && !mu.key_set().has(c10::DispatchKey::Python))
     draw_seed(mu.device(), seed_t, seed_value);
-  const SampleCall c{seed_value, num_samples, event_dims, sample_dim, want_log_q, want_kl, log_q_path_only};
+  const SampleCall c{seed_value, num_samples, event_dims, sample_dim, want_log_q, want_kl, log_q_path_only,
+                     clamp_saved(logvar_clamp)};
   if (!at::GradMode::is_enabled() || !any_requires_grad({mu, logvar})) {
     at::AutoDispatchBelowADInplaceOrView below;
     return sample_call(c, mu, logvar, seed_t);

@@ -14,9 +14,19 @@ constexpr int kMaxDims = 8;
 
 enum class DType : int32_t { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3 };
 
+// An input read as clamp(x, lo, hi) (torch.clamp: a NaN stays NaN). Its gradient is torch.clamp's:
+// the gradient of the clamped value where lo <= x <= hi (edges included), 0 elsewhere (NaN included).
+struct Clamp {
+  bool on = false;
+  double lo = 0.0, hi = 0.0;
+};
+
 struct Operand {
   void* data = nullptr;  // nullptr: this output is not wanted
   DType dtype = DType::Float32;
+  // Inputs only: clamped on load. In a backward op, the gradient output of this input (out[j - 1] for
+  // in[j], in[0] being the upstream gradient) is masked to where the raw input lies in [lo, hi].
+  Clamp clamp;
   int64_t row_strides[kMaxDims] = {};    // in elements, over RowLayout::row_sizes
   int64_t event_strides[kMaxDims] = {};  // in elements, over RowLayout::event_sizes
   // Outputs only. accumulate: the argument is broadcast, so `data` is a block of partial sums in
@@ -66,13 +76,18 @@ struct RowArgs {
 //   (m / run) * mu_run_stride + (m % run)      (logvar: logvar_run_stride, the same run),
 // so chunks of an encoder output (along the last dim, or channel halves along dim 1) are read in
 // place; contiguous inputs have run == mu_run_stride == logvar_run_stride (any run dividing the
-// element count). z, log_q, kl and every gradient are contiguous.
+// element count). z, log_q and kl are contiguous; grad_mu and grad_logvar lie in runs of grad_run
+// elements at grad_mu_run_stride / grad_logvar_run_stride (contiguous: all three equal; the two halves
+// of one parameters-shaped gradient buffer otherwise).
 struct SampleArgs {
   const void* mu = nullptr;
   const void* logvar = nullptr;
   DType dtype = DType::Float32;  // of mu, logvar, z and the z/mu/logvar gradients
   int64_t rows = 0, event_numel = 0, num_samples = 1;
   int64_t run = 0, mu_run_stride = 0, logvar_run_stride = 0;  // memory layout, see above (run >= 1)
+  int64_t grad_run = 0, grad_mu_run_stride = 0, grad_logvar_run_stride = 0;  // the gradients' (run >= 1)
+  // logvar is clamped on load (forward and backward); grad_logvar is then torch.clamp's (see Clamp).
+  Clamp logvar_clamp;
   // The Philox key: *seed when seed != nullptr (one int64 on the op's device, read there: CUDA-graph
   // safe), else seed_value (passed by value: no host-to-device copy, no sync).
   const int64_t* seed = nullptr;
@@ -89,7 +104,7 @@ struct SampleArgs {
   const void* grad_z = nullptr;     // (K, rows, event_numel), dtype
   const void* grad_log_q = nullptr;  // (K, rows), accumulation type
   const void* grad_kl = nullptr;     // (rows), accumulation type
-  // backward outputs (nullptr when not wanted), contiguous, dtype
+  // backward outputs (nullptr when not wanted), dtype, laid out by grad_run (see above)
   void* grad_mu = nullptr;
   void* grad_logvar = nullptr;
 };

@@ -204,6 +204,7 @@ RowProblem::RowProblem(const std::vector<NamedTensor>& inputs, int64_t event_dim
   elementwise = event_dims == 0;
   split = elementwise ? std::max<int64_t>(n - 1, 0) : n - event_dims;
   for (const auto& a : inputs) in.push_back({unexpand(a.tensor), a.name});  // read in place, never copied
+  clamps.resize(in.size());
   numel = 1;
   for (auto s : shape) numel *= s;
   event_numel = 1;
@@ -279,6 +280,7 @@ void RowProblem::bind_inputs(RowArgs& args) const {
   for (size_t j = 0; j < in.size(); ++j) {
     args.in[j].data = in[j].tensor.data_ptr();
     args.in[j].dtype = to_dtype(in[j].tensor.scalar_type());
+    args.in[j].clamp = clamps[j];
   }
 }
 
@@ -300,10 +302,22 @@ at::Tensor RowProblem::forward(OpKind op) {
 // Runs a backward row op; in[0] is the incoming gradient (shape out_shape). Returns one gradient per
 // original argument: its own shape and dtype when `needs`, else an empty tensor.
 std::vector<at::Tensor> RowProblem::backward(OpKind op, const std::vector<bool>& needs,
-                                             const std::vector<at::Tensor>& originals) {
+                                             const std::vector<at::Tensor>& originals, std::optional<int64_t> concat_dim,
+                                             size_t concat_first) {
   const size_t n_args = originals.size();
   std::vector<at::Tensor> grads(n_args), partials(n_args);
   const auto device = in[0].tensor.device();
+  at::Tensor joint;                     // with concat_dim: the one buffer of both gradients
+  std::vector<at::Tensor> halves(n_args);  // ... and the two views of it they are written to
+  if (concat_dim) {
+    TORCH_CHECK_VALUE(concat_first + 1 < n_args && needs[concat_first] && needs[concat_first + 1],
+                      "vae_fast: concat_dim needs both gradients it concatenates");
+    const at::Tensor &a = originals[concat_first], &b = originals[concat_first + 1];
+    joint = concat_buffer(a, b, *concat_dim);
+    const int64_t d = c10::maybe_wrap_dim(*concat_dim, a.dim()), h = a.size(d);
+    halves[concat_first] = joint.narrow(d, 0, h);
+    halves[concat_first + 1] = joint.narrow(d, h, h);
+  }
   const auto gs = in[0].tensor.sizes();  // narrowed where the caller expanded it
   bool grad_ok = gs.size() <= out_shape.size();
   for (size_t i = 0; grad_ok && i < gs.size(); ++i) {
@@ -339,7 +353,12 @@ std::vector<at::Tensor> RowProblem::backward(OpKind op, const std::vector<bool>&
       continue;
     }
     if (orig.numel() == numel && numel > 0) {
-      grads[j] = at::empty(orig.sizes(), orig.options().memory_format(at::MemoryFormat::Contiguous));
+      if (halves[j].defined()) {  // written in place into its half of the joint buffer
+        grads[j] = halves[j];
+        out_st.back() = strides_in_place(halves[j], shape);
+      } else {
+        grads[j] = at::empty(orig.sizes(), orig.options().memory_format(at::MemoryFormat::Contiguous));
+      }
     } else {
       accumulate[j] = true;
       partials[j] = at::zeros({n_blocks, orig.numel()}, orig.options().dtype(partial_dtype));
@@ -368,11 +387,44 @@ std::vector<at::Tensor> RowProblem::backward(OpKind op, const std::vector<bool>&
     // Block partial sums added in block order: deterministic.
     grads[j] = (n_blocks == 1 ? partials[j].view(originals[j].sizes()) : partials[j].sum(0).view(originals[j].sizes()))
                    .to(originals[j].scalar_type());
+    if (halves[j].defined()) grads[j] = halves[j].copy_(grads[j]);  // a broadcast argument: its sum, copied in
+  }
+  if (joint.defined()) {
+    grads[concat_first] = joint;
+    grads[concat_first + 1] = at::empty({0}, originals[concat_first].options());
   }
   return grads;
 }
 
+Clamp parse_clamp(const std::optional<c10::ArrayRef<double>>& clamp, const char* name) {
+  Clamp c;
+  if (!clamp) return c;
+  TORCH_CHECK_VALUE(clamp->size() == 2, "vae_fast: `", name, "` must be (low, high), got ", clamp->size(), " values");
+  c.on = true;
+  c.lo = (*clamp)[0];
+  c.hi = (*clamp)[1];
+  TORCH_CHECK_VALUE(c.lo <= c.hi, "vae_fast: `", name, "` must be (low, high) with low <= high, got (", c.lo, ", ",
+                    c.hi, ")");
+  return c;
+}
+
+at::Tensor concat_buffer(const at::Tensor& a, const at::Tensor& b, int64_t dim) {
+  TORCH_CHECK_VALUE(a.sizes() == b.sizes(), "vae_fast: concat_dim needs two arguments of one shape, got ",
+                    shape_str(a.sizes()), " and ", shape_str(b.sizes()));
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), "vae_fast: concat_dim needs two arguments of one dtype, got ",
+                   a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK_VALUE(a.dim() > 0 && dim >= -a.dim() && dim < a.dim(), "vae_fast: concat_dim ", dim,
+                    " is out of range for arguments of shape ", shape_str(a.sizes()));
+  std::vector<int64_t> sizes(a.sizes().begin(), a.sizes().end());
+  sizes[c10::maybe_wrap_dim(dim, a.dim())] *= 2;
+  return at::empty(sizes, a.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
 void RowProblem::launch(OpKind op, const RowArgs& args, const at::Device& device) const {
+  for (const auto& c : clamps)
+    TORCH_CHECK_NOT_IMPLEMENTED(!(c.on && device.is_cuda()),
+                                "vae_fast: a logvar clamp (logvar_clamp=) is not implemented on CUDA yet; clamp "
+                                "with torch.clamp before the call");
   if (device.is_cuda()) {
     launch_rows_cuda(op, args, device);
   } else {
@@ -401,16 +453,29 @@ std::vector<NamedTensor> kl_args(const at::Tensor& mu, const at::Tensor& logvar,
   return args;
 }
 
+using OptClamp = std::optional<c10::ArrayRef<double>>;
+
+// Sets the KL's clamps on a problem whose logvar is input `first` (prior_logvar: first + 2, when given).
+void set_kl_clamps(RowProblem& p, size_t first, bool prior, const OptClamp& lv_clamp, const OptClamp& prior_clamp) {
+  p.clamps[first] = parse_clamp(lv_clamp, "logvar_clamp");
+  const Clamp pc = parse_clamp(prior_clamp, "prior_logvar_clamp");
+  TORCH_CHECK_VALUE(prior || !pc.on, "vae_fast.gaussian_kl: prior_logvar_clamp needs prior_logvar");
+  if (prior) p.clamps[first + 2] = pc;
+}
+
 at::Tensor gaussian_kl(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& pmu,
-                       const std::optional<at::Tensor>& plogvar, int64_t event_dims) {
+                       const std::optional<at::Tensor>& plogvar, int64_t event_dims, OptClamp logvar_clamp,
+                       OptClamp prior_logvar_clamp) {
   RowProblem p(kl_args(mu, logvar, pmu, plogvar), event_dims, false);
+  set_kl_clamps(p, 1, pmu.has_value(), logvar_clamp, prior_logvar_clamp);
   return p.forward(pmu ? OpKind::KlFwd : OpKind::KlStdFwd);
 }
 
 std::vector<at::Tensor> gaussian_kl_backward(const at::Tensor& grad, const at::Tensor& mu, const at::Tensor& logvar,
                                              const std::optional<at::Tensor>& pmu,
                                              const std::optional<at::Tensor>& plogvar, int64_t event_dims,
-                                             c10::List<bool> needs_list) {
+                                             c10::List<bool> needs_list, OptClamp logvar_clamp,
+                                             OptClamp prior_logvar_clamp, std::optional<int64_t> concat_dim) {
   std::vector<bool> needs(needs_list.begin(), needs_list.end());
   auto args = kl_args(mu, logvar, pmu, plogvar);
   std::vector<at::Tensor> originals;
@@ -418,23 +483,28 @@ std::vector<at::Tensor> gaussian_kl_backward(const at::Tensor& grad, const at::T
   args.insert(args.begin(), NamedTensor{grad, "grad"});
   needs.resize(originals.size());
   RowProblem p(args, event_dims, true);
-  auto grads = p.backward(pmu ? OpKind::KlBwd : OpKind::KlStdBwd, needs, originals);
+  set_kl_clamps(p, 2, pmu.has_value(), logvar_clamp, prior_logvar_clamp);
+  auto grads = p.backward(pmu ? OpKind::KlBwd : OpKind::KlStdBwd, needs, originals, concat_dim, 0);
   while (grads.size() < 4) grads.push_back(at::empty({0}, mu.options()));
   return grads;
 }
 
-at::Tensor gaussian_log_prob(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& logvar, int64_t event_dims) {
+at::Tensor gaussian_log_prob(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& logvar, int64_t event_dims,
+                             OptClamp logvar_clamp) {
   RowProblem p({{x, "x"}, {mean, "mean"}, {logvar, "logvar"}}, event_dims, false);
+  p.clamps[2] = parse_clamp(logvar_clamp, "logvar_clamp");
   return p.forward(OpKind::GaussLpFwd);
 }
 
 std::vector<at::Tensor> gaussian_log_prob_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
                                                    const at::Tensor& logvar, int64_t event_dims,
-                                                   c10::List<bool> needs_list) {
+                                                   c10::List<bool> needs_list, OptClamp logvar_clamp,
+                                                   std::optional<int64_t> concat_dim) {
   std::vector<bool> needs(needs_list.begin(), needs_list.end());
   RowProblem p({{grad, "grad"}, {x, "x"}, {mean, "mean"}, {logvar, "logvar"}}, event_dims, true);
+  p.clamps[3] = parse_clamp(logvar_clamp, "logvar_clamp");
   needs.resize(3);
-  return p.backward(OpKind::GaussLpBwd, needs, {x, mean, logvar});
+  return p.backward(OpKind::GaussLpBwd, needs, {x, mean, logvar}, concat_dim, 1);
 }
 
 at::Tensor bernoulli_log_prob(const at::Tensor& x, const at::Tensor& logits, int64_t event_dims) {
@@ -509,11 +579,17 @@ struct SampleProblem {
   int64_t run = 1, mu_run_stride = 1, logvar_run_stride = 1;
   bool sample_dim = false;
   at::ScalarType acc_dtype = at::kFloat;
+  Clamp clamp;
 
   SampleProblem(const at::Tensor& mu_, const at::Tensor& logvar_, const std::optional<at::Tensor>& seed_,
-                std::optional<int64_t> seed_value_, int64_t k, bool sample_dim_, int64_t event_dims)
+                std::optional<int64_t> seed_value_, int64_t k, bool sample_dim_, int64_t event_dims,
+                const OptClamp& logvar_clamp = std::nullopt)
       : num_samples(k), sample_dim(sample_dim_) {
     acc_dtype = check_args({{mu_, "mu"}, {logvar_, "logvar"}});
+    clamp = parse_clamp(logvar_clamp, "logvar_clamp");
+    TORCH_CHECK_NOT_IMPLEMENTED(!(clamp.on && mu_.is_cuda()),
+                                "vae_fast: a logvar clamp (logvar_clamp=) is not implemented on CUDA yet; clamp "
+                                "with torch.clamp before the call");
     TORCH_CHECK_TYPE(mu_.scalar_type() == logvar_.scalar_type(), "vae_fast: mu and logvar must have one dtype, got ",
                      mu_.scalar_type(), " and ", logvar_.scalar_type());
     TORCH_CHECK_VALUE(mu_.sizes() == logvar_.sizes(), "vae_fast: mu and logvar must have the same shape, got mu ",
@@ -595,6 +671,8 @@ struct SampleProblem {
     a.logvar_run_stride = logvar_run_stride;
     a.seed = seed.defined() ? seed.data_ptr<int64_t>() : nullptr;
     a.seed_value = seed_value;
+    a.logvar_clamp = clamp;
+    a.grad_run = a.grad_mu_run_stride = a.grad_logvar_run_stride = std::max<int64_t>(rows * event_numel, 1);
     return a;
   }
   bool skip() const { return rows * event_numel == 0 || mu.is_meta(); }
@@ -603,9 +681,9 @@ struct SampleProblem {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sample_gaussian(
     const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& seed,
     std::optional<int64_t> seed_value, int64_t num_samples, bool sample_dim, int64_t event_dims, bool want_log_q,
-    bool want_kl, bool log_q_path_only) {
+    bool want_kl, bool log_q_path_only, OptClamp logvar_clamp) {
   (void)log_q_path_only;  // a backward option: the forward values are the same
-  SampleProblem p(mu, logvar, seed, seed_value, num_samples, sample_dim, event_dims);
+  SampleProblem p(mu, logvar, seed, seed_value, num_samples, sample_dim, event_dims, logvar_clamp);
   auto acc = p.mu.options().dtype(p.acc_dtype);
   at::Tensor z = at::empty(p.with_samples(p.shape), p.mu.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor log_q = want_log_q ? at::empty(p.with_samples(p.reduced_shape), acc) : at::empty({0}, acc);
@@ -633,10 +711,12 @@ std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward(
     const std::optional<at::Tensor>& grad_z, const std::optional<at::Tensor>& grad_log_q,
     const std::optional<at::Tensor>& grad_kl, const at::Tensor& mu, const at::Tensor& logvar,
     const std::optional<at::Tensor>& seed, std::optional<int64_t> seed_value, int64_t num_samples, bool sample_dim,
-    int64_t event_dims, bool log_q_path_only, bool need_mu, bool need_logvar) {
+    int64_t event_dims, bool log_q_path_only, bool need_mu, bool need_logvar, OptClamp logvar_clamp,
+    std::optional<int64_t> concat_dim) {
   TORCH_CHECK_VALUE((seed && seed->defined()) || seed_value,
                     "vae_fast: sample_gaussian_backward needs the forward's seed (seed or seed_value)");
-  SampleProblem p(mu, logvar, seed, seed_value, num_samples, sample_dim, event_dims);
+  TORCH_CHECK_VALUE(!concat_dim || (need_mu && need_logvar), "vae_fast: concat_dim needs both gradients");
+  SampleProblem p(mu, logvar, seed, seed_value, num_samples, sample_dim, event_dims, logvar_clamp);
   auto expect = [&](const std::optional<at::Tensor>& t, const std::vector<int64_t>& shape, at::ScalarType dt,
                     const char* name) {
     if (!t || !t->defined()) return at::Tensor();
@@ -650,15 +730,30 @@ std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward(
   at::Tensor glq = expect(grad_log_q, p.with_samples(p.reduced_shape), p.acc_dtype, "grad_log_q");
   at::Tensor gkl = expect(grad_kl, p.reduced_shape, p.acc_dtype, "grad_kl");
   auto opts = p.mu.options().memory_format(at::MemoryFormat::Contiguous);
-  at::Tensor dmu = need_mu ? at::empty(p.shape, opts) : at::empty({0}, opts);
-  at::Tensor dlv = need_logvar ? at::empty(p.shape, opts) : at::empty({0}, opts);
-  if (p.skip() || !(need_mu || need_logvar)) return {dmu, dlv};
+  // With concat_dim (CPU), both gradients are written in place into the halves of one buffer, returned first.
+  at::Tensor joint = concat_dim && !mu.is_cuda() ? concat_buffer(mu, logvar, *concat_dim) : at::Tensor();
+  const int64_t cd = concat_dim ? c10::maybe_wrap_dim(*concat_dim, mu.dim()) : 0;
+  at::Tensor dmu = joint.defined() ? joint.narrow(cd, 0, mu.size(cd)) : need_mu ? at::empty(p.shape, opts) : at::empty({0}, opts);
+  at::Tensor dlv = joint.defined() ? joint.narrow(cd, mu.size(cd), mu.size(cd))
+                   : need_logvar  ? at::empty(p.shape, opts)
+                                  : at::empty({0}, opts);
+  auto result = [&]() -> std::tuple<at::Tensor, at::Tensor> {
+    if (joint.defined()) return {joint, at::empty({0}, opts)};
+    if (concat_dim) return {at::cat({dmu, dlv}, cd), at::empty({0}, opts)};  // CUDA: its kernels write contiguously
+    return {dmu, dlv};
+  };
+  if (p.skip() || !(need_mu || need_logvar)) return result();
   if (!gz.defined() && !glq.defined() && !gkl.defined()) {  // nothing flows back: zero gradients
     dmu.zero_();
     dlv.zero_();
-    return {dmu, dlv};
+    return result();
   }
   SampleArgs a = p.args();
+  if (joint.defined()) {  // halves of a contiguous buffer: runs of one length at one stride
+    auto [run, stride] = runs_of(dmu);
+    a.grad_run = run;
+    a.grad_mu_run_stride = a.grad_logvar_run_stride = stride;
+  }
   a.log_q_path_only = log_q_path_only;
   a.grad_z = gz.defined() ? gz.data_ptr() : nullptr;
   a.grad_log_q = glq.defined() ? glq.data_ptr() : nullptr;
@@ -670,7 +765,7 @@ std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward(
   } else {
     cpu::kernels().sample_backward(a);
   }
-  return {dmu, dlv};
+  return result();
 }
 
 }  // namespace
@@ -698,12 +793,18 @@ at::Tensor draw_seed_op(const at::Tensor& like) {
 }
 
 TORCH_LIBRARY(vae_fast, m) {
-  m.def("gaussian_kl(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, int event_dims) -> Tensor");
+  // logvar_clamp (and prior_logvar_clamp): [lo, hi], that input read as clamp(x, lo, hi), its gradient
+  // torch.clamp's (layout.h's Clamp). concat_dim (backward ops): the gradients of the mean and the logvar
+  // come back as one contiguous tensor, their concatenation along it, in the mean's slot (the logvar's
+  // slot empty), so the two halves of one encoder output get their gradient in one buffer, no cat.
+  m.def("gaussian_kl(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, int event_dims, "
+        "float[]? logvar_clamp=None, float[]? prior_logvar_clamp=None) -> Tensor");
   m.def("gaussian_kl_backward(Tensor grad, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, "
-        "int event_dims, bool[] needs) -> Tensor[]");
-  m.def("gaussian_log_prob(Tensor x, Tensor mean, Tensor logvar, int event_dims) -> Tensor");
+        "int event_dims, bool[] needs, float[]? logvar_clamp=None, float[]? prior_logvar_clamp=None, "
+        "int? concat_dim=None) -> Tensor[]");
+  m.def("gaussian_log_prob(Tensor x, Tensor mean, Tensor logvar, int event_dims, float[]? logvar_clamp=None) -> Tensor");
   m.def("gaussian_log_prob_backward(Tensor grad, Tensor x, Tensor mean, Tensor logvar, int event_dims, "
-        "bool[] needs) -> Tensor[]");
+        "bool[] needs, float[]? logvar_clamp=None, int? concat_dim=None) -> Tensor[]");
   m.def("bernoulli_log_prob(Tensor x, Tensor logits, int event_dims) -> Tensor");
   m.def("bernoulli_log_prob_backward(Tensor grad, Tensor x, Tensor logits, int event_dims, bool[] needs) -> Tensor[]");
   m.def("gaussian_nll(Tensor input, Tensor target, Tensor var, float eps, int event_dims) -> Tensor");
@@ -713,14 +814,15 @@ TORCH_LIBRARY(vae_fast, m) {
   // value, or neither: drawn from torch's generator for mu's device. Tagged nondeterministic_seeded so
   // no compiler merges two calls.
   m.def("sample_gaussian(Tensor mu, Tensor logvar, Tensor? seed, int? seed_value, int num_samples, bool sample_dim, "
-        "int event_dims, bool want_log_q, bool want_kl, bool log_q_path_only) -> (Tensor, Tensor, Tensor)",
+        "int event_dims, bool want_log_q, bool want_kl, bool log_q_path_only, float[]? logvar_clamp=None) "
+        "-> (Tensor, Tensor, Tensor)",
         {at::Tag::nondeterministic_seeded});
   // The seed draw_seed gives the sampler when it is called with none (for torch.compile and CUDA: an
   // opaque op, so compiled code draws from torch's generator exactly as eager code does).
   m.def("draw_seed(Tensor like) -> Tensor", {at::Tag::nondeterministic_seeded});
   m.def("sample_gaussian_backward(Tensor? grad_z, Tensor? grad_log_q, Tensor? grad_kl, Tensor mu, Tensor logvar, "
         "Tensor? seed, int? seed_value, int num_samples, bool sample_dim, int event_dims, bool log_q_path_only, "
-        "bool need_mu, bool need_logvar) -> (Tensor, Tensor)");
+        "bool need_mu, bool need_logvar, float[]? logvar_clamp=None, int? concat_dim=None) -> (Tensor, Tensor)");
 }
 
 // One implementation serves both devices: the glue branches on the device inside, after the checks.

@@ -24,9 +24,14 @@ std::vector<int64_t> broadcast_shape(const std::vector<NamedTensor>& args);
 struct RowProblem {
   RowProblem(const std::vector<NamedTensor>& inputs, int64_t event_dims, bool grad_is_first);
   at::Tensor forward(OpKind op);
-  std::vector<at::Tensor> backward(OpKind op, const std::vector<bool>& needs, const std::vector<at::Tensor>& originals);
+  // One gradient per original argument. With concat_dim, the gradients of originals[concat_first] and
+  // originals[concat_first + 1] come back as one contiguous tensor, their concatenation along concat_dim, in
+  // slot concat_first (slot concat_first + 1 empty): the kernels write both halves of it in place.
+  std::vector<at::Tensor> backward(OpKind op, const std::vector<bool>& needs, const std::vector<at::Tensor>& originals,
+                                   std::optional<int64_t> concat_dim = std::nullopt, size_t concat_first = 0);
 
   std::vector<NamedTensor> in;  // unexpanded, read in place through their strides
+  std::vector<Clamp> clamps;    // per input (layout.h): set by the op before forward / backward
   std::vector<int64_t> shape, out_shape;
   int64_t event_dims = 1, split = 0, numel = 1, event_numel = 1;
   bool elementwise = false;
@@ -41,6 +46,11 @@ struct RowProblem {
   void bind_inputs(RowArgs& args) const;
   void launch(OpKind op, const RowArgs& args, const at::Device& device) const;
 };
+
+// A logvar clamp argument (`float[]?`: none, or [lo, hi] with lo <= hi) as layout.h's Clamp; `name` names it in errors.
+Clamp parse_clamp(const std::optional<c10::ArrayRef<double>>& clamp, const char* name);
+// The buffer that holds the gradients of `a` and of `b` (same shape) concatenated along `dim` (contiguous).
+at::Tensor concat_buffer(const at::Tensor& a, const at::Tensor& b, int64_t dim);
 
 // The checks an op's eager call makes, without running it (for torch.compile's fake kernels).
 void check_op(const std::string& op, const std::vector<std::optional<at::Tensor>>& tensors, int64_t event_dims,

@@ -71,6 +71,16 @@ def _seed_args(fn: str, seed, generator, like: torch.Tensor):
     return None, seed - 2**64 if seed >= 2**63 else seed  # passed by value: no host-to-device copy
 
 
+def _clamp_arg(fn: str, name: str, clamp) -> Optional[list]:
+    """None, or ``[low, high]`` as floats for the op's ``float[]?`` argument (the op checks low <= high)."""
+    if clamp is None:
+        return None
+    if (not isinstance(clamp, (tuple, list)) or len(clamp) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in clamp)):
+        raise TypeError(f"vae_fast.{fn}: {name} must be None or a pair of numbers (low, high), got {clamp!r}")
+    return [float(clamp[0]), float(clamp[1])]
+
+
 def _num_samples(fn: str, num_samples) -> int:
     if num_samples is None:
         return 1
@@ -84,10 +94,13 @@ def _num_samples(fn: str, num_samples) -> int:
 # ------------------------------------------------------------------------------------------------
 # Public ops
 # ------------------------------------------------------------------------------------------------
-def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, event_dims: int = 1) -> torch.Tensor:
+def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, event_dims: int = 1, logvar_clamp=None,
+                prior_logvar_clamp=None) -> torch.Tensor:
     """KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))) summed over the trailing `event_dims`.
 
     Without a prior the standard normal N(0, I). The prior arguments broadcast against mu/logvar.
+    `logvar_clamp` / `prior_logvar_clamp` = (low, high): that log-variance is read as torch.clamp(lv, low, high),
+    in the kernel, with torch.clamp's gradient (zero outside [low, high], passed at its edges).
     """
     _require_tensor("gaussian_kl", mu=mu, logvar=logvar)
     if (prior_mu is None) != (prior_logvar is None):
@@ -95,14 +108,20 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, event_dims: int
     if prior_mu is not None:
         _require_tensor("gaussian_kl", prior_mu=prior_mu, prior_logvar=prior_logvar)
     _require_int("gaussian_kl", "event_dims", event_dims)
-    return _ops.gaussian_kl(mu, logvar, prior_mu, prior_logvar, event_dims)
+    clamp = _clamp_arg("gaussian_kl", "logvar_clamp", logvar_clamp)
+    prior_clamp = _clamp_arg("gaussian_kl", "prior_logvar_clamp", prior_logvar_clamp)
+    if prior_clamp is not None and prior_logvar is None:
+        raise ValueError("vae_fast.gaussian_kl: prior_logvar_clamp needs prior_logvar")
+    return _ops.gaussian_kl(mu, logvar, prior_mu, prior_logvar, event_dims, clamp, prior_clamp)
 
 
-def gaussian_log_prob(x, mean, logvar, *, event_dims: int = 1) -> torch.Tensor:
-    """log N(x; mean, exp(logvar)) summed over the trailing `event_dims`; the arguments broadcast."""
+def gaussian_log_prob(x, mean, logvar, *, event_dims: int = 1, logvar_clamp=None) -> torch.Tensor:
+    """log N(x; mean, exp(logvar)) summed over the trailing `event_dims`; the arguments broadcast.
+    `logvar_clamp` = (low, high): logvar clamped in the kernel, as in `gaussian_kl`."""
     _require_tensor("gaussian_log_prob", x=x, mean=mean, logvar=logvar)
     _require_int("gaussian_log_prob", "event_dims", event_dims)
-    return _ops.gaussian_log_prob(x, mean, logvar, event_dims)
+    clamp = _clamp_arg("gaussian_log_prob", "logvar_clamp", logvar_clamp)
+    return _ops.gaussian_log_prob(x, mean, logvar, event_dims, clamp)
 
 
 def bernoulli_log_prob(x, logits, *, event_dims: int = 1) -> torch.Tensor:
@@ -113,32 +132,35 @@ def bernoulli_log_prob(x, logits, *, event_dims: int = 1) -> torch.Tensor:
 
 
 def reparameterize(mu, logvar, num_samples: Optional[int] = None, *, seed=None, generator=None,
-                   return_log_q: bool = False, log_q_path_only: bool = False, event_dims: int = 1):
+                   return_log_q: bool = False, log_q_path_only: bool = False, event_dims: int = 1, logvar_clamp=None):
     """z = mu + exp(logvar / 2) * eps, eps ~ N(0, I) from the in-kernel Philox stream.
 
     Returns z of shape mu.shape, or (num_samples, *mu.shape) when num_samples is given. With
     `return_log_q`, also log q(z|x) per example (summed over `event_dims`), computed from the exact eps.
     With `log_q_path_only`, log_q is log q(z; stop_grad(mu), stop_grad(logvar)): the same value, its
-    gradient reaching mu and logvar only through z (sticking the landing; DReG).
+    gradient reaching mu and logvar only through z (sticking the landing; DReG). `logvar_clamp` = (low, high):
+    logvar clamped in the kernel, as in `gaussian_kl`.
     """
     _require_tensor("reparameterize", mu=mu, logvar=logvar)
     _require_int("reparameterize", "event_dims", event_dims)
     k = _num_samples("reparameterize", num_samples)
+    clamp = _clamp_arg("reparameterize", "logvar_clamp", logvar_clamp)
     seed_t, seed_v = _seed_args("reparameterize", seed, generator, mu)
     z, log_q, _ = _ops.sample_gaussian(mu, logvar, seed_t, seed_v, k, num_samples is not None, event_dims,
-                                       bool(return_log_q), False, bool(log_q_path_only))
+                                       bool(return_log_q), False, bool(log_q_path_only), clamp)
     return (z, log_q) if return_log_q else z
 
 
 def reparameterize_with_kl(mu, logvar, num_samples: Optional[int] = None, *, seed=None, generator=None,
-                           event_dims: int = 1):
+                           event_dims: int = 1, logvar_clamp=None):
     """(z, KL(q || N(0, I))) in one pass over mu and logvar; see `reparameterize` and `gaussian_kl`."""
     _require_tensor("reparameterize_with_kl", mu=mu, logvar=logvar)
     _require_int("reparameterize_with_kl", "event_dims", event_dims)
     k = _num_samples("reparameterize_with_kl", num_samples)
+    clamp = _clamp_arg("reparameterize_with_kl", "logvar_clamp", logvar_clamp)
     seed_t, seed_v = _seed_args("reparameterize_with_kl", seed, generator, mu)
     z, _, kl = _ops.sample_gaussian(mu, logvar, seed_t, seed_v, k, num_samples is not None, event_dims, False, True,
-                                    False)
+                                    False, clamp)
     return z, kl
 
 
@@ -261,14 +283,14 @@ def _row_out(event_dims: int, *tensors) -> torch.Tensor:
 
 
 @torch.library.register_fake("vae_fast::gaussian_kl")
-def _(mu, logvar, prior_mu, prior_logvar, event_dims):
+def _(mu, logvar, prior_mu, prior_logvar, event_dims, logvar_clamp=None, prior_logvar_clamp=None):
     _eager_checks("gaussian_kl", (mu, logvar, prior_mu, prior_logvar), event_dims)
     priors = [] if prior_mu is None else [prior_mu, prior_logvar]
     return _row_out(event_dims, mu, logvar, *priors)
 
 
 @torch.library.register_fake("vae_fast::gaussian_log_prob")
-def _(x, mean, logvar, event_dims):
+def _(x, mean, logvar, event_dims, logvar_clamp=None):
     _eager_checks("gaussian_log_prob", (x, mean, logvar), event_dims)
     return _row_out(event_dims, x, mean, logvar)
 
@@ -285,20 +307,35 @@ def _(input, target, var, eps, event_dims):
     return _row_out(event_dims, input, target, var)
 
 
-def _grads_like(needs, originals):
-    return [t.new_empty(t.shape) if need else t.new_empty((0,)) for need, t in zip(needs, originals)]
+def _grads_like(needs, originals, concat_dim=None, pair=0):
+    """The backward ops' gradients: contiguous, empty where not needed; with concat_dim, the pair's two in one
+    contiguous tensor (their concatenation along it) in the first slot of the pair, the second slot empty."""
+    grads = [t.new_empty(t.shape) if need else t.new_empty((0,)) for need, t in zip(needs, originals)]
+    if concat_dim is not None:
+        t = originals[pair]
+        shape = list(t.shape)
+        shape[concat_dim % t.dim()] *= 2
+        grads[pair], grads[pair + 1] = t.new_empty(shape), t.new_empty((0,))
+    return grads
+
+
+def _halves(joint: torch.Tensor, dim: int):
+    """The two halves along `dim` of a backward op's concatenated gradient."""
+    h = joint.shape[dim] // 2
+    return joint.narrow(dim, 0, h), joint.narrow(dim, h, h)
 
 
 @torch.library.register_fake("vae_fast::gaussian_kl_backward")
-def _(grad, mu, logvar, prior_mu, prior_logvar, event_dims, needs):
+def _(grad, mu, logvar, prior_mu, prior_logvar, event_dims, needs, logvar_clamp=None, prior_logvar_clamp=None,
+      concat_dim=None):
     originals = [mu, logvar] + ([] if prior_mu is None else [prior_mu, prior_logvar])
-    grads = _grads_like(needs, originals)
+    grads = _grads_like(needs, originals, concat_dim, 0)
     return grads + [mu.new_empty((0,)) for _ in range(4 - len(grads))]
 
 
 @torch.library.register_fake("vae_fast::gaussian_log_prob_backward")
-def _(grad, x, mean, logvar, event_dims, needs):
-    return _grads_like(needs, [x, mean, logvar])
+def _(grad, x, mean, logvar, event_dims, needs, logvar_clamp=None, concat_dim=None):
+    return _grads_like(needs, [x, mean, logvar], concat_dim, 1)
 
 
 @torch.library.register_fake("vae_fast::bernoulli_log_prob_backward")
@@ -312,7 +349,8 @@ def _(grad, input, target, var, eps, event_dims, needs):
 
 
 @torch.library.register_fake("vae_fast::sample_gaussian")
-def _(mu, logvar, seed, seed_value, num_samples, sample_dim, event_dims, want_log_q, want_kl, log_q_path_only):
+def _(mu, logvar, seed, seed_value, num_samples, sample_dim, event_dims, want_log_q, want_kl, log_q_path_only,
+      logvar_clamp=None):
     _eager_checks("sample_gaussian", (mu, logvar, seed), event_dims, num_samples, sample_dim)
     acc = _acc_dtype(mu)
     lead = (num_samples,) if sample_dim else ()
@@ -330,8 +368,8 @@ def _(like):
 
 @torch.library.register_fake("vae_fast::sample_gaussian_backward")
 def _(grad_z, grad_log_q, grad_kl, mu, logvar, seed, seed_value, num_samples, sample_dim, event_dims,
-      log_q_path_only, need_mu, need_logvar):
-    return (mu.new_empty(mu.shape if need_mu else (0,)), mu.new_empty(mu.shape if need_logvar else (0,)))
+      log_q_path_only, need_mu, need_logvar, logvar_clamp=None, concat_dim=None):
+    return tuple(_grads_like([need_mu, need_logvar], [mu, logvar], concat_dim, 0))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,8 +407,15 @@ def _first_order(forward, n_args):
     return first_order
 
 
-def _register_row_double_backward(name, forward, n_args, extra_before_event=0):
-    """Autograd of `vae_fast::<name>_backward(grad, *tensors, [extra,] event_dims, needs)`."""
+def _pad_to_inputs(ctx, grads):
+    """`grads` padded with None to one per argument the op was called with (ctx.inputs also holds the trailing
+    defaults the dispatcher dropped; needs_input_grad has the call's own length)."""
+    return (*grads, *([None] * (len(ctx.needs_input_grad) - len(grads))))
+
+
+def _register_row_double_backward(name, forward, n_args, extra_before_event=0, clamp_names=(), pair=0):
+    """Autograd of `vae_fast::<name>_backward(grad, *tensors, [extra,] event_dims, needs, [*clamps, concat_dim])`:
+    `clamp_names` name the forward's clamp keywords (then concat_dim follows; it joins outputs pair, pair + 1)."""
     def setup(ctx, inputs, output):
         ctx.inputs = inputs  # double backward is rare; keeping the references is simplest
         ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
@@ -380,17 +425,25 @@ def _register_row_double_backward(name, forward, n_args, extra_before_event=0):
         tensors, params = rest[:n_args], rest[n_args:]
         event_dims = params[extra_before_event]
         extra = params[:extra_before_event]
-        first = _first_order(lambda *a: forward(*a[:n_args], *extra, event_dims=event_dims), n_args)
+        after_needs = params[extra_before_event + 2:]
+        clamps = dict(zip(clamp_names, after_needs))
+        concat_dim = after_needs[len(clamp_names)] if clamp_names else None
+        grads = list(grads)
+        if concat_dim is not None and grads[pair] is not None:
+            grads[pair], grads[pair + 1] = _halves(grads[pair], concat_dim)
+        first = _first_order(lambda *a: forward(*a[:n_args], *extra, event_dims=event_dims, **clamps), n_args)
         gg = [g if t is not None and g is not None and g.numel() == t.numel() else None
               for g, t in zip(grads, tensors)]
         out = _vjp_of_first_order(lambda gr, *ts: first(gr, *ts), [grad, *tensors], gg)
-        return (*out, *([None] * len(params)))
+        return _pad_to_inputs(ctx, out)
 
     torch.library.register_autograd(f"vae_fast::{name}_backward", backward, setup_context=setup)
 
 
-_register_row_double_backward("gaussian_kl", reference.gaussian_kl, 4)
-_register_row_double_backward("gaussian_log_prob", reference.gaussian_log_prob, 3)
+_register_row_double_backward("gaussian_kl", reference.gaussian_kl, 4,
+                              clamp_names=("logvar_clamp", "prior_logvar_clamp"), pair=0)
+_register_row_double_backward("gaussian_log_prob", reference.gaussian_log_prob, 3, clamp_names=("logvar_clamp",),
+                              pair=1)
 _register_row_double_backward("bernoulli_log_prob", reference.bernoulli_log_prob, 2)
 _register_row_double_backward("gaussian_nll", reference.gaussian_nll_terms, 3, extra_before_event=1)
 
@@ -402,13 +455,15 @@ def _sample_double_backward_setup(ctx, inputs, output):
 
 def _sample_double_backward(ctx, grad_dmu, grad_dlogvar):
     (grad_z, grad_log_q, grad_kl, mu, logvar, seed, seed_value, num_samples, sample_dim, event_dims,
-     path_only, need_mu, need_logvar) = ctx.inputs
+     path_only, need_mu, need_logvar, clamp, concat_dim) = ctx.inputs
+    if concat_dim is not None and grad_dmu is not None:
+        grad_dmu, grad_dlogvar = _halves(grad_dmu, concat_dim)
     zeros = torch.zeros_like(mu)  # z = eps exactly when mu = 0 and logvar = 0: the forward's eps
     eps = _ops.sample_gaussian(zeros, zeros, seed, seed_value, num_samples, sample_dim, event_dims, False, False,
                                False)[0]
 
     def first(gz, glq, gkl, m, lv):
-        outs = reference.sample_terms(m, lv, eps, event_dims, False)
+        outs = reference.sample_terms(m, lv, eps, event_dims, False, clamp)
         path = path_only and glq is not None  # its gradient field has no potential: written out below
         pairs = [(o, g) for i, (o, g) in enumerate(zip(outs, (gz, glq, gkl))) if g is not None and not (path and i == 1)]
         grads = [torch.zeros_like(m), torch.zeros_like(lv)]
@@ -418,7 +473,9 @@ def _sample_double_backward(ctx, grad_dmu, grad_dlogvar):
             grads = [a if a is not None else b for a, b in zip(got, grads)]
         if path:  # d log q / d z = -eps / sigma: dmu = -g eps e^(-lv/2), dlogvar = -0.5 g eps^2, summed over K
             g = glq.reshape(glq.shape + (1,) * event_dims)
-            dm, dl = -g * eps * torch.exp(-0.5 * lv), -0.5 * g * eps * eps
+            dm, dl = -g * eps * torch.exp(-0.5 * reference.clamp_logvar(lv, clamp)), -0.5 * g * eps * eps
+            if clamp is not None:  # torch.clamp's gradient: dl flows through the clamped logvar
+                dl = torch.where((lv >= clamp[0]) & (lv <= clamp[1]), dl, torch.zeros_like(dl))
             if sample_dim:
                 dm, dl = dm.sum(0), dl.sum(0)
             grads = [grads[0] + dm, grads[1] + dl]
@@ -426,7 +483,7 @@ def _sample_double_backward(ctx, grad_dmu, grad_dlogvar):
 
     gg = [grad_dmu if need_mu else None, grad_dlogvar if need_logvar else None]
     out = _vjp_of_first_order(first, [grad_z, grad_log_q, grad_kl, mu, logvar], gg)
-    return (*out, *([None] * 8))
+    return _pad_to_inputs(ctx, out)
 
 
 torch.library.register_autograd("vae_fast::sample_gaussian_backward", _sample_double_backward,

@@ -15,14 +15,24 @@ import torch.nn.functional as F
 LOG_2PI = math.log(2.0 * math.pi)
 
 
+def clamp_logvar(logvar, clamp=None):
+    """logvar clamped to ``clamp`` = (lo, hi) with torch.clamp (its gradient: zero outside, passed at the edges),
+    or as it is when ``clamp`` is None: the ops' ``logvar_clamp``."""
+    return logvar if clamp is None else torch.clamp(logvar, clamp[0], clamp[1])
+
+
 def _sum_event(t: torch.Tensor, event_dims: int) -> torch.Tensor:
     if event_dims == 0:
         return t
     return t.sum(dim=tuple(range(-event_dims, 0)))
 
 
-def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, event_dims=1):
+def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, event_dims=1, logvar_clamp=None,
+                prior_logvar_clamp=None):
     """KL(N(mu, exp(logvar)) || N(prior_mu, exp(prior_logvar))), summed over ``event_dims``."""
+    logvar = clamp_logvar(logvar, logvar_clamp)
+    if prior_logvar is not None:
+        prior_logvar = clamp_logvar(prior_logvar, prior_logvar_clamp)
     if prior_mu is None:
         term = 0.5 * (mu * mu + torch.expm1(logvar) - logvar)
     else:
@@ -32,8 +42,9 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, event_dims=1):
     return _sum_event(term, event_dims)
 
 
-def gaussian_log_prob(x, mean, logvar, *, event_dims=1):
+def gaussian_log_prob(x, mean, logvar, *, event_dims=1, logvar_clamp=None):
     """log N(x; mean, exp(logvar)), summed over ``event_dims``."""
+    logvar = clamp_logvar(logvar, logvar_clamp)
     diff = x - mean
     term = -0.5 * (LOG_2PI + logvar + diff * diff * torch.exp(-logvar))
     return _sum_event(term, event_dims)
@@ -73,8 +84,10 @@ def sample_log_q(mu, logvar, z, eps, *, event_dims=1, log_q_path_only=False):
     return _sum_event(-0.5 * (LOG_2PI + lv + scaled * scaled), event_dims)
 
 
-def sample_terms(mu, logvar, eps, event_dims=1, log_q_path_only=False):
-    """(z, log q(z|x), KL) of the sampling op for a given eps (leading sample dims), composite."""
+def sample_terms(mu, logvar, eps, event_dims=1, log_q_path_only=False, logvar_clamp=None):
+    """(z, log q(z|x), KL) of the sampling op for a given eps (leading sample dims), composite; logvar clamped
+    to ``logvar_clamp`` first (when given)."""
+    logvar = clamp_logvar(logvar, logvar_clamp)
     z = reparameterize(mu, logvar, eps)
     log_q = sample_log_q(mu, logvar, z, eps, event_dims=event_dims, log_q_path_only=log_q_path_only)
     return z, log_q, gaussian_kl(mu, logvar, event_dims=event_dims)

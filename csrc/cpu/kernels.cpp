@@ -207,6 +207,46 @@ acc_t hsum(const Vec<acc_t>& v) {
   return s;
 }
 
+// torch.clamp(x, lo, hi) in place (a NaN stays NaN), returning the mask (all bits set) of the lanes where
+// lo <= x <= hi: torch.clamp's gradient passes there and is 0 elsewhere, NaN included (layout.h's Clamp).
+template <class acc_t>
+Vec<acc_t> clamp_keep(Vec<acc_t>& x, acc_t lo, acc_t hi) {
+  using V = Vec<acc_t>;
+  const V vlo(lo), vhi(hi);
+  const V keep = (x >= vlo) & (x <= vhi);
+  x = V::blendv(V::blendv(x, vlo, x < vlo), vhi, x > vhi);
+  return keep;
+}
+
+// The per-input clamps of a row op, read once per launch.
+template <class acc_t, int N>
+struct Clamps {
+  bool any = false, on[N] = {};
+  acc_t lo[N] = {}, hi[N] = {};
+  explicit Clamps(const Operand* in) {
+    for (int j = 0; j < N; ++j) {
+      on[j] = in[j].clamp.on;
+      lo[j] = static_cast<acc_t>(in[j].clamp.lo);
+      hi[j] = static_cast<acc_t>(in[j].clamp.hi);
+      any |= on[j];
+    }
+  }
+  // Op::apply on one vector of inputs, the clamped ones clamped; a backward op's gradient of a clamped
+  // input (out[j] for in[j + 1]) masked to where it lies in [lo, hi].
+  template <class Op>
+  void apply(Vec<acc_t>* a, Vec<acc_t>* o) const {
+    if (!any) return Op::apply(a, o);
+    Vec<acc_t> keep[N];
+    for (int j = 0; j < N; ++j)
+      if (on[j]) keep[j] = clamp_keep(a[j], lo[j], hi[j]);
+    Op::apply(a, o);
+    if constexpr (Op::kBackward) {
+      for (int j = 0; j + 1 < N; ++j)
+        if (on[j + 1]) o[j] = o[j] & keep[j + 1];
+    }
+  }
+};
+
 // Adds one value into an accumulated partial-sum slice (kept in double on the CPU: see ops.cpp).
 template <class acc_t>
 void add_to(const Operand& op, int64_t off, double value) {
@@ -228,6 +268,7 @@ void run_row_range(const RowArgs& args, int64_t row_begin, int64_t row_end, int6
   const int64_t inner = ne > 0 ? L.event_sizes[ne - 1] : 1;
   const int64_t lines = inner > 0 ? L.event_numel / inner : 0;
 
+  const Clamps<acc_t, Op::kIn> clamps(args.in);
   alignas(64) acc_t in_buf[Op::kIn][kChunk];
   alignas(64) acc_t out_buf[Op::kOut][kChunk];
   int64_t in_row[Op::kIn], out_row[Op::kOut];
@@ -285,7 +326,7 @@ void run_row_range(const RowArgs& args, int64_t row_begin, int64_t row_end, int6
           V a[Op::kIn], o[Op::kOut];
           for (int j = 0; j < Op::kIn; ++j)
             a[j] = src[j].scalar ? V(src[j].value) : (count == VS ? V::loadu(src[j].ptr + i) : V::loadu(src[j].ptr + i, count));
-          Op::apply(a, o);
+          clamps.template apply<Op>(a, o);
           for (int j = 0; j < Op::kOut; ++j) {
             if (dst[j]) {
               if (count == VS) o[j].store(dst[j] + i); else o[j].store(dst[j] + i, count);
@@ -497,6 +538,37 @@ const acc_t* load_logical(DType dtype, const void* base, int64_t run, int64_t ru
   return buf;
 }
 
+// Where to compute n logical output elements [c, c + n) laid out in runs as load_logical reads them: the
+// tensor itself when they lie in one run stored in acc_t, else `buf` (then store_logical scatters them).
+template <class acc_t>
+acc_t* logical_target(DType dtype, void* base, int64_t run, int64_t run_stride, int64_t c, int64_t n, acc_t* buf) {
+  const int64_t r0 = c / run, j0 = c - r0 * run;
+  return j0 + n <= run ? contiguous_target<acc_t>(dtype, base, r0 * run_stride + j0, buf) : buf;
+}
+template <class acc_t>
+void store_logical(DType dtype, void* base, int64_t run, int64_t run_stride, int64_t c, int64_t n, const acc_t* src) {
+  for (int64_t i = 0; i < n;) {
+    const int64_t pos = c + i, r = pos / run, j = pos - r * run, len = std::min(n - i, run - j);
+    store_contiguous<acc_t>(dtype, base, r * run_stride + j, len, src + i);  // nothing when computed in place
+    i += len;
+  }
+}
+
+// The n logvar values at lv clamped into `out` (may be lv itself); `keep` (unless null) gets clamp_keep's mask.
+template <class acc_t>
+const acc_t* clamp_chunk(const acc_t* lv, int64_t n, const Clamp& clamp, acc_t* out, acc_t* keep) {
+  using V = Vec<acc_t>;
+  const acc_t lo = static_cast<acc_t>(clamp.lo), hi = static_cast<acc_t>(clamp.hi);
+  for (int64_t i = 0; i < n; i += V::size()) {
+    const int64_t cnt = std::min<int64_t>(V::size(), n - i);
+    V l = V::loadu(lv + i, cnt);
+    const V k = clamp_keep(l, lo, hi);
+    l.store(out + i, cnt);
+    if (keep) k.store(keep + i, cnt);
+  }
+  return out;
+}
+
 // out[i] = sum_k per_row[k * k_stride + row(c + i)] for the n elements from flat index c, row = index / E:
 // per-row upstream gradients (of kl, of log_q) spread over their rows' elements.
 template <class acc_t>
@@ -530,6 +602,7 @@ void sample_forward_typed(const SampleArgs& a) {
     for_each_chunk(r0 * E, r1 * E, [&](int64_t c, int64_t n) {
       const acc_t* mu = load_logical<acc_t>(a.dtype, a.mu, a.run, a.mu_run_stride, c, n, mu_buf);
       const acc_t* lv = load_logical<acc_t>(a.dtype, a.logvar, a.run, a.logvar_run_stride, c, n, lv_buf);
+      if (a.logvar_clamp.on) lv = clamp_chunk<acc_t>(lv, n, a.logvar_clamp, lv_buf, nullptr);
       for (int64_t i = 0; i < n; i += VS) {
         const int64_t cnt = std::min(VS, n - i);
         V m = V::loadu(mu + i, cnt), l = V::loadu(lv + i, cnt);
@@ -564,12 +637,15 @@ void sample_backward_typed(const SampleArgs& a) {
   // log_q's gradient through z (per sample, needs eps) or at fixed eps (a constant per row).
   const bool log_q_path = grad_log_q && a.log_q_path_only;
   const bool need_eps = (a.grad_z && a.grad_logvar) || log_q_path;
+  const bool clamp = a.logvar_clamp.on;
   at::parallel_for(0, R, sample_grain(a), [&](int64_t r0, int64_t r1) {
     alignas(64) acc_t mu_buf[kChunk], lv_buf[kChunk], g_buf[kChunk], eps_buf[kChunk], sum_g[kChunk], sum_ge[kChunk];
     alignas(64) acc_t g_kl[kChunk], g_lq[kChunk], path_mu[kChunk], path_lv[kChunk], dmu_buf[kChunk], dlv_buf[kChunk];
+    alignas(64) acc_t keep_lv[kChunk];  // the clamp's gradient mask
     alignas(64) float eps_f[kChunk];
     for_each_chunk(r0 * E, r1 * E, [&](int64_t c, int64_t n) {
       const acc_t* lv = load_logical<acc_t>(a.dtype, a.logvar, a.run, a.logvar_run_stride, c, n, lv_buf);
+      if (clamp) lv = clamp_chunk<acc_t>(lv, n, a.logvar_clamp, lv_buf, keep_lv);
       // Only the KL's gradient reads mu.
       const acc_t* mu = grad_kl ? load_logical<acc_t>(a.dtype, a.mu, a.run, a.mu_run_stride, c, n, mu_buf) : nullptr;
       if (grad_kl) spread_rows(grad_kl, 1, 0, c, n, E, g_kl);
@@ -601,8 +677,11 @@ void sample_backward_typed(const SampleArgs& a) {
           }
         }
       }
-      acc_t* dmu = a.grad_mu ? contiguous_target<acc_t>(a.dtype, a.grad_mu, c, dmu_buf) : nullptr;
-      acc_t* dlv = a.grad_logvar ? contiguous_target<acc_t>(a.dtype, a.grad_logvar, c, dlv_buf) : nullptr;
+      acc_t* dmu = a.grad_mu ? logical_target<acc_t>(a.dtype, a.grad_mu, a.grad_run, a.grad_mu_run_stride, c, n, dmu_buf)
+                             : nullptr;
+      acc_t* dlv = a.grad_logvar
+                       ? logical_target<acc_t>(a.dtype, a.grad_logvar, a.grad_run, a.grad_logvar_run_stride, c, n, dlv_buf)
+                       : nullptr;
       for (int64_t i = 0; i < n; i += VS) {
         const int64_t cnt = std::min(VS, n - i);
         V l = V::loadu(lv + i, cnt);
@@ -617,11 +696,12 @@ void sample_backward_typed(const SampleArgs& a) {
           V d = elbo::reparameterize_dlogvar(elbo::sigma_from_logvar(l), V::loadu(sum_ge + i, cnt)) + kl_dlv;
           if (log_q_path) d = d + V::loadu(path_lv + i, cnt);
           else if (grad_log_q) d = d + V::loadu(g_lq + i, cnt) * V(acc_t(elbo::kLogQDlogvar));
+          if (clamp) d = d & V::loadu(keep_lv + i, cnt);  // every term flows through the clamped logvar
           d.store(dlv + i, cnt);
         }
       }
-      if (dmu) store_contiguous<acc_t>(a.dtype, a.grad_mu, c, n, dmu);
-      if (dlv) store_contiguous<acc_t>(a.dtype, a.grad_logvar, c, n, dlv);
+      if (dmu) store_logical<acc_t>(a.dtype, a.grad_mu, a.grad_run, a.grad_mu_run_stride, c, n, dmu);
+      if (dlv) store_logical<acc_t>(a.dtype, a.grad_logvar, a.grad_run, a.grad_logvar_run_stride, c, n, dlv);
     });
   });
 }
@@ -658,13 +738,15 @@ bool run_flat(const RowArgs& args) {
     in_rs[j] = L.n_row_dims == 1 ? args.in[j].row_strides[0] : E;
   }
   const DType acc_dtype = std::is_same_v<acc_t, double> ? DType::Float64 : DType::Float32;
+  int64_t out_rs[Op::kOut];
   for (int j = 0; j < Op::kOut; ++j) {
     const Operand& o = args.out[j];
     if (!o.data) continue;
     if (o.accumulate || !flat_kind(o, L, out_kind[j]) || out_kind[j] == FlatKind::Scalar) return false;
-    if (out_kind[j] == FlatKind::Run && R > 1 && o.row_strides[0] != E) return false;  // written contiguously
     if (out_kind[j] == FlatKind::PerRow && o.dtype != acc_dtype) return false;
+    out_rs[j] = L.n_row_dims == 1 ? o.row_strides[0] : E;  // a Run output: rows of E at this stride
   }
+  const Clamps<acc_t, Op::kIn> clamps(args.in);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, E));
   at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
     alignas(64) acc_t in_buf[Op::kIn][kChunk];
@@ -693,20 +775,20 @@ bool run_flat(const RowArgs& args) {
       for (int j = 0; j < Op::kOut; ++j) {
         const Operand& o = args.out[j];
         dst[j] = !o.data ? out_buf[j]
-                 : out_kind[j] == FlatKind::Run ? contiguous_target<acc_t>(o.dtype, o.data, c, out_buf[j])
+                 : out_kind[j] == FlatKind::Run ? logical_target<acc_t>(o.dtype, o.data, E, out_rs[j], c, n, out_buf[j])
                                                  : out_buf[j];
       }
       for (int64_t i = 0; i < n; i += VS) {
         const int64_t cnt = std::min(VS, n - i);
         V a[Op::kIn], o[Op::kOut];
         for (int j = 0; j < Op::kIn; ++j) a[j] = src[j] ? V::loadu(src[j] + i, cnt) : V(scalar[j]);
-        Op::apply(a, o);
+        clamps.template apply<Op>(a, o);
         for (int j = 0; j < Op::kOut; ++j) o[j].store(dst[j] + i, cnt);
       }
       for (int j = 0; j < Op::kOut; ++j) {
         const Operand& o = args.out[j];
         if (!o.data) continue;
-        if (out_kind[j] == FlatKind::Run) store_contiguous<acc_t>(o.dtype, o.data, c, n, dst[j]);
+        if (out_kind[j] == FlatKind::Run) store_logical<acc_t>(o.dtype, o.data, E, out_rs[j], c, n, dst[j]);
         else add_segments(dst[j], c, n, E, typed<acc_t>(o.data), carry[j]);
       }
     });
