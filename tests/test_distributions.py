@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 import vae_fast as vf
 from vae_fast import reference as ref
@@ -114,6 +115,92 @@ def test_clamp_edges_gradient_is_torch_clamps():
     # A custom clamp, and none.
     torch.testing.assert_close(Ours(p, logvar_clamp=(-1.0, 1.0)).logvar.reshape(-1), lv.clamp(-1, 1))
     torch.testing.assert_close(Ours(p, logvar_clamp=None).logvar.reshape(-1), lv)
+
+
+def test_clamp_edges_and_nan_in_sample_kl_and_nll():
+    """The clamp the kernels apply equals torch.clamp in every method, values and gradients: the edges pass the
+    gradient, outside gets 0, a NaN logvar stays NaN in the values and gets gradient 0 (torch.clamp's rule)."""
+    lv = torch.tensor([-45.0, -30.0001, -30.0, -29.0, 0.0, 19.0, 20.0, 20.0001, 29.0, math.nan], dtype=torch.float64)
+    mean = torch.linspace(-1.0, 1.0, lv.numel(), dtype=torch.float64)
+    p = torch.cat([mean, lv]).reshape(1, 2, -1).requires_grad_()
+    x = torch.randn(1, 1, lv.numel(), dtype=torch.float64)
+    zeros = torch.zeros(1, 1, lv.numel(), dtype=torch.float64)
+    eps = vf.reparameterize(zeros, zeros, generator=torch.Generator().manual_seed(3), event_dims=2)
+
+    def ours(p):
+        d = Ours(p)
+        return d.sample(generator=torch.Generator().manual_seed(3)), d.kl(), d.nll(x)
+
+    def reference(p):
+        m, l = p[:, :1], p[:, 1:].clamp(-30, 20)
+        return ref.reparameterize(m, l, eps), ref.gaussian_kl(m, l, event_dims=2), -ref.gaussian_log_prob(x, m, l,
+                                                                                                            event_dims=2)
+
+    got, want = ours(p), reference(p)
+    g = torch.Generator().manual_seed(4)
+    for name, a, b in zip(("sample", "kl", "nll"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, equal_nan=True, msg=name)
+        upstream = torch.randn(a.shape, generator=g, dtype=torch.float64)
+        (ga,) = torch.autograd.grad(a, p, upstream, retain_graph=True)
+        (gb,) = torch.autograd.grad(b, p, upstream, retain_graph=True)
+        torch.testing.assert_close(ga, gb, rtol=1e-12, atol=1e-12, equal_nan=True, msg=f"gradient of {name}")
+        g_lv = ga[0, 1]
+        assert (g_lv[[0, 1, 7, 8, 9]] == 0).all() and (g_lv[[2, 3, 5, 6]] != 0).all(), name
+
+
+def test_kl_other_gradients_reach_both_parameters(Theirs):
+    p = _parameters((2, 6, 4, 3)).requires_grad_()
+    q = _parameters((2, 6, 4, 3), seed=3).requires_grad_()
+    upstream = torch.randn(2, dtype=torch.float64)
+    got = torch.autograd.grad(Ours(p).kl(Ours(q)), [p, q], upstream)
+    want = torch.autograd.grad(Theirs(p).kl(Theirs(q)), [p, q], upstream)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-10)
+    # other's own clamp applies to other's logvar
+    got = Ours(p).kl(Ours(q, logvar_clamp=(-0.5, 0.5)))
+    m, lv = p.chunk(2, 1)
+    qm, qlv = q.chunk(2, 1)
+    want = ref.gaussian_kl(m, lv.clamp(-30, 20), qm, qlv.clamp(-0.5, 0.5), event_dims=3)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(torch.autograd.grad(got, [p, q], upstream), torch.autograd.grad(want, [p, q], upstream),
+                               rtol=1e-12, atol=1e-10)
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten / vae_fast op that runs, forward and backward, with its tensor arguments' sizes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append((str(func), [a.numel() for a in args if isinstance(a, torch.Tensor)]))
+        return func(*args, **(kwargs or {}))
+
+
+def test_sample_and_kl_copy_nothing_of_the_parameters_size():
+    """sample() + kl() forward and backward: no cat, no clamp, no copy of the latents' size: the kernels clamp as
+    they read, and the backward writes the parameters' gradient into one buffer that is handed on as it is."""
+    p = torch.randn(2, 8, 6, 6, requires_grad=True)
+    gz, gkl = torch.randn(2, 4, 6, 6), torch.randn(2)
+    with _RecordOps() as rec:
+        d = Ours(p)
+        z, kl = d.sample(), d.kl()
+        (g,) = torch.autograd.grad([z, kl], p, [gz, gkl])
+    names = [name for name, _ in rec.calls]
+    assert "vae_fast.sample_gaussian_backward.default" in names  # the recorder sees the backward
+    assert not any("cat" in n or "clamp" in n for n in names), names
+    copies = [sizes for name, sizes in rec.calls if any(w in name for w in ("copy", "clone", "contiguous"))]
+    assert not any(max(sizes, default=0) >= p.numel() // 2 for sizes in copies), copies
+    m, lv = p.detach().chunk(2, 1)
+    eps = (z.detach() - m) * torch.exp(-0.5 * lv)
+    torch.testing.assert_close(g, torch.cat([gz + gkl.view(2, 1, 1, 1) * m,
+                                             0.5 * gz * eps * torch.exp(0.5 * lv)
+                                             + 0.5 * gkl.view(2, 1, 1, 1) * torch.expm1(lv)], 1))
+    # A gradient that reaches the halves from two ops is summed by autograd: then one cat joins them (correctly).
+    with _RecordOps() as rec:
+        d = Ours(p)
+        torch.autograd.grad(d.kl().sum() + d.mode().sum(), p)
+    assert any("cat" in name for name, _ in rec.calls)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -5,8 +5,9 @@ Same attributes (``parameters``, ``mean``, ``logvar``, ``std``, ``var``, ``deter
 gradients, computed by the fused ops:
 
 - ``mean`` and the raw log-variance are views of ``parameters`` (its two halves along ``dim``), read in place
-  by the ops; their gradients are written into one ``parameters``-shaped buffer (no zero-filled buffer per
-  half and no sum of the two, as ``chunk``'s backward does).
+  by the ops; the logvar clamp is applied by the kernels as they read it (torch.clamp's gradient: zero outside,
+  passed at the edges), and the backward writes both gradients into one ``parameters``-shaped buffer, handed on
+  as ``parameters``' gradient as it is (no zero-filled buffer per half, no ``cat`` as ``chunk``'s backward does).
 - ``sample()`` is one ``reparameterize_with_kl`` pass: the KL comes out of the same read of mean and logvar
   and is handed to the next ``kl()`` (the usual ``z = posterior.sample(); kl = posterior.kl()`` costs one
   forward and one backward pass over the parameters).
@@ -24,11 +25,27 @@ from typing import Optional, Sequence
 import torch
 
 from .ops import gaussian_kl, gaussian_log_prob, reparameterize_with_kl
+from .reference import clamp_logvar
+
+
+def _joined(first: torch.Tensor, second: torch.Tensor, dim: int) -> Optional[torch.Tensor]:
+    """``cat([first, second], dim)`` as a view, with no copy, when ``second`` lies right after ``first`` along
+    ``dim`` in one storage (the fused ops' backward writes the two gradients so); else None."""
+    if torch.compiler.is_compiling():  # storages are not inspected while tracing; the compiler fuses the cat
+        return None
+    if (first.shape != second.shape or first.stride() != second.stride() or first.dtype != second.dtype
+            or first.device != second.device
+            or first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+            or second.storage_offset() - first.storage_offset() != first.shape[dim] * first.stride(dim)):
+        return None
+    shape = list(first.shape)
+    shape[dim] *= 2
+    return first.as_strided(shape, first.stride(), first.storage_offset())
 
 
 class _Halves(torch.autograd.Function):
-    """(first half, second half) of ``parameters`` along ``dim`` as views; the backward writes both
-    gradients into one buffer (a missing one as zeros)."""
+    """(first half, second half) of ``parameters`` along ``dim`` as views; the backward returns both gradients
+    as one tensor: the ops' one buffer itself when they wrote them into one, else a cat (a missing one as zeros)."""
 
     @staticmethod
     def forward(ctx, parameters, dim):
@@ -38,6 +55,10 @@ class _Halves(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_first, grad_second):
+        if grad_first is not None and grad_second is not None:
+            joined = _joined(grad_first, grad_second, ctx.dim)
+            if joined is not None:
+                return joined, None
         if grad_first is None:
             grad_first = torch.zeros_like(grad_second)
         if grad_second is None:
@@ -106,10 +127,8 @@ class DiagonalGaussianDistribution:
 
     @property
     def logvar(self) -> torch.Tensor:
-        def clamped():
-            raw = self._halves()[1]
-            return raw if self._clamp is None else torch.clamp(raw, *self._clamp)
-        return self._lazy("logvar", clamped)
+        """The clamped log-variance (the methods pass the raw half and the clamp to the kernels instead)."""
+        return self._lazy("logvar", lambda: clamp_logvar(self._halves()[1], self._clamp))
 
     @property
     def std(self) -> torch.Tensor:
@@ -143,11 +162,13 @@ class DiagonalGaussianDistribution:
             if len(generator) != self.parameters.shape[0]:
                 raise ValueError(f"DiagonalGaussianDistribution.sample: a list of generators needs one per example "
                                  f"({self.parameters.shape[0]}), got {len(generator)}")
-            parts = [reparameterize_with_kl(m, lv, generator=g, event_dims=self._event_dims)
-                     for m, lv, g in zip(self.mean.split(1), self.logvar.split(1), generator)]
+            mean, raw = self._halves()
+            parts = [reparameterize_with_kl(m, lv, generator=g, event_dims=self._event_dims, logvar_clamp=self._clamp)
+                     for m, lv, g in zip(mean.split(1), raw.split(1), generator)]
             z, kl = torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
         else:
-            z, kl = reparameterize_with_kl(self.mean, self.logvar, generator=generator, event_dims=self._event_dims)
+            z, kl = reparameterize_with_kl(*self._halves(), generator=generator, event_dims=self._event_dims,
+                                           logvar_clamp=self._clamp)
         # The KL came out of the same pass: the next kl() returns it, if autograd was in the same mode.
         self._kl_from_sample = (kl, torch.is_grad_enabled())
         return z
@@ -160,11 +181,16 @@ class DiagonalGaussianDistribution:
             cached, self._kl_from_sample = self._kl_from_sample, None  # handed out once: callers may modify it
             if cached is not None and cached[1] == torch.is_grad_enabled():
                 return cached[0]
-            return gaussian_kl(self.mean, self.logvar, event_dims=self._event_dims)
+            return gaussian_kl(*self._halves(), event_dims=self._event_dims, logvar_clamp=self._clamp)
         if not (hasattr(other, "mean") and hasattr(other, "logvar")):
             raise TypeError(f"DiagonalGaussianDistribution.kl: `other` must be a DiagonalGaussianDistribution, got "
                             f"{type(other).__name__}")
-        return gaussian_kl(self.mean, self.logvar, other.mean, other.logvar, event_dims=self._event_dims)
+        if isinstance(other, DiagonalGaussianDistribution):  # its raw half and clamp, clamped in the kernel
+            other_logvar, other_clamp = other._halves()[1], other._clamp
+        else:  # another class (diffusers' own): its logvar as it gives it
+            other_logvar, other_clamp = other.logvar, None
+        return gaussian_kl(*self._halves(), other.mean, other_logvar, event_dims=self._event_dims,
+                           logvar_clamp=self._clamp, prior_logvar_clamp=other_clamp)
 
     def nll(self, sample: torch.Tensor, dims: Optional[Sequence[int]] = None) -> torch.Tensor:
         """-log N(sample; mean, var) summed over ``dims`` (default: every dim but the batch's)."""
@@ -173,7 +199,7 @@ class DiagonalGaussianDistribution:
         if not isinstance(sample, torch.Tensor):
             raise TypeError(f"DiagonalGaussianDistribution.nll: `sample` must be a torch.Tensor, got "
                             f"{type(sample).__name__}")
-        mean, logvar = self.mean, self.logvar
+        mean, logvar = self._halves()  # the raw logvar: clamped in the kernel
         ndim = mean.dim()
         if dims is None:
             dims = range(1, ndim)
@@ -193,7 +219,7 @@ class DiagonalGaussianDistribution:
         order = [d for d in range(ndim) if d not in summed] + summed
         if order != list(range(ndim)):
             sample, mean, logvar = (t.permute(order) for t in (sample, mean, logvar))
-        return -gaussian_log_prob(sample, mean, logvar, event_dims=len(summed))
+        return -gaussian_log_prob(sample, mean, logvar, event_dims=len(summed), logvar_clamp=self._clamp)
 
     def mode(self) -> torch.Tensor:
         return self.mean
