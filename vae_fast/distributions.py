@@ -8,6 +8,8 @@ gradients, computed by the fused ops:
   by the ops; the logvar clamp is applied by the kernels as they read it (torch.clamp's gradient: zero outside,
   passed at the edges), and the backward writes both gradients into one ``parameters``-shaped buffer, handed on
   as ``parameters``' gradient as it is (no zero-filled buffer per half, no ``cat`` as ``chunk``'s backward does).
+  On CUDA, whose kernels have no clamp yet, logvar is clamped by torch.clamp first and the gradients are joined
+  by a cat.
 - ``sample()`` is one ``reparameterize_with_kl`` pass: the KL comes out of the same read of mean and logvar
   and is handed to the next ``kl()`` (the usual ``z = posterior.sample(); kl = posterior.kl()`` costs one
   forward and one backward pass over the parameters).
@@ -121,6 +123,13 @@ class DiagonalGaussianDistribution:
         """(mean, unclamped logvar): views of ``parameters``."""
         return self._lazy("halves", lambda: _Halves.apply(self.parameters, self._dim))
 
+    def _op_args(self) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple[float, float]]]:
+        """(mean, logvar, logvar_clamp) for the ops: the raw half and the clamp, which the kernels apply as they
+        read it; on CUDA, whose kernels have no clamp yet, the clamped logvar and no clamp."""
+        if self.parameters.is_cuda:
+            return self.mean, self.logvar, None
+        return (*self._halves(), self._clamp)
+
     @property
     def mean(self) -> torch.Tensor:
         return self._halves()[0]
@@ -162,13 +171,14 @@ class DiagonalGaussianDistribution:
             if len(generator) != self.parameters.shape[0]:
                 raise ValueError(f"DiagonalGaussianDistribution.sample: a list of generators needs one per example "
                                  f"({self.parameters.shape[0]}), got {len(generator)}")
-            mean, raw = self._halves()
-            parts = [reparameterize_with_kl(m, lv, generator=g, event_dims=self._event_dims, logvar_clamp=self._clamp)
-                     for m, lv, g in zip(mean.split(1), raw.split(1), generator)]
+            mean, logvar, clamp = self._op_args()
+            parts = [reparameterize_with_kl(m, lv, generator=g, event_dims=self._event_dims, logvar_clamp=clamp)
+                     for m, lv, g in zip(mean.split(1), logvar.split(1), generator)]
             z, kl = torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
         else:
-            z, kl = reparameterize_with_kl(*self._halves(), generator=generator, event_dims=self._event_dims,
-                                           logvar_clamp=self._clamp)
+            mean, logvar, clamp = self._op_args()
+            z, kl = reparameterize_with_kl(mean, logvar, generator=generator, event_dims=self._event_dims,
+                                           logvar_clamp=clamp)
         # The KL came out of the same pass: the next kl() returns it, if autograd was in the same mode.
         self._kl_from_sample = (kl, torch.is_grad_enabled())
         return z
@@ -181,16 +191,18 @@ class DiagonalGaussianDistribution:
             cached, self._kl_from_sample = self._kl_from_sample, None  # handed out once: callers may modify it
             if cached is not None and cached[1] == torch.is_grad_enabled():
                 return cached[0]
-            return gaussian_kl(*self._halves(), event_dims=self._event_dims, logvar_clamp=self._clamp)
+            mean, logvar, clamp = self._op_args()
+            return gaussian_kl(mean, logvar, event_dims=self._event_dims, logvar_clamp=clamp)
         if not (hasattr(other, "mean") and hasattr(other, "logvar")):
             raise TypeError(f"DiagonalGaussianDistribution.kl: `other` must be a DiagonalGaussianDistribution, got "
                             f"{type(other).__name__}")
         if isinstance(other, DiagonalGaussianDistribution):  # its raw half and clamp, clamped in the kernel
-            other_logvar, other_clamp = other._halves()[1], other._clamp
+            _, other_logvar, other_clamp = other._op_args()
         else:  # another class (diffusers' own): its logvar as it gives it
             other_logvar, other_clamp = other.logvar, None
-        return gaussian_kl(*self._halves(), other.mean, other_logvar, event_dims=self._event_dims,
-                           logvar_clamp=self._clamp, prior_logvar_clamp=other_clamp)
+        mean, logvar, clamp = self._op_args()
+        return gaussian_kl(mean, logvar, other.mean, other_logvar, event_dims=self._event_dims, logvar_clamp=clamp,
+                           prior_logvar_clamp=other_clamp)
 
     def nll(self, sample: torch.Tensor, dims: Optional[Sequence[int]] = None) -> torch.Tensor:
         """-log N(sample; mean, var) summed over ``dims`` (default: every dim but the batch's)."""
@@ -199,7 +211,7 @@ class DiagonalGaussianDistribution:
         if not isinstance(sample, torch.Tensor):
             raise TypeError(f"DiagonalGaussianDistribution.nll: `sample` must be a torch.Tensor, got "
                             f"{type(sample).__name__}")
-        mean, logvar = self._halves()  # the raw logvar: clamped in the kernel
+        mean, logvar, clamp = self._op_args()
         ndim = mean.dim()
         if dims is None:
             dims = range(1, ndim)
@@ -219,7 +231,7 @@ class DiagonalGaussianDistribution:
         order = [d for d in range(ndim) if d not in summed] + summed
         if order != list(range(ndim)):
             sample, mean, logvar = (t.permute(order) for t in (sample, mean, logvar))
-        return -gaussian_log_prob(sample, mean, logvar, event_dims=len(summed), logvar_clamp=self._clamp)
+        return -gaussian_log_prob(sample, mean, logvar, event_dims=len(summed), logvar_clamp=clamp)
 
     def mode(self) -> torch.Tensor:
         return self.mean
