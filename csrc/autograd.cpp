@@ -58,6 +58,11 @@ using OptClamp = std::optional<c10::ArrayRef<double>>;
 // A clamp argument as saved (empty: none) and as passed to an op.
 OptClamp clamp_arg(const std::vector<double>& c) { return c.empty() ? OptClamp() : OptClamp(c); }
 std::vector<double> clamp_saved(const OptClamp& c) { return c ? c->vec() : std::vector<double>(); }
+// In an autograd node's saved_data: None when there is no clamp (no list allocated on the common path).
+c10::IValue clamp_to_ivalue(const std::vector<double>& c) { return c.empty() ? c10::IValue() : c10::IValue(c); }
+std::vector<double> clamp_from_ivalue(const c10::IValue& v) {
+  return v.isNone() ? std::vector<double>() : v.toDoubleVector();
+}
 
 // The dim along which `b` follows `a` in memory when the two are the halves of one tensor (one storage, one
 // shape and one set of strides, b starting where a ends along that dim): a backward then writes both
@@ -160,16 +165,16 @@ struct RowFn : public torch::autograd::Function<RowFn> {
     ctx->saved_data["id"] = static_cast<int64_t>(call.id);
     ctx->saved_data["event_dims"] = call.event_dims;
     ctx->saved_data["eps"] = call.eps;
-    ctx->saved_data["clamp"] = call.clamp;
-    ctx->saved_data["prior_clamp"] = call.prior_clamp;
+    ctx->saved_data["clamp"] = clamp_to_ivalue(call.clamp);
+    ctx->saved_data["prior_clamp"] = clamp_to_ivalue(call.prior_clamp);
     return row_forward(call, a, b, x.value_or(Tensor()), y.value_or(Tensor()));
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const RowCall call{static_cast<RowOpId>(ctx->saved_data["id"].toInt()), ctx->saved_data["event_dims"].toInt(),
-                       ctx->saved_data["eps"].toDouble(), ctx->saved_data["clamp"].toDoubleVector(),
-                       ctx->saved_data["prior_clamp"].toDoubleVector()};
+                       ctx->saved_data["eps"].toDouble(), clamp_from_ivalue(ctx->saved_data["clamp"]),
+                       clamp_from_ivalue(ctx->saved_data["prior_clamp"])};
     c10::List<bool> needs;
     bool any = false;
     for (size_t i = 0, edge = 0; i < 4; ++i) {  // needs_input_grad counts the tensor arguments given
@@ -255,7 +260,7 @@ struct SampleFn : public torch::autograd::Function<SampleFn> {
     ctx->saved_data["event_dims"] = c.event_dims;
     ctx->saved_data["flags"] = static_cast<int64_t>(c.sample_dim | c.want_log_q << 1 | c.want_kl << 2 |
                                                     c.log_q_path_only << 3);
-    ctx->saved_data["clamp"] = c.clamp;
+    ctx->saved_data["clamp"] = clamp_to_ivalue(c.clamp);
     ctx->set_materialize_grads(false);
     auto [z, log_q, kl] = sample_call(c, mu, logvar, seed);
     if (!c.want_log_q) ctx->mark_non_differentiable({log_q});
@@ -274,7 +279,7 @@ struct SampleFn : public torch::autograd::Function<SampleFn> {
     const Tensor& gz = grads[0];
     const Tensor glq = want_log_q ? grads[1] : Tensor(), gkl = want_kl ? grads[2] : Tensor();
     bool need_mu = ctx->needs_input_grad(0), need_logvar = ctx->needs_input_grad(1);
-    const std::vector<double> clamp = ctx->saved_data["clamp"].toDoubleVector();
+    const std::vector<double> clamp = clamp_from_ivalue(ctx->saved_data["clamp"]);
     variable_list out(4);
     // Halves of one tensor: both gradients written into one buffer (dmu too, rather than g itself).
     const std::optional<int64_t> concat = need_mu && need_logvar ? halves_dim(mu, logvar) : std::nullopt;

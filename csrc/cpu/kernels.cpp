@@ -746,6 +746,11 @@ bool run_flat(const RowArgs& args) {
     if (out_kind[j] == FlatKind::PerRow && o.dtype != acc_dtype) return false;
     out_rs[j] = L.n_row_dims == 1 ? o.row_strides[0] : E;  // a Run output: rows of E at this stride
   }
+  // A Run operand as load_logical's runs: rows of E at its row stride, or (contiguous rows) one run of all
+  // R * E elements, so a chunk spanning rows is still read and written in place.
+  const int64_t whole = std::max<int64_t>(R * E, 1);
+  auto run_of = [&](int64_t rs) { return rs == E ? whole : E; };
+  auto stride_of = [&](int64_t rs) { return rs == E ? whole : rs; };
   const Clamps<acc_t, Op::kIn> clamps(args.in);
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, E));
   at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
@@ -759,7 +764,7 @@ bool run_flat(const RowArgs& args) {
         const Operand& op = args.in[j];
         src[j] = nullptr;
         if (in_kind[j] == FlatKind::Run) {
-          src[j] = load_logical<acc_t>(op.dtype, op.data, E, in_rs[j], c, n, in_buf[j]);
+          src[j] = load_logical<acc_t>(op.dtype, op.data, run_of(in_rs[j]), stride_of(in_rs[j]), c, n, in_buf[j]);
         } else if (in_kind[j] == FlatKind::Scalar) {
           scalar[j] = read_one<acc_t>(op, 0);
         } else {  // one value per row, spread over the row's elements
@@ -774,9 +779,9 @@ bool run_flat(const RowArgs& args) {
       acc_t* dst[Op::kOut];
       for (int j = 0; j < Op::kOut; ++j) {
         const Operand& o = args.out[j];
-        dst[j] = !o.data ? out_buf[j]
-                 : out_kind[j] == FlatKind::Run ? logical_target<acc_t>(o.dtype, o.data, E, out_rs[j], c, n, out_buf[j])
-                                                 : out_buf[j];
+        dst[j] = o.data && out_kind[j] == FlatKind::Run
+                     ? logical_target<acc_t>(o.dtype, o.data, run_of(out_rs[j]), stride_of(out_rs[j]), c, n, out_buf[j])
+                     : out_buf[j];
       }
       for (int64_t i = 0; i < n; i += VS) {
         const int64_t cnt = std::min(VS, n - i);
@@ -788,7 +793,8 @@ bool run_flat(const RowArgs& args) {
       for (int j = 0; j < Op::kOut; ++j) {
         const Operand& o = args.out[j];
         if (!o.data) continue;
-        if (out_kind[j] == FlatKind::Run) store_logical<acc_t>(o.dtype, o.data, E, out_rs[j], c, n, dst[j]);
+        if (out_kind[j] == FlatKind::Run)
+          store_logical<acc_t>(o.dtype, o.data, run_of(out_rs[j]), stride_of(out_rs[j]), c, n, dst[j]);
         else add_segments(dst[j], c, n, E, typed<acc_t>(o.data), carry[j]);
       }
     });
