@@ -176,10 +176,11 @@ def test_opcheck_with_clamp_and_concat_dim():
                            True, c, 1))
 
 
-@pytest.mark.parametrize("op", ["kl", "log_prob", "sample", "sample_z_only"])
+@pytest.mark.parametrize("op", ["kl", "log_prob", "log_prob_broadcast", "sample", "sample_z_only"])
 def test_halves_of_one_tensor_get_their_gradients_in_one_buffer(op):
     """mean and logvar that are the two halves of one tensor: both gradients are views of one buffer (mean's
-    half first), bitwise equal to the gradients of separate contiguous copies."""
+    half first), bitwise equal to the gradients of separate contiguous copies (log_prob_broadcast: mean and logvar
+    broadcast against a (2, 4, ...) x, their summed gradients copied into the buffer)."""
     gen = torch.Generator().manual_seed(8)
     base = torch.randn(4, 6, 3, 5, generator=gen).requires_grad_()
     x, g = torch.randn(4, 3, 3, 5, generator=gen), torch.randn(4, generator=gen)
@@ -191,6 +192,9 @@ def test_halves_of_one_tensor_get_their_gradients_in_one_buffer(op):
         if op == "log_prob":
             out = vf.gaussian_log_prob(x, mu, lv, event_dims=3, logvar_clamp=(-1.0, 1.0))
             return torch.autograd.grad(out, [mu, lv], g)
+        if op == "log_prob_broadcast":
+            out = vf.gaussian_log_prob(torch.stack([x, 2 * x]), mu, lv, event_dims=3, logvar_clamp=(-1.0, 1.0))
+            return torch.autograd.grad(out, [mu, lv], torch.stack([g, -g]))
         z, kl = vf.reparameterize_with_kl(mu, lv, seed=3, event_dims=3, logvar_clamp=(-1.0, 1.0))
         if op == "sample_z_only":
             return torch.autograd.grad(z, [mu, lv], gz)
