@@ -421,6 +421,16 @@ struct ThreadGroup {
   VF_DEV A sum(const CSum<A>& v, Smem& smem) const { return group_sum(v, tpr, mask, smem); }
 };
 
+// ---- torch.clamp on load (layout.h's Clamp) ------------------------------------------------------
+// x clamped into [lo, hi] in place, a NaN staying NaN; returns whether lo <= x <= hi (false for a
+// NaN): torch.clamp's gradient passes there and is 0 elsewhere.
+template <class A>
+VF_DEV bool clamp_keep(A& x, A lo, A hi) {
+  const bool keep = x >= lo && x <= hi;
+  x = x < lo ? lo : (x > hi ? hi : x);
+  return keep;
+}
+
 // ---- random normals ---------------------------------------------------------------------------
 // The four normals of Philox block b (elements 4b .. 4b+3 of the flat index space), philox.h's
 // layout: what every sampling kernel draws.

@@ -18,7 +18,8 @@
 //    Reorder mode (n_blocks == 1): a unit is one target of one output; the kept dims are the rows,
 //    the broadcast dims the event, so every target is reduced by one group in one pass.
 // Loads are 16-byte vectors when a chunk is unit-stride and aligned (8 bytes for 16-bit types);
-// the summation order never depends on that. Every sum is compensated (common.cuh's CSum): per
+// the summation order never depends on that. An input with a Clamp (layout.h) is clamped on load;
+// in a backward op the gradient of that input is masked as torch.clamp's. Every sum is compensated (common.cuh's CSum): per
 // lane, then a fixed butterfly over (sum, error) pairs. An accumulated slice slot receives one
 // addition per run of consecutive rows that share its target (the glue's slices then add in
 // order); within a run the sum is compensated.
@@ -56,6 +57,8 @@ struct KOp {
   int64_t rs[kMaxRowDims] = {};         // over the row dims
   int64_t es[kMaxEvDims] = {};          // over the outer event dims
   int64_t inner = 0;                    // stride of the innermost event dim
+  bool clamp = false;                   // inputs: clamped on load (layout.h's Clamp)
+  double clo = 0.0, chi = 0.0;
 };
 
 // Ops 0 .. kIn-1 are the inputs, kIn .. kIn+kOut-1 the outputs.
@@ -99,12 +102,18 @@ VF_DEV int chunk_offsets(const KParams& p, int64_t c, int64_t (&off)[N]) {
   return left < 4 ? static_cast<int>(left) : 4;
 }
 
+// The inputs of a chunk, the clamped ones clamped; keep[o][e]: the clamp's gradient mask (true for
+// unclamped inputs).
 template <class D, class A>
 VF_DEV void load_inputs(const KParams& p, const int64_t* roff, const int64_t* eoff, int valid,
-                        A (&v)[D::kIn][4]) {
+                        A (&v)[D::kIn][4], bool (&keep)[D::kIn][4]) {
   VF_UNROLL
-  for (int o = 0; o < D::kIn; ++o)
+  for (int o = 0; o < D::kIn; ++o) {
     Mem<A>::load4(p.op[o].data, p.op[o].dtype, roff[o] + eoff[o], p.op[o].inner, 0, valid, v[o]);
+    VF_UNROLL
+    for (int e = 0; e < 4; ++e)
+      keep[o][e] = p.op[o].clamp ? clamp_keep(v[o][e], A(p.op[o].clo), A(p.op[o].chi)) : true;
+  }
 }
 
 template <class D, class A>
@@ -137,7 +146,8 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(512, 1) reduce_kernel(const VF_GRID_CONST KParam
       int64_t eoff[N];
       const int valid = chunk_offsets(p, c, eoff);
       A v[NI][4], y[D::kOut][4];
-      load_inputs<D, A>(p, roff, eoff, valid, v);
+      bool keep[NI][4];
+      load_inputs<D, A>(p, roff, eoff, valid, v, keep);
       apply4<D, A>(v, y);
       VF_UNROLL
       for (int e = 0; e < 4; ++e)
@@ -155,8 +165,17 @@ VF_DEV void compute_chunk(const KParams& p, const int64_t* roff, const int64_t* 
                           A (&y)[D::kOut][4]) {
   constexpr int NI = D::kIn;
   A v[NI][4];
-  load_inputs<D, A>(p, roff, eoff, valid, v);
+  bool keep[NI][4];
+  load_inputs<D, A>(p, roff, eoff, valid, v, keep);
   apply4<D, A>(v, y);
+  if constexpr (D::kBackward) {  // gradient out[j - 1] of a clamped input in[j]: torch.clamp's mask
+    VF_UNROLL
+    for (int j = 1; j < NI; ++j) {
+      if (j - 1 >= D::kOut || !p.op[j].clamp) continue;
+      VF_UNROLL
+      for (int e = 0; e < 4; ++e) y[j - 1][e] = keep[j][e] ? y[j - 1][e] : A(0);
+    }
+  }
   VF_UNROLL
   for (int o = 0; o < D::kOut; ++o) {
     const KOp& q = p.op[NI + o];
@@ -408,6 +427,9 @@ void set_ops(KParams& p, const RowArgs& a, const Plan& pl) {
   for (int o = 0; o < pl.nin; ++o) {
     p.op[o].data = a.in[o].data;
     p.op[o].dtype = a.in[o].dtype;
+    p.op[o].clamp = a.in[o].clamp.on;
+    p.op[o].clo = a.in[o].clamp.lo;
+    p.op[o].chi = a.in[o].clamp.hi;
   }
   for (int o = 0; o < pl.nout; ++o) {
     KOp& q = p.op[pl.nin + o];
@@ -628,9 +650,11 @@ cudaError_t run_op(const RowArgs& a, cudaStream_t stream) {
     }
     if (static_cast<int>(q.dtype) < 0 || static_cast<int>(q.dtype) > 3) return cudaErrorInvalidValue;
   }
-  for (int o = 0; o < D::kIn; ++o)
+  for (int o = 0; o < D::kIn; ++o) {
     if (static_cast<int>(a.in[o].dtype) < 0 || static_cast<int>(a.in[o].dtype) > 3)
       return cudaErrorInvalidValue;
+    if (a.in[o].clamp.on && !(a.in[o].clamp.lo <= a.in[o].clamp.hi)) return cudaErrorInvalidValue;
+  }
   return f64 ? run_typed<K, double>(a, pl, stream) : run_typed<K, float>(a, pl, stream);
 }
 

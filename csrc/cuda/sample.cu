@@ -14,7 +14,9 @@
 //  * sample_bwd_kernel: one thread per 4 consecutive (r, j) positions, looping k = 0 .. K-1 in
 //    order (sum_k g and sum_k g * eps in registers), eps regenerated from the seed. With
 //    log_q_path_only, log_q's gradient reaches mu and logvar through z only (elbo::log_q_path_grad
-//    per sample) instead of the constant d log_q / d logvar = -1/2.
+//    per sample) instead of the constant d log_q / d logvar = -1/2. grad_mu and grad_logvar are
+//    written in their runs (the two halves of one parameters-shaped buffer, or contiguous).
+// logvar_clamp: logvar is clamped on load in every kernel; grad_logvar gets torch.clamp's mask.
 // Every sum is compensated (common.cuh's CSum) and taken in a fixed order.
 #include "kernels.h"
 #include "common.cuh"
@@ -35,6 +37,12 @@ struct SParams {
   bool contig = true;  // run strides equal to run: element m at m
   int64_t run = 1, mu_rs = 1, lv_rs = 1;
   FastDiv run_div;
+  // the same for grad_mu / grad_logvar (SampleArgs::grad_run ...)
+  bool gcontig = true;
+  int64_t grun = 1, gmu_rs = 1, glv_rs = 1;
+  FastDiv grun_div;
+  bool clamp = false;  // logvar clamped on load (layout.h's Clamp); grad_logvar masked
+  double clo = 0.0, chi = 0.0;
   const int64_t* seed = nullptr;  // nullptr: seed_value
   uint64_t seed_value = 0;
   bool path_only = false;
@@ -60,6 +68,36 @@ VF_DEV int64_t run_offset(const SParams& p, int64_t m, int64_t rs) {
   if (p.contig) return m;
   const int64_t q = fdiv(p.run_div, m);
   return q * rs + (m - q * p.run);
+}
+
+// Stores logical elements m0 .. m0 + valid - 1 of grad_mu or grad_logvar (run stride rs of the
+// gradients' runs): one vector access inside a run, else per element.
+template <class A>
+VF_DEV void store_grad4(const SParams& p, void* base, int64_t rs, int64_t m0, int valid, const A (&v)[4]) {
+  if (p.gcontig) {
+    Mem<A>::store4(base, p.dt, m0, 1, 0, valid, v);
+    return;
+  }
+  const int64_t q = fdiv(p.grun_div, m0);
+  const int64_t w = m0 - q * p.grun;
+  if (w + valid <= p.grun) {
+    Mem<A>::store4(base, p.dt, q * rs + w, 1, 0, valid, v);
+    return;
+  }
+  VF_UNROLL
+  for (int e = 0; e < 4; ++e) {
+    if (e >= valid) continue;
+    const int64_t qe = fdiv(p.grun_div, m0 + e);
+    Mem<A>::store1(base, p.dt, qe * rs + (m0 + e - qe * p.grun), v[e]);
+  }
+}
+
+// logvar as the kernels use it: clamped when SampleArgs::logvar_clamp is on; keep[e]: the clamp's
+// gradient mask.
+template <class A>
+VF_DEV void clamp_lv4(const SParams& p, A (&lv)[4], bool (&keep)[4]) {
+  VF_UNROLL
+  for (int e = 0; e < 4; ++e) keep[e] = p.clamp ? clamp_keep(lv[e], A(p.clo), A(p.chi)) : true;
 }
 
 // Logical elements m0 + e (lo <= e < hi, m0 + lo >= 0) of mu or logvar (base, run stride rs); the
@@ -126,6 +164,8 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) sample_z_kernel(const VF_GRID_CONST SPar
         }
       }
     }
+    bool keep[4];
+    clamp_lv4(p, lv, keep);
     A z[4];
     VF_UNROLL
     for (int e = 0; e < 4; ++e)
@@ -157,6 +197,8 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(512, 1) sample_rows_kernel(const VF_GRID_CONST S
         A mu[4], lv[4];
         load_logical4(p, p.mu, p.mu_rs, m, lo, hi, mu);
         load_logical4(p, p.lv, p.lv_rs, m, lo, hi, lv);
+        bool keep[4];
+        clamp_lv4(p, lv, keep);
         float n[4] = {0.0f, 0.0f, 0.0f, 0.0f};
         if (p.need_eps) normals4(seed, static_cast<uint64_t>(b), n);
         A z[4];
@@ -203,6 +245,8 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) sample_bwd_kernel(const VF_GRID_CONST SP
     A mu[4], lv[4];
     load_logical4(p, p.mu, p.mu_rs, m0, 0, need_mu ? valid : 0, mu);
     load_logical4(p, p.lv, p.lv_rs, m0, 0, need_lv ? valid : 0, lv);
+    bool keep[4];
+    clamp_lv4(p, lv, keep);
     // sums over k: g, g * eps (grad_z); grad_log_q, or (path) its terms of dmu and dlogvar in
     // sgq and plv
     CSum<A> sg[4], sge[4], sgq[4], plv[4];
@@ -260,10 +304,10 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) sample_bwd_kernel(const VF_GRID_CONST SP
         l.add(b);
       }
       dmu[e] = m.value();
-      dlv[e] = l.value();
+      dlv[e] = keep[e] ? l.value() : A(0);  // torch.clamp's gradient (0 outside, NaN included)
     }
-    if (p.gmu) Mem<A>::store4(p.gmu, p.dt, m0, 1, 0, valid, dmu);
-    if (p.glv) Mem<A>::store4(p.glv, p.dt, m0, 1, 0, valid, dlv);
+    if (p.gmu) store_grad4(p, p.gmu, p.gmu_rs, m0, valid, dmu);
+    if (p.glv) store_grad4(p, p.glv, p.glv_rs, m0, valid, dlv);
   }
 }
 
@@ -272,7 +316,7 @@ namespace {
 bool common_checks(const SParams& p) {
   const int dt = static_cast<int>(p.dt);
   return dt >= 0 && dt <= 3 && p.R >= 0 && p.E >= 0 && p.K >= 1 && p.mu && p.lv && p.run >= 1 &&
-         p.mu_rs >= 0 && p.lv_rs >= 0;
+         p.mu_rs >= 0 && p.lv_rs >= 0 && (!p.clamp || p.clo <= p.chi);
 }
 
 SParams base_params(const SampleArgs& a) {
@@ -292,6 +336,14 @@ SParams base_params(const SampleArgs& a) {
   p.lv_rs = a.logvar_run_stride;
   p.contig = a.run == a.mu_run_stride && a.run == a.logvar_run_stride;
   p.run_div = make_fastdiv(a.run);
+  p.grun = a.grad_run;
+  p.gmu_rs = a.grad_mu_run_stride;
+  p.glv_rs = a.grad_logvar_run_stride;
+  p.gcontig = a.grad_run == a.grad_mu_run_stride && a.grad_run == a.grad_logvar_run_stride;
+  p.grun_div = make_fastdiv(a.grad_run);
+  p.clamp = a.logvar_clamp.on;
+  p.clo = a.logvar_clamp.lo;
+  p.chi = a.logvar_clamp.hi;
   p.seed = a.seed;
   p.seed_value = a.seed_value;
   p.path_only = a.log_q_path_only;
@@ -339,6 +391,7 @@ cudaError_t launch_sample_backward(const SampleArgs& args, cudaStream_t stream) 
   p.gkl = args.grad_kl;
   p.gmu = args.grad_mu;
   p.glv = args.grad_logvar;
+  if (p.grun < 1 || p.gmu_rs < 0 || p.glv_rs < 0) return cudaErrorInvalidValue;
   if ((!p.gmu && !p.glv) || p.RE == 0) return cudaSuccess;
   const int64_t nc = (p.RE + 3) / 4;
   const int64_t grid = flat_grid(nc, 256);

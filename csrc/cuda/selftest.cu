@@ -167,6 +167,8 @@ struct ArgSpec {
   int64_t pad = 0;          // leading elements: misaligns the data pointer
   bool grad = true;
   std::function<double(int64_t)> value;  // when set: the value of element i (memory order), not `role`
+  bool clamp = false;  // clamped on load into [lo, hi] (layout.h's Clamp)
+  double lo = 0.0, hi = 0.0;
 };
 
 struct RowCase {
@@ -395,17 +397,32 @@ RowRun run_row_case(const RowCase& c, bool check = true) {
     vals.push_back(fill(in.back(), gen));
     strides.push_back(mem_strides(a.shape, a.transposed));
   }
+  // The inputs of element `flat`, clamped where the case says; keep[i]: torch.clamp's gradient mask.
+  bool keep[5] = {true, true, true, true, true};
   auto elem = [&](int64_t flat, double* x) {
-    for (int i = 0; i < nargs; ++i)
+    for (int i = 0; i < nargs; ++i) {
       x[i] = vals[i][offset_of(flat, c.full, c.args[i].shape, strides[i])];
+      keep[i] = true;
+      if (c.args[i].clamp) {
+        keep[i] = x[i] >= c.args[i].lo && x[i] <= c.args[i].hi;
+        x[i] = std::min(std::max(x[i], c.args[i].lo), c.args[i].hi);
+      }
+    }
+  };
+  auto set_clamp = [&](Operand& op, int i) {
+    op.clamp.on = c.args[i].clamp;
+    op.clamp.lo = c.args[i].lo;
+    op.clamp.hi = c.args[i].hi;
   };
 
   // ---- forward
   {
     RowArgs ra;
     ra.layout = L;
-    for (int i = 0; i < nargs; ++i)
+    for (int i = 0; i < nargs; ++i) {
       set_operand(ra.in[i], L, c.full, c.args[i].shape, strides[i], in[i].data, c.args[i].dt);
+      set_clamp(ra.in[i], i);
+    }
     const std::vector<int64_t> oshape = c.elementwise ? c.full
         : std::vector<int64_t>(c.full.begin(), c.full.begin() + nr);
     std::vector<int64_t> ofull_shape = c.full;
@@ -452,8 +469,10 @@ RowRun run_row_case(const RowCase& c, bool check = true) {
     const std::vector<double> gv = fill(g, normal(1.0));
     const std::vector<int64_t> gst = mem_strides(gfull, false);
     set_operand(ra.in[0], L, c.full, gfull, gst, g.data, acc);
-    for (int i = 0; i < nargs; ++i)
+    for (int i = 0; i < nargs; ++i) {
       set_operand(ra.in[i + 1], L, c.full, c.args[i].shape, strides[i], in[i].data, c.args[i].dt);
+      set_clamp(ra.in[i + 1], i);
+    }
     std::vector<DevBuf> outs;
     std::vector<bool> accum(nargs, false);
     for (int i = 0; i < nargs; ++i) {
@@ -492,6 +511,8 @@ RowRun run_row_case(const RowCase& c, bool check = true) {
       const double gg = gv[offset_of(f, c.full, gfull, gst)];
       ref_bwd(c.bwd, gg, x, y);
       bwd_scale(c.bwd, gg, x, ys);
+      for (int i = 0; i < nargs; ++i)
+        if (!keep[i]) y[i] = ys[i] = 0.0;
       for (int i = 0; i < nargs; ++i) {
         // gradients in the argument's own logical (C-contiguous) order
         const int64_t o = offset_of(f, c.full, c.args[i].shape, mem_strides(c.args[i].shape, false));
@@ -645,6 +666,29 @@ void row_tests() {
     c.args[3].grad = false;
     add(c);
   }
+  // Clamped inputs (logvar clamped on load, torch.clamp's gradient): full, broadcast, reduced.
+  for (int64_t nb : {1, 3}) {
+    RowCase c{"klstd clamped logvar nb=" + std::to_string(nb), OpKind::KlStdFwd, OpKind::KlStdBwd, {20, 33}, 1,
+              {arg({20, 33}, kMu), arg({20, 33}, kLv)}, nb};
+    c.args[1].clamp = true;
+    c.args[1].lo = -1.0;
+    c.args[1].hi = 0.75;
+    add(c);
+    RowCase g{"gauss clamped per-feature logvar nb=" + std::to_string(nb), OpKind::GaussLpFwd, OpKind::GaussLpBwd,
+              {4, 10, 33}, 1, {arg({1, 10, 33}, kNormal), arg({4, 10, 33}, kMu), arg({1, 1, 33}, kLv)}, nb};
+    g.args[2].clamp = true;
+    g.args[2].lo = -0.5;
+    g.args[2].hi = 1.0;
+    add(g);
+  }
+  {
+    RowCase c{"kl both logvars clamped, broadcast prior", OpKind::KlFwd, OpKind::KlBwd, {12, 21}, 1,
+              {arg({12, 21}, kMu), arg({12, 21}, kLv), arg({1, 21}, kMu), arg({1, 21}, kLv)}, 2};
+    c.args[1].clamp = c.args[3].clamp = true;
+    c.args[1].lo = c.args[3].lo = -1.0;
+    c.args[1].hi = c.args[3].hi = 1.0;
+    add(c);
+  }
   // More reduced (broadcast) dims than a forward has event dims: a scalar logvar against 10 dims
   // that cannot be coalesced (x is stored transposed), in reorder mode and in row-block mode.
   for (int64_t nb : {1, 3}) {
@@ -759,12 +803,15 @@ struct SampleOpts {
   bool strided = false;        // mu, logvar = the two halves of each row of a (R, 2E) tensor
   bool seed_by_value = false;  // SampleArgs::seed_value instead of a device seed
   bool path_only = false;      // backward: log_q_path_only
+  bool clamp = false;          // logvar clamped on load into [-1, 1.5] (layout.h's Clamp)
+  bool grad_strided = false;   // grad_mu, grad_logvar = the two halves of each row of one (R, 2E) buffer
 };
 
 // mu and logvar (R x E logical, of dt) in device memory as opts say, with their logical values.
 struct SampleInputs {
   DevBuf mu, lv, par, sd;
-  std::vector<double> muv, lvv;
+  std::vector<double> muv, lvv;  // lvv: logvar as the kernels use it (clamped when asked)
+  std::vector<bool> keep;        // torch.clamp's gradient mask of logvar
   SampleArgs sa;
   SampleInputs(DType dt, int64_t R, int64_t E, int64_t K, int64_t seed, const SampleOpts& o) : sd(DType::Float64, 1) {
     const int64_t RE = R * E;
@@ -792,6 +839,17 @@ struct SampleInputs {
       sa.logvar = lv.data;
       sa.run = sa.mu_run_stride = sa.logvar_run_stride = std::max<int64_t>(RE, 1);
     }
+    keep.assign(lvv.size(), true);
+    if (o.clamp) {
+      sa.logvar_clamp.on = true;
+      sa.logvar_clamp.lo = -1.0;
+      sa.logvar_clamp.hi = 1.5;
+      for (size_t m = 0; m < lvv.size(); ++m) {
+        keep[m] = lvv[m] >= -1.0 && lvv[m] <= 1.5;
+        lvv[m] = std::min(std::max(lvv[m], -1.0), 1.5);
+      }
+    }
+    sa.grad_run = sa.grad_mu_run_stride = sa.grad_logvar_run_stride = std::max<int64_t>(RE, 1);
     sa.dtype = dt;
     sa.rows = R;
     sa.event_numel = E;
@@ -808,7 +866,7 @@ struct SampleInputs {
 
 std::string opts_name(const SampleOpts& o) {
   return std::string(o.strided ? " strided" : "") + (o.seed_by_value ? " seed-by-value" : "") +
-         (o.path_only ? " path-only" : "");
+         (o.path_only ? " path-only" : "") + (o.clamp ? " clamped" : "") + (o.grad_strided ? " grad-strided" : "");
 }
 
 void sample_case(DType dt, int64_t R, int64_t E, int64_t K, int64_t seed, bool want_z,
@@ -899,7 +957,8 @@ void sample_bwd_case(DType dt, int64_t R, int64_t E, int64_t K, int64_t seed, bo
   const std::vector<double>& muv = in.muv;
   const std::vector<double>& lvv = in.lvv;
   DevBuf gz(dt, K * RE), gq(acc, K * R), gkl(acc, R);
-  DevBuf gmu(dt, RE), glv(dt, RE);
+  // gradients: contiguous, or the two halves of each row of one (R, 2E) buffer
+  DevBuf gmu(dt, opts.grad_strided ? 2 * RE : RE), glv(dt, opts.grad_strided ? 0 : RE);
   const std::vector<double> gzv = fill(gz, normal(1.0)), gqv = fill(gq, normal(1.0));
   const std::vector<double> gklv = fill(gkl, normal(1.0));
   SampleArgs sa = in.sa;
@@ -908,6 +967,17 @@ void sample_bwd_case(DType dt, int64_t R, int64_t E, int64_t K, int64_t seed, bo
   sa.grad_kl = has_gkl ? gkl.data : nullptr;
   sa.grad_mu = want_mu ? gmu.data : nullptr;
   sa.grad_logvar = want_lv ? glv.data : nullptr;
+  if (opts.grad_strided) {
+    CK(cudaMemset(gmu.data, 0x7f, static_cast<size_t>(2 * RE) * dsize(dt)));  // a huge value: unwritten shows
+    sa.grad_logvar = want_lv ? static_cast<char*>(gmu.data) + E * dsize(dt) : nullptr;
+    sa.grad_run = E;
+    sa.grad_mu_run_stride = sa.grad_logvar_run_stride = 2 * E;
+  }
+  // logical gradient element m of the mu (half 0) or logvar (half 1) gradient
+  auto grad_of = [&](const std::vector<double>& mu_buf, const std::vector<double>& lv_buf, int half, int64_t m) {
+    if (!opts.grad_strided) return (half == 0 ? mu_buf : lv_buf)[m];
+    return mu_buf[(m / E) * 2 * E + half * E + m % E];
+  };
   const cudaError_t err = vc::launch_sample_backward(sa, nullptr);
   CK(cudaDeviceSynchronize());
   report(err == cudaSuccess, name + " launch", cudaGetErrorString(err));
@@ -960,14 +1030,17 @@ void sample_bwd_case(DType dt, int64_t R, int64_t E, int64_t K, int64_t seed, bo
     return (f64 ? 1e-6 : 2e-5) * (mag + std::fabs(ref)) + 2 * store_rtol(dt) * std::fabs(ref) +
            (dt == DType::Float16 ? 6e-8 : 0.0) + 1e-300;
   };
+  for (int64_t m = 0; m < RE; ++m)  // the clamp's gradient: 0 where logvar was clamped
+    if (!in.keep[m]) rlv[m] = mlv[m] = 0.0;
+  const std::vector<double> gmu_all = gmu.download(), glv_all = glv.download();
   if (want_mu) {
-    const std::vector<double> got = gmu.download();
     int bad = 0;
-    for (int64_t m = 0; m < RE; ++m) bad += !close(got[m], rmu[m], 0, 0, tol(rmu[m], mmu[m]));
+    for (int64_t m = 0; m < RE; ++m) bad += !close(grad_of(gmu_all, glv_all, 0, m), rmu[m], 0, 0, tol(rmu[m], mmu[m]));
     report(bad == 0, name + " grad_mu");
   }
   if (want_lv) {
-    const std::vector<double> got = glv.download();
+    std::vector<double> got(static_cast<size_t>(RE));
+    for (int64_t m = 0; m < RE; ++m) got[m] = grad_of(gmu_all, glv_all, 1, m);
     int bad = 0;
     std::string first;
     for (int64_t m = 0; m < RE; ++m)
@@ -1017,6 +1090,16 @@ void sample_tests() {
     for (int mask = 0; mask < 8; ++mask)
       sample_bwd_case(dt, 4, 13, 3, 5, mask & 1, true, mask & 2, true, mask & 4, path);
     sample_bwd_case(dt, 6, 11, 2, big_seed, true, true, true, true, true, all3);
+    SampleOpts cl, gs, every;
+    cl.clamp = true;
+    gs.grad_strided = true;
+    every.strided = every.seed_by_value = every.path_only = every.clamp = every.grad_strided = true;
+    for (int64_t E : {1, 5, 37}) {
+      sample_case(dt, 4, E, 2, 9, true, true, true, cl);
+      sample_bwd_case(dt, 4, E, 2, 9, true, true, true, true, true, cl);
+      sample_bwd_case(dt, 4, E, 2, 9, true, true, true, true, true, gs);
+      sample_bwd_case(dt, 4, E, 3, big_seed, true, true, true, true, true, every);
+    }
   }
   sample_case(F, 3, 3000, 2, 11, true, true, true, strided);  // block-wide groups, runs inside chunks
   {
@@ -1034,6 +1117,8 @@ void sample_tests() {
       o.strided = pick(2) == 0;
       o.seed_by_value = pick(2) == 0;
       o.path_only = pick(2) == 0;
+      o.clamp = pick(3) == 0;
+      o.grad_strided = pick(3) == 0;
       if (f) sample_case(dt, R, E, K, seed, f & 1, f & 2, f & 4, o);
       const int b = static_cast<int>(pick(32));
       if (E > 0 && (b & 24)) sample_bwd_case(dt, R, E, K, seed, b & 1, b & 2, b & 4, b & 8, b & 16, o);
