@@ -67,9 +67,9 @@ std::vector<double> clamp_from_ivalue(const c10::IValue& v) {
 // The dim along which `b` follows `a` in memory when the two are the halves of one tensor (one storage, one
 // shape and one set of strides, b starting where a ends along that dim): a backward then writes both
 // gradients into one buffer (the ops' concat_dim), which DiagonalGaussianDistribution hands on as the
-// parameters' gradient with no cat. First-order CPU backward only (CUDA's sampler writes contiguously).
+// parameters' gradient with no cat. First-order backward only (create_graph keeps the plain gradients).
 std::optional<int64_t> halves_dim(const Tensor& a, const Tensor& b) {
-  if (at::GradMode::is_enabled() || !a.is_cpu() || !a.is_alias_of(b) || a.sizes() != b.sizes() ||
+  if (at::GradMode::is_enabled() || !a.is_alias_of(b) || a.sizes() != b.sizes() ||
       a.strides() != b.strides() || a.scalar_type() != b.scalar_type())
     return std::nullopt;
   for (int64_t d = 0; d < a.dim(); ++d)

@@ -421,10 +421,6 @@ at::Tensor concat_buffer(const at::Tensor& a, const at::Tensor& b, int64_t dim) 
 }
 
 void RowProblem::launch(OpKind op, const RowArgs& args, const at::Device& device) const {
-  for (const auto& c : clamps)
-    TORCH_CHECK_NOT_IMPLEMENTED(!(c.on && device.is_cuda()),
-                                "vae_fast: a logvar clamp (logvar_clamp=) is not implemented on CUDA yet; clamp "
-                                "with torch.clamp before the call");
   if (device.is_cuda()) {
     launch_rows_cuda(op, args, device);
   } else {
@@ -587,9 +583,6 @@ struct SampleProblem {
       : num_samples(k), sample_dim(sample_dim_) {
     acc_dtype = check_args({{mu_, "mu"}, {logvar_, "logvar"}});
     clamp = parse_clamp(logvar_clamp, "logvar_clamp");
-    TORCH_CHECK_NOT_IMPLEMENTED(!(clamp.on && mu_.is_cuda()),
-                                "vae_fast: a logvar clamp (logvar_clamp=) is not implemented on CUDA yet; clamp "
-                                "with torch.clamp before the call");
     TORCH_CHECK_TYPE(mu_.scalar_type() == logvar_.scalar_type(), "vae_fast: mu and logvar must have one dtype, got ",
                      mu_.scalar_type(), " and ", logvar_.scalar_type());
     TORCH_CHECK_VALUE(mu_.sizes() == logvar_.sizes(), "vae_fast: mu and logvar must have the same shape, got mu ",
@@ -730,8 +723,8 @@ std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward(
   at::Tensor glq = expect(grad_log_q, p.with_samples(p.reduced_shape), p.acc_dtype, "grad_log_q");
   at::Tensor gkl = expect(grad_kl, p.reduced_shape, p.acc_dtype, "grad_kl");
   auto opts = p.mu.options().memory_format(at::MemoryFormat::Contiguous);
-  // With concat_dim (CPU), both gradients are written in place into the halves of one buffer, returned first.
-  at::Tensor joint = concat_dim && !mu.is_cuda() ? concat_buffer(mu, logvar, *concat_dim) : at::Tensor();
+  // With concat_dim, both gradients are written in place into the halves of one buffer, returned first.
+  at::Tensor joint = concat_dim ? concat_buffer(mu, logvar, *concat_dim) : at::Tensor();
   const int64_t cd = concat_dim ? c10::maybe_wrap_dim(*concat_dim, mu.dim()) : 0;
   at::Tensor dmu = joint.defined() ? joint.narrow(cd, 0, mu.size(cd)) : need_mu ? at::empty(p.shape, opts) : at::empty({0}, opts);
   at::Tensor dlv = joint.defined() ? joint.narrow(cd, mu.size(cd), mu.size(cd))
@@ -739,7 +732,6 @@ std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward(
                                   : at::empty({0}, opts);
   auto result = [&]() -> std::tuple<at::Tensor, at::Tensor> {
     if (joint.defined()) return {joint, at::empty({0}, opts)};
-    if (concat_dim) return {at::cat({dmu, dlv}, cd), at::empty({0}, opts)};  // CUDA: its kernels write contiguously
     return {dmu, dlv};
   };
   if (p.skip() || !(need_mu || need_logvar)) return result();

@@ -8,8 +8,6 @@ gradients, computed by the fused ops:
   by the ops; the logvar clamp is applied by the kernels as they read it (torch.clamp's gradient: zero outside,
   passed at the edges), and the backward writes both gradients into one ``parameters``-shaped buffer, handed on
   as ``parameters``' gradient as it is (no zero-filled buffer per half, no ``cat`` as ``chunk``'s backward does).
-  On CUDA, whose kernels have no clamp yet, logvar is clamped by torch.clamp first and the gradients are joined
-  by a cat.
 - ``sample()`` is one ``reparameterize_with_kl`` pass: the KL comes out of the same read of mean and logvar
   and is handed to the next ``kl()`` (the usual ``z = posterior.sample(); kl = posterior.kl()`` costs one
   forward and one backward pass over the parameters).
@@ -125,9 +123,7 @@ class DiagonalGaussianDistribution:
 
     def _op_args(self) -> tuple[torch.Tensor, torch.Tensor, Optional[tuple[float, float]]]:
         """(mean, logvar, logvar_clamp) for the ops: the raw half and the clamp, which the kernels apply as they
-        read it; on CUDA, whose kernels have no clamp yet, the clamped logvar and no clamp."""
-        if self.parameters.is_cuda:
-            return self.mean, self.logvar, None
+        read it."""
         return (*self._halves(), self._clamp)
 
     @property
