@@ -175,11 +175,19 @@ torch.save(result.model.state_dict(), f"{out}/rank{os.environ['RANK']}.pt")
 def test_ddp_with_two_cpu_processes_keeps_replicas_identical_and_resumes_after_a_restart(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "--max-restarts", "1", str(script), str(tmp_path)],
-                          capture_output=True, text=True, env=_env(), timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming the run" in proc.stderr and "at epoch 1 of 2" in proc.stderr
+    # Its own process group: on a timeout the launcher and both workers are killed, none is left behind.
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "--max-restarts", "1", str(script), str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+        pytest.fail("torchrun did not finish in 600 s:\n" + stderr[-3000:])
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "resuming the run" in stderr and "at epoch 1 of 2" in stderr
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # each rank drew its own noise, yet in sync
