@@ -307,3 +307,23 @@ def test_log_q_path_only_gradient_flows_through_z_only():
     want = torch.autograd.grad((w * ref_log_q).sum(), (mu, lv))
     torch.testing.assert_close(got, want)
     assert got[0].abs().sum() > 0  # the path gradient reaches mu (the full log q's does not)
+
+
+# ---- sums whose error grows no faster than log2 of the row length ---------------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=12, deadline=None)
+@given(log_n=st.integers(min_value=4, max_value=21), rows=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+def test_float32_sum_error_grows_at_most_like_log2_of_the_row_length(log_n, rows, seed):
+    g = _gen(seed)
+    n = 2**log_n + int(torch.randint(0, 2**log_n, (), generator=g))  # not a power of two
+    mu, lv = torch.randn(rows, n, generator=g), 0.5 * torch.randn(rows, n, generator=g)
+    x = torch.rand(rows, n, generator=g).round()
+    u = torch.finfo(torch.float32).eps / 2
+    for got, terms in ((vf.gaussian_kl(mu, lv), ref.gaussian_kl(mu.double(), lv.double(), event_dims=0)),
+                       (vf.bernoulli_log_prob(x, mu), ref.bernoulli_log_prob(x.double(), mu.double(), event_dims=0))):
+        want, magnitude = terms.sum(-1), terms.abs().sum(-1)
+        # per term a few roundoffs, then a sum whose error is at most ~log2(n) roundoffs of the magnitudes
+        bound = u * (16 + 2 * math.log2(n)) * magnitude
+        assert ((got.double() - want).abs() <= bound).all(), (n, (got.double() - want).abs() / magnitude)
