@@ -94,6 +94,9 @@ MUTANTS = [
            "a broadcast argument's partial sum keeps only the last line added to it"),
     Mutant("broadcast-first-block-only", "csrc/ops.cpp", "partials[j].sum(0).view(", "partials[j].select(0, 0).view(",
            OP_TESTS, "the block partial sums of a broadcast gradient: only the first block kept"),
+    Mutant("clamp-edge-open", "csrc/cpu/kernels.cpp", "const V keep = (x >= vlo) & (x <= vhi);",
+           "const V keep = (x > vlo) & (x <= vhi);", ("tests/test_clamp.py",),
+           "the logvar clamp's gradient stopped at the lower edge (torch.clamp passes it there)"),
     # ---- the model's objectives ----------------------------------------------------------------------------
     Mutant("iwae-as-mean", "vae_fast/model.py",
            "        log_w, _ = self._log_weights(x, mu, logvar, num_samples)\n"
