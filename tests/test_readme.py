@@ -30,12 +30,19 @@ NUMERIC_COLUMNS = {
     "torch.compile": lambda r: r["compile_ms"],
     "compile": lambda r: r["compile_ms"],
     "compile ms": lambda r: r["compile_ms"],
+    "fused us": lambda r: r["fused_ms"] * 1e3,
+    "eager us": lambda r: r["eager_ms"] * 1e3,
+    "compile us": lambda r: None if r["compile_ms"] is None else r["compile_ms"] * 1e3,
     "fused+compile ms": lambda r: r["fused_compile_ms"],
     "fused gb/s": lambda r: r["fused_gbps"],
     "eager gb/s": _gbps("eager_ms"),
     "compile gb/s": _gbps("compile_ms"),
     "of copy": lambda r: r["copy_fraction"],
     "copy": lambda r: r["copy_fraction"],
+    "elbo ops ms fused": lambda r: r["elbo_ops_ms"]["fused"],
+    "elbo ops ms eager": lambda r: r["elbo_ops_ms"]["eager"],
+    "elbo share fused": lambda r: r["elbo_share"]["fused"],
+    "elbo share eager": lambda r: r["elbo_share"]["eager"],
     "fused/eager": _ratio("fused_ms", "eager_ms"),
     "fused/compile": _ratio("fused_ms", "compile_ms"),
     "eager/fused": _ratio("eager_ms", "fused_ms"),
@@ -118,7 +125,7 @@ def check_table(caption, header, rows, result) -> list[str]:
     unknown = [h for h in header if h not in NUMERIC_COLUMNS and h not in TEXT_COLUMNS]
     assert not unknown, f"README benchmark table has columns this test cannot check against the JSON: {unknown}"
     train = "config" in header
-    json_rows = result["train_step"] if train else result["rows"]
+    json_rows = result["train_step"] if train else result["rows"] + result.get("per_call", [])
     caption_dtype = next((d for d in DTYPES if re.search(rf"\b{d}\b", caption)), None)
     problems = []
     for row in rows:

@@ -124,6 +124,8 @@ class TrainConfig:
         need(not self.objective.startswith("iwae") or (self.beta == 1 and self.free_bits == 0
                                                       and self.warmup_epochs == 0),
              f"--beta, --warmup-epochs and --free-bits apply to the ELBO only, not --objective {self.objective}")
+        need(not (self.objective == "elbo-stl" and self.free_bits > 0),
+             "--free-bits needs --objective elbo (elbo-stl has no per-dimension KL to floor)")
         need(isinstance(self.compile, bool), f"--compile must be true or false, got {self.compile!r}")
         for name in ("out", "log_dir"):
             v = getattr(self, name)
