@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/python.h>
+#include <ATen/Dispatch.h>
 #include <torch/version.h>
 
 #include <cstdlib>
@@ -25,6 +26,21 @@ PYBIND11_MODULE(_C, m) {
       "The checks an op's eager call makes, without running it (fake kernels).",
         py::arg("op"), py::arg("tensors"), py::arg("event_dims"), py::arg("num_samples") = 1,
         py::arg("sample_dim") = false);
+  m.def(
+      "any_negative",
+      [](const at::Tensor& t) {
+        HANDLE_TH_ERRORS  // gaussian_nll_loss's eager negative-var check on the CPU: a plain loop, no op
+        TORCH_CHECK_VALUE(t.device().is_cpu() && t.is_floating_point(), "any_negative: a floating CPU tensor");
+        const at::Tensor c = t.contiguous();
+        bool negative = false;
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "any_negative", [&] {
+          const scalar_t* p = c.const_data_ptr<scalar_t>();
+          for (int64_t i = 0, n = c.numel(); i < n; ++i) negative |= static_cast<float>(p[i]) < 0.0f;  // NaN: no
+        });
+        return negative;
+        END_HANDLE_TH_ERRORS_PYBIND
+      },
+      "True if a floating CPU tensor has a negative entry (NaN entries are not negative).");
   m.def(
       "build_info",
       []() {

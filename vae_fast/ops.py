@@ -198,7 +198,9 @@ def _check_var_negative(var: torch.Tensor) -> None:
         return
     if var.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    if torch.any(var < 0):  # as torch: a NaN elsewhere does not hide a negative entry
+    # As torch: a NaN elsewhere does not hide a negative entry. On the CPU a C++ loop (no op, no sync).
+    negative = _C.any_negative(var) if var.device.type == "cpu" and var.is_floating_point() else torch.any(var < 0)
+    if negative:
         raise ValueError("var has negative entry/entries")
 
 
@@ -234,7 +236,8 @@ def gaussian_nll_loss(input, target, var, full: bool = False, eps: float = 1e-6,
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{reduction} is not valid: reduction must be 'none', 'mean' or 'sum'")
     try:
-        shape = torch.broadcast_shapes(input.shape, target.shape, var.shape)
+        shape = input.shape if input.shape == target.shape == var.shape else \
+            torch.broadcast_shapes(input.shape, target.shape, var.shape)
     except RuntimeError:  # raise torch's own message: its loss fails at `input - target` (or at `/ var`)
         stand_ins = [torch.zeros(()).expand(t.shape) for t in (input, target, var)]  # no memory
         (stand_ins[0] - stand_ins[1]) / stand_ins[2]
@@ -248,14 +251,14 @@ def gaussian_nll_loss(input, target, var, full: bool = False, eps: float = 1e-6,
         loss = _ops.gaussian_nll(input, target, var, float(eps), 0)
         if full:
             loss = loss + 0.5 * LOG_2PI
-        return loss.to(out_dtype)
+        return loss if loss.dtype == out_dtype else loss.to(out_dtype)
     numel = math.prod(shape)
     total = _ops.gaussian_nll(input, target, var, float(eps), len(shape))
     if full:
         total = total + 0.5 * LOG_2PI * numel
     if reduction == "mean":
         total = total / numel
-    return total.to(out_dtype)
+    return total if total.dtype == out_dtype else total.to(out_dtype)
 
 
 # ------------------------------------------------------------------------------------------------
