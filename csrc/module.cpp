@@ -32,12 +32,12 @@ PYBIND11_MODULE(_C, m) {
         HANDLE_TH_ERRORS  // gaussian_nll_loss's eager negative-var check on the CPU: a plain loop, no op
         TORCH_CHECK_VALUE(t.device().is_cpu() && t.is_floating_point(), "any_negative: a floating CPU tensor");
         const at::Tensor c = t.contiguous();
-        bool negative = false;
+        int64_t negatives = 0;  // an integer count: the loop vectorises (NaN < 0 is false: not negative)
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "any_negative", [&] {
           const scalar_t* p = c.const_data_ptr<scalar_t>();
-          for (int64_t i = 0, n = c.numel(); i < n; ++i) negative |= static_cast<float>(p[i]) < 0.0f;  // NaN: no
+          for (int64_t i = 0, n = c.numel(); i < n; ++i) negatives += static_cast<float>(p[i]) < 0.0f;
         });
-        return negative;
+        return negatives > 0;
         END_HANDLE_TH_ERRORS_PYBIND
       },
       "True if a floating CPU tensor has a negative entry (NaN entries are not negative).");
