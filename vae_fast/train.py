@@ -152,6 +152,15 @@ def derive_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
 
 
+def _init_process_group(backend: str) -> None:
+    """The env:// process group, its keys under a prefix of this torchrun attempt: torchrun's agent keeps one
+    store across restarts, and a restarted gloo group that read the addresses a dead attempt left there hung
+    or was refused in connectFullMesh (seen here, 1 restart in 3)."""
+    store, rank, world_size = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"vae_fast/attempt_{torchrun_restart()}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
+
+
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: CUDA is not available in this torch build or machine")
@@ -330,7 +339,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, pr
         torch.cuda.set_device(device)  # NCCL collectives use the current device
     own_group = world > 1 and not dist.is_initialized()
     if own_group:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
         result = _train(cfg, resume or torchrun_restart() > 0, overwrite, progress, device)
         if own_group:
