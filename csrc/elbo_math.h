@@ -89,14 +89,14 @@ VF_HD V times_inv_std(V a, V e4) {
 // ---- KL(N(m1, e^lv1) || N(m2, e^lv2)) per element, and its gradient ---------------------------
 // = 0.5 * (lv2 - lv1 + (e^lv1 + (m1 - m2)^2) / e^lv2 - 1) = 0.5 * (expm1(d) - d + s^2),
 // d = lv1 - lv2, s = (m1 - m2) e^(-lv2/2).
+// The forms taking e4 = inv_std_quarter(lv2) let a caller compute it once for a broadcast lv2.
 template <class V>
-VF_HD V kl(V m1, V lv1, V m2, V lv2) {
-  V s = times_inv_std(m1 - m2, inv_std_quarter(lv2));
+VF_HD V kl(V m1, V lv1, V m2, V lv2, V e4) {
+  V s = times_inv_std(m1 - m2, e4);
   return V(0.5f) * (vmath::expm1_minus_x(lv1 - lv2) + s * s);
 }
 template <class V>
-VF_HD void kl_grad(V g, V m1, V lv1, V m2, V lv2, V& dm1, V& dlv1, V& dm2, V& dlv2) {
-  V e4 = inv_std_quarter(lv2);
+VF_HD void kl_grad(V g, V m1, V lv1, V m2, V lv2, V e4, V& dm1, V& dlv1, V& dm2, V& dlv2) {
   V s = times_inv_std(m1 - m2, e4);
   V scaled = times_inv_std(s, e4);  // (m1 - m2) / v2
   V em1 = vmath::expm1(lv1 - lv2);
@@ -107,14 +107,14 @@ VF_HD void kl_grad(V g, V m1, V lv1, V m2, V lv2, V& dm1, V& dlv1, V& dm2, V& dl
 }
 
 // ---- log N(x; m, e^lv) per element, and its gradient ------------------------------------------
+// The forms taking e4 = inv_std_quarter(lv) let a caller compute it once for a broadcast lv.
 template <class V>
-VF_HD V gaussian_log_prob(V x, V m, V lv) {
-  V s = times_inv_std(x - m, inv_std_quarter(lv));
+VF_HD V gaussian_log_prob(V x, V m, V lv, V e4) {
+  V s = times_inv_std(x - m, e4);
   return V(-0.5f) * (V(kLog2Pi) + lv + s * s);
 }
 template <class V>
-VF_HD void gaussian_log_prob_grad(V g, V x, V m, V lv, V& dx, V& dm, V& dlv) {
-  V e4 = inv_std_quarter(lv);
+VF_HD void gaussian_log_prob_grad(V g, V x, V m, V lv, V e4, V& dx, V& dm, V& dlv) {
   V s = times_inv_std(x - m, e4);
   dm = g * times_inv_std(s, e4);  // g (x - m) / v
   dx = V(0.0f) - dm;

@@ -327,3 +327,40 @@ def test_float32_sum_error_grows_at_most_like_log2_of_the_row_length(log_n, rows
         # per term a few roundoffs, then a sum whose error is at most ~log2(n) roundoffs of the magnitudes
         bound = u * (16 + 2 * math.log2(n)) * magnitude
         assert ((got.double() - want).abs() <= bound).all(), (n, (got.double() - want).abs() / magnitude)
+
+
+# ---- a broadcast log-variance's exp computed once (the CPU engines' hoisting) -----------------------
+@pytest.mark.parametrize("lv_shape", [(), (1,), (96,)], ids=["scalar", "scalar1", "per_feature"])
+@pytest.mark.parametrize("x_shape", [(40, 96), (3, 40, 96)], ids=["flat", "broadcast_x"])
+@pytest.mark.parametrize("clamp", [None, (-0.5, 0.375)], ids=["noclamp", "clamp"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_hoisted_logvar_equals_the_per_element_formula(lv_shape, x_shape, clamp, dtype):
+    """A scalar or per-feature logvar (the flat engine, and the row engine when the data is broadcast
+    against K samples) gives the float64 reference's values and gradients, clamped or not, its edges
+    included; and the KL against a prior with such a logvar likewise."""
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+    mean = torch.randn(3, 40, 96, generator=g, dtype=torch.float64)
+    x = torch.randn(x_shape, generator=g, dtype=torch.float64)
+    lv = torch.randn(lv_shape, generator=g, dtype=torch.float64)
+    if lv.numel() > 2:
+        lv.view(-1)[:4] = torch.tensor([-0.5, 0.375, -0.625, 0.5], dtype=torch.float64)  # on and beyond the edges
+    tol = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-4),
+           torch.bfloat16: dict(rtol=1e-2, atol=0.3)}[dtype]
+    args = [t.to(dtype).requires_grad_() for t in (x, mean, lv)]
+    args64 = [t.detach().double().requires_grad_() for t in args]
+    out = vf.gaussian_log_prob(*args, logvar_clamp=clamp)
+    want = ref.gaussian_log_prob(*args64, logvar_clamp=clamp)
+    up = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(out.double(), want, **tol)
+    for a, b in zip(torch.autograd.grad(out, args, up.to(out.dtype)), torch.autograd.grad(want, args64, up)):
+        torch.testing.assert_close(a.double(), b, **tol)
+    mu, q_lv = (torch.randn(40, 96, generator=g, dtype=torch.float64).to(dtype).requires_grad_() for _ in range(2))
+    kl_args, kl64 = [mu, q_lv, args[1][0], args[2]], [mu.detach().double(), q_lv.detach().double(), *args64[1:]]
+    kl64 = [kl64[0].requires_grad_(), kl64[1].requires_grad_(), args64[1][0], args64[2]]
+    out = vf.gaussian_kl(*kl_args, prior_logvar_clamp=clamp)
+    want = ref.gaussian_kl(*kl64, prior_logvar_clamp=clamp)
+    torch.testing.assert_close(out.double(), want, **tol)
+    up = up[0]
+    got = torch.autograd.grad(out, [kl_args[0], kl_args[1], args[2]], up.to(out.dtype))
+    for a, b in zip(got, torch.autograd.grad(want, [kl64[0], kl64[1], args64[2]], up)):
+        torch.testing.assert_close(a.double(), b, **tol)

@@ -126,11 +126,15 @@ def test_mixed_precision_returns_float32(op, low, device, gen):
 
 
 @pytest.mark.parametrize("case", [("gaussian_log_prob", [(64, 300), (8, 64, 300), (300,)], 1),
-                                  ("gaussian_kl", [(512, 64), (512, 64), (64,), ()], 1)], ids=case_id)
+                                  ("gaussian_kl", [(512, 64), (512, 64), (64,), ()], 1),
+                                  ("gaussian_log_prob", [(1000, 300), (3, 1000, 300), ()], 1),
+                                  ("bernoulli_log_prob", [(1000, 300), (3, 1000, 300)], 0)], ids=case_id)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_broadcast_gradients_over_many_row_blocks(case, dtype, device, gen):
     # From 2^15 elements on the CPU sums a broadcast argument's gradient in up to 64 row blocks, then
-    # adds the blocks' partial sums in order; CASES are small enough for one block.
+    # adds the blocks' partial sums in order; CASES are small enough for one block. The (3, 1000, 300)
+    # cases walk the K samples over tiles of 873 data rows (the CPU row engine's tiling): two tiles,
+    # the second partial, each split across blocks.
     check_against_reference(*case, dtype, device, gen)
 
 
@@ -270,20 +274,20 @@ def test_only_needed_gradients_are_computed(gen):
 
 def test_broadcast_gradients_are_deterministic(gen):
     # Partial sums per fixed row block, added in order: bitwise the same every time and whatever
-    # the thread count.
-    x = randn((64, 300), gen=gen)
-    mean = randn((8, 64, 300), gen=gen)
-    lv = randn((300,), gen=gen).requires_grad_()
-    results = []
-    for threads in (1, 2, 1):
-        old = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        try:
-            (g,) = torch.autograd.grad(vf.gaussian_log_prob(x, mean, lv).sum(), lv)
-        finally:
-            torch.set_num_threads(old)
-        results.append(g)
-    assert all(torch.equal(results[0], r) for r in results[1:])
+    # the thread count. The second shape walks the samples over two tiles of data rows.
+    for rows in (64, 1000):
+        x = randn((rows, 300), gen=gen).requires_grad_()
+        mean = randn((8, rows, 300), gen=gen)
+        lv = randn((300,), gen=gen).requires_grad_()
+        results = []
+        for threads in (1, 2, 1):
+            old = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                results.append(torch.autograd.grad(vf.gaussian_log_prob(x, mean, lv).sum(), (x, lv)))
+            finally:
+                torch.set_num_threads(old)
+        assert all(torch.equal(a, b) for r in results[1:] for a, b in zip(results[0], r))
 
 
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])

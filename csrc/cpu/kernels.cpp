@@ -207,6 +207,18 @@ acc_t hsum(const Vec<acc_t>& v) {
   return s;
 }
 
+// The sum of n values: per lane over full vectors, then the lanes and the tail in a fixed order.
+template <class acc_t>
+acc_t sum_range(const acc_t* v, int64_t n) {
+  using V = Vec<acc_t>;
+  V acc(acc_t(0));
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) acc = acc + V::loadu(v + i);
+  acc_t s = hsum(acc);
+  for (; i < n; ++i) s += v[i];
+  return s;
+}
+
 // torch.clamp(x, lo, hi) in place (a NaN stays NaN), returning the mask (all bits set) of the lanes where
 // lo <= x <= hi: torch.clamp's gradient passes there and is 0 elsewhere, NaN included (layout.h's Clamp).
 template <class acc_t>
@@ -233,19 +245,68 @@ struct Clamps {
   }
   // Op::apply on one vector of inputs, the clamped ones clamped; a backward op's gradient of a clamped
   // input (out[j] for in[j + 1]) masked to where it lies in [lo, hi].
+  // h: Op's hoisted value computed beforehand (row_ops.h), or null.
   template <class Op>
-  void apply(Vec<acc_t>* a, Vec<acc_t>* o) const {
-    if (!any) return Op::apply(a, o);
+  void apply(Vec<acc_t>* a, Vec<acc_t>* o, const Vec<acc_t>* h = nullptr) const {
+    if (!any) return call<Op>(a, o, h);
     Vec<acc_t> keep[N];
     for (int j = 0; j < N; ++j)
       if (on[j]) keep[j] = clamp_keep(a[j], lo[j], hi[j]);
-    Op::apply(a, o);
+    call<Op>(a, o, h);
     if constexpr (Op::kBackward) {
       for (int j = 0; j + 1 < N; ++j)
         if (on[j + 1]) o[j] = o[j] & keep[j + 1];
     }
   }
+  template <class Op>
+  static void call(Vec<acc_t>* a, Vec<acc_t>* o, const Vec<acc_t>* h) {
+    if constexpr (Op::kHoisted >= 0) {
+      if (h) return Op::apply_hoisted(a, *h, o);
+    }
+    Op::apply(a, o);
+  }
 };
+
+// Op's hoisted value (row_ops.h) computed once per launch when its input is the same for every row:
+// one value (a scalar input) or one per element of a row, in event order (a per-feature input).
+template <class acc_t>
+struct Hoisted {
+  bool scalar = false;
+  acc_t value = 0;
+  std::vector<acc_t> per_event;  // empty unless per-feature
+  bool on() const { return scalar || !per_event.empty(); }
+};
+
+// Op::hoist over n raw values of its hoisted input, clamped as the input is; in place allowed.
+template <class acc_t, class Op>
+void hoist_values(const acc_t* raw, int64_t n, const Clamps<acc_t, Op::kIn>& clamps, acc_t* out) {
+  using V = Vec<acc_t>;
+  constexpr int j = Op::kHoisted;
+  for (int64_t i = 0; i < n; i += V::size()) {
+    const int64_t cnt = std::min<int64_t>(V::size(), n - i);
+    V v = V::loadu(raw + i, cnt);
+    if (clamps.on[j]) clamp_keep(v, clamps.lo[j], clamps.hi[j]);
+    Op::hoist(v).store(out + i, cnt);
+  }
+}
+
+// A scalar hoisted input; `gather_row(raw)` fills raw with one row's E values (event order) of a
+// hoisted input that is the same for every one of the R > 1 rows.
+template <class acc_t, class Op, class GatherRow>
+Hoisted<acc_t> hoist_broadcast(const Operand& op, bool is_scalar, bool same_every_row, int64_t R, int64_t E,
+                               const Clamps<acc_t, Op::kIn>& clamps, GatherRow gather_row) {
+  Hoisted<acc_t> h;
+  if (is_scalar) {
+    const acc_t raw = read_one<acc_t>(op, 0);
+    hoist_values<acc_t, Op>(&raw, 1, clamps, &h.value);
+    h.scalar = true;
+  } else if (same_every_row && R > 1 && E > 0) {
+    h.per_event.resize(static_cast<size_t>(E));
+    gather_row(h.per_event.data());
+    hoist_values<acc_t, Op>(h.per_event.data(), E, clamps, h.per_event.data());
+  }
+  return h;
+}
 
 // Adds one value into an accumulated partial-sum slice (kept in double on the CPU: see ops.cpp).
 template <class acc_t>
@@ -254,13 +315,41 @@ void add_to(const Operand& op, int64_t off, double value) {
   else static_cast<acc_t*>(op.data)[off] += static_cast<acc_t>(value);
 }
 
+// Op over n elements, branch-free: input j at in[j] + i * in_step[j] (step 0: a broadcast value, stored
+// as one full vector), Op's hoisted value likewise at h (null: computed per vector), every output
+// stored at out[j] + i (an unwanted or summed output into scratch). Full vectors, then one partial.
+template <class acc_t, class Op>
+void apply_chunk(const Clamps<acc_t, Op::kIn>& clamps, const acc_t* const* in, const int64_t* in_step, const acc_t* h,
+                 int64_t h_step, acc_t* const* out, int64_t n) {
+  using V = Vec<acc_t>;
+  constexpr int64_t VS = V::size();
+  auto step = [&](int64_t i, int64_t cnt) {
+    V a[Op::kIn], o[Op::kOut];
+    for (int j = 0; j < Op::kIn; ++j) a[j] = cnt == VS ? V::loadu(in[j] + i * in_step[j]) : V::loadu(in[j] + i * in_step[j], cnt);
+    if (h) {
+      const V hv = cnt == VS ? V::loadu(h + i * h_step) : V::loadu(h + i * h_step, cnt);
+      clamps.template apply<Op>(a, o, &hv);
+    } else {
+      clamps.template apply<Op>(a, o);
+    }
+    for (int j = 0; j < Op::kOut; ++j) {
+      if (cnt == VS) o[j].store(out[j] + i); else o[j].store(out[j] + i, cnt);
+    }
+  };
+  int64_t i = 0;
+  for (; i + VS <= n; i += VS) step(i, VS);
+  if (i < n) step(i, n - i);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The row engine: for each row and each innermost event line, in chunks, load the inputs, apply
 // the op on vectors, and for each output either store the values (its inner stride is not 0) or
 // sum them (inner stride 0: a row reduction, or the gradient of an argument broadcast along it).
 // ---------------------------------------------------------------------------------------------
+// Rows first, first + step, ... (count of them); `block` picks the accumulated outputs' partial-sum slice.
 template <class acc_t, class Op>
-void run_row_range(const RowArgs& args, int64_t row_begin, int64_t row_end, int64_t block) {
+void run_rows_strided(const RowArgs& args, const Hoisted<acc_t>& hoisted, int64_t first, int64_t count, int64_t step,
+                      int64_t block) {
   using V = Vec<acc_t>;
   constexpr int64_t VS = V::size();
   const RowLayout& L = args.layout;
@@ -271,6 +360,8 @@ void run_row_range(const RowArgs& args, int64_t row_begin, int64_t row_end, int6
   const Clamps<acc_t, Op::kIn> clamps(args.in);
   alignas(64) acc_t in_buf[Op::kIn][kChunk];
   alignas(64) acc_t out_buf[Op::kOut][kChunk];
+  alignas(64) acc_t hoisted_value[V::size()];
+  V(hoisted.value).store(hoisted_value);
   int64_t in_row[Op::kIn], out_row[Op::kOut];
   bool out_is_row_sum[Op::kOut];  // all event strides 0 and not accumulated: zero it per row
   for (int j = 0; j < Op::kOut; ++j) {
@@ -279,7 +370,7 @@ void run_row_range(const RowArgs& args, int64_t row_begin, int64_t row_end, int6
     out_is_row_sum[j] = args.out[j].data != nullptr && all_zero && !args.out[j].accumulate;
   }
 
-  for (int64_t r = row_begin; r < row_end; ++r) {
+  for (int64_t n_done = 0, r = first; n_done < count; ++n_done, r += step) {
     // Row offsets of every operand (row index decomposed over the row dims, innermost last).
     for (int j = 0; j < Op::kIn; ++j) in_row[j] = 0;
     for (int j = 0; j < Op::kOut; ++j) out_row[j] = args.out[j].accumulate ? block * args.out[j].block_stride : 0;
@@ -312,32 +403,26 @@ void run_row_range(const RowArgs& args, int64_t row_begin, int64_t row_end, int6
       double line_sum[Op::kOut] = {};
       for (int64_t c0 = 0; c0 < inner; c0 += kChunk) {
         const int64_t n = std::min(kChunk, inner - c0);
-        Loaded<acc_t> src[Op::kIn];
-        for (int j = 0; j < Op::kIn; ++j) src[j] = load<acc_t>(args.in[j], in_off[j] + c0 * in_st[j], in_st[j], n, in_buf[j]);
+        const acc_t* src[Op::kIn];
+        int64_t src_step[Op::kIn];
+        for (int j = 0; j < Op::kIn; ++j) {
+          const Loaded<acc_t> l = load<acc_t>(args.in[j], in_off[j] + c0 * in_st[j], in_st[j], n, in_buf[j]);
+          if (l.scalar) V(l.value).store(in_buf[j]);
+          src[j] = l.scalar ? in_buf[j] : l.ptr;
+          src_step[j] = l.scalar ? 0 : 1;
+        }
         acc_t* dst[Op::kOut];
         for (int j = 0; j < Op::kOut; ++j)
           dst[j] = (args.out[j].data && out_st[j] != 0)
                        ? output_target<acc_t>(args.out[j], out_off[j] + c0 * out_st[j], out_st[j], out_buf[j])
-                       : nullptr;
-        V chunk_sum[Op::kOut];
-        for (int j = 0; j < Op::kOut; ++j) chunk_sum[j] = V(acc_t(0));
-        for (int64_t i = 0; i < n; i += VS) {
-          const int64_t count = std::min(VS, n - i);
-          V a[Op::kIn], o[Op::kOut];
-          for (int j = 0; j < Op::kIn; ++j)
-            a[j] = src[j].scalar ? V(src[j].value) : (count == VS ? V::loadu(src[j].ptr + i) : V::loadu(src[j].ptr + i, count));
-          clamps.template apply<Op>(a, o);
-          for (int j = 0; j < Op::kOut; ++j) {
-            if (dst[j]) {
-              if (count == VS) o[j].store(dst[j] + i); else o[j].store(dst[j] + i, count);
-            } else if (args.out[j].data) {
-              chunk_sum[j] = chunk_sum[j] + (count == VS ? o[j] : V::set(V(acc_t(0)), o[j], count));
-            }
-          }
-        }
+                       : out_buf[j];
+        const acc_t* h = hoisted.scalar ? hoisted_value : hoisted.per_event.empty() ? nullptr
+                                                                                  : hoisted.per_event.data() + line * inner + c0;
+        apply_chunk<acc_t, Op>(clamps, src, src_step, h, hoisted.scalar ? 0 : 1, dst, n);
         for (int j = 0; j < Op::kOut; ++j) {
-          if (dst[j] == out_buf[j]) store<acc_t>(args.out[j], out_off[j] + c0 * out_st[j], out_st[j], n, out_buf[j]);
-          else if (!dst[j] && args.out[j].data) line_sum[j] += static_cast<double>(hsum(chunk_sum[j]));
+          if (!args.out[j].data) continue;
+          if (out_st[j] == 0) line_sum[j] += static_cast<double>(sum_range(out_buf[j], n));
+          else if (dst[j] == out_buf[j]) store<acc_t>(args.out[j], out_off[j] + c0 * out_st[j], out_st[j], n, out_buf[j]);
         }
       }
       for (int j = 0; j < Op::kOut; ++j) {
@@ -357,25 +442,97 @@ void run_row_range(const RowArgs& args, int64_t row_begin, int64_t row_end, int6
   }
 }
 
-template <class acc_t, class Op>
-void run_rows_typed(const RowArgs& args) {
+// Rows are r = o * inner + i, where i runs over the trailing row dims along which more inputs are
+// broadcast than along the leading ones (ops.cpp's reuse_broadcast_rows walks those innermost): the
+// K samples of a (K, B, D) operand against (B, D) data. The rows are walked in tiles of `tile` outer
+// rows, every i over one tile before the next, so the broadcast operand's tile stays in L2 while the
+// K samples pass over it and the other operands are read in long runs (one row of each sample at a
+// time jumps a whole (B, D) slab between rows, which the prefetchers do not follow: 3x slower).
+struct RowTiling {
+  int64_t outer, inner, tile;
+};
+
+template <int kIn>
+RowTiling row_tiling(const RowArgs& args) {
   const RowLayout& L = args.layout;
-  bool any_accumulate = false;
-  for (int j = 0; j < Op::kOut; ++j) any_accumulate |= args.out[j].data && args.out[j].accumulate;
-  if (any_accumulate) {
-    // Fixed row blocks (chosen from the shapes alone), each with its own partial sums: the same
-    // result whatever the thread count.
-    at::parallel_for(0, L.n_blocks, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
-        run_row_range<acc_t, Op>(args, b * L.rows / L.n_blocks, (b + 1) * L.rows / L.n_blocks, b);
-    });
-  } else {
-    // ~32K elements per task: enough to amortise the fork, small enough to balance.
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, L.event_numel));
-    at::parallel_for(0, L.rows, grain, [&](int64_t r0, int64_t r1) { run_row_range<acc_t, Op>(args, r0, r1, 0); });
+  auto broadcast_count = [&](int d) {
+    int c = 0;
+    for (int j = 0; j < kIn; ++j) c += args.in[j].row_strides[d] == 0;
+    return c;
+  };
+  int64_t inner = 1;
+  if (L.n_row_dims >= 2) {
+    const int lead = broadcast_count(0);
+    for (int d = L.n_row_dims - 1; d > 0 && broadcast_count(d) > lead; --d) inner *= L.row_sizes[d];
+  }
+  // 256K elements per tile: a float32 tile of a broadcast operand (1 MiB) stays in L2 here, and the other
+  // operands are read in runs of 1 MiB, long enough for the prefetchers (64 KiB runs: 1.5x slower).
+  const int64_t tile = std::max<int64_t>(1, (int64_t{1} << 18) / std::max<int64_t>(1, L.event_numel));
+  return {L.rows / inner, inner, tile};
+}
+
+// Outer rows [o0, o1) of every i, tile by tile.
+template <class acc_t, class Op>
+void run_outer_range(const RowArgs& args, const Hoisted<acc_t>& h, const RowTiling& t, int64_t o0, int64_t o1,
+                     int64_t block) {
+  if (t.inner == 1) return run_rows_strided<acc_t, Op>(args, h, o0, o1 - o0, 1, block);
+  for (int64_t a = o0; a < o1; a += t.tile) {
+    const int64_t b = std::min(o1, a + t.tile);
+    for (int64_t i = 0; i < t.inner; ++i) run_rows_strided<acc_t, Op>(args, h, a * t.inner + i, b - a, t.inner, block);
   }
 }
 
+// The row engine's Hoisted: the hoisted input's values over one row, gathered line by line.
+template <class acc_t, class Op>
+Hoisted<acc_t> hoist_rows(const RowArgs& args) {
+  if constexpr (Op::kHoisted < 0) {
+    return {};
+  } else {
+    const RowLayout& L = args.layout;
+    const Operand& op = args.in[Op::kHoisted];
+    bool same_every_row = true, is_scalar = true;
+    for (int d = 0; d < L.n_row_dims; ++d) same_every_row &= op.row_strides[d] == 0;
+    for (int d = 0; d < L.n_event_dims; ++d) is_scalar &= op.event_strides[d] == 0;
+    const int ne = L.n_event_dims;
+    const int64_t inner = L.event_sizes[ne - 1], st = op.event_strides[ne - 1];
+    return hoist_broadcast<acc_t, Op>(op, same_every_row && is_scalar, same_every_row, L.rows, L.event_numel,
+                                      Clamps<acc_t, Op::kIn>(args.in), [&](acc_t* raw) {
+      alignas(64) acc_t buf[kChunk];
+      for (int64_t line = 0; line * inner < L.event_numel; ++line) {
+        int64_t off = 0, rem = line;
+        for (int d = ne - 2; d >= 0; --d) off += (rem % L.event_sizes[d]) * op.event_strides[d], rem /= L.event_sizes[d];
+        for (int64_t c0 = 0; c0 < inner; c0 += kChunk) {
+          const int64_t n = std::min(kChunk, inner - c0);
+          const Loaded<acc_t> src = load<acc_t>(op, off + c0 * st, st, n, buf);
+          acc_t* out = raw + line * inner + c0;
+          if (src.scalar) std::fill(out, out + n, src.value);
+          else std::copy(src.ptr, src.ptr + n, out);
+        }
+      }
+    });
+  }
+}
+
+template <class acc_t, class Op>
+void run_rows_typed(const RowArgs& args) {
+  const RowLayout& L = args.layout;
+  const RowTiling t = row_tiling<Op::kIn>(args);
+  const Hoisted<acc_t> h = hoist_rows<acc_t, Op>(args);
+  bool any_accumulate = false;
+  for (int j = 0; j < Op::kOut; ++j) any_accumulate |= args.out[j].data && args.out[j].accumulate;
+  if (any_accumulate) {
+    // Fixed blocks of outer rows (chosen from the shapes alone), each with its own partial sums: the
+    // same result whatever the thread count.
+    at::parallel_for(0, L.n_blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        run_outer_range<acc_t, Op>(args, h, t, b * t.outer / L.n_blocks, (b + 1) * t.outer / L.n_blocks, b);
+    });
+  } else {
+    // ~32K elements per task: enough to amortise the fork, small enough to balance.
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, L.event_numel * t.inner));
+    at::parallel_for(0, t.outer, grain, [&](int64_t o0, int64_t o1) { run_outer_range<acc_t, Op>(args, h, t, o0, o1, 0); });
+  }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Normals: Philox over arrays of counters (auto-vectorised), Box-Muller on SIMD vectors.
@@ -476,16 +633,6 @@ void store_contiguous(DType dtype, void* base, int64_t off, int64_t n, const acc
   if (output_target<acc_t>(op, off, 1, nullptr) != src) store<acc_t>(op, off, 1, n, src);
 }
 
-template <class acc_t>
-acc_t sum_range(const acc_t* v, int64_t n) {
-  using V = Vec<acc_t>;
-  V acc(acc_t(0));
-  int64_t i = 0;
-  for (; i + V::size() <= n; i += V::size()) acc = acc + V::loadu(v + i);
-  acc_t s = hsum(acc);
-  for (; i < n; ++i) s += v[i];
-  return s;
-}
 
 // Writes the per-row sums of the terms of flat elements [flat, flat + n) into out[row], row = element
 // / E. The caller walks whole rows in order; a row that spans chunks is carried in `carry` (double,
@@ -752,21 +899,38 @@ bool run_flat(const RowArgs& args) {
   auto run_of = [&](int64_t rs) { return rs == E ? whole : E; };
   auto stride_of = [&](int64_t rs) { return rs == E ? whole : rs; };
   const Clamps<acc_t, Op::kIn> clamps(args.in);
+  Hoisted<acc_t> hoisted;
+  if constexpr (Op::kHoisted >= 0) {
+    constexpr int jh = Op::kHoisted;
+    const Operand& op = args.in[jh];
+    hoisted = hoist_broadcast<acc_t, Op>(op, in_kind[jh] == FlatKind::Scalar,
+                                         in_kind[jh] == FlatKind::Run && in_rs[jh] == 0, R, E, clamps, [&](acc_t* raw) {
+      alignas(64) acc_t buf[kChunk];
+      for_each_chunk(0, E, [&](int64_t c, int64_t n) {
+        const acc_t* v = load_logical<acc_t>(op.dtype, op.data, E, 0, c, n, buf);
+        std::copy(v, v + n, raw + c);
+      });
+    });
+  }
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(1, E));
   at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
     alignas(64) acc_t in_buf[Op::kIn][kChunk];
     alignas(64) acc_t out_buf[Op::kOut][kChunk];
+    alignas(64) acc_t hoisted_buf[kChunk];
+    alignas(64) acc_t hoisted_value[V::size()];
+    V(hoisted.value).store(hoisted_value);
     double carry[Op::kOut] = {};
     for_each_chunk(r0 * E, r1 * E, [&](int64_t c, int64_t n) {
       const acc_t* src[Op::kIn];
-      acc_t scalar[Op::kIn];
+      int64_t src_step[Op::kIn];
       for (int j = 0; j < Op::kIn; ++j) {
         const Operand& op = args.in[j];
-        src[j] = nullptr;
+        src_step[j] = in_kind[j] == FlatKind::Scalar ? 0 : 1;
         if (in_kind[j] == FlatKind::Run) {
           src[j] = load_logical<acc_t>(op.dtype, op.data, run_of(in_rs[j]), stride_of(in_rs[j]), c, n, in_buf[j]);
         } else if (in_kind[j] == FlatKind::Scalar) {
-          scalar[j] = read_one<acc_t>(op, 0);
+          Vec<acc_t>(read_one<acc_t>(op, 0)).store(in_buf[j]);
+          src[j] = in_buf[j];
         } else {  // one value per row, spread over the row's elements
           for (int64_t i = 0; i < n;) {
             const int64_t row = (c + i) / E, len = std::min(n, (row + 1) * E - c) - i;
@@ -783,13 +947,11 @@ bool run_flat(const RowArgs& args) {
                      ? logical_target<acc_t>(o.dtype, o.data, run_of(out_rs[j]), stride_of(out_rs[j]), c, n, out_buf[j])
                      : out_buf[j];
       }
-      for (int64_t i = 0; i < n; i += VS) {
-        const int64_t cnt = std::min(VS, n - i);
-        V a[Op::kIn], o[Op::kOut];
-        for (int j = 0; j < Op::kIn; ++j) a[j] = src[j] ? V::loadu(src[j] + i, cnt) : V(scalar[j]);
-        clamps.template apply<Op>(a, o);
-        for (int j = 0; j < Op::kOut; ++j) o[j].store(dst[j] + i, cnt);
-      }
+      const acc_t* h = hoisted.scalar ? hoisted_value
+                       : hoisted.per_event.empty()
+                           ? nullptr
+                           : load_logical<acc_t>(acc_dtype, hoisted.per_event.data(), E, 0, c, n, hoisted_buf);
+      apply_chunk<acc_t, Op>(clamps, src, src_step, h, hoisted.scalar ? 0 : 1, dst, n);
       for (int j = 0; j < Op::kOut; ++j) {
         const Operand& o = args.out[j];
         if (!o.data) continue;
