@@ -46,7 +46,7 @@ DType to_dtype(at::ScalarType st) {
   }
 }
 
-at::ScalarType check_args(const std::vector<NamedTensor>& args) {
+at::ScalarType check_args(c10::ArrayRef<NamedTensor> args) {
   bool any64 = false, all64 = true;
   for (const auto& a : args) {
     check_float(a.tensor, a.name);
@@ -77,11 +77,11 @@ at::ScalarType check_args(const std::vector<NamedTensor>& args) {
   return any64 ? at::kDouble : at::kFloat;
 }
 
-std::vector<int64_t> broadcast_shape(const std::vector<NamedTensor>& args) {
-  std::vector<int64_t> shape;
+Dims broadcast_shape(c10::ArrayRef<NamedTensor> args) {
+  Dims shape;
   for (const auto& a : args) {
     auto s = a.tensor.sizes();
-    std::vector<int64_t> out(std::max(shape.size(), s.size()), 1);
+    Dims out(std::max(shape.size(), s.size()), 1);
     for (size_t i = 0; i < out.size(); ++i) {
       int64_t x = i < out.size() - shape.size() ? 1 : shape[i - (out.size() - shape.size())];
       int64_t y = i < out.size() - s.size() ? 1 : s[i - (out.size() - s.size())];
@@ -120,9 +120,9 @@ at::Tensor unexpand(const at::Tensor& t) {
 }
 
 // Strides (elements) of a tensor of shape `own` (contiguous) read as if broadcast to `full`.
-std::vector<int64_t> broadcast_strides(at::IntArrayRef own, const std::vector<int64_t>& full) {
+Dims broadcast_strides(at::IntArrayRef own, at::IntArrayRef full) {
   const size_t n = full.size(), off = n - own.size();
-  std::vector<int64_t> st(n, 0);
+  Dims st(n, 0);
   int64_t running = 1;
   for (size_t i = n; i-- > off;) {
     int64_t size = own[i - off];
@@ -134,9 +134,9 @@ std::vector<int64_t> broadcast_strides(at::IntArrayRef own, const std::vector<in
 
 // Strides of tensor `t` as it lies in memory, read as if broadcast to `full` (0 where it is broadcast):
 // chunks, slices and transposes are read in place.
-std::vector<int64_t> strides_in_place(const at::Tensor& t, const std::vector<int64_t>& full) {
+Dims strides_in_place(const at::Tensor& t, at::IntArrayRef full) {
   const size_t n = full.size(), off = n - static_cast<size_t>(t.dim());
-  std::vector<int64_t> st(n, 0);
+  Dims st(n, 0);
   for (size_t i = off; i < n; ++i) {
     const int64_t d = static_cast<int64_t>(i - off);
     st[i] = (t.size(d) == 1 && full[i] != 1) ? 0 : t.stride(d);
@@ -145,13 +145,13 @@ std::vector<int64_t> strides_in_place(const at::Tensor& t, const std::vector<int
 }
 
 struct Group {
-  std::vector<int64_t> sizes;
-  std::vector<std::vector<int64_t>> strides;  // per operand
+  Dims sizes;
+  DimsList strides;  // per operand
 };
 
 // Drops size-1 dims and merges neighbours that every operand walks as one; `ok` false when more
 // than kMaxDims dims remain.
-Group coalesce(const std::vector<int64_t>& sizes, const std::vector<std::vector<int64_t>>& strides) {
+Group coalesce(at::IntArrayRef sizes, const DimsList& strides) {
   Group g;
   g.strides.resize(strides.size());
   for (size_t d = 0; d < sizes.size(); ++d) {
@@ -175,13 +175,15 @@ Group coalesce(const std::vector<int64_t>& sizes, const std::vector<std::vector<
 // then reads the data once, not K times). A stable reordering: a function of the strides only.
 void reuse_broadcast_rows(Group& rows, size_t n_inputs) {
   const size_t nd = rows.sizes.size();
-  std::vector<int> broadcast_count(nd, 0);
+  c10::SmallVector<int, kMaxDims> broadcast_count(nd, 0);
   for (size_t d = 0; d < nd; ++d)
     for (size_t j = 0; j < n_inputs; ++j) broadcast_count[d] += rows.strides[j][d] == 0;
-  std::vector<size_t> order(nd);
-  for (size_t d = 0; d < nd; ++d) order[d] = d;
-  std::stable_sort(order.begin(), order.end(),
-                   [&](size_t a, size_t b) { return broadcast_count[a] < broadcast_count[b]; });
+  c10::SmallVector<size_t, kMaxDims> order;
+  for (size_t d = 0; d < nd; ++d) {  // a stable insertion sort by broadcast count (std::stable_sort allocates)
+    size_t at = order.size();
+    while (at > 0 && broadcast_count[order[at - 1]] > broadcast_count[d]) --at;
+    order.insert(order.begin() + at, d);
+  }
   Group out;
   out.strides.resize(rows.strides.size());
   for (size_t d : order) {
@@ -193,9 +195,9 @@ void reuse_broadcast_rows(Group& rows, size_t n_inputs) {
 
 }  // namespace
 
-RowProblem::RowProblem(const std::vector<NamedTensor>& inputs, int64_t event_dims, bool grad_is_first)
+RowProblem::RowProblem(c10::ArrayRef<NamedTensor> inputs, int64_t event_dims, bool grad_is_first)
     : event_dims(event_dims) {
-  std::vector<NamedTensor> shaped(inputs.begin() + (grad_is_first ? 1 : 0), inputs.end());
+  const c10::ArrayRef<NamedTensor> shaped = inputs.slice(grad_is_first ? 1 : 0);
   acc_dtype = check_args(inputs);
   shape = broadcast_shape(shaped);
   check_event_dims(event_dims, static_cast<int64_t>(shape.size()), "arguments");
@@ -213,26 +215,26 @@ RowProblem::RowProblem(const std::vector<NamedTensor>& inputs, int64_t event_dim
 
 // Strides over `shape` of a tensor shaped like the output (g, or the output itself): its own
 // (possibly narrowed) strides over the leading out_shape dims, 0 over the summed event dims.
-std::vector<int64_t> RowProblem::out_strides(const at::Tensor& t) const {
-  std::vector<int64_t> st = strides_in_place(t, out_shape);
+Dims RowProblem::out_strides(const at::Tensor& t) const {
+  Dims st = strides_in_place(t, out_shape);
   st.resize(shape.size(), 0);
   return st;
 }
 
-std::vector<std::vector<int64_t>> RowProblem::input_strides(bool first_is_grad) const {
-  std::vector<std::vector<int64_t>> st;
+DimsList RowProblem::input_strides(bool first_is_grad) const {
+  DimsList st;
   for (size_t j = 0; j < in.size(); ++j)
     st.push_back(first_is_grad && j == 0 ? out_strides(in[0].tensor) : strides_in_place(in[j].tensor, shape));
   return st;
 }
 
-bool RowProblem::make_args(const std::vector<std::vector<int64_t>>& in_strides,
-                           const std::vector<std::vector<int64_t>>& out_strides, int64_t n_blocks, RowArgs& args) const {
-  std::vector<std::vector<int64_t>> all(in_strides);
+bool RowProblem::make_args(const DimsList& in_strides, const DimsList& out_strides, int64_t n_blocks,
+                           RowArgs& args) const {
+  DimsList all(in_strides);
   all.insert(all.end(), out_strides.begin(), out_strides.end());
-  std::vector<int64_t> row_sizes(shape.begin(), shape.begin() + split), event_sizes(shape.begin() + split, shape.end());
+  Dims row_sizes(shape.begin(), shape.begin() + split), event_sizes(shape.begin() + split, shape.end());
   if (shape.empty()) event_sizes = {1};  // a 0-dim problem is one row of one element
-  std::vector<std::vector<int64_t>> row_st(all.size()), ev_st(all.size());
+  DimsList row_st(all.size()), ev_st(all.size());
   for (size_t j = 0; j < all.size(); ++j) {
     row_st[j].assign(all[j].begin(), all[j].begin() + split);
     ev_st[j].assign(all[j].begin() + split, all[j].end());
@@ -267,7 +269,7 @@ bool RowProblem::make_args(const std::vector<std::vector<int64_t>>& in_strides,
 
 // The launch description with every input read in place; when the strides leave more than kMaxDims
 // dims that cannot be merged, the inputs are copied to contiguous memory (the only copy ever made).
-RowArgs RowProblem::layout(const std::vector<std::vector<int64_t>>& out_strides, int64_t n_blocks, bool first_is_grad) {
+RowArgs RowProblem::layout(const DimsList& out_strides, int64_t n_blocks, bool first_is_grad) {
   RowArgs args;
   if (make_args(input_strides(first_is_grad), out_strides, n_blocks, args)) return args;
   for (auto& a : in) a.tensor = a.tensor.contiguous();
@@ -301,14 +303,15 @@ at::Tensor RowProblem::forward(OpKind op) {
 
 // Runs a backward row op; in[0] is the incoming gradient (shape out_shape). Returns one gradient per
 // original argument: its own shape and dtype when `needs`, else an empty tensor.
-std::vector<at::Tensor> RowProblem::backward(OpKind op, const std::vector<bool>& needs,
-                                             const std::vector<at::Tensor>& originals, std::optional<int64_t> concat_dim,
+std::vector<at::Tensor> RowProblem::backward(OpKind op, c10::ArrayRef<bool> needs, c10::ArrayRef<at::Tensor> originals,
+                                             std::optional<int64_t> concat_dim,
                                              size_t concat_first) {
   const size_t n_args = originals.size();
-  std::vector<at::Tensor> grads(n_args), partials(n_args);
+  std::vector<at::Tensor> grads(n_args);  // the op's Tensor[] result
+  c10::SmallVector<at::Tensor, kMaxOperands> partials(n_args);
   const auto device = in[0].tensor.device();
   at::Tensor joint;                     // with concat_dim: the one buffer of both gradients
-  std::vector<at::Tensor> halves(n_args);  // ... and the two views of it they are written to
+  c10::SmallVector<at::Tensor, kMaxOperands> halves(n_args);  // ... and the two views of it they are written to
   if (concat_dim) {
     TORCH_CHECK_VALUE(concat_first + 1 < n_args && needs[concat_first] && needs[concat_first + 1],
                       "vae_fast: concat_dim needs both gradients it concatenates");
@@ -343,8 +346,8 @@ std::vector<at::Tensor> RowProblem::backward(OpKind op, const std::vector<bool>&
   // CUDA kernels keep them in the accumulation type.
   const auto partial_dtype = device.is_cuda() ? acc_dtype : at::kDouble;
 
-  std::vector<bool> accumulate(n_args, false);
-  std::vector<std::vector<int64_t>> out_st;
+  Flags accumulate(n_args, false);
+  DimsList out_st;
   for (size_t j = 0; j < n_args; ++j) {
     const at::Tensor& orig = originals[j];
     out_st.push_back(broadcast_strides(orig.sizes(), shape));
@@ -415,7 +418,7 @@ at::Tensor concat_buffer(const at::Tensor& a, const at::Tensor& b, int64_t dim) 
                    a.scalar_type(), " and ", b.scalar_type());
   TORCH_CHECK_VALUE(a.dim() > 0 && dim >= -a.dim() && dim < a.dim(), "vae_fast: concat_dim ", dim,
                     " is out of range for arguments of shape ", shape_str(a.sizes()));
-  std::vector<int64_t> sizes(a.sizes().begin(), a.sizes().end());
+  Dims sizes(a.sizes().begin(), a.sizes().end());
   sizes[c10::maybe_wrap_dim(dim, a.dim())] *= 2;
   return at::empty(sizes, a.options().memory_format(at::MemoryFormat::Contiguous));
 }
@@ -437,11 +440,11 @@ std::optional<at::Tensor> i_opt(const at::Tensor& t) {
   return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
 }
 
-std::vector<NamedTensor> kl_args(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& pmu,
+NamedTensors kl_args(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& pmu,
                                  const std::optional<at::Tensor>& plogvar) {
   TORCH_CHECK_VALUE(pmu.has_value() == plogvar.has_value(),
                     "vae_fast.gaussian_kl: prior_mu and prior_logvar must be given together or not at all");
-  std::vector<NamedTensor> args{{mu, "mu"}, {logvar, "logvar"}};
+  NamedTensors args{{mu, "mu"}, {logvar, "logvar"}};
   if (pmu) {
     args.push_back({*pmu, "prior_mu"});
     args.push_back({*plogvar, "prior_logvar"});
@@ -472,9 +475,9 @@ std::vector<at::Tensor> gaussian_kl_backward(const at::Tensor& grad, const at::T
                                              const std::optional<at::Tensor>& plogvar, int64_t event_dims,
                                              c10::List<bool> needs_list, OptClamp logvar_clamp,
                                              OptClamp prior_logvar_clamp, std::optional<int64_t> concat_dim) {
-  std::vector<bool> needs(needs_list.begin(), needs_list.end());
+  Flags needs(needs_list.begin(), needs_list.end());
   auto args = kl_args(mu, logvar, pmu, plogvar);
-  std::vector<at::Tensor> originals;
+  c10::SmallVector<at::Tensor, kMaxOperands> originals;
   for (const auto& a : args) originals.push_back(a.tensor);
   args.insert(args.begin(), NamedTensor{grad, "grad"});
   needs.resize(originals.size());
@@ -496,7 +499,7 @@ std::vector<at::Tensor> gaussian_log_prob_backward(const at::Tensor& grad, const
                                                    const at::Tensor& logvar, int64_t event_dims,
                                                    c10::List<bool> needs_list, OptClamp logvar_clamp,
                                                    std::optional<int64_t> concat_dim) {
-  std::vector<bool> needs(needs_list.begin(), needs_list.end());
+  Flags needs(needs_list.begin(), needs_list.end());
   RowProblem p({{grad, "grad"}, {x, "x"}, {mean, "mean"}, {logvar, "logvar"}}, event_dims, true);
   p.clamps[3] = parse_clamp(logvar_clamp, "logvar_clamp");
   needs.resize(3);
@@ -511,7 +514,7 @@ at::Tensor bernoulli_log_prob(const at::Tensor& x, const at::Tensor& logits, int
 std::vector<at::Tensor> bernoulli_log_prob_backward(const at::Tensor& grad, const at::Tensor& x,
                                                     const at::Tensor& logits, int64_t event_dims,
                                                     c10::List<bool> needs_list) {
-  std::vector<bool> needs(needs_list.begin(), needs_list.end());
+  Flags needs(needs_list.begin(), needs_list.end());
   RowProblem p({{grad, "grad"}, {x, "x"}, {logits, "logits"}}, event_dims, true);
   needs.resize(2);
   return p.backward(OpKind::BernLpBwd, needs, {x, logits});
@@ -525,7 +528,7 @@ at::Tensor eps_operand(double eps, const at::Tensor& like, at::ScalarType acc) {
 
 at::Tensor gaussian_nll(const at::Tensor& input, const at::Tensor& target, const at::Tensor& var, double eps,
                         int64_t event_dims) {
-  std::vector<NamedTensor> args{{input, "input"}, {target, "target"}, {var, "var"}};
+  NamedTensors args{{input, "input"}, {target, "target"}, {var, "var"}};
   const auto acc = check_args(args);
   args.push_back({eps_operand(eps, input, acc), "eps"});
   RowProblem p(args, event_dims, false);
@@ -535,8 +538,8 @@ at::Tensor gaussian_nll(const at::Tensor& input, const at::Tensor& target, const
 std::vector<at::Tensor> gaussian_nll_backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& target,
                                               const at::Tensor& var, double eps, int64_t event_dims,
                                               c10::List<bool> needs_list) {
-  std::vector<bool> needs(needs_list.begin(), needs_list.end());
-  std::vector<NamedTensor> args{{grad, "grad"}, {input, "input"}, {target, "target"}, {var, "var"}};
+  Flags needs(needs_list.begin(), needs_list.end());
+  NamedTensors args{{grad, "grad"}, {input, "input"}, {target, "target"}, {var, "var"}};
   const auto acc = check_args(args);
   args.push_back({eps_operand(eps, input, acc), "eps"});
   RowProblem p(args, event_dims, true);
@@ -570,7 +573,7 @@ std::pair<int64_t, int64_t> runs_of(const at::Tensor& t) {
 struct SampleProblem {
   at::Tensor mu, logvar, seed;  // seed undefined: the key is seed_value
   uint64_t seed_value = 0;
-  std::vector<int64_t> shape, reduced_shape;
+  Dims shape, reduced_shape;
   int64_t rows = 1, event_numel = 1, num_samples = 1;
   int64_t run = 1, mu_run_stride = 1, logvar_run_stride = 1;
   bool sample_dim = false;
@@ -646,7 +649,7 @@ struct SampleProblem {
     logvar_run_stride = sl;
   }
 
-  std::vector<int64_t> with_samples(std::vector<int64_t> s) const {
+  Dims with_samples(Dims s) const {
     if (sample_dim) s.insert(s.begin(), num_samples);
     return s;
   }
@@ -710,7 +713,7 @@ std::tuple<at::Tensor, at::Tensor> sample_gaussian_backward(
                     "vae_fast: sample_gaussian_backward needs the forward's seed (seed or seed_value)");
   TORCH_CHECK_VALUE(!concat_dim || (need_mu && need_logvar), "vae_fast: concat_dim needs both gradients");
   SampleProblem p(mu, logvar, seed, seed_value, num_samples, sample_dim, event_dims, logvar_clamp);
-  auto expect = [&](const std::optional<at::Tensor>& t, const std::vector<int64_t>& shape, at::ScalarType dt,
+  auto expect = [&](const std::optional<at::Tensor>& t, at::IntArrayRef shape, at::ScalarType dt,
                     const char* name) {
     if (!t || !t->defined()) return at::Tensor();
     TORCH_CHECK_VALUE(t->sizes() == at::IntArrayRef(shape), "vae_fast: ", name, " must have shape ",

@@ -1,6 +1,8 @@
 // Declarations shared by the glue files (ops.cpp, ops_cuda.cpp / ops_nocuda.cpp, module.cpp).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/SmallVector.h>
 
 #include <optional>
 #include <string>
@@ -15,34 +17,39 @@ struct NamedTensor {
   const char* name;
 };
 
+// Inline storage for the glue's small lists: a small call makes no heap allocation of its own.
+using Dims = c10::SmallVector<int64_t, kMaxDims>;                  // a shape, or strides over one
+using DimsList = c10::SmallVector<Dims, 2 * kMaxOperands + 1>;     // strides per operand
+using NamedTensors = c10::SmallVector<NamedTensor, kMaxOperands + 1>;
+using Flags = c10::SmallVector<bool, kMaxOperands>;
+
 DType to_dtype(at::ScalarType st);
 // Floating dtypes, no float64 mix, one device (CUDA only when built with it); returns the accumulation type.
-at::ScalarType check_args(const std::vector<NamedTensor>& args);
-std::vector<int64_t> broadcast_shape(const std::vector<NamedTensor>& args);
+at::ScalarType check_args(c10::ArrayRef<NamedTensor> args);
+Dims broadcast_shape(c10::ArrayRef<NamedTensor> args);
 
 // One row op's problem: the arguments broadcast to `shape`, the trailing `event_dims` summed.
 struct RowProblem {
-  RowProblem(const std::vector<NamedTensor>& inputs, int64_t event_dims, bool grad_is_first);
+  RowProblem(c10::ArrayRef<NamedTensor> inputs, int64_t event_dims, bool grad_is_first);
   at::Tensor forward(OpKind op);
   // One gradient per original argument. With concat_dim, the gradients of originals[concat_first] and
   // originals[concat_first + 1] come back as one contiguous tensor, their concatenation along concat_dim, in
   // slot concat_first (slot concat_first + 1 empty): the kernels write both halves of it in place.
-  std::vector<at::Tensor> backward(OpKind op, const std::vector<bool>& needs, const std::vector<at::Tensor>& originals,
+  std::vector<at::Tensor> backward(OpKind op, c10::ArrayRef<bool> needs, c10::ArrayRef<at::Tensor> originals,
                                    std::optional<int64_t> concat_dim = std::nullopt, size_t concat_first = 0);
 
-  std::vector<NamedTensor> in;  // unexpanded, read in place through their strides
-  std::vector<Clamp> clamps;    // per input (layout.h): set by the op before forward / backward
-  std::vector<int64_t> shape, out_shape;
+  NamedTensors in;  // unexpanded, read in place through their strides
+  c10::SmallVector<Clamp, kMaxOperands + 1> clamps;  // per input (layout.h): set by the op before forward / backward
+  Dims shape, out_shape;
   int64_t event_dims = 1, split = 0, numel = 1, event_numel = 1;
   bool elementwise = false;
   at::ScalarType acc_dtype = at::kFloat;
 
  private:
-  std::vector<int64_t> out_strides(const at::Tensor& t) const;
-  std::vector<std::vector<int64_t>> input_strides(bool first_is_grad) const;
-  bool make_args(const std::vector<std::vector<int64_t>>& in_strides, const std::vector<std::vector<int64_t>>& out_strides,
-                 int64_t n_blocks, RowArgs& args) const;
-  RowArgs layout(const std::vector<std::vector<int64_t>>& out_strides, int64_t n_blocks, bool first_is_grad);
+  Dims out_strides(const at::Tensor& t) const;
+  DimsList input_strides(bool first_is_grad) const;
+  bool make_args(const DimsList& in_strides, const DimsList& out_strides, int64_t n_blocks, RowArgs& args) const;
+  RowArgs layout(const DimsList& out_strides, int64_t n_blocks, bool first_is_grad);
   void bind_inputs(RowArgs& args) const;
   void launch(OpKind op, const RowArgs& args, const at::Device& device) const;
 };

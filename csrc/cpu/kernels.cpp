@@ -197,24 +197,28 @@ acc_t* output_target(const Operand& op, int64_t off, int64_t stride, acc_t* buf)
   return buf;
 }
 
-// Horizontal sum of a vector's lanes, in a fixed order.
+// Horizontal sum of a vector's lanes, pairwise in a fixed order (4 dependent adds for 16 lanes, not 15).
 template <class acc_t>
 acc_t hsum(const Vec<acc_t>& v) {
-  alignas(64) acc_t lanes[Vec<acc_t>::size()];
+  constexpr int64_t VS = Vec<acc_t>::size();
+  alignas(64) acc_t lanes[VS];
   v.store(lanes);
-  acc_t s = 0;
-  for (int64_t i = 0; i < Vec<acc_t>::size(); ++i) s += lanes[i];
-  return s;
+  for (int64_t w = VS / 2; w >= 1; w /= 2)
+    for (int64_t i = 0; i < w; ++i) lanes[i] += lanes[i + w];
+  return lanes[0];
 }
 
 // The sum of n values: per lane over full vectors, then the lanes and the tail in a fixed order.
 template <class acc_t>
 acc_t sum_range(const acc_t* v, int64_t n) {
   using V = Vec<acc_t>;
-  V acc(acc_t(0));
   int64_t i = 0;
-  for (; i + V::size() <= n; i += V::size()) acc = acc + V::loadu(v + i);
-  acc_t s = hsum(acc);
+  acc_t s = 0;
+  if (n >= V::size()) {
+    V acc = V::loadu(v);
+    for (i = V::size(); i + V::size() <= n; i += V::size()) acc = acc + V::loadu(v + i);
+    s = hsum(acc);
+  }
   for (; i < n; ++i) s += v[i];
   return s;
 }
@@ -634,6 +638,14 @@ void store_contiguous(DType dtype, void* base, int64_t off, int64_t n, const acc
 }
 
 
+// Calls body(row, i, len) for the pieces [i, i + len) of the n flat elements from `flat` that lie in one
+// row of E elements each, in order (one division per call, none per row: rows can be 8 elements long).
+template <class Body>
+void for_each_row_piece(int64_t flat, int64_t n, int64_t E, Body body) {
+  int64_t row = flat / E, pos = flat - row * E;
+  for (int64_t i = 0; i < n; i += E - pos, pos = 0, ++row) body(row, i, std::min(n - i, E - pos));
+}
+
 // Writes the per-row sums of the terms of flat elements [flat, flat + n) into out[row], row = element
 // / E. The caller walks whole rows in order; a row that spans chunks is carried in `carry` (double,
 // so long sums keep their digits) and written when it ends: `out` needs no zeroing.
@@ -643,15 +655,12 @@ void add_segments(const acc_t* terms, int64_t flat, int64_t n, int64_t E, acc_t*
     std::memcpy(out + flat, terms, sizeof(acc_t) * static_cast<size_t>(n));
     return;
   }
-  for (int64_t i = 0; i < n;) {
-    const int64_t row = (flat + i) / E, row_end = (row + 1) * E - flat;
-    const int64_t len = std::min(n, row_end) - i;
+  for_each_row_piece(flat, n, E, [&](int64_t row, int64_t i, int64_t len) {
     const double s = static_cast<double>(sum_range(terms + i, len));
-    const bool first = (flat + i) % E == 0, last = i + len == row_end;
+    const bool first = i > 0 || flat % E == 0, last = i + len < n || (flat + n) % E == 0;
     carry = first ? s : carry + s;
     if (last) out[row] = static_cast<acc_t>(carry);
-    i += len;
-  }
+  });
 }
 
 // Calls body(c, n) for chunks [c, c + n) of [begin, end) cut at global multiples of kChunk.
@@ -720,13 +729,11 @@ const acc_t* clamp_chunk(const acc_t* lv, int64_t n, const Clamp& clamp, acc_t* 
 // per-row upstream gradients (of kl, of log_q) spread over their rows' elements.
 template <class acc_t>
 void spread_rows(const acc_t* per_row, int64_t K, int64_t k_stride, int64_t c, int64_t n, int64_t E, acc_t* out) {
-  for (int64_t i = 0; i < n;) {
-    const int64_t row = (c + i) / E, len = std::min(n, (row + 1) * E - c) - i;
+  for_each_row_piece(c, n, E, [&](int64_t row, int64_t i, int64_t len) {
     acc_t v = 0;
     for (int64_t k = 0; k < K; ++k) v += per_row[k * k_stride + row];
     std::fill(out + i, out + i + len, v);
-    i += len;
-  }
+  });
 }
 
 inline uint64_t sample_seed(const SampleArgs& a) {
@@ -932,11 +939,9 @@ bool run_flat(const RowArgs& args) {
           Vec<acc_t>(read_one<acc_t>(op, 0)).store(in_buf[j]);
           src[j] = in_buf[j];
         } else {  // one value per row, spread over the row's elements
-          for (int64_t i = 0; i < n;) {
-            const int64_t row = (c + i) / E, len = std::min(n, (row + 1) * E - c) - i;
+          for_each_row_piece(c, n, E, [&](int64_t row, int64_t i, int64_t len) {
             std::fill(in_buf[j] + i, in_buf[j] + i + len, read_one<acc_t>(op, row * (R > 1 ? in_rs[j] : 0)));
-            i += len;
-          }
+          });
           src[j] = in_buf[j];
         }
       }
