@@ -70,6 +70,43 @@ struct RowArgs {
   Operand out[kMaxOperands];
 };
 
+// How the CPU row engine walks the rows (kernels.cpp): r = o * inner + i, where i runs over the trailing
+// row dims along which more inputs are broadcast than along the leading ones (ops.cpp walks those
+// innermost): the K samples of a (K, B, D) operand against (B, D) data. Tiles of `tile` outer rows
+// (256K elements: 1 MiB of a float32 operand, in L2); accumulated gradients split into blocks of outer rows.
+struct RowTiling {
+  int64_t outer, inner, tile;
+};
+
+inline RowTiling row_tiling(const RowArgs& args, int n_inputs) {
+  const RowLayout& L = args.layout;
+  auto broadcast_count = [&](int d) {
+    int c = 0;
+    for (int j = 0; j < n_inputs; ++j) c += args.in[j].row_strides[d] == 0;
+    return c;
+  };
+  int64_t inner = 1;
+  if (L.n_row_dims >= 2) {
+    const int lead = broadcast_count(0);
+    for (int d = L.n_row_dims - 1; d > 0 && broadcast_count(d) > lead; --d) inner *= L.row_sizes[d];
+  }
+  const int64_t tile = (int64_t{1} << 18) / (L.event_numel > 1 ? L.event_numel : 1);
+  return {L.rows / inner, inner, tile > 1 ? tile : 1};
+}
+
+// Whether blocks of outer rows write disjoint elements of output `out` (its strides over every outer
+// row dim nonzero): its per-block partial sums can then share one slice (the CPU engine).
+inline bool outer_rows_disjoint(const RowArgs& args, const Operand& out, int n_inputs) {
+  const RowLayout& L = args.layout;
+  const RowTiling t = row_tiling(args, n_inputs);
+  int64_t outer = 1;
+  for (int d = 0; d < L.n_row_dims && outer < t.outer; ++d) {
+    if (out.row_strides[d] == 0) return false;
+    outer *= L.row_sizes[d];
+  }
+  return true;
+}
+
 // Reparameterised sampling over mu and logvar viewed as (rows, event_numel) in logical C order:
 // z[k, r, j] = mu[r, j] + exp(logvar[r, j] / 2) * eps(seed, k * rows * event_numel + r * event_numel + j).
 // Memory: logical flat element m (0 <= m < rows * event_numel) of mu sits at

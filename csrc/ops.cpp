@@ -338,8 +338,9 @@ std::vector<at::Tensor> RowProblem::backward(OpKind op, c10::ArrayRef<bool> need
   int64_t n_blocks = 1;
   if (device.is_cuda()) {
     n_blocks = suggest_n_blocks_cuda(rows, event_numel, max_partial, device);
-  } else {  // 64 blocks balance 2..64 threads; partial sums capped at 16M elements; few rows: one block
-    n_blocks = rows * event_numel < (int64_t{1} << 15) ? 1 : std::min<int64_t>(std::max<int64_t>(rows, 1), 64);
+  } else {  // a block per 4K elements (what a fork pays for, kernels.cpp), up to 64 (they balance 2..64
+            // threads), at most one per row; partial sums capped at 16M elements
+    n_blocks = std::clamp<int64_t>(std::min(rows * event_numel >> 12, rows), 1, 64);
     n_blocks = std::max<int64_t>(1, std::min<int64_t>(n_blocks, (int64_t{1} << 24) / max_partial));
   }
   // CPU partial sums are kept in double (long sums of broadcast gradients keep their digits); the
@@ -364,11 +365,20 @@ std::vector<at::Tensor> RowProblem::backward(OpKind op, c10::ArrayRef<bool> need
       }
     } else {
       accumulate[j] = true;
-      partials[j] = at::zeros({n_blocks, orig.numel()}, orig.options().dtype(partial_dtype));
     }
   }
-  if (numel > 0 && !device.is_meta()) {
-    RowArgs args = layout(out_st, n_blocks, true);
+  std::optional<RowArgs> launch_args;
+  if (numel > 0 && !device.is_meta()) launch_args = layout(out_st, n_blocks, true);
+  for (size_t j = 0; j < n_args; ++j) {
+    if (!accumulate[j]) continue;
+    // One slice per row block; one for all when the CPU engine's blocks write disjoint elements of it (a
+    // (B, D) argument against K samples: each block owns its data rows), so no block sums a mostly-zero slice.
+    const bool shared = launch_args && !device.is_cuda() &&
+                        outer_rows_disjoint(*launch_args, launch_args->out[j], static_cast<int>(in.size()));
+    partials[j] = at::zeros({shared ? 1 : n_blocks, originals[j].numel()}, originals[j].options().dtype(partial_dtype));
+  }
+  if (launch_args) {
+    RowArgs& args = *launch_args;
     bind_inputs(args);
     for (size_t j = 0; j < n_args; ++j) {
       if (!needs[j]) continue;
@@ -377,7 +387,7 @@ std::vector<at::Tensor> RowProblem::backward(OpKind op, c10::ArrayRef<bool> need
       if (accumulate[j]) {
         o.data = partials[j].data_ptr();
         o.dtype = to_dtype(partial_dtype);
-        o.block_stride = originals[j].numel();
+        o.block_stride = partials[j].size(0) == 1 ? 0 : originals[j].numel();
       } else {
         o.data = grads[j].data_ptr();
         o.dtype = to_dtype(grads[j].scalar_type());
@@ -388,7 +398,8 @@ std::vector<at::Tensor> RowProblem::backward(OpKind op, c10::ArrayRef<bool> need
   for (size_t j = 0; j < n_args; ++j) {
     if (!accumulate[j]) continue;
     // Block partial sums added in block order: deterministic.
-    grads[j] = (n_blocks == 1 ? partials[j].view(originals[j].sizes()) : partials[j].sum(0).view(originals[j].sizes()))
+    grads[j] = (partials[j].size(0) == 1 ? partials[j].view(originals[j].sizes())
+                                          : partials[j].sum(0).view(originals[j].sizes()))
                    .to(originals[j].scalar_type());
     if (halves[j].defined()) grads[j] = halves[j].copy_(grads[j]);  // a broadcast argument: its sum, copied in
   }
