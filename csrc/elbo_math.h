@@ -1,7 +1,7 @@
 // Every formula of the VAE objective, once. Inline templates over a value type V: float, double,
 // at::vec::Vectorized<float/double> (CPU SIMD) and CUDA float/double. A backend that adds a value
-// type declares its overloads of the vmath functions (exp, log, expm1, expm1_minus_x, log1p, abs, max,
-// sqrt, sincos)
+// type declares its overloads of the vmath functions (exp, log, expm1, expm1_minus_x, log1p, log1p_exp_neg,
+// abs, max, sqrt, sincos)
 // in namespace vae_fast::vmath *before* including this header (qualified calls bind at definition).
 //
 // Numerics (each formula is right wherever the maths is finite; none forms 0 * inf):
@@ -54,6 +54,9 @@ VF_HD double clamp_min(double x, double lo) { return x < lo ? lo : x; }
 // expm1(x) - x, the KL's d-term: >= 0 for every x (expm1 is rounded monotonically), no exp(x) - 1 - x.
 VF_HD float expm1_minus_x(float x) { return ::expm1f(x) - x; }
 VF_HD double expm1_minus_x(double x) { return ::expm1(x) - x; }
+// log1p(exp(-a)) for a >= 0: softplus(l) - max(l, 0) at a = |l|.
+VF_HD float log1p_exp_neg(float a) { return ::log1pf(::expf(-a)); }
+VF_HD double log1p_exp_neg(double a) { return ::log1p(::exp(-a)); }
 VF_HD void sincos(float x, float& s, float& c) {
   s = ::sinf(x);
   c = ::cosf(x);
@@ -146,7 +149,7 @@ VF_HD V bernoulli_log_prob(V x, V l) {
   V pos = vmath::max(l, V(0.0f)), neg = vmath::min(l, V(0.0f));
   V xm1 = x - V(1.0f);
   return vmath::zero_where_zero(xm1, xm1 * pos) + vmath::zero_where_zero(x, x * neg) -
-         vmath::log1p(vmath::exp(V(0.0f) - vmath::abs(l)));
+         vmath::log1p_exp_neg(vmath::abs(l));
 }
 template <class V>
 VF_HD void bernoulli_log_prob_grad(V g, V x, V l, V& dx, V& dl) {
