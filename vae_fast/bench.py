@@ -427,6 +427,57 @@ def reference_ops_in_model():
             setattr(model_module, name, fn)
 
 
+@contextlib.contextmanager
+def elbo_ops_in_ranges():
+    """The model's ELBO ops (fused or reference, whichever are bound) each inside a profiler range "elbo::<name>"."""
+    from . import model as model_module
+
+    saved = {name: getattr(model_module, name) for name in REFERENCE_MODEL_OPS}
+
+    def ranged(name, fn):
+        def call(*args, **kwargs):
+            with torch.profiler.record_function(f"elbo::{name}"):
+                return fn(*args, **kwargs)
+        return call
+
+    for name, fn in saved.items():
+        setattr(model_module, name, ranged(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(model_module, name, fn)
+
+
+def profiled_elbo_share(step, x, steps: int) -> float:
+    """The profiler's share of a training step spent in the ELBO ops: the CPU time of the "elbo::" ranges (the
+    ops' forward, with everything they call) plus that of the backward functions of the autograd nodes made
+    inside them (matched by sequence number), over the CPU time of the "bench::step" ranges around the steps.
+    The profiler's per-op overhead is in both; it weighs more on the eager maths (more, smaller ops)."""
+    with elbo_ops_in_ranges():
+        step([x])  # warm-up with the ranges in place
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                with torch.profiler.record_function("bench::step"):
+                    step([x])
+    events = prof.events()
+
+    def in_elbo_range(e):
+        while e is not None:
+            if e.name.startswith("elbo::"):
+                return True
+            e = e.cpu_parent
+        return False
+
+    step_us = sum(e.cpu_time_total for e in events if e.name == "bench::step")
+    # outermost ranges only, and the sequence numbers of the autograd nodes made inside them
+    elbo_us = sum(e.cpu_time_total for e in events if e.name.startswith("elbo::") and not in_elbo_range(e.cpu_parent))
+    seqs = {e.sequence_nr for e in events if e.sequence_nr >= 0 and in_elbo_range(e)}
+    elbo_us += sum(e.cpu_time_total for e in events
+                   if e.name.startswith("autograd::engine::evaluate_function:") and e.sequence_nr in seqs)
+    return elbo_us / step_us if step_us > 0 else float("nan")
+
+
 @dataclass
 class TrainConfig:
     name: str
@@ -503,6 +554,13 @@ def bench_train_step(device: torch.device, repeats: int, quick: bool, gen: torch
         stats = {impl: percentiles(s) for impl, s in samples.items()}
         peaks = {impl: peak_mb(lambda c=call: c([x]), device) for impl, call in calls.items()}
         elbo = _elbo_ops_ms(base, x, cfg, repeats, device)
+        profiled = {}
+        if device.type == "cpu":
+            for impl in ("fused", "eager"):
+                with (reference_ops_in_model() if impl == "eager" else contextlib.nullcontext()):
+                    model = _clone_module(base)
+                    profiled[impl] = profiled_elbo_share(_train_step_call(model, _adam(model), False, cfg), x,
+                                                         steps=3 if quick else 10)
         rows.append({
             "name": cfg.name, "batch": [cfg.batch, cfg.input_dim], "latent_dim": cfg.latent,
             "model": f"mlp_vae {cfg.input_dim}-{'-'.join(map(str, cfg.hidden))}-{cfg.latent}, {cfg.likelihood}"
@@ -513,6 +571,7 @@ def bench_train_step(device: torch.device, repeats: int, quick: bool, gen: torch
             "fused_p20_ms": stats["fused"][0], "fused_p80_ms": stats["fused"][2],
             "elbo_ops_ms": elbo,
             "elbo_share": {impl: elbo[impl] / stats[impl][1] for impl in ("fused", "eager")},
+            "elbo_share_profiler": profiled or None,
             "peak_mb": {impl: peaks.get(impl) for impl in ("fused", "eager", "compile", "fused_compile")},
         })
         torch._dynamo.reset()

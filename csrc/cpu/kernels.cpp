@@ -186,7 +186,11 @@ Loaded<acc_t> load(const Operand& op, int64_t off, int64_t stride, int64_t n, ac
 
 template <class acc_t, class dst_t>
 void store_typed(const acc_t* v, dst_t* p, int64_t stride, int64_t n, bool accumulate) {
-  if (accumulate) {  // partial sums are kept in acc_t
+  if (accumulate && stride == 1) {  // partial sums (double on the CPU): a per-feature gradient, vectorised
+    dst_t* __restrict out = p;
+    const acc_t* __restrict in = v;
+    for (int64_t i = 0; i < n; ++i) out[i] += static_cast<dst_t>(in[i]);
+  } else if (accumulate) {
     for (int64_t i = 0; i < n; ++i) p[i * stride] += static_cast<dst_t>(v[i]);
   } else if (stride == 1) {
     if (static_cast<const void*>(v) != static_cast<const void*>(p)) at::vec::convert(v, p, n);
@@ -347,7 +351,7 @@ void apply_chunk(const Clamps<acc_t, Op::kIn>& clamps, const acc_t* const* in, c
                  int64_t h_step, acc_t* const* out, int64_t n) {
   using V = Vec<acc_t>;
   constexpr int64_t VS = V::size();
-  auto step = [&](int64_t i, int64_t cnt) {
+  auto step = [&](int64_t i, int64_t cnt) __attribute__((always_inline)) {
     V a[Op::kIn], o[Op::kOut];
     for (int j = 0; j < Op::kIn; ++j) a[j] = cnt == VS ? V::loadu(in[j] + i * in_step[j]) : V::loadu(in[j] + i * in_step[j], cnt);
     if (h) {
@@ -361,6 +365,10 @@ void apply_chunk(const Clamps<acc_t, Op::kIn>& clamps, const acc_t* const* in, c
     }
   };
   int64_t i = 0;
+  for (; i + 2 * VS <= n; i += 2 * VS) {  // two independent vectors per iteration: their latencies overlap
+    step(i, VS);
+    step(i + VS, VS);
+  }
   for (; i + VS <= n; i += VS) step(i, VS);
   if (i < n) step(i, n - i);
 }
