@@ -364,3 +364,30 @@ def test_hoisted_logvar_equals_the_per_element_formula(lv_shape, x_shape, clamp,
     got = torch.autograd.grad(out, [kl_args[0], kl_args[1], args[2]], up.to(out.dtype))
     for a, b in zip(got, torch.autograd.grad(want, [kl64[0], kl64[1], args64[2]], up)):
         torch.testing.assert_close(a.double(), b, **tol)
+
+
+# ---- long rows cut into segments (the flat engine's parallel sums of rows longer than 8192) ----------
+@pytest.mark.parametrize("E", [8191, 8192, 8193, 12_000, 20_000, 3 * 8192 + 5])
+@pytest.mark.parametrize("R", [1, 2, 3, 7])
+def test_rows_cut_by_segments_sum_exactly_for_any_thread_count(R, E):
+    """Rows that begin, end or span segments of 8192 elements sum to the float64 reference, forward and
+    backward, and bitwise the same with 1 and 2 threads."""
+    g = _gen(R * 100_003 + E)
+    mu, lv = torch.randn(R, E, generator=g), 0.5 * torch.randn(R, E, generator=g)
+    want = ref.gaussian_kl(mu.double(), lv.double())
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            m, l = mu.clone().requires_grad_(), lv.clone().requires_grad_()
+            kl = vf.gaussian_kl(m, l)
+            results.append((kl, *torch.autograd.grad(kl, (m, l), torch.arange(1.0, R + 1))))
+    finally:
+        torch.set_num_threads(old)
+    assert _rel(results[0][0], want) < 1e-6
+    assert all(torch.equal(a, b) for a, b in zip(results[0], results[1]))
+    m64, l64 = mu.double().requires_grad_(), lv.double().requires_grad_()
+    want_grads = torch.autograd.grad(ref.gaussian_kl(m64, l64), (m64, l64), torch.arange(1.0, R + 1).double())
+    for got, w in zip(results[0][1:], want_grads):
+        torch.testing.assert_close(got.double(), w, rtol=1e-5, atol=1e-6)

@@ -89,3 +89,20 @@ def test_compiles_without_graph_break(gen):
     torch.testing.assert_close(out, F.gaussian_nll_loss(inp, target, var))
     out.backward()
     assert torch.isfinite(inp.grad).all() and torch.isfinite(var.grad).all()
+
+
+@pytest.mark.parametrize("where", [0, 131_071, 199_999])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_one_negative_var_entry_anywhere_raises(where, layout):
+    """The eager negative-var check (a parallel loop over a contiguous CPU var, torch's kernels otherwise)
+    sees a single negative entry wherever it lies, a NaN elsewhere not hiding it, as F.gaussian_nll_loss."""
+    x = torch.randn(400, 500)
+    var = torch.rand(400, 500) + 0.1
+    var.view(-1)[7] = float("nan")
+    var.view(-1)[where] = -1e-30
+    if layout == "transposed":
+        x, var = x.t(), var.t()
+    for fn in (F.gaussian_nll_loss, vf.gaussian_nll_loss):
+        with pytest.raises(ValueError, match="var has negative entry/entries"):
+            fn(x, x, var)
+    vf.gaussian_nll_loss(x, x, var.abs())  # no negative left: no error

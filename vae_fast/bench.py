@@ -53,6 +53,8 @@ gaussian_log_prob_bcast      m (K,B,D), x (B,D), lv ()    read g, x, m, lv; writ
                              = (KBD + BD) s + KB s_out    = KB s_out + (KBD + BD) s + KBD s
 bernoulli_log_prob(x, l)     read x, l; write lp          read g, x, l; write dl
                              = 2Ns + R s_out              = R s_out + 2Ns + Ns
+bernoulli_log_prob_iwae      l (K,B,D), x (B,D)           read g, x, l; write dl (K,B,D)
+                             = (KBD + BD) s + KB s_out    = KB s_out + (KBD + BD) s + KBD s
 reparameterize (K=1)         read mu, lv; write z         read g (N), lv; write dlv (dmu is g itself)
                              = 3Ns                        = 3Ns
 reparameterize_with_kl (K=1) read mu, lv; write z, kl     read gz, gkl, mu, lv; write dmu, dlv
@@ -95,6 +97,9 @@ IMPLS = ("fused", "eager", "compile")
 MIN_SAMPLE_S = 2e-3  # a CPU sample repeats the call until it lasts at least this long
 CONFIG_BUDGET_S = 2.0  # rough time one config's timed rounds may take (CPU)
 BCAST_K = 8  # samples in the (K, B, D) decoder-output case
+IWAE_K = 50  # samples in the IWAE-shaped case: Bernoulli logits (K, B, D) against the data (B, D)
+# The IWAE shape the per-call table uses for that case: K = 50 samples of MNIST-sized batches, (50, 128, 784).
+PER_CALL_SIZES_BY_OP = {"bernoulli_log_prob_iwae": [(IWAE_K * 128, 784)]}
 
 CPU_SIZES = [(64, 1024), (1024, 1024), (4096, 1024), (16384, 1024)]  # 64K .. 16M elements
 CUDA_SIZES = [(4096, 1024), (65536, 1024), (262144, 1024)]  # 16 MB, 256 MB, 1 GB per float32 tensor
@@ -168,6 +173,12 @@ def make_case(op: str, b: int, d: int, dtype: torch.dtype, device: torch.device,
         x = (torch.rand((b, d), generator=gen, device=device) < 0.5).to(dtype)
         c = Case(op, [b, d], [x, rnd(b, d, scale=3.0)], fused_ops.bernoulli_log_prob, R.bernoulli_log_prob,
                  grads=[1], bwd_reads=[0, 1], bwd_writes=[1])
+    elif op == "bernoulli_log_prob_iwae":
+        # K = 50 decoder outputs (logits) scored against the data as it is (B, D): the IWAE objective's shape.
+        k, bb = IWAE_K, max(1, b // IWAE_K)
+        x = (torch.rand((bb, d), generator=gen, device=device) < 0.5).to(dtype)
+        c = Case(op, [k, bb, d], [x, rnd(k, bb, d, scale=3.0)], fused_ops.bernoulli_log_prob, R.bernoulli_log_prob,
+                 grads=[1], bwd_reads=[0, 1], bwd_writes=[1])
     elif op == "reparameterize":
         c = Case(op, [b, d], [rnd(b, d), rnd(b, d, scale=0.5)], fused_ops.reparameterize, _eager_reparameterize,
                  grads=[0, 1], bwd_reads=[1], bwd_writes=[1])
@@ -187,8 +198,8 @@ def make_case(op: str, b: int, d: int, dtype: torch.dtype, device: torch.device,
     return c
 
 
-OPS = ("gaussian_kl", "gaussian_log_prob", "gaussian_log_prob_bcast", "bernoulli_log_prob", "reparameterize",
-       "reparameterize_with_kl", "gaussian_nll_loss")
+OPS = ("gaussian_kl", "gaussian_log_prob", "gaussian_log_prob_bcast", "bernoulli_log_prob", "bernoulli_log_prob_iwae",
+       "reparameterize", "reparameterize_with_kl", "gaussian_nll_loss")
 
 
 def _as_tuple(x):
@@ -579,7 +590,10 @@ def bench_train_step(device: torch.device, repeats: int, quick: bool, gen: torch
             "patched into vae_fast.model; compile = torch.compile of the eager one; fused_compile = torch.compile "
             "of the fused one. Adam (fused=True where the device has it) step included. ELBO ops = the same step "
             "with the encoder and decoder replaced by fixed tensors (one broadcast add keeps z in the graph), so "
-            "what remains is the objective's ops, forward and backward; share = that time over the whole step."
+            "what remains is the objective's ops, forward and backward, with the model code and autograd engine "
+            "around them; share = that time over the whole step. Profiler share (CPU): the ops alone, from "
+            "torch.profiler over 10 steps: the CPU time of the model's ELBO op calls (each in a range) and of "
+            "the backward functions of the autograd nodes they made, over the steps' CPU time."
             + (" Quick mode: no compiled variants." if quick else ""))
     return rows, note
 
@@ -834,15 +848,18 @@ def to_markdown(result: dict) -> str:
     lines += ["", "## Training step", ""]
     if result["train_step"]:
         lines += ["| config | model | fused ms | eager ms | compile ms | fused+compile ms | fused/eager | "
-                  "fused/compile | ELBO ops ms fused / eager | ELBO share fused / eager | peak MiB fused/eager |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "fused/compile | ELBO ops ms fused / eager | ELBO share fused / eager | "
+                  "profiler ELBO share fused / eager | peak MiB fused/eager |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["train_step"]:
             pk, e, sh = r["peak_mb"], r.get("elbo_ops_ms") or {}, r.get("elbo_share") or {}
+            ps = r.get("elbo_share_profiler") or {}
             lines.append(
                 f"| {r['name']} (batch {r['batch'][0]}) | {r['model']} | {_fmt(r['fused_ms'])} | {_fmt(r['eager_ms'])} | "
                 f"{_fmt(r['compile_ms'])} | {_fmt(r['fused_compile_ms'])} | {_ratio(r['fused_ms'], r['eager_ms'])} | "
                 f"{_ratio(r['fused_ms'], r['compile_ms'])} | {_fmt(e.get('fused'))} / {_fmt(e.get('eager'))} | "
-                f"{_fmt(sh.get('fused'), 2)} / {_fmt(sh.get('eager'), 2)} | {_fmt(pk['fused'])} / {_fmt(pk['eager'])} |")
+                f"{_fmt(sh.get('fused'), 2)} / {_fmt(sh.get('eager'), 2)} | {_fmt(ps.get('fused'), 2)} / "
+                f"{_fmt(ps.get('eager'), 2)} | {_fmt(pk['fused'])} / {_fmt(pk['eager'])} |")
     lines += ["", result["train_step_note"], "", "## Log-likelihood memory", ""]
     ll = result["log_likelihood"]
     if "skipped" in ll:
@@ -1001,7 +1018,8 @@ def main(argv=None) -> int:
 
     per_call = []
     for op in ([] if args.no_per_call else ops):
-        for size in PER_CALL_SIZES[:1] if quick else PER_CALL_SIZES:
+        op_sizes = PER_CALL_SIZES_BY_OP.get(op, PER_CALL_SIZES)
+        for size in op_sizes[:1] if quick else op_sizes:
             for pass_ in PASSES:
                 row = bench_op(op, torch.float32, size, pass_, device, repeats, not (args.no_compile or quick), copy,
                                gen)
@@ -1057,7 +1075,9 @@ def main(argv=None) -> int:
         "method": _method_text(),
         "bytes_table": _bytes_table(),
         "cases": {"gaussian_log_prob_bcast": f"x (B, D), mean (K, B, D), logvar () with K = {BCAST_K}; "
-                                             "shape is the broadcast (K, B, D)"},
+                                             "shape is the broadcast (K, B, D)",
+                  "bernoulli_log_prob_iwae": f"x (B, D), logits (K, B, D) with K = {IWAE_K}, B = size // K; per call: "
+                                             "(50, 128, 784)"},
         "compile_config": compile_config(),
         "per_call": per_call,
         "ldm": ldm,

@@ -127,6 +127,8 @@ constexpr int64_t kChunk = 512;
 // 10.7 -> 8.6 us, 16K 17.4 -> 11.9 us; Bernoulli 16K 33 -> 19 us; with 32K per task, the old grain,
 // nothing under 64K forked).
 constexpr int64_t kMinTaskElements = int64_t{1} << 12;
+// Rows longer than this are summed in segments of this many elements, in parallel (run_flat).
+constexpr int64_t kSegment = 2 * kMinTaskElements;
 
 // ---------------------------------------------------------------------------------------------
 // Reading and writing operands of any dtype in the accumulation type acc_t (float or double).
@@ -921,15 +923,29 @@ bool run_flat(const RowArgs& args) {
       });
     });
   }
-  const int64_t grain = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(1, E));
-  at::parallel_for(0, R, grain, [&](int64_t r0, int64_t r1) {
+  // Tasks walk whole rows; rows longer than kSegment are cut into segments of kSegment elements (a function
+  // of the shape alone, so the same sums for any thread count): a loss reduced to one number, and its
+  // gradient, are then computed by every thread. A segment's pieces of the row sums cut by its ends are kept
+  // in double and added in segment order afterwards.
+  const int64_t N = R * E;
+  const bool segmented = E > kSegment;
+  struct Edges {
+    double lead[Op::kOut] = {};   // the piece of the row begun before the segment
+    double trail[Op::kOut] = {};  // the piece of a row begun in it that goes on after it
+  };
+  std::vector<Edges> edges(segmented ? static_cast<size_t>((N + kSegment - 1) / kSegment) : 0);
+  const int64_t units = segmented ? static_cast<int64_t>(edges.size()) : R;
+  const int64_t grain = segmented ? 1 : std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(1, E));
+  at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
     alignas(64) acc_t in_buf[Op::kIn][kChunk];
     alignas(64) acc_t out_buf[Op::kOut][kChunk];
     alignas(64) acc_t hoisted_buf[kChunk];
     alignas(64) acc_t hoisted_value[V::size()];
     V(hoisted.value).store(hoisted_value);
     double carry[Op::kOut] = {};
-    for_each_chunk(r0 * E, r1 * E, [&](int64_t c, int64_t n) {
+    const int64_t begin = segmented ? u0 * kSegment : u0 * E;
+    const int64_t end = segmented ? std::min(N, u1 * kSegment) : u1 * E;
+    for_each_chunk(begin, end, [&](int64_t c, int64_t n) {
       const acc_t* src[Op::kIn];
       int64_t src_step[Op::kIn];
       for (int j = 0; j < Op::kIn; ++j) {
@@ -964,10 +980,38 @@ bool run_flat(const RowArgs& args) {
         if (!o.data) continue;
         if (out_kind[j] == FlatKind::Run)
           store_logical<acc_t>(o.dtype, o.data, run_of(out_rs[j]), stride_of(out_rs[j]), c, n, dst[j]);
-        else add_segments(dst[j], c, n, E, typed<acc_t>(o.data), carry[j]);
+        else if (!segmented) add_segments(dst[j], c, n, E, typed<acc_t>(o.data), carry[j]);
       }
+      if (!segmented) return;
+      for_each_row_piece(c, n, E, [&](int64_t r, int64_t i, int64_t len) {
+        const int64_t p = c + i, seg = p / kSegment, seg_begin = seg * kSegment;
+        const bool fresh = p == r * E || p == seg_begin;  // a row's sum restarts in every segment
+        const bool started_here = r * E >= seg_begin, ends_here = p + len == (r + 1) * E;
+        const bool seg_ends = p + len == std::min(N, seg_begin + kSegment);
+        for (int j = 0; j < Op::kOut; ++j) {
+          if (!args.out[j].data || out_kind[j] != FlatKind::PerRow) continue;
+          const double piece = static_cast<double>(sum_range(dst[j] + i, len));
+          carry[j] = fresh ? piece : carry[j] + piece;
+          if (ends_here && started_here) typed<acc_t>(args.out[j].data)[r] = static_cast<acc_t>(carry[j]);
+          else if (!started_here && (ends_here || seg_ends)) edges[seg].lead[j] = carry[j];
+          else if (started_here && seg_ends) edges[seg].trail[j] = carry[j];
+        }
+      });
     });
   });
+  // The rows cut by segment ends: their pieces added in segment order.
+  double carry[Op::kOut] = {};
+  for (size_t seg = 0; seg < edges.size(); ++seg) {
+    const int64_t s0 = static_cast<int64_t>(seg) * kSegment, s1 = std::min(N, s0 + kSegment);
+    for (int j = 0; j < Op::kOut; ++j) {
+      if (!args.out[j].data || out_kind[j] != FlatKind::PerRow) continue;
+      if (s0 % E != 0) {
+        carry[j] += edges[seg].lead[j];
+        if ((s0 / E + 1) * E <= s1) typed<acc_t>(args.out[j].data)[s0 / E] = static_cast<acc_t>(carry[j]);
+      }
+      if (s1 % E != 0 && (s1 - 1) / E * E >= s0) carry[j] = edges[seg].trail[j];
+    }
+  }
   return true;
 }
 
