@@ -43,6 +43,8 @@ NUMERIC_COLUMNS = {
     "elbo ops ms eager": lambda r: r["elbo_ops_ms"]["eager"],
     "elbo share fused": lambda r: r["elbo_share"]["fused"],
     "elbo share eager": lambda r: r["elbo_share"]["eager"],
+    "profiler share fused": lambda r: (r.get("elbo_share_profiler") or {}).get("fused"),
+    "profiler share eager": lambda r: (r.get("elbo_share_profiler") or {}).get("eager"),
     "fused/eager": _ratio("fused_ms", "eager_ms"),
     "fused/compile": _ratio("fused_ms", "compile_ms"),
     "eager/fused": _ratio("eager_ms", "fused_ms"),
