@@ -231,8 +231,11 @@ def test_bad_clamp_arguments():
 def test_cuda_equals_cpu_with_a_clamp_and_one_buffer(dtype):
     """The CUDA kernels clamp as the CPU's (values, gradients, edges, NaN) and write the halves' gradients into
     one buffer too."""
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-12)
     for name, tensors, fused, _ in _cases(torch.Generator().manual_seed(9), dtype, nan=True):
+        # eps is float32 Box-Muller on both devices, with their own sin/cos (a few ulps apart): what depends on
+        # it agrees to float32's precision in any dtype
+        exact = dtype == torch.float64 and not name.startswith("sample")
+        tol = dict(rtol=1e-12, atol=1e-12) if exact else dict(rtol=1e-5, atol=1e-5)
         cpu = _outputs_and_grads(fused, tensors, torch.Generator().manual_seed(10))
         gpu = _outputs_and_grads(fused, [t.cuda() for t in tensors], torch.Generator().manual_seed(10))
         for a, b in zip((*cpu[0], *cpu[1]), (*gpu[0], *gpu[1])):

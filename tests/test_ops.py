@@ -207,7 +207,7 @@ def test_kl_terms_never_negative_in_float32(device):
     assert (per_dim >= 0).all()
     naive = 0.5 * (torch.exp(lv) - lv - 1)
     assert (naive < 0).any(), "the naive formula should show the failure this guards against"
-    prior = vf.gaussian_kl(mu, lv, torch.zeros(()), torch.full((), 1e-4), event_dims=0)
+    prior = vf.gaussian_kl(mu, lv, torch.zeros((), device=device), torch.full((), 1e-4, device=device), event_dims=0)
     assert (prior >= 0).all()
 
 

@@ -96,7 +96,8 @@ def ldm_rows(device: str, quick: bool, *, repeats: int | None = None, copy_gbps:
                 if not quick:
                     torch._dynamo.reset()
                     fns["compile"] = torch.compile(case.eager)
-                calls = {name: bench.make_call(fn, case, pass_, gen) for name, fn in fns.items()}
+                grad_gen = torch.Generator(device=dev).manual_seed(1)  # upstream gradients are drawn on dev
+                calls = {name: bench.make_call(fn, case, pass_, grad_gen) for name, fn in fns.items()}
                 row = bench.time_row(case, dtype, pass_, calls, sets, repeats, dev, copy)
                 rows.append({**row, "baseline": baseline})
                 if not quick:

@@ -349,7 +349,8 @@ struct CSum {
     add(o.s);
     c += c2;
   }
-  VF_DEV A value() const { return s + c; }
+  // An infinite or NaN s makes TwoSum's error NaN (inf - inf): the sum is then s itself (inf stays inf).
+  VF_DEV A value() const { return s - s == A(0) ? s + c : s; }
 };
 // CSum as stored in shared memory (a trivial type: __shared__ variables take no constructor).
 template <class A>
