@@ -1,7 +1,7 @@
 """``python -m vae_fast train | evaluate | sample | bench`` (also installed as the ``vae-fast`` command).
 
 Bad arguments and bad files give one line on stderr and a non-zero exit (2 for usage, 1 otherwise), never a
-traceback.
+traceback. Messages name the program as it was called: ``vae-fast`` or ``python -m vae_fast``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,18 @@ import json
 import sys
 from pathlib import Path
 
-PROG = "vae_fast"
+PROG = "vae-fast"  # the console script; ``python -m vae_fast`` when run that way (see _prog)
+
+
+def _prog() -> str:
+    return PROG if Path(sys.argv[0]).name == PROG else "python -m vae_fast"
 
 
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # No abbreviations: `--epoch 3` must not be taken as `--epochs 3` (nor a typo as some other flag).
+        super().__init__(*args, **{"allow_abbrev": False, **kwargs})
+
     def error(self, message):  # one line instead of usage + error
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
@@ -46,16 +54,16 @@ def _version() -> str:
     import torch
     from . import __version__
 
-    return f"{PROG} {__version__} (torch {torch.__version__})"
+    return f"vae_fast {__version__} (torch {torch.__version__})"  # the package's version, however it was called
 
 
 def _build_parser() -> argparse.ArgumentParser:
     from .train import TrainConfig
 
     d = TrainConfig()
-    parser = _Parser(prog=PROG, description="Fused-op VAE: train, evaluate, sample, benchmark.")
+    parser = _Parser(prog=_prog(), description="Fused-op VAE: train, evaluate, sample, benchmark.")
     parser.add_argument("--version", action="version", version=_version())
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a VAE (DDP under torchrun)",
                        description="Train a VAE; writes checkpoint.pt, config.json, metrics.jsonl and PNGs to --out. "
@@ -148,7 +156,23 @@ def _read_config(path: str) -> dict:
         TrainConfig.from_json(settings)  # unknown keys fail here, with the list of known ones
     except ValueError as e:
         raise CliError(f"--config {path}: {e}") from None
-    return {k.replace("-", "_"): v for k, v in settings.items()}
+    settings = {k.replace("-", "_"): v for k, v in settings.items()}
+    # A string value is read as the flag reads its text (hidden = "64,32" as --hidden 64,32); one the flag
+    # would refuse stays as it is, for the settings' own check to name.
+    types = {a.dest: a.type for a in parser_actions() if a.type is not None}
+    for key, value in settings.items():
+        if isinstance(value, str) and key in types:
+            try:
+                settings[key] = types[key](value)
+            except (ValueError, argparse.ArgumentTypeError):
+                pass
+    return settings
+
+
+def parser_actions() -> list[argparse.Action]:
+    """The train subcommand's arguments."""
+    sub = next(a for a in _build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices["train"]._actions
 
 
 def _train(args) -> int:
@@ -163,7 +187,9 @@ def _train(args) -> int:
         saved = saved_config(cfg.resolved().out)
         if saved is not None:
             cfg = TrainConfig.from_json({**saved, **given})
-    train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.quiet)
+    result = train(cfg, resume=resume, overwrite=args.overwrite, progress=not args.quiet)
+    if args.quiet and result.summary:  # --quiet drops the progress, not what the run ended with
+        print(result.summary, flush=True)
     return 0
 
 
@@ -198,10 +224,11 @@ def _evaluate(args) -> int:
     write_json(run / "eval.json", result)
     which = " (its best, --save best)" if cfg.save == "best" else ""
     print(f"{run}: epoch {result['epoch']}{which}, {len(test)} test examples, nats per example")
-    print(f"  ELBO                {result['test_elbo']:10.3f}")
-    print(f"  IWAE (K={args.iwae_samples:<5d})      {result[f'test_iwae_{args.iwae_samples}']:10.3f}")
-    print(f"  log p(x) (K={args.num_samples:<5d})  {result['test_log_likelihood']:10.3f}")
-    print(f"  active units        {result['active_units']:4d} / {model.latent_dim}")
+    for label, value in (("ELBO", result["test_elbo"]),
+                         (f"IWAE (K={args.iwae_samples})", result[f"test_iwae_{args.iwae_samples}"]),
+                         (f"log p(x) (K={args.num_samples})", result["test_log_likelihood"])):
+        print(f"  {label:<20s}{value:10.3f}")
+    print(f"  {'active units':<20s}{result['active_units']:4d} / {model.latent_dim}")
     return 0
 
 
@@ -217,6 +244,10 @@ def _sample(args) -> int:
     torch.manual_seed(args.seed)
     # Its own files: never the training run's samples.png or manifold.png.
     output = Path(args.output) if args.output else run / f"sample-seed{args.seed}.png"
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CliError(f"--output {output}: cannot create its folder: {e.strerror or e}") from None
     title = run_title(cfg, ckpt["epoch"])
     if not plots.save_image_grid(model.sample(args.num), output,
                                  title=f"{title}\n{args.num} samples (seed {args.seed})"):
@@ -234,7 +265,8 @@ def _bench(argv: list[str]) -> int:
     except ModuleNotFoundError as e:
         if e.name != f"{__package__}.bench":
             raise
-        print(f"{PROG} bench: error: the benchmark suite ({__package__}.bench) is not in this install", file=sys.stderr)
+        print(f"{_prog()} bench: error: the benchmark suite ({__package__}.bench) is not in this install",
+              file=sys.stderr)
         return 1
     return bench.main(argv) or 0
 
@@ -250,12 +282,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
+    from .train import CLI_PROG, RunInUse
+
+    prog = _prog()
     args = _build_parser().parse_args(argv)
+    token = CLI_PROG.set(prog)  # messages from the trainer name flags, not Python arguments
     try:
         return args.func(args)
-    except (CliError, ValueError, OSError, FloatingPointError, ImportError) as e:
-        print(f"{PROG} {args.command}: error: {_message(e)}", file=sys.stderr)
+    except (CliError, ValueError, OSError, FloatingPointError, ImportError, RunInUse) as e:
+        print(f"{prog} {args.command}: error: {_message(e)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog} {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        CLI_PROG.reset(token)

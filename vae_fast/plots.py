@@ -1,11 +1,13 @@
 """PNG figures of a run: loss curves, reconstructions, samples, and the 2-D latent manifold.
 
-Uses matplotlib's object API (``Figure``), not pyplot: no global state, no display needed.
+Uses matplotlib's object API (``Figure``), not pyplot: no global state, no display needed. Each PNG is written
+atomically (a temporary file in the same folder, then ``os.replace``): a kill never leaves a torn figure.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -36,6 +38,19 @@ def _grid(images: torch.Tensor, ncols: int) -> torch.Tensor:
     return canvas
 
 
+def _save(fig: Figure, path: str | Path, **kwargs) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png", **kwargs)
+        if tmp.exists():  # (a test may record the figure instead of writing it)
+            os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def save_image_grid(x: torch.Tensor, path: str | Path, ncols: int = 8, title: str = "") -> bool:
     """Save ``(N, D)`` examples as a grid of square images; False (nothing written) if D is not square."""
     images = _as_images(x)
@@ -47,7 +62,7 @@ def save_image_grid(x: torch.Tensor, path: str | Path, ncols: int = 8, title: st
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=10)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    _save(fig, path, dpi=100, bbox_inches="tight")
     return True
 
 
@@ -80,7 +95,7 @@ def save_loss_curves(metrics: list[dict], path: str | Path, title: str = "", obj
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path, dpi=100)
 
 
 @torch.no_grad()
@@ -124,7 +139,7 @@ def save_manifold(model, path: str | Path, n: int = 15, z_max: float = 2.0, titl
     ax.set_xlabel("z1")
     ax.set_ylabel("z2")
     ax.set_title(_two_line(title, f"decoded means over the latent plane, z in [{-z_max:g}, {z_max:g}]^2"), fontsize=10)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    _save(fig, path, dpi=100, bbox_inches="tight")
     return True
 
 

@@ -7,16 +7,24 @@ different noise, and a run resumed from the checkpoint of epoch e computes exact
 computed from epoch e on.
 
 Run folders are never destroyed by accident: ``train`` refuses a folder that holds a checkpoint unless told to
-resume it or overwrite it, and ``checkpoint.pt`` is only ever replaced (atomically) by a newer good one.
+resume it or overwrite it, and ``checkpoint.pt`` is only ever replaced (atomically) by a newer good one. One
+trainer at a time writes a run folder: it holds an exclusive ``flock`` on ``RUN/.lock`` for as long as it
+runs (the OS drops it when the process dies, so a restart after a kill is never blocked). Replacing a run
+is atomic as a whole: the new run trains in ``RUN/.overwrite/`` until it has saved its first epoch, then a
+commit mark there decides the swap, which any later command finishes (or, without the mark, undoes).
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import pickle
+import shutil
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,8 +44,13 @@ CHECKPOINT = "checkpoint.pt"  # the last good epoch: what --resume continues
 BEST = "best.pt"  # with save="best": the epoch with the highest test ELBO
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
+EVAL = "eval.json"  # written by evaluate
 FIGURES = ("loss.png", "reconstructions.png", "samples.png", "manifold.png")
+LOCK = ".lock"  # flock'ed by the live trainer; never deleted (a deleted lock file could be locked twice)
+STAGING = ".overwrite"  # a replacing run's files until its first epoch is saved
+COMMITTED = ".committed"  # in STAGING: the replacement is decided; lists the new run's files
 _EVAL_STREAM = 2**31  # seed key of the evaluation noise; never a rank
+_FIGURE_STREAM = 2**31 + 1  # seed key of the figures' samples: a fresh run and a resume draw the same
 # Fields that may change when a run is resumed: they do not change what is computed (epochs only extends it,
 # except under a cosine schedule, whose length it sets).
 RESUMABLE_CHANGES = ("epochs", "device", "compile", "out", "log_dir")
@@ -47,8 +60,26 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+# The command line's name ("vae-fast", "python -m vae_fast") while it runs a command, else None: messages
+# then name settings as its flags (--batch-size, --resume), else as the Python API's arguments.
+CLI_PROG: contextvars.ContextVar[str | None] = contextvars.ContextVar("vae_fast_cli_prog", default=None)
+
+
 def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
+    """A setting as the caller spells it: ``--batch-size`` on the command line, ``batch_size`` in Python."""
+    return "--" + name.replace("_", "-") if CLI_PROG.get() else name
+
+
+def _set(name: str, value=True) -> str:
+    """A setting with its value as the caller spells it: ``--resume``, ``--objective iwae``; ``resume=True``,
+    ``objective='iwae'``."""
+    if CLI_PROG.get():
+        return _flag(name) if value is True else f"{_flag(name)} {value}"
+    return f"{name}={value!r}"
+
+
+class RunInUse(RuntimeError):
+    """Another live process is training into this run folder."""
 
 
 @dataclass
@@ -106,9 +137,9 @@ class TrainConfig:
         for name in ("beta", "free_bits", "grad_clip", "lr"):
             v = getattr(self, name)
             need(_is_number(v) and math.isfinite(v) and v >= 0, f"{_flag(name)} must be a number >= 0, got {v!r}")
-        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(self.lr > 0, f"{_flag('lr')} must be > 0, got {self.lr}")
         need(isinstance(self.hidden, list) and all(isinstance(h, int) and h > 0 for h in self.hidden),
-             f"--hidden must be positive integers, got {self.hidden!r}")
+             f"{_flag('hidden')} must be positive integers, got {self.hidden!r}")
         for name, choices in (("dataset", None), ("likelihood", ("bernoulli", "gaussian")),
                               ("binarize", ("dynamic", "fixed", "none")), ("objective", OBJECTIVES),
                               ("lr_schedule", ("constant", "cosine")), ("save", ("last", "best")),
@@ -117,16 +148,17 @@ class TrainConfig:
             need(isinstance(v, str) and (choices is None or v in choices),
                  f"{_flag(name)} must be {' | '.join(choices or ('a string',))}, got {v!r}")
         need(_is_number(self.obs_logvar) or self.obs_logvar in OBS_LOGVAR_MODES,
-             f"--obs-logvar must be {' | '.join(OBS_LOGVAR_MODES)} or a number, got {self.obs_logvar!r}")
+             f"{_flag('obs_logvar')} must be {' | '.join(OBS_LOGVAR_MODES)} or a number, got {self.obs_logvar!r}")
         need(not (self.dataset == "synthetic" and self.likelihood == "bernoulli"),
-             "--dataset synthetic is real-valued: a Bernoulli likelihood needs data in [0, 1]; "
-             "use --likelihood gaussian (its default)")
+             f"{_set('dataset', 'synthetic')} is real-valued: a Bernoulli likelihood needs data in [0, 1]; "
+             f"use {_set('likelihood', 'gaussian')} (its default)")
         need(not self.objective.startswith("iwae") or (self.beta == 1 and self.free_bits == 0
                                                       and self.warmup_epochs == 0),
-             f"--beta, --warmup-epochs and --free-bits apply to the ELBO only, not --objective {self.objective}")
+             f"{_flag('beta')}, {_flag('warmup_epochs')} and {_flag('free_bits')} apply to the ELBO only, "
+             f"not {_set('objective', self.objective)}")
         need(not (self.objective == "elbo-stl" and self.free_bits > 0),
-             "--free-bits needs --objective elbo (elbo-stl has no per-dimension KL to floor)")
-        need(isinstance(self.compile, bool), f"--compile must be true or false, got {self.compile!r}")
+             f"{_flag('free_bits')} needs {_set('objective', 'elbo')} (elbo-stl has no per-dimension KL to floor)")
+        need(isinstance(self.compile, bool), f"{_flag('compile')} must be true or false, got {self.compile!r}")
         for name in ("out", "log_dir"):
             v = getattr(self, name)
             need(v is None or (isinstance(v, str) and v), f"{_flag(name)} must be a folder name, got {v!r}")
@@ -163,7 +195,7 @@ def _init_process_group(backend: str) -> None:
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available in this torch build or machine")
+        raise ValueError(f"{_set('device', 'cuda')}: CUDA is not available in this torch build or machine")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name, local_rank) if name == "cuda" else torch.device(name)
@@ -210,7 +242,7 @@ def torchrun_restart() -> int:
 
 def _say(message: str) -> None:
     """A status line for logs (stderr, flushed at once: job logs are files)."""
-    print(f"vae_fast: {message}", file=sys.stderr, flush=True)
+    print(f"{CLI_PROG.get() or 'vae_fast'}: {message}", file=sys.stderr, flush=True)
 
 
 # ---- files ---------------------------------------------------------------------------------------------------
@@ -243,29 +275,129 @@ def write_json(path: Path, obj) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
+def _damaged(path: Path, what: str) -> ValueError:
+    return ValueError(f"checkpoint {path} is damaged ({what}): restore it from a copy, or train the run afresh "
+                      f"with {_set('overwrite')}")
+
+
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
-    """The checkpoint dict (``weights_only=True``: no pickled code); ValueError if it is missing or unreadable."""
+    """The checkpoint dict (``weights_only=True``: no pickled code). FileNotFoundError if there is none;
+    ValueError naming the file, saying it is damaged and what to do, if it cannot be read as one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:  # torch's message here is advice to drop weights_only: not for this file
-        raise ValueError(f"cannot read checkpoint {path}: not a weights-only torch checkpoint") from None
-    except OSError as e:
+        raise ValueError(f"cannot read checkpoint {path}: it holds pickled code (not a vae_fast checkpoint), "
+                         "which is not loaded") from None
+    except (PermissionError, IsADirectoryError) as e:  # the file may be fine: say why it cannot be opened
         raise OSError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
-    except Exception as e:  # torch raises many kinds here (RuntimeError, EOFError, ...)
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else "empty or truncated file"
-        raise ValueError(f"cannot read checkpoint {path}: {type(e).__name__}: {detail}") from None
+    except Exception:  # torch raises many kinds for torn or foreign bytes (OSError, RuntimeError, KeyError, ...)
+        raise _damaged(path, "truncated or corrupt: it does not load as a torch checkpoint") from None
     if not isinstance(ckpt, dict) or not {"model", "config", "epoch", "input_dim"} <= set(ckpt):
-        raise ValueError(f"{path} is not a vae_fast checkpoint")
+        raise _damaged(path, "a torch file, but not a vae_fast checkpoint")
+    if not (isinstance(ckpt["config"], dict) and isinstance(ckpt["epoch"], int) and isinstance(ckpt["model"], dict)):
+        raise _damaged(path, "its config, epoch or weights are not what a vae_fast checkpoint holds")
     return ckpt
 
 
 def saved_config(out: str | Path) -> dict | None:
     """The config of the checkpoint in run folder ``out``, or None if it has none (an error if unreadable)."""
+    recover_run(out)
     path = Path(out) / CHECKPOINT
     return load_checkpoint(path)["config"] if path.exists() else None
+
+
+# ---- one writer per run folder, and replacing a run as a whole ------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def lock_run(out: str | Path) -> int:
+    """Create the run folder if needed and take its writer's lock: an exclusive ``flock`` on ``RUN/.lock``,
+    held until the returned descriptor is closed or the process dies (the OS drops it then: a restart after
+    a kill is never blocked). RunInUse, naming the live holder, if another process holds it."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise OSError(f"cannot create the run folder {out}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise RunInUse(f"{out} is being trained by another process ({holder or 'pid unknown'}), which holds "
+                       f"{out / LOCK}: wait for it to end, or stop it") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd
+
+
+def _run_files(out: Path) -> list[Path]:
+    """The files of the run in ``out``: those the trainer, ``evaluate`` and ``sample`` write there by default
+    (anything else, such as a config file kept beside the run, is not the run's)."""
+    return [p for p in out.iterdir() if p.is_file() and (
+        p.name in (CHECKPOINT, BEST, METRICS, CONFIG, EVAL, *FIGURES)
+        or (p.name.startswith("sample-seed") and p.name.endswith(".png")))]
+
+
+def _recover(out: Path) -> None:
+    """Finish a replacement that has its commit mark, or undo one that has none (the caller holds the lock).
+    Idempotent: a kill inside it leaves what a second call completes."""
+    stage = out / STAGING
+    if not stage.is_dir():
+        return
+    mark = stage / COMMITTED
+    if mark.is_file():
+        new = set(json.loads(mark.read_text()))
+        for p in _run_files(out):
+            if p.name not in new:  # the old run's (a new file already moved in keeps its name)
+                p.unlink()
+        for name in sorted(new):
+            if (stage / name).exists():
+                os.replace(stage / name, out / name)
+        _fsync_dir(out)
+        mark.unlink()
+    for p in stage.iterdir():
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    stage.rmdir()
+    _fsync_dir(out)
+
+
+def recover_run(out: str | Path) -> None:
+    """Bring a run folder that a kill left in the middle of ``overwrite`` to a whole run: the new one if it
+    had saved its first epoch, else the old one. Does nothing while a live trainer holds the folder (it
+    finishes that itself) or if there is nothing to do."""
+    out = Path(out)
+    if not (out / STAGING).is_dir():
+        return
+    try:
+        fd = lock_run(out)
+    except (RunInUse, OSError):  # a live trainer's, or a folder this process may not write: read it as it is
+        return
+    try:
+        _recover(out)
+    finally:
+        os.close(fd)
+
+
+def _commit(out: Path, stage: Path) -> None:
+    """Replace the run in ``out`` by the one staged in ``stage``, as a whole: the commit mark decides it."""
+    new = sorted(p.name for p in stage.iterdir() if p.is_file() and not p.name.startswith("."))
+    atomic_write(stage / COMMITTED, lambda f: f.write(json.dumps(new).encode()))
+    _recover(out)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -284,14 +416,31 @@ def read_metrics(path: Path) -> list[dict]:
 def load_run(run: str | Path, device: str = "auto") -> tuple[VAE, TrainConfig, dict]:
     """The model a run folder keeps (in eval mode): the last epoch's, or with ``save="best"`` the best
     one's; its config and the checkpoint it came from."""
-    ckpt = load_checkpoint(Path(run) / CHECKPOINT)
-    cfg = TrainConfig.from_json(ckpt["config"]).resolved()
+    recover_run(run)
+    path = Path(run) / CHECKPOINT
+    ckpt = load_checkpoint(path)
+    cfg = _saved_settings(ckpt["config"], path)
     if cfg.save == "best" and (Path(run) / BEST).exists():
-        ckpt = load_checkpoint(Path(run) / BEST)
+        path = Path(run) / BEST
+        ckpt = load_checkpoint(path)
     dev = resolve_device(device)
     model = build_model(cfg, ckpt["input_dim"])
-    model.load_state_dict(ckpt["model"])
+    _load_weights(model, ckpt, path)
     return model.to(dev).eval(), cfg, ckpt
+
+
+def _saved_settings(config: dict, path: Path) -> "TrainConfig":
+    try:
+        return TrainConfig.from_json(config).resolved().validate()
+    except (ValueError, TypeError):
+        raise _damaged(path, "its saved settings are not valid") from None
+
+
+def _load_weights(model, ckpt: dict, path: Path) -> None:
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, KeyError, TypeError):
+        raise _damaged(path, "its weights do not fit the model its config describes") from None
 
 
 def run_title(cfg: TrainConfig, epoch: int) -> str:
@@ -320,14 +469,17 @@ class TrainResult:
     model: VAE  # the plain module (not DDP- or compile-wrapped): the last epoch's, or with save="best" the best
     metrics: list  # one dict per epoch, as in metrics.jsonl
     out: Path
+    summary: str = ""  # what the run ended with, where it went and what comes next (printed with progress)
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> TrainResult:
     """Train as ``cfg`` says, writing the run folder ``cfg.out`` (rank 0 only under DDP).
 
     ``resume``: continue the checkpoint in the folder, or start a new run if there is none. Without it a
-    folder holding a checkpoint is refused (FileExistsError) unless ``overwrite``. Under torchrun a restarted
-    job resumes by itself. ``progress``: a progress bar on a terminal and one line per epoch.
+    folder holding a checkpoint is refused (FileExistsError) unless ``overwrite``, which replaces the run as a
+    whole once the new one has saved its first epoch. A folder another live process trains is refused
+    (RunInUse). Under torchrun a restarted job resumes by itself. ``progress``: a progress bar on a
+    terminal, one line per epoch and a summary at the end.
     """
     cfg = cfg.resolved().validate()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -356,37 +508,51 @@ def _summary_writer_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise ImportError("--log-dir needs TensorBoard, which is not installed (pip install tensorboard)") from None
+        raise ImportError(f"{_flag('log_dir')} needs TensorBoard, which is not installed (pip install tensorboard)"
+                          ) from None
     return SummaryWriter
 
 
-def _open_run(cfg: TrainConfig, resume: bool, overwrite: bool) -> dict | None:
-    """The checkpoint to continue, or None for a new run; refuses to replace a run unless asked to."""
-    out = Path(cfg.out)
-    if not (out / CHECKPOINT).exists():
-        if resume:
-            _say(f"no checkpoint in {out}: starting a new run")
-        return None
-    if not resume:
-        if not overwrite:
-            raise FileExistsError(f"{out} holds a run ({CHECKPOINT}): --resume continues it, --overwrite replaces it")
-        _say(f"replacing the run in {out} (its checkpoint stays until this run saves its first epoch)")
-        return None
-    ckpt = load_checkpoint(out / CHECKPOINT)
-    saved = TrainConfig.from_json(ckpt["config"]).resolved()
-    changed = [f"{_flag(f.name)} {getattr(cfg, f.name)!r} (saved: {getattr(saved, f.name)!r})"
+def _changed_settings(cfg: TrainConfig, saved: TrainConfig) -> list[str]:
+    """The settings of ``cfg`` that a resume of ``saved`` may not change, as the caller spells them."""
+    changed = [f"{_set(f.name, getattr(cfg, f.name))} (saved: {getattr(saved, f.name)!r})"
                for f in dataclasses.fields(cfg)
                if f.name not in RESUMABLE_CHANGES and getattr(cfg, f.name) != getattr(saved, f.name)]
     if cfg.lr_schedule == "cosine" and cfg.epochs != saved.epochs:
-        changed.append(f"--epochs {cfg.epochs} (saved: {saved.epochs}; it sets the cosine schedule's length)")
-    if changed:
-        raise ValueError(f"--resume continues the saved run; only {', '.join(map(_flag, RESUMABLE_CHANGES))} may "
-                         f"change, not {', '.join(changed)}")
-    if ckpt["epoch"] >= cfg.epochs:
-        _say(f"the run in {out} is at epoch {ckpt['epoch']} of {cfg.epochs}: nothing left to train")
-    else:
-        _say(f"resuming the run in {out} at epoch {ckpt['epoch']} of {cfg.epochs}")
-    return ckpt
+        changed.append(f"{_set('epochs', cfg.epochs)} (saved: {saved.epochs}; under a cosine schedule it sets the "
+                       "schedule's length)")
+    return changed
+
+
+def _open_run(cfg: TrainConfig, resume: bool, overwrite: bool) -> tuple[dict | None, bool]:
+    """(the checkpoint to continue or None for a new run, whether the new run replaces one); refuses to
+    replace a run unless asked to. The caller holds the folder's lock."""
+    out = Path(cfg.out)
+    _recover(out)  # a replacement a kill interrupted: finished or undone before anything reads the folder
+    if not (out / CHECKPOINT).exists():
+        if resume:
+            _say(f"no checkpoint in {out}: starting a new run")
+        return None, False
+    if resume:
+        ckpt = load_checkpoint(out / CHECKPOINT)
+        changed = _changed_settings(cfg, _saved_settings(ckpt["config"], out / CHECKPOINT))
+        if not changed:
+            if ckpt["epoch"] >= cfg.epochs:
+                _say(f"the run in {out} is at epoch {ckpt['epoch']} of {cfg.epochs}: nothing left to train")
+            else:
+                _say(f"resuming the run in {out} at epoch {ckpt['epoch']} of {cfg.epochs}")
+            return ckpt, False
+        if not overwrite:  # (both: a torchrun restart of a replacement that had not saved an epoch yet)
+            may = ", ".join(_flag(n) for n in ("epochs", "device", "compile", "log_dir"))
+            raise ValueError(f"{_set('resume')} continues the run in {out} with its own settings, but these differ: "
+                             f"{', '.join(changed)}. Only {may} may change on resume ({_flag('epochs')} not under a "
+                             f"cosine schedule); train into another folder, or replace this run with "
+                             f"{_set('overwrite')}")
+    elif not overwrite:
+        raise FileExistsError(f"{out} holds a run ({CHECKPOINT}): {_set('resume')} continues it, "
+                              f"{_set('overwrite')} replaces it")
+    _say(f"replacing the run in {out}: it stays whole until this run has saved its first epoch")
+    return None, True
 
 
 def _agree(fn, distributed: bool):
@@ -409,54 +575,74 @@ def _agree(fn, distributed: bool):
 
 def _train(cfg: TrainConfig, resume: bool, overwrite: bool, progress: bool, device: torch.device) -> TrainResult:
     distributed = dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    out = Path(cfg.out)
+    # Before the run folder is touched: a bad data set leaves nothing behind.
+    train_x, test_x = (t.to(device) for t in load_data(cfg))
+    lock = None
+
+    def open_run():  # rank 0 alone holds the lock; the others learn its outcome (or its error) from _agree
+        nonlocal lock
+        lock = lock_run(out)
+        return _open_run(cfg, resume, overwrite)
+
+    try:
+        ckpt, replacing = _agree(open_run, distributed)
+        return _run(cfg, ckpt, out / STAGING if replacing else None, train_x, test_x, progress, device)
+    finally:
+        if lock is not None:
+            os.close(lock)  # drops the flock
+
+
+def _run(cfg: TrainConfig, ckpt: dict | None, stage: Path | None, train_x: torch.Tensor, test_x: torch.Tensor,
+         progress: bool, device: torch.device) -> TrainResult:
+    """The training itself; rank 0 writes into ``stage`` (a run being replaced) until the first epoch is
+    saved, then commits the replacement and writes into the run folder."""
+    distributed = dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     out = Path(cfg.out)
-    ckpt = _agree(lambda: _open_run(cfg, resume, overwrite), distributed)
-
-    train_x, test_x = (t.to(device) for t in load_data(cfg))
+    here = stage or out  # where this run's files go now
     dynamic = cfg.binarize == "dynamic" and cfg.likelihood == "bernoulli"
     raw = build_model(cfg, train_x.shape[1]).to(device)
     optimizer = build_optimizer(raw.parameters(), cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start_epoch, step, best = 0, 0, None
     if ckpt is not None:
-        raw.load_state_dict(ckpt["model"])
+        _load_weights(raw, ckpt, out / CHECKPOINT)
         optimizer.load_state_dict(ckpt["optimizer"])
         scaler.load_state_dict(ckpt["scaler"])
         start_epoch, step, best = ckpt["epoch"], ckpt["step"], ckpt.get("best")
 
     metrics: list[dict] = []
     writer = None
-    if rank == 0:
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OSError(f"cannot create the run folder {out}: {e.strerror or e}") from None
-        for stale in out.glob(".*.tmp"):  # left by a process killed mid-write
-            stale.unlink(missing_ok=True)
-        if ckpt is None:  # a new run: nothing of an earlier one may be mistaken for this one's
-            for name in (*FIGURES, BEST, "eval.json"):
-                (out / name).unlink(missing_ok=True)
-        write_json(out / CONFIG, cfg.to_json())
-        # Keep the lines of the epochs the checkpoint holds: later ones are trained again.
-        metrics = [m for m in read_metrics(out / METRICS) if m.get("epoch", math.inf) <= start_epoch] if ckpt else []
-        atomic_write(out / METRICS, lambda f: f.write("".join(json.dumps(m) + "\n" for m in metrics).encode()))
-        if cfg.log_dir:  # purge_step: a resumed run's events replace those past its checkpoint
-            writer = _summary_writer_class()(cfg.log_dir, purge_step=step)
-
-    model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None) if distributed else raw
-    if cfg.compile:
-        model = torch.compile(model)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    sampler = DistributedSampler(range(train_x.shape[0]), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-    steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
-    kl_warmup_steps = cfg.warmup_epochs * steps_per_epoch
-    bar_on = progress and rank == 0 and sys.stderr.isatty()  # off a terminal: one plain line per epoch
-    was_active = metrics[-1].get("active_units", 1) if metrics else 1
     saved_epoch = start_epoch if ckpt is not None else None  # this run's last good checkpoint
-
     try:
+        if rank == 0:
+            if stage is not None:
+                stage.mkdir()  # _open_run's recovery removed any older one
+            for stale in out.glob(".*.tmp"):  # left by a process killed mid-write
+                stale.unlink(missing_ok=True)
+            if ckpt is None and stage is None:  # a new run: nothing of an earlier one may be mistaken for this one's
+                for p in _run_files(out):
+                    p.unlink()
+            write_json(here / CONFIG, cfg.to_json())
+            # Keep the lines of the epochs the checkpoint holds: later ones are trained again.
+            metrics = [m for m in read_metrics(out / METRICS) if m.get("epoch", math.inf) <= start_epoch] if ckpt else []
+            atomic_write(here / METRICS, lambda f: f.write("".join(json.dumps(m) + "\n" for m in metrics).encode()))
+            if cfg.log_dir:  # purge_step: a resumed run's events replace those past its checkpoint
+                writer = _summary_writer_class()(cfg.log_dir, purge_step=step)
+
+        model = DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None) if distributed else raw
+        if cfg.compile:
+            model = torch.compile(model)
+        amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+        sampler = DistributedSampler(range(train_x.shape[0]), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+        steps_per_epoch = math.ceil(len(sampler) / cfg.batch_size)
+        total_steps = cfg.epochs * steps_per_epoch
+        kl_warmup_steps = cfg.warmup_epochs * steps_per_epoch
+        bar_on = progress and rank == 0 and sys.stderr.isatty()  # off a terminal: one plain line per epoch
+        was_active = metrics[-1].get("active_units", 1) if metrics else 1
+
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
             epoch_seed = derive_seed(cfg.seed, rank, epoch)
@@ -483,7 +669,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, progress: bool, devi
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
                         f"training diverged at epoch {epoch + 1}, step {i // cfg.batch_size + 1} of {steps_per_epoch}"
-                        f" (loss {loss.item()}, lr {lr:g}); {_kept(saved_epoch, out)}")
+                        f" (loss {loss.item()}, lr {lr:g}); {_kept(saved_epoch, out, stage)}")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if cfg.grad_clip:
@@ -508,7 +694,7 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, progress: bool, devi
             test_elbo = evaluate(raw.elbo, test_x).mean().item()
             if not all(map(math.isfinite, [*means, test_elbo])):
                 raise FloatingPointError(f"training diverged in epoch {epoch + 1} (test ELBO {test_elbo}); "
-                                         f"{_kept(saved_epoch, out)}")
+                                         f"{_kept(saved_epoch, out, stage)}")
             active = active_units(raw, test_x)
             row = {"epoch": epoch + 1, "step": step, "train_loss": means[0], "train_elbo": means[1],
                    "train_kl": means[2], "train_rec": means[3], "test_elbo": test_elbo, "active_units": active,
@@ -516,19 +702,23 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, progress: bool, devi
             metrics.append(row)
             if active == 0 and was_active:
                 _say(f"warning: epoch {epoch + 1}: 0 of {cfg.latent_dim} latent units active: the decoder ignores z "
-                     "(posterior collapse, if it lasts); KL warm-up (--warmup-epochs) or --free-bits can help")
+                     f"(posterior collapse, if it lasts); KL warm-up ({_flag('warmup_epochs')}) or "
+                     f"{_flag('free_bits')} can help")
             elif active and not was_active:
                 _say(f"epoch {epoch + 1}: {active} of {cfg.latent_dim} latent units active again")
             was_active = active
             # The metrics line first, then best.pt, then the checkpoint: a resume drops lines past the
             # checkpoint's epoch and redoes (bitwise) whatever came after it.
-            with open(out / METRICS, "a") as f:
+            with open(here / METRICS, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if cfg.save == "best" and (best is None or test_elbo > best["test_elbo"]):
                 best = {"epoch": epoch + 1, "test_elbo": test_elbo}
-                save_checkpoint(out / BEST, raw, optimizer, scaler, epoch + 1, step, cfg, train_x.shape[1], best)
-            save_checkpoint(out / CHECKPOINT, raw, optimizer, scaler, epoch + 1, step, cfg, train_x.shape[1], best)
+                save_checkpoint(here / BEST, raw, optimizer, scaler, epoch + 1, step, cfg, train_x.shape[1], best)
+            save_checkpoint(here / CHECKPOINT, raw, optimizer, scaler, epoch + 1, step, cfg, train_x.shape[1], best)
             saved_epoch = epoch + 1
+            if stage is not None:  # the first good epoch of a replacing run: the old run goes, whole
+                _commit(out, stage)
+                here, stage = out, None
             if writer is not None:
                 for key in ("train_loss", "train_elbo", "train_kl", "train_rec", "test_elbo", "active_units", "lr"):
                     writer.add_scalar(key.replace("_", "/", 1) if key.startswith(("train", "test")) else key,
@@ -539,21 +729,56 @@ def _train(cfg: TrainConfig, resume: bool, overwrite: bool, progress: bool, devi
                         f"  KL {means[2]:7.3f}  active {active}/{cfg.latent_dim}  ({row['time_s']:.2f} s)")
                 tqdm.write(line)
                 sys.stdout.flush()
+    except KeyboardInterrupt:
+        if rank == 0:
+            _say(f"interrupted: {_kept(saved_epoch, out, stage)}"
+                 + (f"; the same command with {_set('resume')} continues it" if saved_epoch else ""))
+        raise
     finally:
         if writer is not None:
             writer.close()
+        if stage is not None and rank == 0 and stage.is_dir():  # the replacement never saved an epoch: undo it
+            _recover(out)
 
+    summary = ""
     if rank == 0:
         last_epoch = metrics[-1]["epoch"] if metrics else start_epoch
         if cfg.save == "best" and best is not None:
             raw.load_state_dict(load_checkpoint(out / BEST, map_location=device)["model"])
             last_epoch = best["epoch"]
         raw.eval()
-        plots.save_all(raw, metrics, test_x, out, title=run_title(cfg, last_epoch), objective=cfg.objective)
-    return TrainResult(raw, metrics, out)
+        # The figures' samples come from a generator of their own, seeded from the run's seed: a fresh run and
+        # a resume of the finished run draw the same ones.
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(derive_seed(cfg.seed, _FIGURE_STREAM))
+            figures = plots.save_all(raw, metrics, test_x, out, title=run_title(cfg, last_epoch),
+                                     objective=cfg.objective)
+        summary = _summary(cfg, metrics, best, figures)
+        if progress:
+            print(summary, flush=True)
+    return TrainResult(raw, metrics, out, summary)
 
 
-def _kept(saved_epoch: int | None, out: Path) -> str:
+def _summary(cfg: TrainConfig, metrics: list[dict], best: dict | None, figures: list[Path]) -> str:
+    """Two lines: what the run reached and where its files are; what to run next."""
+    out = Path(cfg.out)
+    if metrics:
+        reached = f"epoch {metrics[-1]['epoch']}/{cfg.epochs}, test ELBO {metrics[-1]['test_elbo']:.3f}"
+        if cfg.save == "best" and best is not None:
+            reached += f" (kept: epoch {best['epoch']}, test ELBO {best['test_elbo']:.3f}, in {out / BEST})"
+    else:
+        reached = "no epochs trained"
+    names = "{" + ",".join(p.stem for p in figures) + "}.png" if len(figures) > 1 else figures[0].name if figures else ""
+    where = f"checkpoint {out / CHECKPOINT}" + (f", figures {out / names}" if names else "")
+    prog = CLI_PROG.get()
+    then = (f"{prog} evaluate {out}; {prog} sample {out}" if prog
+            else f"vae_fast.train.load_run({str(out)!r}) for the model")
+    return f"done: {reached}; {where}\nnext: {then}"
+
+
+def _kept(saved_epoch: int | None, out: Path, stage: Path | None = None) -> str:
+    if stage is not None:
+        return f"this run saved no epoch: the run it was to replace stays in {out}"
     if saved_epoch is None:
         return "this run saved no checkpoint"
     return f"the last good checkpoint (epoch {saved_epoch}) is kept in {out / CHECKPOINT}"
