@@ -106,3 +106,83 @@ def test_one_negative_var_entry_anywhere_raises(where, layout):
         with pytest.raises(ValueError, match="var has negative entry/entries"):
             fn(x, x, var)
     vf.gaussian_nll_loss(x, x, var.abs())  # no negative left: no error
+
+
+def _raises_like_torch(exc, args, kwargs=None, match=None):
+    """torch's F.gaussian_nll_loss raises `exc` for these arguments, and so does ours."""
+    for fn in (F.gaussian_nll_loss, vf.gaussian_nll_loss):
+        with pytest.raises(exc, match=match):
+            fn(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("reduction", [None, 1, 1.5])
+def test_non_string_reduction_is_a_type_error_as_torchs(reduction):
+    x = torch.randn(4, 3)
+    _raises_like_torch(TypeError, (x, x, torch.ones(4, 3)), {"reduction": reduction})
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool], ids=str)
+def test_integer_var_is_checked_in_torchs_order(dtype):
+    """torch checks var's entries, then its size, then the reduction, and only then refuses an integer var (its
+    clamp_ cannot write a float into it): the first failing check decides the exception."""
+    x = torch.randn(4, 3)
+    if dtype != torch.bool:
+        _raises_like_torch(ValueError, (x, x, torch.full((4, 3), -1, dtype=dtype)), match="negative")
+        _raises_like_torch(ValueError, (x, x, torch.full((4, 3), -1, dtype=dtype)), {"reduction": "avg"},
+                           match="negative")
+    _raises_like_torch(ValueError, (x, x, torch.ones(2, 3, dtype=dtype)), match="incorrect size")
+    _raises_like_torch(ValueError, (x, x, torch.ones(2, 3, dtype=dtype)), {"reduction": "avg"}, match="incorrect size")
+    _raises_like_torch(ValueError, (x, x, torch.ones(4, 3, dtype=dtype)), {"reduction": "avg"}, match="avg is not valid")
+    _raises_like_torch(RuntimeError, (x, x, torch.ones(4, 3, dtype=dtype)), match="can't be cast")
+
+
+@pytest.mark.parametrize("target", [0.3, -2.5, 2, 0], ids=repr)
+@pytest.mark.parametrize("in_dtype", [torch.float32, torch.float64, torch.int64], ids=str)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_python_number_target_as_torch(target, in_dtype, reduction, gen):
+    """torch's loss takes a Python number as `target` (its `input - target` does): same value, dtype, shape and
+    gradients."""
+    x = (randn((5, 4), gen=gen) * 3).to(in_dtype)
+    if in_dtype.is_floating_point:
+        x.requires_grad_()
+    var = (torch.rand(5, 1, generator=gen, dtype=torch.float64) + 0.1).to(
+        in_dtype if in_dtype.is_floating_point else torch.float32).requires_grad_()
+    ours = vf.gaussian_nll_loss(x, target, var, reduction=reduction)
+    theirs = F.gaussian_nll_loss(x, target, var, reduction=reduction)
+    assert ours.dtype == theirs.dtype and ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs)
+    wrt = [x, var] if x.requires_grad else [var]
+    g = torch.rand(ours.shape, generator=gen, dtype=torch.float64).to(ours.dtype)
+    for a, b in zip(torch.autograd.grad(ours, wrt, g), torch.autograd.grad(theirs, wrt, g)):
+        torch.testing.assert_close(a, b)
+    assert vf.gaussian_nll_loss(x, 1.5, 0.7, reduction=reduction).dtype == \
+        F.gaussian_nll_loss(x, 1.5, 0.7, reduction=reduction).dtype
+
+
+def test_bool_data_is_refused_as_torch_refuses_it():
+    x, b = torch.randn(4, 3), torch.ones(4, 3, dtype=torch.bool)
+    var = torch.ones(4, 3)
+    for args in ((x, b, var), (b, x, var), (b, b, var), (x, True, var)):
+        _raises_like_torch(RuntimeError, args, match="bool")
+
+
+def test_complex_data_is_refused_naming_the_argument():
+    """torch returns a complex 'loss' for complex data; the fused terms are real, so ours refuses it (a TypeError
+    naming the argument) rather than dropping the imaginary part."""
+    x, var = torch.randn(4, 3), torch.ones(4, 3)
+    assert F.gaussian_nll_loss(x.to(torch.complex64), x, var).dtype == torch.complex64
+    with pytest.raises(TypeError, match="`input` must be real"):
+        vf.gaussian_nll_loss(x.to(torch.complex64), x, var)
+    with pytest.raises(TypeError, match="`target` must be real"):
+        vf.gaussian_nll_loss(x, x.to(torch.complex128), var)
+    with pytest.raises(TypeError, match="`target` must be real"):
+        vf.gaussian_nll_loss(x, 1j, var)
+
+
+def test_non_tensor_input_is_a_type_error():
+    """torch raises AttributeError ('list' object has no attribute 'size'), an accident of its code; ours says what
+    is wrong (README: the one exception type that differs)."""
+    with pytest.raises(AttributeError):
+        F.gaussian_nll_loss([1.0, 2.0], torch.ones(2), torch.ones(2))
+    with pytest.raises(TypeError, match="`input` must be a torch.Tensor, got list"):
+        vf.gaussian_nll_loss([1.0, 2.0], torch.ones(2), torch.ones(2))

@@ -26,10 +26,34 @@ _SEED_HIGH = 2**62
 # ------------------------------------------------------------------------------------------------
 # Argument helpers
 # ------------------------------------------------------------------------------------------------
+_STRIDED = torch.strided
+
+
+def _not_dense(t: torch.Tensor) -> bool:
+    """True for what the ops have no kernel for, which the dispatcher would refuse with "Could not run ...
+    backend" (or worse): sparse, mkldnn and jagged layouts, and strided-layout nested and quantized tensors.
+    Three attribute reads: this runs on every call."""
+    return t.layout is not _STRIDED or t.is_nested or t.is_quantized
+
+
+def _kind(t: torch.Tensor) -> str:
+    if t.is_nested:
+        return f"a nested tensor (layout {t.layout})"
+    if t.is_quantized:
+        return f"a quantized tensor ({t.dtype})"
+    return f"layout {t.layout}"
+
+
+def _dense_error(what: str, t: torch.Tensor) -> TypeError:
+    return TypeError(f"{what} must be a dense tensor (layout torch.strided, not nested or quantized), got {_kind(t)}")
+
+
 def _require_tensor(fn: str, **tensors) -> None:
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"vae_fast.{fn}: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if t.layout is not _STRIDED or t.is_nested or t.is_quantized:  # _not_dense, inlined (every call)
+            raise _dense_error(f"vae_fast.{fn}: `{name}`", t)
 
 
 def _require_int(fn: str, name: str, value) -> None:
@@ -213,7 +237,19 @@ def gaussian_nll_loss(input, target, var, full: bool = False, eps: float = 1e-6,
     (+ 0.5 log 2 pi with `full`) in float32 (float64 for float64), compensated; the gradient passes
     straight through the clamp, as torch's. The negative-var check runs in eager mode only.
     """
-    _require_tensor("gaussian_nll_loss", input=input, target=target)
+    _require_tensor("gaussian_nll_loss", input=input)
+    if isinstance(target, (int, float, complex)):
+        # torch's `input - target` takes a Python number: a 0-dim tensor of the dtype that subtraction gives
+        # (a bool stays bool, which torch's subtraction refuses, as below); float32 for float16 and bfloat16,
+        # whose kernels take the number at float32 precision as torch's do (the result stays in input's dtype)
+        dtype = torch.bool if isinstance(target, bool) else torch.result_type(input, target)
+        if dtype in (torch.float16, torch.bfloat16):
+            dtype = torch.float32
+        target = torch.full((), target, dtype=dtype, device=input.device)
+    _require_tensor("gaussian_nll_loss", target=target)
+    for name, t in (("input", input), ("target", target)):
+        if t.dtype.is_complex:  # torch returns a complex "loss"; the fused terms are real
+            raise TypeError(f"vae_fast.gaussian_nll_loss: `{name}` must be real, got {t.dtype}")
     if isinstance(var, float):
         if var < 0:
             raise ValueError("var has negative entry/entries")
@@ -223,9 +259,7 @@ def gaussian_nll_loss(input, target, var, full: bool = False, eps: float = 1e-6,
         var = torch.full((), var, dtype=var_dtype, device=input.device)
     else:
         _require_tensor("gaussian_nll_loss", var=var)
-        if not (var.dtype.is_floating_point or var.dtype.is_complex):  # torch's clamp_(min=eps) refuses these
-            raise RuntimeError(f"result type Float can't be cast to the desired output type {var.dtype}: "
-                               "vae_fast.gaussian_nll_loss: `var` must be a floating tensor")
+        # torch's order: the negative entries, the size, the reduction, then its clamp_ refuses integer var
         _check_var_negative(var)
         if var.size() != input.size():
             if input.size()[:-1] == var.size():
@@ -236,7 +270,16 @@ def gaussian_nll_loss(input, target, var, full: bool = False, eps: float = 1e-6,
                 raise ValueError("var is of incorrect size")
         var_dtype, var_zero_dim = var.dtype, var.dim() == 0
     if reduction not in ("none", "mean", "sum"):
+        if not isinstance(reduction, str):  # torch: TypeError from its `reduction + " is not valid"`
+            raise TypeError(f"vae_fast.gaussian_nll_loss: reduction must be a str ('none', 'mean' or 'sum'), got "
+                            f"{type(reduction).__name__}")
         raise ValueError(f"{reduction} is not valid: reduction must be 'none', 'mean' or 'sum'")
+    if not (var_dtype.is_floating_point or var_dtype.is_complex):  # torch's clamp_(min=eps) refuses these
+        raise RuntimeError(f"result type Float can't be cast to the desired output type {var_dtype}: "
+                           "vae_fast.gaussian_nll_loss: `var` must be a floating tensor")
+    if input.dtype == torch.bool or target.dtype == torch.bool:  # torch's `input - target` refuses bool
+        raise RuntimeError("Subtraction, the `-` operator, with a bool tensor is not supported: "
+                           "vae_fast.gaussian_nll_loss: `input` and `target` must not be bool")
     try:
         shape = input.shape if input.shape == target.shape == var.shape else \
             torch.broadcast_shapes(input.shape, target.shape, var.shape)
