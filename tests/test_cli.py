@@ -50,8 +50,16 @@ def test_train_writes_the_run_folder(run):
     out, proc = run
     assert "epoch   2/2" in proc.stdout and "test ELBO" in proc.stdout
     # Not on a terminal: one plain line per epoch, no progress-bar frames in the log.
-    assert [line[:11] for line in proc.stdout.splitlines()] == ["epoch   1/2", "epoch   2/2"]
+    lines = proc.stdout.splitlines()
+    assert [line[:11] for line in lines[:-2]] == ["epoch   1/2", "epoch   2/2"]
     assert "\r" not in proc.stdout + proc.stderr
+    # Then a summary: the final test ELBO, where the checkpoint and figures went, the next commands.
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["test_elbo"]
+    assert lines[-2] == (f"done: epoch 2/2, test ELBO {final:.3f}; checkpoint {out / 'checkpoint.pt'}, "
+                         f"figures {out}/{{loss,reconstructions,samples,manifold}}.png")
+    assert lines[-1] == f"next: python -m vae_fast evaluate {out}; python -m vae_fast sample {out}"
+    # Errors and status lines name the program as it was called.
+    assert all(line.startswith("python -m vae_fast: ") for line in proc.stderr.splitlines()), proc.stderr
     for name in ("checkpoint.pt", "config.json", "metrics.jsonl", "loss.png", "reconstructions.png",
                  "samples.png", "manifold.png"):
         assert (out / name).is_file(), name
@@ -224,6 +232,11 @@ def test_bad_input_gives_one_line_and_nonzero_exit(run, tmp_path, capsys):
     (truncated / "checkpoint.pt").write_bytes((good / "checkpoint.pt").read_bytes()[:2000])
     empty = tmp_path / "empty"
     empty.mkdir()
+
+    def damaged(run):  # names the file, says it is damaged and what to do
+        return (f"checkpoint {run / 'checkpoint.pt'} is damaged (truncated or corrupt: it does not load as a torch "
+                "checkpoint): restore it from a copy, or train the run afresh with --overwrite")
+
     cases = [
         ([], "required", 2),
         (["train", "--bogus"], "unrecognized arguments: --bogus", 2),
@@ -241,13 +254,15 @@ def test_bad_input_gives_one_line_and_nonzero_exit(run, tmp_path, capsys):
         (["train", "--objective", "iwae", "--beta", 0.5, "--out", empty], "ELBO only", 1),
         (["train", "--dataset", "imagenet", "--out", empty], "unknown data set 'imagenet'", 1),
         (["train", "--dataset", f"mnist:{tmp_path / 'nope'}", "--out", empty], "does not exist", 1),
-        (["train", "--resume", "--out", garbage], "cannot read checkpoint", 1),
-        (["train", "--resume", "--out", good, "--lr", 0.5], "not --lr 0.5 (saved: 0.001)", 1),
+        (["train", "--resume", "--out", garbage], damaged(garbage), 1),
+        (["train", "--resume", "--out", good, "--lr", 0.5], "but these differ: --lr 0.5 (saved: 0.001). Only "
+                                                           "--epochs, --device, --compile, --log-dir may change", 1),
         (["evaluate", tmp_path / "missing"], "does not exist", 1),
         (["evaluate", empty], "no checkpoint at", 1),
-        (["evaluate", garbage], "cannot read checkpoint", 1),
-        (["evaluate", truncated], "cannot read checkpoint", 1),
-        (["sample", garbage], "cannot read checkpoint", 1),
+        (["evaluate", garbage], damaged(garbage), 1),
+        (["evaluate", truncated], damaged(truncated), 1),
+        (["sample", garbage], damaged(garbage), 1),
+        (["sample", truncated], damaged(truncated), 1),
         (["sample", good, "-n", 0], "--num must be >= 1", 1),
     ]
     if not torch.cuda.is_available():

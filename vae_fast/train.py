@@ -288,9 +288,11 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict:
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:  # torch's message here is advice to drop weights_only: not for this file
-        raise ValueError(f"cannot read checkpoint {path}: it holds pickled code (not a vae_fast checkpoint), "
-                         "which is not loaded") from None
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # pickled code; torch advises dropping weights_only: not for this file
+            raise ValueError(f"cannot read checkpoint {path}: it holds pickled code (not a vae_fast checkpoint), "
+                             "which is not loaded") from None
+        raise _damaged(path, "truncated or corrupt: it does not load as a torch checkpoint") from None
     except (PermissionError, IsADirectoryError) as e:  # the file may be fine: say why it cannot be opened
         raise OSError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
     except Exception:  # torch raises many kinds for torn or foreign bytes (OSError, RuntimeError, KeyError, ...)
