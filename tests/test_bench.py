@@ -1,6 +1,7 @@
 """The benchmark suite: `--quick` writes a complete JSON (DESIGN.md section 5's schema), Markdown and PNG.
 
-Checks shapes and types of the results, and the byte formulas; never timings.
+Checks shapes and types of the results, the byte formulas, file names, merging, and the training-step code
+that the GPU check runs (CUDA graphs, reduce-overhead) rehearsed on the CPU with tiny shapes; never timings.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ def quick_run(tmp_path_factory):
 def test_files_named_and_complete(quick_run):
     out, files, name, result = quick_run
     stem = name[: -len(".json")]
-    assert re.fullmatch(r"cpu-[a-z0-9-]+-\d{4}-\d{2}-\d{2}", stem), stem
-    assert stem.endswith(result["date"])
+    # A quick run's names end in -quick: it never replaces the full run of the same day and device.
+    assert re.fullmatch(r"cpu-[a-z0-9-]+-\d{4}-\d{2}-\d{2}-quick", stem), stem
+    assert stem.endswith(result["date"] + "-quick")
+    assert result["complete"] is True and set(result["sections"]) == set(bench.SECTIONS)
     assert set(files) == {stem + ".json", stem + ".md", stem + ".png"}  # no temporary files left behind
     md = (out / (stem + ".md")).read_text()
     assert "copy bandwidth" in md and "| op |" in md and "## Largest size" in md
@@ -143,3 +146,157 @@ def test_bad_arguments_exit_cleanly(capsys):
         bench.main(["--ops", "gaussian_kl,nope"])
     assert e.value.code == 2
     assert bench.main(["--repeats", "0"]) == 2
+
+
+def test_quick_and_partial_runs_never_take_a_full_runs_names(tmp_path):
+    full = bench.results_stem(str(tmp_path), "cpu", "AMD EPYC 7B13", "2026-12-01", quick=False, partial=False)
+    assert os.path.basename(full) == "cpu-amd-epyc-7b13-2026-12-01"
+    quick = bench.results_stem(str(tmp_path), "cpu", "AMD EPYC 7B13", "2026-12-01", quick=True, partial=True)
+    partial = bench.results_stem(str(tmp_path), "cuda", "NVIDIA H200", "2026-12-01", quick=False, partial=True)
+    assert os.path.basename(quick) == "cpu-amd-epyc-7b13-2026-12-01-quick"
+    assert os.path.basename(partial) == "cuda-nvidia-h200-2026-12-01-partial"
+
+
+def test_quick_run_keeps_the_committed_results(tmp_path, monkeypatch):
+    """`bench --quick` with the default --out, run where the committed results are: a full run's files of the
+    same day and device stay as they were."""
+    name = bench.device_name(torch.device("cpu"))
+    today = __import__("datetime").date.today().isoformat()
+    results = tmp_path / "benchmarks" / "results"
+    results.mkdir(parents=True)
+    full = results / f"{bench.device_slug(torch.device('cpu'), name)}-{today}"
+    for ext in (".json", ".md"):
+        (full.parent / (full.name + ext)).write_text("the full run\n")
+    monkeypatch.chdir(tmp_path)
+    code = bench.main(["--quick", "--device", "cpu", "--ops", "gaussian_kl", "--dtypes", "float32", "--sizes",
+                       "4x8", "--no-compile", "--no-model", "--no-per-call", "--no-ldm"])
+    assert code == 0
+    for ext in (".json", ".md"):
+        assert (full.parent / (full.name + ext)).read_text() == "the full run\n"
+    assert (full.parent / (full.name + "-quick.json")).exists()
+
+
+def _part(rows, train=(), device="NVIDIA H200", **extra):
+    return {"device": device, "device_type": "cuda", "date": "2026-12-01", "torch": "2.11", "threads": 16,
+            "copy_gbps": 4000.0, "write_gbps": {"tensor_mb": 64, "existing_gbps": 1.0, "fresh_alloc_gbps": 1.0},
+            "rows": rows, "per_call": [], "ldm": [], "train_step": list(train), "train_step_note": "note",
+            "log_likelihood": {"skipped": "not run"}, "quick": False, "wall_s": 10.0, "complete": True,
+            "sections": ["ops"], "cpu_isa": "avx512", "platform": "linux", "repeats": 10, "method": "m",
+            "compile_config": {}, **extra}
+
+
+def _row(op, compile_ms=None, dtype="float32"):
+    return {"op": op, "dtype": dtype, "shape": [4, 8], "pass": "fwd", "fused_ms": 1.0, "eager_ms": 2.0,
+            "compile_ms": compile_ms, "fused_p20_ms": 0.9, "fused_p80_ms": 1.1, "bytes": 100, "fused_gbps": 1e-4,
+            "copy_fraction": 0.5, "peak_mb": {"fused": 0.0, "eager": 0.0, "compile": None}}
+
+
+def test_merge_joins_parts_and_prefers_compiled_rows(tmp_path):
+    a = _part([_row("gaussian_kl"), _row("bernoulli_log_prob")])
+    b = _part([_row("gaussian_kl", compile_ms=1.5), _row("gaussian_kl", dtype="bfloat16")],
+              train=[{"name": "mnist-mlp-b1024", "skipped": "x"}], sections=["train"], complete=False)
+    merged = bench.merge_results([a, b])
+    keyed = {(r["op"], r["dtype"]): r for r in merged["rows"]}
+    assert len(merged["rows"]) == 3 and keyed[("gaussian_kl", "float32")]["compile_ms"] == 1.5
+    assert merged["wall_s"] == 20.0 and merged["sections"] == ["ops", "train"] and merged["complete"] is False
+    assert merged["train_step"] == [{"name": "mnist-mlp-b1024", "skipped": "x"}]
+    with pytest.raises(ValueError, match="different devices"):
+        bench.merge_results([a, _part([], device="NVIDIA H100")])
+    paths = []
+    for i, part in enumerate((a, b)):
+        paths.append(str(tmp_path / f"part{i}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(part, f)
+    out = tmp_path / "merged"
+    assert bench.main(["--merge", *paths, "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == [
+        "cuda-nvidia-h200-2026-12-01.json", "cuda-nvidia-h200-2026-12-01.md"]
+    assert bench.main(["--merge", str(tmp_path / "missing.json"), "--out", str(out)]) == 1
+
+
+def test_training_step_table_shows_cuda_graph_impls_and_errors():
+    ms = {f"{impl}_ms": None for impl in bench.TRAIN_IMPLS}
+    ms.update(fused_ms=2.0, eager_ms=3.0, fused_graph_ms=1.0, compile_cudagraphs_ms=1.5)
+    row = {"name": "mnist-mlp-b1024", "batch": [1024, 784], "model": "m", **ms, "elbo_ops_ms": {}, "elbo_share": {},
+           "peak_mb": {impl: None for impl in bench.TRAIN_IMPLS}, "best_fused": ["fused_graph", 1.0],
+           "best_other": ["compile_cudagraphs", 1.5], "errors": {"fused_compile": "RuntimeError: boom"}}
+    part = _part([_row("gaussian_kl")], train=[row, {"name": "ldm-autoencoderkl", "skipped": "ImportError: no"}])
+    md = bench.to_markdown({**part, "contention": None, "cases": {}})
+    assert "With CUDA graphs" in md
+    graph_line = next(line for line in md.splitlines() if line.startswith("| mnist-mlp-b1024") and "fused_graph" in line)
+    assert "| fused_graph | compile_cudagraphs | 0.67 |" in graph_line
+    assert "fused_compile failed: `RuntimeError: boom`" in md and "ldm-autoencoderkl: skipped" in md
+
+
+# ---- the training-step code the GPU check runs, rehearsed on the CPU --------------------------------------
+@pytest.fixture
+def short_budget(monkeypatch):
+    monkeypatch.setattr(bench, "CONFIG_BUDGET_S", 0.01)  # the fewest timed rounds (3): only the code is checked
+
+
+def test_training_step_impls_run_on_cpu(short_budget):
+    """Every training-step implementation but the compiled ones (the quick run compiles nothing; one compiled
+    impl is timed in the test below), on a tiny MLP VAE and a tiny diffusers AutoencoderKL: rows complete."""
+    pytest.importorskip("diffusers")
+    gen = torch.Generator().manual_seed(0)
+    impls = ["fused", "eager", "eager_graph", "fused_graph"]
+    rows, note = bench.bench_train_step(torch.device("cpu"), 3, False, gen, configs=["digits", "ldm-autoencoderkl-tiny"],
+                                        impls=impls)
+    assert [r["name"] for r in rows] == ["digits", "ldm-autoencoderkl-tiny"] and "reduce-overhead" in note
+    for r in rows:
+        assert r["errors"] == {}, r["errors"]
+        for impl in bench.TRAIN_IMPLS:
+            assert (r[f"{impl}_ms"] is not None) == (impl in impls), impl
+            if impl in impls:
+                assert _is_float(r[f"{impl}_ms"]) and r[f"{impl}_ms"] > 0
+        assert r["best_fused"][0] in ("fused", "fused_graph") and r["best_other"][0] in ("eager", "eager_graph")
+        assert set(r["elbo_ops_ms"]) == {"fused", "eager"} and all(v > 0 for v in r["elbo_ops_ms"].values())
+        assert 0 < r["elbo_share"]["fused"] and 0 < r["elbo_share"]["eager"]
+    assert rows[1]["model"].startswith("diffusers AutoencoderKL 3x4x4 -> 4x4x4")
+
+
+def test_compiled_reduce_overhead_step_runs_on_cpu(short_budget):
+    """The reduce-overhead impl (mark_step each step) through torch.compile: on the CPU Inductor makes no CUDA
+    graphs, but everything around them runs, and a failing impl is recorded without losing the others."""
+    gen = torch.Generator().manual_seed(0)
+    rows, _ = bench.bench_train_step(torch.device("cpu"), 3, False, gen, configs=["digits"],
+                                     impls=["fused", "eager", "fused_compile_cudagraphs"])
+    (r,) = rows
+    assert r["errors"] == {} and r["fused_compile_cudagraphs_ms"] > 0
+
+
+def test_failing_impl_is_recorded_and_the_others_timed(monkeypatch, short_budget):
+    real = bench.train_step_impl
+
+    def failing(cfg, make_loss, impl, device, static_x):
+        if impl == "fused_graph":
+            raise RuntimeError("capture failed")
+        return real(cfg, make_loss, impl, device, static_x)
+
+    monkeypatch.setattr(bench, "train_step_impl", failing)
+    rows, _ = bench.bench_train_step(torch.device("cpu"), 3, False, torch.Generator().manual_seed(0),
+                                     configs=["digits"], impls=["fused", "eager", "fused_graph"])
+    (r,) = rows
+    assert r["errors"] == {"fused_graph": "RuntimeError: capture failed"}
+    assert r["fused_graph_ms"] is None and r["fused_ms"] > 0 and r["eager_ms"] > 0
+
+
+def test_graphed_step_rehearsal_copies_inputs_and_trains():
+    """graphed_step off CUDA: the static inputs take each call's input set, and the step trains (the loss of a
+    fixed batch goes down over steps, each drawing new samples)."""
+    cfg = next(c for c in bench.TRAIN_CONFIGS if c.name == "digits")
+    dev = torch.device("cpu")
+    x = bench._train_data(cfg, dev, torch.Generator().manual_seed(0))
+    _, make_loss, _ = bench._trainee(cfg, dev)
+    static = torch.zeros_like(x)
+    step = bench.train_step_impl(cfg, make_loss, "fused_graph", dev, static)
+    losses = [step([x]).item() for _ in range(40)]
+    assert torch.equal(static, x)
+    assert len(set(losses[:5])) == 5 and sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_train_flags_are_checked():
+    for flags in (["--train-configs", "nope"], ["--train-impls", "fused,nope"], ["--only", "ops,nope"]):
+        with pytest.raises(SystemExit) as e:
+            bench.main(flags)
+        assert e.value.code == 2

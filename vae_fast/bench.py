@@ -3,7 +3,11 @@
 Run it as ``python -m vae_fast bench [flags]`` or ``python benchmarks/run.py [flags]``. One process times,
 per op, dtype, size and pass ("fwd", "fwd+bwd"), the fused op, the same maths in plain PyTorch, and that
 plain PyTorch compiled by Inductor; then a whole VAE training step and the memory of a large-K log-likelihood.
-It writes ``<out>/<device-slug>-<date>.json`` (DESIGN.md section 5's schema), a Markdown table and a PNG.
+It writes ``<out>/<device-slug>-<date>.json`` (DESIGN.md section 5's schema), a Markdown table and a PNG;
+a ``--quick`` run's names end in ``-quick`` and those of a run that left something out (``--only``, ``--ops``,
+``--sizes``, ``--no-compile``, ...) in ``-partial``, so neither replaces a full run's files. The JSON and
+Markdown are rewritten after every op row and section (``"complete": false`` until the end), so a run stopped
+by a timeout leaves what it measured; ``--merge`` joins the parts of one device's run into one file.
 
 Method
 ------
@@ -28,6 +32,13 @@ Method
   64 MiB tensor), which the copy ceiling does not pay. Inductor's CPU code generation (torch 2.13) writes a
   vectorised ``expm1(x)`` as ``exp(x) - 1``, so the compiled KL baseline is cheaper than, and not as accurate
   as, the reference it compiles.
+* Training steps (CUDA adds CUDA graphs): one Adam step (grads set to None, forward, backward, step) per
+  config and implementation, timed like the ops (interleaved; CUDA events): the fused model, the same model
+  with reference.py's maths, each eager, compiled (``torch.compile``, Inductor defaults), compiled with
+  ``mode="reduce-overhead"`` (CUDA graph trees, ``cudagraph_mark_step_begin()`` each step), and captured
+  whole in one CUDA graph (``torch.cuda.graph``, capturable Adam, static inputs copied in, then replayed).
+  Each is warmed up three times first (compiling, recording); one that fails records its error and the
+  others go on. The same code runs on the CPU (no capture there: the static-input step itself runs).
 * Peak memory, CPU: one extra call per implementation under ``torch.profiler`` with ``profile_memory=True``;
   the peak of the running total of the c10 CPU allocator's allocations and frees during that call (what the
   call allocates on top of what was live before it: temporaries, outputs, saved tensors and gradients;
@@ -500,6 +511,8 @@ class TrainConfig:
     obs_logvar: str = "scalar"
     objective: str = "elbo"
     num_samples: int = 1
+    image: tuple = ()  # "ldm" configs: (C, H, W) of the images; hidden = the autoencoder's block channels
+    kind: str = "mlp"  # "mlp": vae_fast.mlp_vae; "ldm": diffusers' AutoencoderKL with its posterior swapped
 
 
 TRAIN_CONFIGS = [
@@ -509,7 +522,33 @@ TRAIN_CONFIGS = [
     TrainConfig("mnist-mlp-iwae50", 128, 784, (512,), 20, objective="iwae", num_samples=50),
     TrainConfig("mnist-mlp-gauss-perfeature", 512, 784, (512,), 20, likelihood="gaussian",
                 obs_logvar="per_feature"),
+    TrainConfig("mnist-mlp-b16384", 16384, 784, (512,), 20),
+    # A small latent-diffusion autoencoder: 3x128x128 images to 4x32x32 latents, (16, 8, 32, 32) moments.
+    TrainConfig("ldm-autoencoderkl", 16, 3 * 128 * 128, (32, 64, 64), 4, likelihood="gaussian", image=(3, 128, 128),
+                kind="ldm"),
+    # The same at toy size: a CPU rehearsal of the code path (tests, dry runs).
+    TrainConfig("ldm-autoencoderkl-tiny", 2, 3 * 4 * 4, (32,), 4, likelihood="gaussian", image=(3, 4, 4),
+                kind="ldm"),
 ]
+TRAIN_CONFIG_NAMES = tuple(c.name for c in TRAIN_CONFIGS)
+CPU_TRAIN_CONFIGS = ("digits", "mnist-mlp", "mnist-mlp-b1024", "mnist-mlp-iwae50", "mnist-mlp-gauss-perfeature")
+CUDA_TRAIN_CONFIGS = ("mnist-mlp-b1024", "mnist-mlp-b16384", "mnist-mlp-iwae50", "ldm-autoencoderkl")
+
+# name: (reference maths in place of the fused ops, torch.compile mode or None, whole step in one CUDA graph)
+TRAIN_IMPLS = {
+    "fused": (False, None, False),
+    "eager": (True, None, False),
+    "compile": (True, "default", False),
+    "fused_compile": (False, "default", False),
+    "compile_cudagraphs": (True, "reduce-overhead", False),
+    "fused_compile_cudagraphs": (False, "reduce-overhead", False),
+    "eager_graph": (True, None, True),
+    "fused_graph": (False, None, True),
+}
+CPU_TRAIN_IMPLS = ("fused", "eager", "compile", "fused_compile")  # CUDA graphs are a CUDA matter
+CUDA_TRAIN_IMPLS = tuple(TRAIN_IMPLS)
+QUICK_TRAIN_IMPLS = ("fused", "eager")
+GRAPH_IMPLS = ("compile_cudagraphs", "fused_compile_cudagraphs", "eager_graph", "fused_graph")
 
 
 class _FixedEncoder(torch.nn.Module):
@@ -534,75 +573,232 @@ class _FixedDecoder(torch.nn.Module):
         return self.out[: z.shape[0]] + z[:, :1].reshape((z.shape[0],) + (1,) * (self.out.dim() - 1))
 
 
+class _MlpLoss(torch.nn.Module):
+    """x -> the VAE's training loss (what ``vae-fast train`` minimises); compiling it compiles the whole model."""
+
+    def __init__(self, model, cfg: TrainConfig):
+        super().__init__()
+        self.model, self.num_samples, self.objective = model, cfg.num_samples, cfg.objective
+
+    def forward(self, x):
+        return self.model(x, num_samples=self.num_samples, objective=self.objective)[0]
+
+
+class _LdmLoss(torch.nn.Module):
+    """x -> an LDM autoencoder's loss: encode, the posterior's sample() and kl(), decode, MSE + 1e-6 KL (the
+    perceptual and adversarial terms left out). ``posterior_cls`` is vae_fast's class or diffusers' own."""
+
+    def __init__(self, vae, posterior_cls, kl_weight: float = 1e-6):
+        super().__init__()
+        self.vae, self.posterior_cls, self.kl_weight = vae, posterior_cls, kl_weight
+
+    def forward(self, x):
+        h = self.vae.encoder(x)
+        if getattr(self.vae, "quant_conv", None) is not None:
+            h = self.vae.quant_conv(h)
+        posterior = self.posterior_cls(h)
+        z = posterior.sample()
+        kl = posterior.kl()
+        rec = self.vae.decode(z).sample
+        return F.mse_loss(rec, x) + self.kl_weight * kl.mean()
+
+
 def _train_data(cfg: TrainConfig, device, gen):
+    if cfg.kind == "ldm":
+        return torch.rand((cfg.batch, *cfg.image), generator=gen, device=device) * 2 - 1
     x = torch.rand((cfg.batch, cfg.input_dim), generator=gen, device=device)
     return (x < 0.3).float() if cfg.likelihood == "bernoulli" else x
 
 
-def bench_train_step(device: torch.device, repeats: int, quick: bool, gen: torch.Generator) -> tuple[list, str]:
-    """One Adam step of vae_fast.mlp_vae: fused vs reference ops, eager and compiled, and the ELBO ops' share."""
-    try:
-        from .model import mlp_vae
-    except ImportError as e:
-        return [], f"train step skipped: vae_fast.model is not available ({e})"
+def _trainee(cfg: TrainConfig, device: torch.device):
+    """(base model, {False: fused, True: reference} -> loss module factory, model text) for one config; the
+    factory deep-copies the base, so every implementation starts from the same weights."""
+    torch.manual_seed(0)
+    if cfg.kind == "ldm":
+        from diffusers import AutoencoderKL
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution as Theirs
+
+        from .distributions import DiagonalGaussianDistribution as Ours
+
+        n = len(cfg.hidden)
+        base = AutoencoderKL(in_channels=cfg.image[0], out_channels=cfg.image[0],
+                             down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                             block_out_channels=cfg.hidden, layers_per_block=1, latent_channels=cfg.latent,
+                             norm_num_groups=32, sample_size=cfg.image[-1]).to(device)
+        side = cfg.image[-1] // 2 ** (n - 1)
+        text = (f"diffusers AutoencoderKL {'x'.join(map(str, cfg.image))} -> {cfg.latent}x{side}x{side}, channels "
+                f"{'-'.join(map(str, cfg.hidden))}, posterior sample()+kl(), MSE + 1e-6 KL, Adam")
+        return base, (lambda reference: _LdmLoss(_clone_module(base), Theirs if reference else Ours)), text
+    from .model import mlp_vae
+
+    base = mlp_vae(cfg.input_dim, cfg.latent, hidden=cfg.hidden, likelihood=cfg.likelihood,
+                   obs_logvar=cfg.obs_logvar).to(device)
+    text = (f"mlp_vae {cfg.input_dim}-{'-'.join(map(str, cfg.hidden))}-{cfg.latent}, {cfg.likelihood}"
+            + (f" ({cfg.obs_logvar} logvar)" if cfg.likelihood == "gaussian" else "")
+            + f", {cfg.objective} K={cfg.num_samples}, Adam")
+    return base, (lambda reference: _MlpLoss(_clone_module(base), cfg)), text
+
+
+def _maths(cfg: TrainConfig, reference: bool):
+    """The context a step runs in: reference.py's maths patched into vae_fast.model for an eager MLP step."""
+    return reference_ops_in_model() if reference and cfg.kind == "mlp" else contextlib.nullcontext()
+
+
+def train_step_impl(cfg: TrainConfig, make_loss, impl: str, device: torch.device, static_x: torch.Tensor):
+    """A call of one input set ``[x]`` that runs one training step of ``impl`` (see TRAIN_IMPLS) and returns the
+    detached loss. The "_graph" impls capture the whole step in one CUDA graph (``graphed_step``)."""
+    reference, mode, graph = TRAIN_IMPLS[impl]
+    module = make_loss(reference)
+    opt = _adam(module, capturable=graph and device.type == "cuda")
+    run = torch.compile(module, mode=mode) if mode is not None else module
+    step = make_step(run, opt, lambda: _maths(cfg, reference), mark_step=mode == "reduce-overhead")
+    return graphed_step(step, [static_x], device) if graph else step
+
+
+def make_step(run, opt, maths=contextlib.nullcontext, mark_step: bool = False):
+    """One training step as a training loop writes it: grads set to None, forward, backward, optimizer step.
+    ``mark_step``: torch.compile(mode="reduce-overhead") is told that a new step begins (CUDA graph trees may
+    then reuse the last step's outputs)."""
+    def step(inputs):
+        (x,) = inputs
+        with maths():
+            if mark_step:
+                torch.compiler.cudagraph_mark_step_begin()
+            opt.zero_grad(set_to_none=True)
+            loss = run(x)
+            loss.backward()
+            opt.step()
+        return loss.detach()
+    return step
+
+
+def graphed_step(step, static_inputs: list, device: torch.device, warmup: int = 3):
+    """``step`` (forward, backward and optimizer step of ``static_inputs``) captured in one CUDA graph, after
+    ``warmup`` steps on a side stream (they create the optimizer state); returns a call of one input set that
+    copies it into the static inputs and replays the graph, returning the step's (static) loss. The optimizer
+    must be capturable. Off CUDA nothing is captured: the same calls run the step on the static inputs (a
+    rehearsal of everything but the capture)."""
+    graph, out = None, {}
+    if device.type == "cuda":
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step(static_inputs)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out["loss"] = step(static_inputs)
+    else:
+        for _ in range(warmup):
+            step(static_inputs)
+
+    def call(inputs):
+        for dst, src in zip(static_inputs, inputs):
+            if dst is not src:
+                dst.copy_(src)
+        if graph is None:
+            return step(static_inputs)
+        graph.replay()
+        return out["loss"]
+    return call
+
+
+def bench_train_step(device: torch.device, repeats: int, quick: bool, gen: torch.Generator,
+                     configs=None, impls=None) -> tuple[list, str]:
+    """One Adam step per config and implementation (TRAIN_IMPLS): fused vs reference ops, eager, compiled,
+    compiled with CUDA graphs, captured whole in a CUDA graph; and the ELBO ops' share of the step. An impl that
+    fails (compiling, capturing) gets its error in the row's ``errors`` and no time; the others go on."""
+    if configs is None:
+        configs = ["digits"] if quick else list(CUDA_TRAIN_CONFIGS if device.type == "cuda" else CPU_TRAIN_CONFIGS)
+    if impls is None:
+        impls = QUICK_TRAIN_IMPLS if quick else (CUDA_TRAIN_IMPLS if device.type == "cuda" else CPU_TRAIN_IMPLS)
+    impls = ["fused", "eager"] + [i for i in impls if i not in ("fused", "eager")]  # the share needs both
     rows = []
-    for cfg in TRAIN_CONFIGS[:1] if quick else TRAIN_CONFIGS:
-        torch.manual_seed(0)
-        base = mlp_vae(cfg.input_dim, cfg.latent, hidden=cfg.hidden, likelihood=cfg.likelihood,
-                       obs_logvar=cfg.obs_logvar).to(device)
+    for cfg in (next(c for c in TRAIN_CONFIGS if c.name == name) for name in configs):
+        started = time.perf_counter()
+        try:
+            base, make_loss, model_text = _trainee(cfg, device)
+        except ImportError as e:
+            rows.append({"name": cfg.name, "skipped": f"{type(e).__name__}: {e}"})
+            print(f"train step {cfg.name}: skipped ({e})", flush=True)
+            continue
         x = _train_data(cfg, device, gen)
-        variants = {"fused": (False, False), "eager": (True, False)}
-        if not quick:
-            variants.update({"compile": (True, True), "fused_compile": (False, True)})
-        calls = {}
+        calls, errors = {}, {}
         torch._dynamo.reset()
-        for impl, (reference, compiled) in variants.items():
-            model = _clone_module(base)
-            opt = _adam(model)
-            run_model = torch.compile(model) if compiled else model
-            calls[impl] = _train_step_call(run_model, opt, reference, cfg)
+        for impl in impls:
+            try:
+                call = train_step_impl(cfg, make_loss, impl, device, x.clone())
+                for _ in range(3):  # compiles; CUDA graph trees warm up, record, then replay
+                    call([x])
+                _sync(device)
+                calls[impl] = call
+            except Exception as e:  # noqa: BLE001 -- one failing impl must not lose the others' numbers
+                errors[impl] = f"{type(e).__name__}: {str(e).strip()[:400]}"
+                print(f"train step {cfg.name} {impl}: failed: {errors[impl]}", file=sys.stderr, flush=True)
+        if "fused" not in calls or "eager" not in calls:
+            rows.append({"name": cfg.name, "skipped": "fused or eager failed", "errors": errors})
+            continue
         samples = time_interleaved(calls, [[x]], repeats, device, budget_s=4 * CONFIG_BUDGET_S)
         stats = {impl: percentiles(s) for impl, s in samples.items()}
         peaks = {impl: peak_mb(lambda c=call: c([x]), device) for impl, call in calls.items()}
-        elbo = _elbo_ops_ms(base, x, cfg, repeats, device)
+        if cfg.kind == "ldm":
+            elbo = _posterior_ops_ms(cfg, base, x, repeats, device)
+        else:
+            elbo = _elbo_ops_ms(base, x, cfg, repeats, device)
         profiled = {}
-        if device.type == "cpu":
+        if device.type == "cpu" and cfg.kind == "mlp":
             for impl in ("fused", "eager"):
                 with (reference_ops_in_model() if impl == "eager" else contextlib.nullcontext()):
-                    model = _clone_module(base)
-                    profiled[impl] = profiled_elbo_share(_train_step_call(model, _adam(model), False, cfg), x,
+                    module = make_loss(False)
+                    profiled[impl] = profiled_elbo_share(make_step(module, _adam(module)), x,
                                                          steps=3 if quick else 10)
+        ms = {impl: (stats[impl][1] if impl in stats else None) for impl in TRAIN_IMPLS}
         rows.append({
-            "name": cfg.name, "batch": [cfg.batch, cfg.input_dim], "latent_dim": cfg.latent,
-            "model": f"mlp_vae {cfg.input_dim}-{'-'.join(map(str, cfg.hidden))}-{cfg.latent}, {cfg.likelihood}"
-                     + (f" ({cfg.obs_logvar} logvar)" if cfg.likelihood == "gaussian" else "")
-                     + f", {cfg.objective} K={cfg.num_samples}, Adam",
-            **{f"{impl}_ms": (stats[impl][1] if impl in stats else None) for impl in
-               ("fused", "eager", "compile", "fused_compile")},
+            "name": cfg.name, "batch": [cfg.batch, cfg.input_dim], "latent_dim": cfg.latent, "model": model_text,
+            **{f"{impl}_ms": v for impl, v in ms.items()},
             "fused_p20_ms": stats["fused"][0], "fused_p80_ms": stats["fused"][2],
+            "p20_p80_ms": {impl: [stats[impl][0], stats[impl][2]] for impl in stats},
+            "best_fused": _best(ms, fused=True), "best_other": _best(ms, fused=False),
             "elbo_ops_ms": elbo,
             "elbo_share": {impl: elbo[impl] / stats[impl][1] for impl in ("fused", "eager")},
             "elbo_share_profiler": profiled or None,
-            "peak_mb": {impl: peaks.get(impl) for impl in ("fused", "eager", "compile", "fused_compile")},
+            "peak_mb": {impl: peaks.get(impl) for impl in TRAIN_IMPLS},
+            "errors": errors,
+            "seconds": time.perf_counter() - started,  # compiling included
         })
+        del calls
         torch._dynamo.reset()
     note = ("train step: fused = the model as written; eager = the same model with reference.py's maths "
-            "patched into vae_fast.model; compile = torch.compile of the eager one; fused_compile = torch.compile "
-            "of the fused one. Adam (fused=True where the device has it) step included. ELBO ops = the same step "
-            "with the encoder and decoder replaced by fixed tensors (one broadcast add keeps z in the graph), so "
-            "what remains is the objective's ops, forward and backward, with the model code and autograd engine "
-            "around them; share = that time over the whole step. Profiler share (CPU): the ops alone, from "
-            "torch.profiler over 10 steps: the CPU time of the model's ELBO op calls (each in a range) and of "
-            "the backward functions of the autograd nodes they made, over the steps' CPU time."
-            + (" Quick mode: no compiled variants." if quick else ""))
+            "patched into vae_fast.model (the LDM config: diffusers' own posterior class); compile = "
+            "torch.compile of the eager one, fused_compile = of the fused one (Inductor defaults); *_cudagraphs = "
+            "the same compiled with mode='reduce-overhead' (CUDA graph trees; cudagraph_mark_step_begin() and grads "
+            "set to None each step); *_graph = the whole step (forward, backward, capturable Adam) captured in one "
+            "CUDA graph with static inputs and replayed. Adam (fused=True where the device has it), grads set to "
+            "None each step. best_fused / best_other: the fastest fused-op impl and the fastest without the fused "
+            "ops. ELBO ops = the same step with the encoder and decoder replaced by fixed tensors (one broadcast "
+            "add keeps z in the graph), so what remains is the objective's ops, forward and backward, with the "
+            "model code and autograd engine around them (the LDM config: the posterior's sample() and kl(), "
+            "forward and backward, at the latent shape); share = that time over the whole step. Profiler share "
+            "(CPU): the ops alone, from torch.profiler over 10 steps: the CPU time of the model's ELBO op calls "
+            "(each in a range) and of the backward functions of the autograd nodes they made, over the steps' "
+            "CPU time. Peak memory of a CUDA-graph replay is near 0: its memory is the graph's private pool."
+            + (" Quick mode: fused and eager only." if quick else ""))
     return rows, note
 
 
-def _adam(model):
+def _best(ms: dict, fused: bool):
+    """(impl, ms) of the fastest impl with (fused=True) or without the fused ops, or None."""
+    timed = [(v, impl) for impl, v in ms.items() if v is not None and (not TRAIN_IMPLS[impl][0]) == fused]
+    return [min(timed)[1], min(timed)[0]] if timed else None
+
+
+def _adam(model, capturable: bool = False):
+    kwargs = {"capturable": True} if capturable else {}
     try:
-        return torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+        return torch.optim.Adam(model.parameters(), lr=1e-3, fused=True, **kwargs)
     except (RuntimeError, TypeError):
-        return torch.optim.Adam(model.parameters(), lr=1e-3)
+        return torch.optim.Adam(model.parameters(), lr=1e-3, **kwargs)
 
 
 def _elbo_ops_ms(base, x, cfg: TrainConfig, repeats: int, device: torch.device) -> dict:
@@ -615,32 +811,49 @@ def _elbo_ops_ms(base, x, cfg: TrainConfig, repeats: int, device: torch.device) 
         out = model.decoder(z)
     model.encoder, model.decoder = _FixedEncoder(h), _FixedDecoder(out)
     model.to(device)
-    calls = {impl: _train_step_call(model, None, impl == "eager", cfg) for impl in ("fused", "eager")}
+    loss = _MlpLoss(model, cfg)
+    calls = {impl: make_step(loss, _NoOptimizer(model), lambda r=impl == "eager": _maths(cfg, r))
+             for impl in ("fused", "eager")}
     samples = time_interleaved(calls, [[x]], repeats, device, budget_s=2 * CONFIG_BUDGET_S)
     return {impl: percentiles(s)[1] for impl, s in samples.items()}
+
+
+def _posterior_ops_ms(cfg: TrainConfig, base, x, repeats: int, device: torch.device) -> dict:
+    """The LDM config's ELBO ops: the posterior's sample() and kl(), forward and backward (a random upstream
+    gradient), at the encoder's moments shape, vae_fast's class ("fused") and diffusers' ("eager")."""
+    from . import bench_ldm
+
+    with torch.no_grad():
+        h = base.encoder(x)
+        if getattr(base, "quant_conv", None) is not None:
+            h = base.quant_conv(h)
+    theirs, _ = bench_ldm._baseline()
+    case = bench_ldm._case(h.detach(), theirs)
+    sets = input_sets(case, "fwd+bwd", 1)
+    grad_gen = torch.Generator(device=device).manual_seed(1)
+    calls = {name: make_call(fn, case, "fwd+bwd", grad_gen) for name, fn in (("fused", case.fused),
+                                                                            ("eager", case.eager))}
+    samples = time_interleaved(calls, sets, repeats, device, budget_s=2 * CONFIG_BUDGET_S)
+    return {impl: percentiles(s)[1] for impl, s in samples.items()}
+
+
+class _NoOptimizer:
+    """Stands in for the optimizer where only forward and backward are timed: zero_grad, no step."""
+
+    def __init__(self, module):
+        self.module = module
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.module.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        pass
 
 
 def _clone_module(module):
     import copy
 
     return copy.deepcopy(module)
-
-
-def _train_step_call(model, opt, reference: bool, cfg: TrainConfig):
-    def step(inputs):
-        (x,) = inputs
-        ctx = reference_ops_in_model() if reference else contextlib.nullcontext()
-        with ctx:
-            if opt is not None:
-                opt.zero_grad(set_to_none=True)
-            else:
-                model.zero_grad(set_to_none=True)
-            loss, _ = model(x, num_samples=cfg.num_samples, objective=cfg.objective)
-            loss.backward()
-            if opt is not None:
-                opt.step()
-        return loss.detach()
-    return step
 
 
 def bench_log_likelihood(device: torch.device, quick: bool, gen: torch.Generator) -> dict:
@@ -846,12 +1059,13 @@ def to_markdown(result: dict) -> str:
                          f"{_fmt(r['eager_ms'])} | {_fmt(r['compile_ms'])} | {_ratio(r['fused_ms'], r['eager_ms'])} | "
                          f"{_fmt(r['fused_gbps'])} | {r['copy_fraction']:.2f} | {r.get('baseline', '')} |")
     lines += ["", "## Training step", ""]
-    if result["train_step"]:
+    timed = [r for r in result["train_step"] if "skipped" not in r]
+    if timed:
         lines += ["| config | model | fused ms | eager ms | compile ms | fused+compile ms | fused/eager | "
                   "fused/compile | ELBO ops ms fused / eager | ELBO share fused / eager | "
                   "profiler ELBO share fused / eager | peak MiB fused/eager |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in result["train_step"]:
+        for r in timed:
             pk, e, sh = r["peak_mb"], r.get("elbo_ops_ms") or {}, r.get("elbo_share") or {}
             ps = r.get("elbo_share_profiler") or {}
             lines.append(
@@ -860,6 +1074,26 @@ def to_markdown(result: dict) -> str:
                 f"{_ratio(r['fused_ms'], r['compile_ms'])} | {_fmt(e.get('fused'))} / {_fmt(e.get('eager'))} | "
                 f"{_fmt(sh.get('fused'), 2)} / {_fmt(sh.get('eager'), 2)} | {_fmt(ps.get('fused'), 2)} / "
                 f"{_fmt(ps.get('eager'), 2)} | {_fmt(pk['fused'])} / {_fmt(pk['eager'])} |")
+    graphs = [r for r in timed if any(r.get(f"{i}_ms") is not None for i in GRAPH_IMPLS)]
+    if graphs:
+        lines += ["", "With CUDA graphs (ms, p50): `reduce-overhead` = torch.compile(mode=\"reduce-overhead\"); "
+                  "`graph` = the whole step captured in one CUDA graph. Best: the fastest with and without the fused "
+                  "ops, and their ratio.", "",
+                  "| config | fused | eager | compile | fused+compile | compile reduce-overhead | "
+                  "fused+compile reduce-overhead | eager graph | fused graph | best fused | best other | "
+                  "best fused / best other |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in graphs:
+            bf, bo = r.get("best_fused"), r.get("best_other")
+            lines.append(f"| {r['name']} (batch {r['batch'][0]}) | "
+                         + " | ".join(_fmt(r.get(f"{i}_ms")) for i in TRAIN_IMPLS)
+                         + f" | {bf[0] if bf else '-'} | {bo[0] if bo else '-'} | "
+                         f"{_ratio(bf[1], bo[1]) if bf and bo else '-'} |")
+    for r in result["train_step"]:
+        if "skipped" in r:
+            lines.append(f"\n- {r['name']}: skipped ({r['skipped']})")
+        for impl, err in (r.get("errors") or {}).items():
+            lines.append(f"\n- {r['name']} {impl} failed: `{err.splitlines()[0][:300] if err else ''}`")
     lines += ["", result["train_step_note"], "", "## Log-likelihood memory", ""]
     ll = result["log_likelihood"]
     if "skipped" in ll:
@@ -955,7 +1189,8 @@ def _parse_list(choices):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m vae_fast bench",
                                 description="Fused vs eager vs torch.compile benchmarks of the vae_fast ops.")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, 2 repeats, one compiled config (< 60 s)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes, 2 repeats, one compiled config (< 60 s); its files end in -quick")
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     p.add_argument("--dtypes", type=_parse_list(tuple(DTYPE_NAMES)), default=None,
                    help="comma-separated (default: float32,float64,bfloat16 on CPU; float32,bfloat16 on CUDA)")
@@ -967,11 +1202,98 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-model", action="store_true", help="skip the training step and log-likelihood lines")
     p.add_argument("--no-per-call", action="store_true", help="skip the per-call table at training-loop sizes")
     p.add_argument("--no-ldm", action="store_true", help="skip the DiagonalGaussianDistribution rows")
+    p.add_argument("--only", type=_parse_list(SECTIONS), default=None,
+                   help="run only these sections, comma-separated: " + ", ".join(SECTIONS))
+    p.add_argument("--train-configs", type=_parse_list(TRAIN_CONFIG_NAMES), default=None,
+                   help="training-step configs, comma-separated (default: " + ",".join(CPU_TRAIN_CONFIGS)
+                   + " on CPU; " + ",".join(CUDA_TRAIN_CONFIGS) + " on CUDA); all: " + ", ".join(TRAIN_CONFIG_NAMES))
+    p.add_argument("--train-impls", type=_parse_list(tuple(TRAIN_IMPLS)), default=None,
+                   help="training-step implementations (default: " + ",".join(CPU_TRAIN_IMPLS) + " on CPU; all on "
+                   "CUDA); all: " + ", ".join(TRAIN_IMPLS))
+    p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                   help="merge these results files of one device (e.g. the parts of a GPU check) into one, written "
+                        "to --out; nothing is run")
     return p
+
+
+SECTIONS = ("ops", "per-call", "ldm", "train", "ll")
+PARTIAL_FLAGS = ("dtypes", "ops", "sizes", "only", "train_configs", "train_impls")
+
+
+def results_stem(out: str, device_type: str, name: str, date: str, quick: bool, partial: bool) -> str:
+    """Where a run's files go: ``<out>/<device-slug>-<date>``, with ``-quick`` for a quick run and ``-partial`` for
+    one that left something out, so neither replaces a full run's files of the same day and device."""
+    suffix = "-quick" if quick else "-partial" if partial else ""
+    return os.path.join(out, f"{device_slug(torch.device(device_type), name)}-{date}{suffix}")
+
+
+def write_results(stem: str, result: dict, png: bool = True) -> bool:
+    """The JSON and Markdown (and the PNG, if asked and matplotlib is there), each written atomically."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
+    _atomic_write(stem + ".json", (json.dumps(result, indent=1) + "\n").encode())
+    _atomic_write(stem + ".md", to_markdown(result).encode())
+    image = plot_png(result) if png else None
+    if image is not None:
+        _atomic_write(stem + ".png", image)
+    return image is not None
+
+
+def merge_results(parts: list[dict]) -> dict:
+    """One result from several runs of one device: rows, per-call, LDM and training-step rows joined (a later
+    op row of the same op, dtype, shape and pass replaces an earlier one only if it has a compile time and the
+    earlier one has not); the log-likelihood line and the rest from the first part that has them."""
+    if not parts:
+        raise ValueError("merge_results: no results to merge")
+    devices = {(p.get("device_type"), p.get("device")) for p in parts}
+    if len(devices) != 1:
+        raise ValueError(f"merge_results: the parts come from different devices: {sorted(map(str, devices))}")
+    merged = dict(parts[0])
+    for key in ("rows", "per_call", "ldm", "train_step"):
+        joined: dict = {}
+        for p in parts:
+            for r in p.get(key) or []:
+                k = (r.get("name"),) if key == "train_step" else (r["op"], r["dtype"], tuple(r["shape"]), r["pass"])
+                if k not in joined or (r.get("compile_ms") is not None and joined[k].get("compile_ms") is None) \
+                        or (key == "train_step" and "skipped" in joined[k]):
+                    joined[k] = r
+        merged[key] = list(joined.values())
+    ll = next((p["log_likelihood"] for p in parts if "skipped" not in p.get("log_likelihood", {"skipped": 1})), None)
+    merged["log_likelihood"] = ll or parts[0].get("log_likelihood", {"skipped": "in no part"})
+    merged["train_step_note"] = next((p["train_step_note"] for p in parts if p.get("train_step")),
+                                     parts[0].get("train_step_note", ""))
+    merged["wall_s"] = sum(p.get("wall_s", 0.0) for p in parts)
+    merged["sections"] = sorted({s for p in parts for s in p.get("sections", [])})
+    merged["complete"] = all(p.get("complete", True) for p in parts)
+    merged["merged_from"] = [{"git_commit": p.get("git_commit"), "wall_s": p.get("wall_s"),
+                              "sections": p.get("sections"), "complete": p.get("complete")} for p in parts]
+    return merged
+
+
+def _merge_main(args) -> int:
+    parts = []
+    for path in args.merge:
+        try:
+            with open(path) as f:
+                parts.append(json.load(f))
+        except (OSError, ValueError) as e:
+            print(f"vae_fast bench: error: --merge: cannot read {path}: {e}", file=sys.stderr)
+            return 1
+    try:
+        merged = merge_results(parts)
+    except ValueError as e:
+        print(f"vae_fast bench: error: --merge: {e}", file=sys.stderr)
+        return 1
+    stem = results_stem(args.out, merged["device_type"], merged["device"], merged["date"], bool(merged.get("quick")),
+                        False)
+    png = write_results(stem, merged)
+    print(f"wrote {stem}.json, .md{', .png' if png else ''} (merged from {len(parts)} files)")
+    return 0
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.merge:
+        return _merge_main(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("vae_fast bench: error: --device cuda but torch sees no CUDA GPU", file=sys.stderr)
         return 1
@@ -981,6 +1303,15 @@ def main(argv=None) -> int:
         print("vae_fast bench: error: --repeats must be >= 1", file=sys.stderr)
         return 2
     quick = args.quick
+    sections = set(args.only or SECTIONS)
+    if args.no_per_call:
+        sections.discard("per-call")
+    if args.no_ldm:
+        sections.discard("ldm")
+    if args.no_model:
+        sections -= {"train", "ll"}
+    partial = (sections != set(SECTIONS) or args.no_compile
+               or any(getattr(args, name) is not None for name in PARTIAL_FLAGS))
     dtypes = args.dtypes or (["float32", "bfloat16"] if device.type == "cuda" else ["float32", "float64", "bfloat16"])
     if device.type == "cuda" and "float64" in dtypes:
         print("vae_fast bench: note: float64 on CUDA is benchmarked because it was asked for", file=sys.stderr)
@@ -998,61 +1329,12 @@ def main(argv=None) -> int:
     write = write_gbps(device)
     print(f"copy bandwidth: {copy:.1f} GB/s; writing 64 MiB: {write['existing_gbps']:.1f} GB/s into an existing "
           f"tensor, {write['fresh_alloc_gbps']:.1f} GB/s into a fresh one", flush=True)
-    rows = []
-    for op in ops:
-        for dtype_name in dtypes:
-            for size in sizes:
-                for pass_ in PASSES:
-                    if args.no_compile:
-                        compile_it = False
-                    elif quick:  # one small compiled config, so the column is exercised
-                        compile_it = (op, dtype_name, size, pass_) == (ops[0], dtypes[0], sizes[0], "fwd")
-                    else:
-                        compile_it = True
-                    row = bench_op(op, DTYPE_NAMES[dtype_name], size, pass_, device, repeats, compile_it, copy, gen)
-                    rows.append(row)
-                    print(f"{op:24s} {dtype_name:8s} {'x'.join(map(str, row['shape'])):>14s} {pass_:7s} "
-                          f"fused {row['fused_ms']:9.3f} ms  eager {row['eager_ms']:9.3f} ms  compile "
-                          f"{_fmt(row['compile_ms']):>9s} ms  {row['fused_gbps']:6.1f} GB/s "
-                          f"({row['copy_fraction']:.2f} of copy)", flush=True)
-
-    per_call = []
-    for op in ([] if args.no_per_call else ops):
-        op_sizes = PER_CALL_SIZES_BY_OP.get(op, PER_CALL_SIZES)
-        for size in op_sizes[:1] if quick else op_sizes:
-            for pass_ in PASSES:
-                row = bench_op(op, torch.float32, size, pass_, device, repeats, not (args.no_compile or quick), copy,
-                               gen)
-                per_call.append(row)
-                print(f"per call {op:24s} {'x'.join(map(str, row['shape'])):>10s} {pass_:7s} fused "
-                      f"{row['fused_ms'] * 1e3:8.1f} us  eager {row['eager_ms'] * 1e3:8.1f} us  compile "
-                      f"{_fmt(None if row['compile_ms'] is None else row['compile_ms'] * 1e3):>8s} us", flush=True)
-
-    ldm = []
-    if not args.no_ldm:
-        from .bench_ldm import ldm_rows
-
-        ldm = ldm_rows(device.type, quick, copy_gbps=copy)
-        for row in ldm:
-            print(f"DiagonalGaussianDistribution {'x'.join(map(str, row['shape']))} {row['dtype']} {row['pass']}: fused "
-                  f"{row['fused_ms']:.3f} ms, {row.get('baseline', 'eager')} {row['eager_ms']:.3f} ms", flush=True)
-
-    if args.no_model:
-        train_rows, train_note, ll = [], "train step skipped (--no-model)", {"skipped": "--no-model"}
-    else:
-        train_rows, train_note = bench_train_step(device, max(3, repeats // 2) if not quick else repeats, quick, gen)
-        for r in train_rows:
-            print(f"train step {r['name']}: fused {r['fused_ms']:.2f} ms, eager {r['eager_ms']:.2f} ms, compile "
-                  f"{_fmt(r['compile_ms'])} ms, fused+compile {_fmt(r['fused_compile_ms'])} ms", flush=True)
-        ll = bench_log_likelihood(device, quick, gen)
-        print(f"log_likelihood: {ll}", flush=True)
-
-    busy = contention(cpu_start, cpu_snapshot())
     from . import _C
 
     info = _C.build_info()
     name = device_name(device)
     today = datetime.date.today().isoformat()
+    rows, per_call, ldm = [], [], []
     result = {
         "device": name,
         "date": today,
@@ -1069,9 +1351,11 @@ def main(argv=None) -> int:
         "git_commit": git_commit(),
         "quick": quick,
         "repeats": repeats,
+        "sections": sorted(sections),
+        # False until the run has finished: a run stopped on the way (a timeout) leaves what it had measured.
+        "complete": False,
         "wall_s": 0.0,
-        # Other processes running meanwhile make every time longer (2 OpenMP threads wait for a busy core).
-        "contention": busy,
+        "contention": None,
         "method": _method_text(),
         "bytes_table": _bytes_table(),
         "cases": {"gaussian_log_prob_bcast": f"x (B, D), mean (K, B, D), logvar () with K = {BCAST_K}; "
@@ -1081,19 +1365,79 @@ def main(argv=None) -> int:
         "compile_config": compile_config(),
         "per_call": per_call,
         "ldm": ldm,
-        "train_step": train_rows,
-        "train_step_note": train_note,
-        "log_likelihood": ll,
+        "train_step": [],
+        "train_step_note": "train step not run",
+        "log_likelihood": {"skipped": "not run"},
     }
-    result["wall_s"] = time.perf_counter() - started
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"{device_slug(device, name)}-{today}")
-    _atomic_write(stem + ".json", (json.dumps(result, indent=1) + "\n").encode())
-    _atomic_write(stem + ".md", to_markdown(result).encode())
-    png = plot_png(result)
-    if png is not None:
-        _atomic_write(stem + ".png", png)
-    print(f"wrote {stem}.json, .md{', .png' if png is not None else ''} in {result['wall_s']:.0f} s")
+    stem = results_stem(args.out, device.type, name, today, quick, partial)
+
+    def save(final: bool = False) -> bool:
+        result["wall_s"] = time.perf_counter() - started
+        # Other processes running meanwhile make every time longer (2 OpenMP threads wait for a busy core).
+        result["contention"] = contention(cpu_start, cpu_snapshot())
+        result["complete"] = final
+        return write_results(stem, result, png=final)
+
+    for op in ops if "ops" in sections else []:
+        for dtype_name in dtypes:
+            for size in sizes:
+                for pass_ in PASSES:
+                    if args.no_compile:
+                        compile_it = False
+                    elif quick:  # one small compiled config, so the column is exercised
+                        compile_it = (op, dtype_name, size, pass_) == (ops[0], dtypes[0], sizes[0], "fwd")
+                    else:
+                        compile_it = True
+                    row = bench_op(op, DTYPE_NAMES[dtype_name], size, pass_, device, repeats, compile_it, copy, gen)
+                    rows.append(row)
+                    print(f"{op:24s} {dtype_name:8s} {'x'.join(map(str, row['shape'])):>14s} {pass_:7s} "
+                          f"fused {row['fused_ms']:9.3f} ms  eager {row['eager_ms']:9.3f} ms  compile "
+                          f"{_fmt(row['compile_ms']):>9s} ms  {row['fused_gbps']:6.1f} GB/s "
+                          f"({row['copy_fraction']:.2f} of copy)", flush=True)
+                    save()
+
+    for op in ops if "per-call" in sections else []:
+        op_sizes = PER_CALL_SIZES_BY_OP.get(op, PER_CALL_SIZES)
+        for size in op_sizes[:1] if quick else op_sizes:
+            for pass_ in PASSES:
+                row = bench_op(op, torch.float32, size, pass_, device, repeats, not (args.no_compile or quick), copy,
+                               gen)
+                per_call.append(row)
+                print(f"per call {op:24s} {'x'.join(map(str, row['shape'])):>10s} {pass_:7s} fused "
+                      f"{row['fused_ms'] * 1e3:8.1f} us  eager {row['eager_ms'] * 1e3:8.1f} us  compile "
+                      f"{_fmt(None if row['compile_ms'] is None else row['compile_ms'] * 1e3):>8s} us", flush=True)
+        save()
+
+    if "ldm" in sections:
+        from .bench_ldm import ldm_rows
+
+        ldm.extend(ldm_rows(device.type, quick, copy_gbps=copy, compile_it=not args.no_compile))
+        for row in ldm:
+            print(f"DiagonalGaussianDistribution {'x'.join(map(str, row['shape']))} {row['dtype']} {row['pass']}: fused "
+                  f"{row['fused_ms']:.3f} ms, {row.get('baseline', 'eager')} {row['eager_ms']:.3f} ms", flush=True)
+        save()
+
+    if "train" in sections:
+        train_rows, result["train_step_note"] = bench_train_step(
+            device, max(3, repeats // 2) if not quick else repeats, quick, gen, configs=args.train_configs,
+            impls=args.train_impls)
+        result["train_step"] = train_rows
+        for r in train_rows:
+            if "skipped" in r:
+                continue
+            print(f"train step {r['name']}: " + ", ".join(f"{impl} {_fmt(r.get(f'{impl}_ms'))} ms"
+                                                          for impl in TRAIN_IMPLS if r.get(f"{impl}_ms") is not None),
+                  flush=True)
+    elif args.no_model:
+        result["train_step_note"] = "train step skipped (--no-model)"
+    if "ll" in sections:
+        result["log_likelihood"] = bench_log_likelihood(device, quick, gen)
+        print(f"log_likelihood: {result['log_likelihood']}", flush=True)
+    elif args.no_model:
+        result["log_likelihood"] = {"skipped": "--no-model"}
+
+    png = save(final=True)
+    print(f"wrote {stem}.json, .md{', .png' if png else ''} in {result['wall_s']:.0f} s")
     return 0
 
 

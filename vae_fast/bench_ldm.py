@@ -6,7 +6,7 @@ One training step of an LDM autoencoder calls ``posterior.sample()`` and ``poste
 the suite's own helpers (``bench.time_interleaved``, ``bench.peak_mb``). The eager baseline is diffusers'
 ``DiagonalGaussianDistribution`` when diffusers is installed, else a line-for-line copy of its three
 methods used here (the row's ``"baseline"`` says which). ``torch.compile`` compiles that baseline (not in
-quick mode).
+quick mode, nor with ``--no-compile``).
 
 Bytes (as ``reparameterize_with_kl``, N = latent elements, half the parameters): fwd reads mean and logvar and
 writes z and the per-example KL, 3Ns + B s_out; backward reads gz, gkl, mean and logvar and writes the one
@@ -73,9 +73,11 @@ def _case(params: torch.Tensor, theirs) -> bench.Case:
                       bwd_reads=[0], bwd_writes=[0], out_bytes=out, g_bytes=out)
 
 
-def ldm_rows(device: str, quick: bool, *, repeats: int | None = None, copy_gbps: float | None = None) -> list[dict]:
+def ldm_rows(device: str, quick: bool, *, repeats: int | None = None, copy_gbps: float | None = None,
+             compile_it: bool = True) -> list[dict]:
     """Rows for each latent-diffusion shape, dtype (float32; bfloat16 too on CUDA) and pass; ``copy_gbps``
-    (measured here when not given) is the suite's copy bandwidth, for ``copy_fraction``."""
+    (measured here when not given) is the suite's copy bandwidth, for ``copy_fraction``; the compiled baseline
+    only if ``compile_it`` and not ``quick``."""
     dev = torch.device(device)
     theirs, baseline = _baseline()
     repeats = repeats or (5 if quick else 15)
@@ -93,13 +95,13 @@ def ldm_rows(device: str, quick: bool, *, repeats: int | None = None, copy_gbps:
             for pass_ in bench.PASSES:
                 sets = bench.input_sets(case, pass_, n_sets)
                 fns = {"fused": case.fused, "eager": case.eager}
-                if not quick:
+                if compile_it and not quick:
                     torch._dynamo.reset()
                     fns["compile"] = torch.compile(case.eager)
                 grad_gen = torch.Generator(device=dev).manual_seed(1)  # upstream gradients are drawn on dev
                 calls = {name: bench.make_call(fn, case, pass_, grad_gen) for name, fn in fns.items()}
                 row = bench.time_row(case, dtype, pass_, calls, sets, repeats, dev, copy)
                 rows.append({**row, "baseline": baseline})
-                if not quick:
+                if compile_it and not quick:
                     torch._dynamo.reset()
     return rows
