@@ -77,6 +77,65 @@ def test_kl_against_diffusers_other_and_nll_over_some_dims(Theirs):
     torch.testing.assert_close(Ours(p).nll(x), Theirs(p).nll(x))  # the default dims
 
 
+@pytest.mark.parametrize("ours_dtype, other_dtype", [(torch.float32, torch.float64), (torch.float64, torch.float32),
+                                                     (torch.bfloat16, torch.float64)], ids=str)
+def test_float64_mixed_with_another_dtype_promotes_as_diffusers(Theirs, ours_dtype, other_dtype):
+    """diffusers' arithmetic promotes float32 parameters meeting a float64 sample or `other` to float64; the fused
+    ops refuse that mix, so the class casts first: the same dtype and value, gradients to both sides."""
+    p = _parameters((2, 6, 4, 3), dtype=ours_dtype).requires_grad_()
+    q = _parameters((2, 6, 4, 3), dtype=other_dtype, seed=3).requires_grad_()
+    x = torch.randn(2, 3, 4, 3, dtype=torch.float64).to(other_dtype)
+    tol = {"rtol": 1e-6, "atol": 1e-6} if ours_dtype != torch.bfloat16 else {"rtol": 1e-2, "atol": 1e-2}
+    for name, ours, theirs in (("nll", Ours(p).nll(x), Theirs(p).nll(x)),
+                               ("nll dims", Ours(p).nll(x, dims=[1, 3]), Theirs(p).nll(x, dims=[1, 3])),
+                               ("kl ours", Ours(p).kl(Ours(q)), Theirs(p).kl(Theirs(q))),
+                               ("kl theirs", Ours(p).kl(Theirs(q)), Theirs(p).kl(Theirs(q)))):
+        assert ours.dtype == theirs.dtype == torch.float64, name
+        torch.testing.assert_close(ours, theirs, **tol, msg=name)
+        wrt = (p, q) if name.startswith("kl") else (p,)
+        for g_ours, g_theirs in zip(torch.autograd.grad(ours.sum(), wrt), torch.autograd.grad(theirs.sum(), wrt)):
+            assert g_ours.dtype == g_theirs.dtype
+            torch.testing.assert_close(g_ours, g_theirs, **tol, msg=f"gradient of {name}")
+    xi = torch.randint(-3, 4, x.shape)  # an integer sample: promoted to the parameters' dtype, as diffusers'
+    assert Ours(p).nll(xi).dtype == Theirs(p).nll(xi).dtype or ours_dtype == torch.bfloat16
+
+
+def test_nll_over_no_dims_sums_every_dim_as_diffusers(Theirs):
+    """diffusers' nll is torch.sum(..., dim=dims), and torch.sum over dim=[] sums every dim."""
+    p = _parameters((2, 6, 4, 3)).requires_grad_()
+    x = torch.randn(2, 3, 4, 3, dtype=torch.float64)
+    for dims in ([], ()):
+        ours, theirs = Ours(p).nll(x, dims=dims), Theirs(p).nll(x, dims=dims)
+        assert ours.shape == theirs.shape == ()
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(*(torch.autograd.grad(r, p)[0] for r in (ours, theirs)))
+    assert Ours(p, deterministic=True).nll(x, dims=[]).tolist() == [0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("generator", ["one", "list", "none"])
+def test_deterministic_sample_draws_what_diffusers_draws(Theirs, dtype, generator):
+    """diffusers draws its noise even when std is 0: a deterministic sample(generator=g) leaves g (or a list of
+    them, or without one the global RNG) in the state diffusers leaves it in, so code mixing the two stays in step."""
+    p = _parameters((3, 8, 5, 4), dtype=dtype)
+
+    def generators():
+        return {"one": torch.Generator().manual_seed(11),
+                "list": [torch.Generator().manual_seed(i) for i in range(3)], "none": None}[generator]
+
+    states = []
+    for cls in (Ours, Theirs):
+        g = generators()
+        torch.manual_seed(5)
+        z = cls(p, deterministic=True).sample(generator=g)
+        gs = [] if g is None else g if isinstance(g, list) else [g]
+        states.append(([x.get_state() for x in gs], torch.get_rng_state(), z))
+    (ours_gens, ours_global, z_ours), (theirs_gens, theirs_global, z_theirs) = states
+    assert all(torch.equal(a, b) for a, b in zip(ours_gens, theirs_gens))
+    assert torch.equal(ours_global, theirs_global)
+    torch.testing.assert_close(z_ours, z_theirs, rtol=0, atol=0)
+
+
 def test_bf16_under_autocast(Theirs):
     """An encoder run under autocast gives bf16 parameters; the ops read them as they are and sum in float32,
     closer to the float64 truth than diffusers' bf16 arithmetic."""

@@ -15,7 +15,10 @@ gradients, computed by the fused ops:
 
 Differences from diffusers, each a fix: ``kl`` and ``nll`` sum over every dim but the batch's (diffusers
 sums dims 1, 2, 3, which for video latents ``(B, C, T, H, W)`` leaves a ``(B, W)`` result); in deterministic
-mode the zeros come on the parameters' device and dtype (diffusers returns a CPU float32 tensor).
+mode the zeros come on the parameters' device and dtype (diffusers returns a CPU float32 tensor). Where diffusers'
+arithmetic decides, this class follows it: float64 meeting another dtype in ``nll``/``kl`` promotes to float64
+(cast here: the ops refuse the mix), ``nll(dims=[])`` sums every dim, and a deterministic ``sample`` still draws
+diffusers' noise so that generators end where diffusers leaves them.
 """
 
 from __future__ import annotations
@@ -91,6 +94,16 @@ def _check_parameters(parameters, dim) -> int:
     return dim
 
 
+def _promoted(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors, all cast to float64 when float64 meets another floating dtype: diffusers' arithmetic promotes
+    there, where the fused ops refuse float64 mixed with other dtypes (a silent cast inside them would hide a
+    precision mistake; here the drop-in's contract is diffusers' result). Else as they are."""
+    dtypes = {t.dtype for t in tensors}
+    if len(dtypes) > 1 and torch.float64 in dtypes and all(d.is_floating_point for d in dtypes):
+        return tuple(t.to(torch.float64) for t in tensors)
+    return tensors
+
+
 class DiagonalGaussianDistribution:
     """N(mean, diag(exp(logvar))) with ``mean, logvar = parameters.chunk(2, dim)`` and logvar clamped to
     ``logvar_clamp`` (torch.clamp's gradient: zero outside the interval, passed at its edges)."""
@@ -161,14 +174,17 @@ class DiagonalGaussianDistribution:
         """mean + std * eps, differentiable, reproducible with ``generator`` (which draws the kernel's seed), or
         with a list of one generator per example (as diffusers' ``randn_tensor``: example i's noise then
         depends on ``generator[i]`` only)."""
-        if self.deterministic:
-            return self.mean.clone()  # std is 0; a new tensor, as diffusers' mean + 0 * eps
         if isinstance(generator, (list, tuple)) and len(generator) == 1:
             generator = generator[0]
+        if isinstance(generator, (list, tuple)) and len(generator) != self.parameters.shape[0]:
+            raise ValueError(f"DiagonalGaussianDistribution.sample: a list of generators needs one per example "
+                             f"({self.parameters.shape[0]}), got {len(generator)}")
+        if self.deterministic:
+            # std is 0, but diffusers draws its noise all the same: draw what it draws, so the generator (or the
+            # global RNG) is where diffusers leaves it. A new tensor, as diffusers' mean + 0 * eps.
+            self._diffusers_draw(generator)
+            return self.mean.clone()
         if isinstance(generator, (list, tuple)):
-            if len(generator) != self.parameters.shape[0]:
-                raise ValueError(f"DiagonalGaussianDistribution.sample: a list of generators needs one per example "
-                                 f"({self.parameters.shape[0]}), got {len(generator)}")
             mean, logvar, clamp = self._op_args()
             parts = [reparameterize_with_kl(m, lv, generator=g, event_dims=self._event_dims, logvar_clamp=clamp)
                      for m, lv, g in zip(mean.split(1), logvar.split(1), generator)]
@@ -195,11 +211,12 @@ class DiagonalGaussianDistribution:
             raise TypeError(f"DiagonalGaussianDistribution.kl: `other` must be a DiagonalGaussianDistribution, got "
                             f"{type(other).__name__}")
         if isinstance(other, DiagonalGaussianDistribution):  # its raw half and clamp, clamped in the kernel
-            _, other_logvar, other_clamp = other._op_args()
+            other_mean, other_logvar, other_clamp = other._op_args()
         else:  # another class (diffusers' own): its logvar as it gives it
-            other_logvar, other_clamp = other.logvar, None
+            other_mean, other_logvar, other_clamp = other.mean, other.logvar, None
         mean, logvar, clamp = self._op_args()
-        return gaussian_kl(mean, logvar, other.mean, other_logvar, event_dims=self._event_dims, logvar_clamp=clamp,
+        mean, logvar, other_mean, other_logvar = _promoted(mean, logvar, other_mean, other_logvar)
+        return gaussian_kl(mean, logvar, other_mean, other_logvar, event_dims=self._event_dims, logvar_clamp=clamp,
                            prior_logvar_clamp=other_clamp)
 
     def nll(self, sample: torch.Tensor, dims: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -213,25 +230,39 @@ class DiagonalGaussianDistribution:
             raise _dense_error("DiagonalGaussianDistribution.nll: `sample`", sample)
         mean, logvar, clamp = self._op_args()
         ndim = mean.dim()
-        if dims is None:
-            dims = range(1, ndim)
-        if isinstance(dims, int):
-            dims = [dims]
         try:
+            dims = list(range(1, ndim)) if dims is None else [dims] if isinstance(dims, int) else list(dims)
             summed = sorted({int(d) % ndim for d in dims if -ndim <= int(d) < ndim})
         except (TypeError, ValueError):
             raise TypeError(f"DiagonalGaussianDistribution.nll: `dims` must be ints, got {dims!r}") from None
-        if not summed or len(summed) != len(list(dims)):
+        if not dims:  # torch.sum(t, dim=[]) sums every dim, which diffusers' nll(dims=[]) returns
+            dims = summed = list(range(ndim))
+        if len(summed) != len(dims):
             raise ValueError(f"DiagonalGaussianDistribution.nll: `dims` must be distinct dims of a {ndim}-d "
-                             f"sample, got {list(dims)}")
+                             f"sample, got {dims}")
         if sample.dim() != ndim:
             raise ValueError(f"DiagonalGaussianDistribution.nll: `sample` must have the mean's {ndim} dims, got shape "
                              f"{tuple(sample.shape)}")
+        if not (sample.is_floating_point() or sample.is_complex()):
+            sample = sample.to(mean.dtype)  # diffusers' `sample - self.mean` promotes integer samples
+        sample, mean, logvar = _promoted(sample, mean, logvar)
         # The op sums trailing dims: move the summed ones last (a view; nothing moves when they already are).
         order = [d for d in range(ndim) if d not in summed] + summed
         if order != list(range(ndim)):
             sample, mean, logvar = (t.permute(order) for t in (sample, mean, logvar))
         return -gaussian_log_prob(sample, mean, logvar, event_dims=len(summed), logvar_clamp=clamp)
+
+    def _diffusers_draw(self, generator) -> None:
+        """The draws of diffusers' ``randn_tensor(mean.shape, generator, parameters.device, parameters.dtype)``,
+        results discarded: a generator is drawn from on its own device, no generator means the device's RNG."""
+        shape, dtype, device = self.mean.shape, self.parameters.dtype, self.parameters.device
+        if isinstance(generator, (list, tuple)):
+            for g in generator:
+                torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype)
+        elif generator is not None:
+            torch.randn(shape, generator=generator, device=generator.device, dtype=dtype)
+        else:
+            torch.randn(shape, device=device, dtype=dtype)
 
     def mode(self) -> torch.Tensor:
         return self.mean
