@@ -1,16 +1,20 @@
 // Every formula of the VAE objective, once. Inline templates over a value type V: float, double,
 // at::vec::Vectorized<float/double> (CPU SIMD) and CUDA float/double. A backend that adds a value
-// type declares its overloads of the vmath functions (exp, log, expm1, expm1_minus_x, log1p, log1p_exp_neg,
-// abs, max, sqrt, sincos)
+// type declares its overloads of the vmath functions (exp, log, half_expm1_minus_x, scaled_half_expm1,
+// log1p_exp_neg, abs, max, min, sqrt, sincos, inf_or, zero_where_zero, clamp_min)
 // in namespace vae_fast::vmath *before* including this header (qualified calls bind at definition).
 //
 // Numerics (each formula is right wherever the maths is finite; none forms 0 * inf):
 //  * KL terms use expm1(d) - d, never exp(d) - d - 1: the latter rounds below zero in float32 for
 //    small |d|, the former is >= 0 for every d, so each per-element KL term is >= 0.
-//  * (x - m)^2 / v is formed as s * s with s = (x - m) * e^(-lv/2) = ((x - m) * e^(-lv/4)) * e^(-lv/4):
-//    no intermediate overflows where the result is finite (e^(-lv/4) overflows only for lv below
-//    -355 in float32, -2839 in float64, where every nonzero (x - m) gives an infinite term), and
-//    x == m gives 0 for any lv (zero_where_zero: never 0 * inf = NaN, e.g. lv = -89 in float32).
+//  * (x - m)^2 / v is formed as s * s with s = (x - m) * e^(-lv/2) = ((x - m) * e^(-lv/4)) * e^(-lv/4),
+//    and x == m gives 0 for any lv (zero_where_zero: never 0 * inf = NaN, e.g. lv = -89 in float32).
+//  * No intermediate overflows where the result is finite, up to the type's largest value: halves are
+//    taken before squares and sums (0.5 * s^2 as (0.5 * s) * s), e^x above kHalveExpAbove is formed as
+//    e^(x/2) * e^(x/2), and an upstream gradient g is multiplied in before the large factors, so
+//    g * 0.5 * e^lv stays finite for a small g where e^lv alone would not.
+//  * Infinite log-variances give the maths' limits, not inf - inf: KL with lv = +inf or a prior
+//    lv = -inf is +inf; log N(x; m, e^-inf) is -inf for x != m (+inf at x == m).
 //  * Bernoulli uses x * l - softplus(l), written as (x - 1) * max(l, 0) + x * min(l, 0)
 //    - log1p(exp(-|l|)) with each product 0 when its data factor is 0: finite for any finite l,
 //    and l = +-inf gives -inf or 0 as the maths does (x = 0, l = +inf: -inf; x = 0, l = -inf: 0).
@@ -19,6 +23,7 @@
 #pragma once
 #include <cmath>
 
+#include "elbo_constants.h"
 #include "isa.h"
 
 #if defined(__CUDACC__)
@@ -32,13 +37,11 @@ VF_ISA_NS_BEGIN
 namespace vmath {
 VF_HD float exp(float x) { return ::expf(x); }
 VF_HD float log(float x) { return ::logf(x); }
-VF_HD float expm1(float x) { return ::expm1f(x); }
 VF_HD float log1p(float x) { return ::log1pf(x); }
 VF_HD float abs(float x) { return ::fabsf(x); }
 VF_HD float max(float a, float b) { return ::fmaxf(a, b); }
 VF_HD double exp(double x) { return ::exp(x); }
 VF_HD double log(double x) { return ::log(x); }
-VF_HD double expm1(double x) { return ::expm1(x); }
 VF_HD double log1p(double x) { return ::log1p(x); }
 VF_HD double abs(double x) { return ::fabs(x); }
 VF_HD double max(double a, double b) { return ::fmax(a, b); }
@@ -51,12 +54,35 @@ VF_HD double zero_where_zero(double a, double v) { return a == 0.0 ? 0.0 : v; }
 // max(x, lo) that keeps a NaN x (torch.clamp(min=lo)); fmax would turn it into lo.
 VF_HD float clamp_min(float x, float lo) { return x < lo ? lo : x; }
 VF_HD double clamp_min(double x, double lo) { return x < lo ? lo : x; }
-// expm1(x) - x, the KL's d-term: >= 0 for every x (expm1 is rounded monotonically), no exp(x) - 1 - x.
-VF_HD float expm1_minus_x(float x) { return ::expm1f(x) - x; }
-VF_HD double expm1_minus_x(double x) { return ::expm1(x) - x; }
 // log1p(exp(-a)) for a >= 0: softplus(l) - max(l, 0) at a = |l|.
 VF_HD float log1p_exp_neg(float a) { return ::log1pf(::expf(-a)); }
 VF_HD double log1p_exp_neg(double a) { return ::log1p(::exp(-a)); }
+// q where q is +inf, else v: an infinite term that dominates a sum it would meet -inf in.
+VF_HD float inf_or(float q, float v) { return q == INFINITY ? q : v; }
+VF_HD double inf_or(double q, double v) { return q == static_cast<double>(INFINITY) ? q : v; }
+// 0.5 * (expm1(x) - x), the KL's log-variance term: >= 0 for every x (expm1 is rounded monotonically;
+// never exp(x) - 1 - x near 0), finite wherever the result is.
+VF_HD float half_expm1_minus_x(float x) {
+  if (!(x > ::vae_fast::elbo::kHalveExpAbove)) return 0.5f * (::expm1f(x) - x);
+  const float e = ::expf(0.5f * x);
+  return (0.5f * e) * e - 0.5f * (1.0f + ::fminf(x, ::vae_fast::elbo::kLinearCap));
+}
+VF_HD double half_expm1_minus_x(double x) {
+  if (!(x > ::vae_fast::elbo::kHalveExpAbove)) return 0.5 * (::expm1(x) - x);
+  const double e = ::exp(0.5 * x);
+  return (0.5 * e) * e - 0.5 * (1.0 + ::fmin(x, double{::vae_fast::elbo::kLinearCap}));
+}
+// g * 0.5 * expm1(x) (the KL's log-variance gradient), finite wherever the result is.
+VF_HD float scaled_half_expm1(float g, float x) {
+  if (!(x > ::vae_fast::elbo::kHalveExpAbove)) return g * 0.5f * ::expm1f(x);
+  const float e = ::expf(0.5f * x);
+  return (g * 0.5f * e) * e - 0.5f * g;
+}
+VF_HD double scaled_half_expm1(double g, double x) {
+  if (!(x > ::vae_fast::elbo::kHalveExpAbove)) return g * 0.5 * ::expm1(x);
+  const double e = ::exp(0.5 * x);
+  return (g * 0.5 * e) * e - 0.5 * g;
+}
 VF_HD void sincos(float x, float& s, float& c) {
   s = ::sinf(x);
   c = ::cosf(x);
@@ -69,12 +95,12 @@ constexpr double kLog2Pi = 1.8378770664093453;  // log(2 pi)
 // ---- KL(N(mu, e^lv) || N(0, 1)) per element, and its gradient --------------------------------
 template <class V>
 VF_HD V kl_std(V mu, V lv) {
-  return V(0.5f) * (mu * mu + vmath::expm1_minus_x(lv));
+  return (V(0.5f) * mu) * mu + vmath::half_expm1_minus_x(lv);
 }
 template <class V>
 VF_HD void kl_std_grad(V g, V mu, V lv, V& dmu, V& dlv) {
   dmu = g * mu;
-  dlv = g * V(0.5f) * vmath::expm1(lv);
+  dlv = vmath::scaled_half_expm1(g, lv);
 }
 
 // ---- a * e^(-lv/2), the data scaled by the inverse standard deviation ---------------------
@@ -96,17 +122,15 @@ VF_HD V times_inv_std(V a, V e4) {
 template <class V>
 VF_HD V kl(V m1, V lv1, V m2, V lv2, V e4) {
   V s = times_inv_std(m1 - m2, e4);
-  return V(0.5f) * (vmath::expm1_minus_x(lv1 - lv2) + s * s);
+  return vmath::half_expm1_minus_x(lv1 - lv2) + (V(0.5f) * s) * s;
 }
 template <class V>
 VF_HD void kl_grad(V g, V m1, V lv1, V m2, V lv2, V e4, V& dm1, V& dlv1, V& dm2, V& dlv2) {
   V s = times_inv_std(m1 - m2, e4);
-  V scaled = times_inv_std(s, e4);  // (m1 - m2) / v2
-  V em1 = vmath::expm1(lv1 - lv2);
-  dm1 = g * scaled;
+  dm1 = times_inv_std(g * s, e4);  // g (m1 - m2) / v2
   dm2 = V(0.0f) - dm1;
-  dlv1 = g * V(0.5f) * em1;
-  dlv2 = g * V(-0.5f) * (em1 + s * s);
+  dlv1 = vmath::scaled_half_expm1(g, lv1 - lv2);
+  dlv2 = V(0.0f) - dlv1 - (V(0.5f) * g * s) * s;  // -g/2 (expm1(d) + s^2)
 }
 
 // ---- log N(x; m, e^lv) per element, and its gradient ------------------------------------------
@@ -114,14 +138,16 @@ VF_HD void kl_grad(V g, V m1, V lv1, V m2, V lv2, V e4, V& dm1, V& dlv1, V& dm2,
 template <class V>
 VF_HD V gaussian_log_prob(V x, V m, V lv, V e4) {
   V s = times_inv_std(x - m, e4);
-  return V(-0.5f) * (V(kLog2Pi) + lv + s * s);
+  V half_s2 = (V(0.5f) * s) * s;
+  return V(-0.5 * kLog2Pi) - vmath::inf_or(half_s2, V(0.5f) * lv + half_s2);
 }
 template <class V>
 VF_HD void gaussian_log_prob_grad(V g, V x, V m, V lv, V e4, V& dx, V& dm, V& dlv) {
   V s = times_inv_std(x - m, e4);
-  dm = g * times_inv_std(s, e4);  // g (x - m) / v
+  V half_g = V(0.5f) * g;
+  dm = times_inv_std(g * s, e4);  // g (x - m) / v
   dx = V(0.0f) - dm;
-  dlv = g * V(0.5f) * (s * s - V(1.0f));
+  dlv = (half_g * s) * s - half_g;  // g/2 (s^2 - 1)
 }
 
 // ---- F.gaussian_nll_loss's per-element term, and its gradient ---------------------------------
@@ -131,15 +157,16 @@ template <class V>
 VF_HD V gaussian_nll(V x, V t, V v, V eps) {
   V vc = vmath::clamp_min(v, eps);
   V d = x - t;
-  return V(0.5f) * (vmath::log(vc) + d * d / vc);
+  return V(0.5f) * vmath::log(vc) + (V(0.5f) * d) * (d / vc);
 }
 template <class V>
 VF_HD void gaussian_nll_grad(V g, V x, V t, V v, V eps, V& dx, V& dt, V& dv) {
   V vc = vmath::clamp_min(v, eps);
   V scaled = (x - t) / vc;
+  V half_g = V(0.5f) * g;
   dx = g * scaled;
   dt = V(0.0f) - dx;
-  dv = g * V(0.5f) * (V(1.0f) - (x - t) * scaled) / vc;
+  dv = half_g / vc - (half_g * scaled) * scaled;  // g/2 (1 / vc - (x - t)^2 / vc^2)
 }
 
 // ---- log Bernoulli(x; sigmoid(l)) per element, and its gradient -------------------------------

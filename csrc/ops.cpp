@@ -195,6 +195,21 @@ void reuse_broadcast_rows(Group& rows, size_t n_inputs) {
 
 }  // namespace
 
+// The clamp's bounds rounded to the dtype of the input they apply to, as torch.clamp compares them: a
+// bfloat16 logvar of 0.69921875 lies inside (0.7, hi), since 0.7 is 0.69921875 in bfloat16.
+Clamp in_dtype(Clamp c, at::ScalarType t) {
+  auto round = [t](double v) {
+    switch (t) {
+      case at::kFloat: return static_cast<double>(static_cast<float>(v));
+      case at::kHalf: return static_cast<double>(static_cast<float>(c10::Half(static_cast<float>(v))));
+      case at::kBFloat16: return static_cast<double>(static_cast<float>(c10::BFloat16(static_cast<float>(v))));
+      default: return v;
+    }
+  };
+  if (c.on) c.lo = round(c.lo), c.hi = round(c.hi);
+  return c;
+}
+
 RowProblem::RowProblem(c10::ArrayRef<NamedTensor> inputs, int64_t event_dims, bool grad_is_first)
     : event_dims(event_dims) {
   const c10::ArrayRef<NamedTensor> shaped = inputs.slice(grad_is_first ? 1 : 0);
@@ -282,7 +297,7 @@ void RowProblem::bind_inputs(RowArgs& args) const {
   for (size_t j = 0; j < in.size(); ++j) {
     args.in[j].data = in[j].tensor.data_ptr();
     args.in[j].dtype = to_dtype(in[j].tensor.scalar_type());
-    args.in[j].clamp = clamps[j];
+    args.in[j].clamp = in_dtype(clamps[j], in[j].tensor.scalar_type());
   }
 }
 
@@ -678,7 +693,7 @@ struct SampleProblem {
     a.logvar_run_stride = logvar_run_stride;
     a.seed = seed.defined() ? seed.data_ptr<int64_t>() : nullptr;
     a.seed_value = seed_value;
-    a.logvar_clamp = clamp;
+    a.logvar_clamp = in_dtype(clamp, logvar.scalar_type());
     a.grad_run = a.grad_mu_run_stride = a.grad_logvar_run_stride = std::max<int64_t>(rows * event_numel, 1);
     return a;
   }

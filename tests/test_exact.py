@@ -181,11 +181,9 @@ def test_gradgradcheck_every_op():
     assert torch.autograd.gradgradcheck(lambda a, b, c, d: vf.gaussian_kl(a, b, c, d), (mu, lv, pm, plv))
     assert torch.autograd.gradgradcheck(lambda a, b, c: vf.gaussian_log_prob(a, b, c), (x, mean, olv))
     assert torch.autograd.gradgradcheck(lambda a, b: vf.bernoulli_log_prob(a, b, event_dims=2), (x, mean))
-    for path_only in (False, True):
-        def sample(a, b, path_only=path_only):
-            z, log_q = vf.reparameterize(a, b, 3, seed=11, return_log_q=True, log_q_path_only=path_only)
-            return z, log_q
-        assert torch.autograd.gradgradcheck(sample, (mu, lv))
+    # (log_q_path_only's stop_grad has no Hessian for gradgradcheck to check: test_edges.py compares its
+    # second derivatives with torch autograd of Normal(mu.detach(), std.detach()).log_prob(z).)
+    assert torch.autograd.gradgradcheck(lambda a, b: vf.reparameterize(a, b, 3, seed=11, return_log_q=True), (mu, lv))
     assert torch.autograd.gradgradcheck(lambda a, b: vf.reparameterize_with_kl(a, b, 2, seed=12), (mu, lv))
 
 

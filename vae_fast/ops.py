@@ -518,22 +518,15 @@ def _sample_double_backward(ctx, grad_dmu, grad_dlogvar):
                                False)[0]
 
     def first(gz, glq, gkl, m, lv):
-        outs = reference.sample_terms(m, lv, eps, event_dims, False, clamp)
-        path = path_only and glq is not None  # its gradient field has no potential: written out below
-        pairs = [(o, g) for i, (o, g) in enumerate(zip(outs, (gz, glq, gkl))) if g is not None and not (path and i == 1)]
+        # With log_q_path_only, log q is evaluated at stop_grad(mu, logvar): its derivatives of every order
+        # reach (mu, logvar) through z only (torch's Normal(mu.detach(), std.detach()).log_prob(z)).
+        outs = reference.sample_terms(m, lv, eps, event_dims, path_only, clamp)
+        pairs = [(o, g) for o, g in zip(outs, (gz, glq, gkl)) if g is not None]
         grads = [torch.zeros_like(m), torch.zeros_like(lv)]
         if pairs:
             got = torch.autograd.grad([o for o, _ in pairs], [m, lv], [g for _, g in pairs], create_graph=True,
                                       allow_unused=True)
             grads = [a if a is not None else b for a, b in zip(got, grads)]
-        if path:  # d log q / d z = -eps / sigma: dmu = -g eps e^(-lv/2), dlogvar = -0.5 g eps^2, summed over K
-            g = glq.reshape(glq.shape + (1,) * event_dims)
-            dm, dl = -g * eps * torch.exp(-0.5 * reference.clamp_logvar(lv, clamp)), -0.5 * g * eps * eps
-            if clamp is not None:  # torch.clamp's gradient: dl flows through the clamped logvar
-                dl = torch.where((lv >= clamp[0]) & (lv <= clamp[1]), dl, torch.zeros_like(dl))
-            if sample_dim:
-                dm, dl = dm.sum(0), dl.sum(0)
-            grads = [grads[0] + dm, grads[1] + dl]
         return grads
 
     gg = [grad_dmu if need_mu else None, grad_dlogvar if need_logvar else None]

@@ -8,10 +8,12 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
+#include "../elbo_constants.h"
 #include "../isa.h"
 
 namespace vae_fast {
@@ -58,15 +60,38 @@ inline at::vec::Vectorized<T> expm1_taylor_minus_x(const at::vec::Vectorized<T>&
   for (int n = kLast - 1; n >= 2; --n) h = at::vec::fmadd(h, x, V(static_cast<T>(inv_factorial.v[n])));
   return x * x * h;
 }
+// e^x, or e^(x/2) in the lanes where x > kHalveExpAbove (`big`; the caller multiplies it in twice, so
+// that a scaled e^x overflows only where the result does).
 template <class T>
-inline at::vec::Vectorized<T> expm1_minus_x(const at::vec::Vectorized<T>& x) {
+inline at::vec::Vectorized<T> exp_or_half(const at::vec::Vectorized<T>& x, at::vec::Vectorized<T>& big) {
   using V = at::vec::Vectorized<T>;
-  return V::blendv(x.exp() - V(T(1)) - x, expm1_taylor_minus_x(x), x.abs() < V(T(1)));
+  big = x > V(static_cast<T>(::vae_fast::elbo::kHalveExpAbove));
+  return V::blendv(x, x * V(T(0.5)), big).exp();
+}
+// 0.5 * (expm1(x) - x), finite wherever the result is; x = +inf gives inf (elbo_math.h's scalar form).
+template <class T>
+inline at::vec::Vectorized<T> half_expm1_minus_x(const at::vec::Vectorized<T>& x) {
+  using V = at::vec::Vectorized<T>;
+  V big;
+  const V e = exp_or_half(x, big), half = V(T(0.5));
+  const V half_exp = V::blendv(half * e, (half * e) * e, big);
+  const V linear = half * (V(T(1)) + at::vec::minimum(x, V(static_cast<T>(::vae_fast::elbo::kLinearCap))));
+  return V::blendv(half_exp - linear, half * expm1_taylor_minus_x(x), x.abs() < V(T(1)));
+}
+// g * 0.5 * expm1(x), finite wherever the result is.
+template <class T>
+inline at::vec::Vectorized<T> scaled_half_expm1(const at::vec::Vectorized<T>& g, const at::vec::Vectorized<T>& x) {
+  using V = at::vec::Vectorized<T>;
+  V big;
+  const V e = exp_or_half(x, big), half_g = V(T(0.5)) * g;
+  const V scaled = half_g * e;
+  return V::blendv(V::blendv(scaled, scaled * e, big) - half_g, half_g * (expm1_taylor_minus_x(x) + x),
+                   x.abs() < V(T(1)));
 }
 template <class T>
-inline at::vec::Vectorized<T> expm1(const at::vec::Vectorized<T>& x) {
+inline at::vec::Vectorized<T> inf_or(const at::vec::Vectorized<T>& q, const at::vec::Vectorized<T>& v) {
   using V = at::vec::Vectorized<T>;
-  return V::blendv(x.exp() - V(T(1)), expm1_taylor_minus_x(x) + x, x.abs() < V(T(1)));
+  return V::blendv(v, q, q == V(std::numeric_limits<T>::infinity()));
 }
 // log1p(exp(-a)) for a >= 0 (softplus(l) = max(l, 0) + this at a = |l|) without Sleef's log1p (as costly
 // as exp here, which made the Bernoulli likelihood compute-bound): with t = exp(-a) in (0, 1] and
