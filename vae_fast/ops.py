@@ -247,9 +247,9 @@ def gaussian_nll_loss(input, target, var, full: bool = False, eps: float = 1e-6,
             dtype = torch.float32
         target = torch.full((), target, dtype=dtype, device=input.device)
     _require_tensor("gaussian_nll_loss", target=target)
-    for name, t in (("input", input), ("target", target)):
-        if t.dtype.is_complex:  # torch returns a complex "loss"; the fused terms are real
-            raise TypeError(f"vae_fast.gaussian_nll_loss: `{name}` must be real, got {t.dtype}")
+    if input.dtype.is_complex or target.dtype.is_complex:  # torch returns a complex "loss"; the terms are real
+        name, t = ("input", input) if input.dtype.is_complex else ("target", target)
+        raise TypeError(f"vae_fast.gaussian_nll_loss: `{name}` must be real, got {t.dtype}")
     if isinstance(var, float):
         if var < 0:
             raise ValueError("var has negative entry/entries")
