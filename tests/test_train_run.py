@@ -1,23 +1,34 @@
 """The trainer's run folder and options, in process and fast (tiny models on digits): runs are never destroyed
-by accident, divergence is caught at its step, torchrun restarts resume, the learning-rate schedule, gradient
-clipping, best checkpoints, config files, TensorBoard, posterior-collapse warnings and the figures."""
+by accident (one writer per folder, --overwrite replaces a run whole even when killed at any moment), damaged
+checkpoints say so, divergence is caught at its step, torchrun restarts resume, the learning-rate schedule,
+gradient clipping, best checkpoints, config files, TensorBoard, posterior-collapse warnings, the figures and the
+summary at the end."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
 from matplotlib.figure import Figure
 
+import vae_fast
 from vae_fast import cli, plots
 from vae_fast.model import VAE
-from vae_fast.train import (BEST, CHECKPOINT, TrainConfig, build_optimizer, learning_rate, load_run, read_metrics,
-                            train)
+from vae_fast.train import (BEST, CHECKPOINT, RunInUse, TrainConfig, build_optimizer, learning_rate, load_run,
+                            read_metrics, recover_run, train)
+
+PACKAGE_PARENT = str(Path(vae_fast.__file__).resolve().parent.parent)
 
 TINY = dict(hidden=[16], latent_dim=2, batch_size=300)  # 5 steps per epoch on digits' 1500 examples
 
@@ -67,6 +78,154 @@ def test_a_fresh_run_into_a_folder_with_a_run_is_refused_and_leaves_it_intact(tm
     assert _files(run) == before
     train(_cfg(tmp_path, epochs=1), overwrite=True, progress=False)
     assert _ckpt(run)["epoch"] == 1 and len(read_metrics(run / "metrics.jsonl")) == 1
+
+
+# ---- one writer per run folder ---------------------------------------------------------------------------------
+
+HOLD_LOCK = """
+import sys, time
+from vae_fast.train import lock_run
+lock_run(sys.argv[1])
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_second_trainer_is_refused_at_once_naming_the_live_one_and_a_killed_one_blocks_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(_cfg(tmp_path, epochs=1), progress=False)
+    # Another process holds the run folder, as a live trainer does (the trainer's own lock_run).
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": PACKAGE_PARENT})
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        before = _files(run)
+        who = f"pid {holder.pid} on {socket.gethostname()}"
+        with pytest.raises(RunInUse, match=f"is being trained by another process \\({who}\\)"):
+            train(_cfg(tmp_path, epochs=2), resume=True, progress=False)
+        with pytest.raises(RunInUse, match=who):
+            train(_cfg(tmp_path, epochs=2), overwrite=True, progress=False)
+        capsys.readouterr()
+        code, _, err = _main(["train", "--resume", "--out", run, "--epochs", 2, "--quiet"], capsys)
+        assert code == 1 and who in err and len(err.strip().splitlines()) == 1, err
+        assert _files(run) == before  # refused before anything was written
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # The OS dropped the dead process's lock: nothing to clean up, the same command goes on.
+    code, _, err = _main(["train", "--resume", "--out", run, "--epochs", 2, "--quiet"], capsys)
+    assert code == 0 and "resuming the run" in err, err
+    assert _ckpt(run)["epoch"] == 2
+
+
+# ---- --overwrite replaces a run whole, whenever it is killed --------------------------------------------------
+
+# One process imports everything once, then forks a child per attempt that runs `train --overwrite` and SIGKILLs
+# itself just before its n-th change to the run folder (a rename, unlink, mkdir or rmdir there); n = 0: never,
+# and the child writes the list of those changes to events.txt. Forking skips the imports (seconds each here).
+OVERWRITE_KILLER = """
+import json, os, signal, sys
+from pathlib import Path
+import torch
+torch.set_num_threads(1)  # no OpenMP thread team before a fork
+import matplotlib.figure, sklearn.datasets, torch._dynamo  # noqa: F401 (the slow imports, once)
+from vae_fast import cli
+
+run, args = Path(sys.argv[1]), sys.argv[2:]
+for line in sys.stdin:
+    n = int(line)
+    pid = os.fork()
+    if pid == 0:
+        log = os.open(run.parent / "child.log", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        events = []
+
+        def counted(name, fn):
+            def call(*a, **kw):
+                if str(a[0]).startswith(str(run)):
+                    events.append(f"{name} {a[0]}")
+                    if len(events) == n:
+                        os.kill(os.getpid(), signal.SIGKILL)
+                return fn(*a, **kw)
+            return call
+
+        for name in ("replace", "unlink", "rmdir", "mkdir"):
+            setattr(os, name, counted(name, getattr(os, name)))
+        code = cli.main(["train", "--overwrite", "--out", str(run), *args])
+        (run.parent / "events.txt").write_text("\\n".join(events))
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"killed": os.WIFSIGNALED(status), "code": os.WEXITSTATUS(status)}), flush=True)
+"""
+
+
+def test_overwrite_killed_at_any_moment_leaves_the_old_run_or_the_new_one_never_a_mix(tmp_path):
+    run, template = tmp_path / "run", tmp_path / "old"
+    train(TrainConfig(**TINY, epochs=2, save="best", out=str(template)), progress=False)
+    (template / "eval.json").write_text('{"test_elbo": -40.0}\n')  # what evaluate and sample leave there
+    (template / "sample-seed0.png").write_bytes(b"\x89PNG old sample")
+    (template / "notes.txt").write_text("not the run's: kept by every replacement\n")
+    old = _files(template)
+    new_args = ["--epochs", 2, "--lr", 0.002, "--hidden", 16, "--latent-dim", 2, "--batch-size", 300, "--quiet"]
+    new_config = TrainConfig(**TINY, epochs=2, lr=0.002, out=str(run)).resolved().to_json()
+
+    def state() -> tuple[str, int]:
+        """("old", 0) or ("new", the new run's checkpoint epoch), after the recovery every command runs first;
+        fails on anything else."""
+        recover_run(run)
+        assert not (run / ".overwrite").exists()
+        files = _files(run)
+        if files == old:
+            return "old", 0
+        assert files["notes.txt"] == old["notes.txt"]
+        assert json.loads(files["config.json"]) == new_config
+        ckpt = _ckpt(run)
+        assert ckpt["config"] == new_config and ckpt["epoch"] in (1, 2)
+        epochs = [m["epoch"] for m in read_metrics(run / "metrics.jsonl")]
+        assert epochs in ([1], [1, 2]) and ckpt["epoch"] <= len(epochs)
+        assert not {"best.pt", "eval.json", "sample-seed0.png"} & set(files), sorted(files)  # nothing of the old run
+        assert not [name for name in files if name != "notes.txt" and files[name] == old.get(name)]
+        return "new", ckpt["epoch"]
+
+    killer = subprocess.Popen([sys.executable, "-c", OVERWRITE_KILLER, str(run), *map(str, new_args)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": PACKAGE_PARENT})
+
+    def attempt(n: int) -> dict:
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(template, run)
+        killer.stdin.write(f"{n}\n")
+        killer.stdin.flush()
+        line = killer.stdout.readline()
+        assert line, (tmp_path / "child.log").read_text()
+        return json.loads(line)
+
+    try:
+        # Uninterrupted: the new run, whole, and the list of its changes to the folder.
+        assert attempt(0) == {"killed": False, "code": 0}, (tmp_path / "child.log").read_text()
+        assert state() == ("new", 2)
+        figures = {"loss.png", "reconstructions.png", "samples.png", "manifold.png"}
+        assert set(_files(run)) == {"checkpoint.pt", "config.json", "metrics.jsonl", "notes.txt", *figures}
+        events = (tmp_path / "events.txt").read_text().splitlines()
+        swap_done = next(i for i, e in enumerate(events) if e == f"rmdir {run / '.overwrite'}")
+        # A kill before each change up to the swap and just after it, and before the last change.
+        seen = []
+        for n in [*range(1, swap_done + 4), len(events)]:
+            outcome = attempt(n)
+            assert outcome["killed"], (n, events[n - 1], outcome)
+            seen.append(state())
+            if n == swap_done + 2:  # the new run, killed before saving its second epoch: --resume continues it
+                assert seen[-1] == ("new", 1)
+                result = train(TrainConfig.from_json(new_config), resume=True, progress=False)
+                assert [m["epoch"] for m in result.metrics] == [1, 2] and state() == ("new", 2)
+    finally:
+        killer.stdin.close()
+        killer.wait(timeout=60)
+    # Killed before the commit mark: the old run, whole; after it: the new one.
+    commit = next(i for i, e in enumerate(events) if e.startswith(f"replace {run / '.overwrite' / '..committed'}"))
+    assert [kind for kind, _ in seen[:commit + 1]] == ["old"] * (commit + 1), list(zip(events, seen))
+    assert [kind for kind, _ in seen[commit + 1:]] == ["new"] * (len(seen) - commit - 1), list(zip(events, seen))
 
 
 def test_resume_starts_an_empty_folder_then_continues_and_says_which(tmp_path, capsys):
