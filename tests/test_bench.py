@@ -300,3 +300,11 @@ def test_train_flags_are_checked():
         with pytest.raises(SystemExit) as e:
             bench.main(flags)
         assert e.value.code == 2
+
+
+def test_train_budget_leaves_out_the_impls_it_has_no_time_for(short_budget):
+    rows, _ = bench.bench_train_step(torch.device("cpu"), 3, False, torch.Generator().manual_seed(0),
+                                     configs=["digits"], impls=["fused", "eager", "fused_graph"], budget_s=0.0)
+    (r,) = rows
+    assert r["fused_ms"] > 0 and r["eager_ms"] > 0 and r["fused_graph_ms"] is None
+    assert r["errors"]["fused_graph"].startswith("not run:")

@@ -548,6 +548,10 @@ TRAIN_IMPLS = {
 CPU_TRAIN_IMPLS = ("fused", "eager", "compile", "fused_compile")  # CUDA graphs are a CUDA matter
 CUDA_TRAIN_IMPLS = tuple(TRAIN_IMPLS)
 QUICK_TRAIN_IMPLS = ("fused", "eager")
+# The order impls are built in, so a time budget drops the least needed: fused and eager first (the share needs
+# both), the CUDA graphs without compiling (cheap), then the compiled ones.
+TRAIN_IMPL_ORDER = ("fused", "eager", "fused_graph", "eager_graph", "fused_compile_cudagraphs", "compile_cudagraphs",
+                    "compile", "fused_compile")
 GRAPH_IMPLS = ("compile_cudagraphs", "fused_compile_cudagraphs", "eager_graph", "fused_graph")
 
 
@@ -705,15 +709,17 @@ def graphed_step(step, static_inputs: list, device: torch.device, warmup: int = 
 
 
 def bench_train_step(device: torch.device, repeats: int, quick: bool, gen: torch.Generator,
-                     configs=None, impls=None) -> tuple[list, str]:
+                     configs=None, impls=None, budget_s: float | None = None) -> tuple[list, str]:
     """One Adam step per config and implementation (TRAIN_IMPLS): fused vs reference ops, eager, compiled,
     compiled with CUDA graphs, captured whole in a CUDA graph; and the ELBO ops' share of the step. An impl that
-    fails (compiling, capturing) gets its error in the row's ``errors`` and no time; the others go on."""
+    fails (compiling, capturing) gets its error in the row's ``errors`` and no time; the others go on. Impls are
+    built in TRAIN_IMPL_ORDER; once a config has spent ``budget_s`` building them, the rest are left out (in
+    ``errors``), so a slow compile cannot cost the config's row."""
     if configs is None:
         configs = ["digits"] if quick else list(CUDA_TRAIN_CONFIGS if device.type == "cuda" else CPU_TRAIN_CONFIGS)
     if impls is None:
         impls = QUICK_TRAIN_IMPLS if quick else (CUDA_TRAIN_IMPLS if device.type == "cuda" else CPU_TRAIN_IMPLS)
-    impls = ["fused", "eager"] + [i for i in impls if i not in ("fused", "eager")]  # the share needs both
+    impls = [i for i in TRAIN_IMPL_ORDER if i in impls or i in ("fused", "eager")]  # the share needs both
     rows = []
     for cfg in (next(c for c in TRAIN_CONFIGS if c.name == name) for name in configs):
         started = time.perf_counter()
@@ -727,6 +733,11 @@ def bench_train_step(device: torch.device, repeats: int, quick: bool, gen: torch
         calls, errors = {}, {}
         torch._dynamo.reset()
         for impl in impls:
+            spent = time.perf_counter() - started
+            if budget_s is not None and impl not in ("fused", "eager") and spent > budget_s:
+                errors[impl] = f"not run: {spent:.0f} s spent of the config's {budget_s:.0f} s budget"
+                print(f"train step {cfg.name} {impl}: {errors[impl]}", file=sys.stderr, flush=True)
+                continue
             try:
                 call = train_step_impl(cfg, make_loss, impl, device, x.clone())
                 for _ in range(3):  # compiles; CUDA graph trees warm up, record, then replay
@@ -1210,6 +1221,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-impls", type=_parse_list(tuple(TRAIN_IMPLS)), default=None,
                    help="training-step implementations (default: " + ",".join(CPU_TRAIN_IMPLS) + " on CPU; all on "
                    "CUDA); all: " + ", ".join(TRAIN_IMPLS))
+    p.add_argument("--train-budget-s", type=float, default=None,
+                   help="seconds a training-step config may spend compiling and capturing; impls not built by "
+                        "then are left out (recorded)")
     p.add_argument("--merge", nargs="+", metavar="JSON", default=None,
                    help="merge these results files of one device (e.g. the parts of a GPU check) into one, written "
                         "to --out; nothing is run")
@@ -1217,7 +1231,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 SECTIONS = ("ops", "per-call", "ldm", "train", "ll")
-PARTIAL_FLAGS = ("dtypes", "ops", "sizes", "only", "train_configs", "train_impls")
+PARTIAL_FLAGS = ("dtypes", "ops", "sizes", "only", "train_configs", "train_impls", "train_budget_s")
 
 
 def results_stem(out: str, device_type: str, name: str, date: str, quick: bool, partial: bool) -> str:
@@ -1420,7 +1434,7 @@ def main(argv=None) -> int:
     if "train" in sections:
         train_rows, result["train_step_note"] = bench_train_step(
             device, max(3, repeats // 2) if not quick else repeats, quick, gen, configs=args.train_configs,
-            impls=args.train_impls)
+            impls=args.train_impls, budget_s=args.train_budget_s)
         result["train_step"] = train_rows
         for r in train_rows:
             if "skipped" in r:
