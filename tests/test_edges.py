@@ -134,12 +134,12 @@ def _glp(x, m, lv):
     return -(Decimal(2 * math.pi).ln() + _d(lv) + (_d(x) - _d(m)) ** 2 / _d(lv).exp()) / 2
 
 
-def _cases(dtype):
+def _cases(dtype, device):
     """(name, fused value as a float, exact Decimal) near and below the dtype's largest finite value: each
     input solved for a target of 0.25, 0.5 and 0.9 times it (rounded to the dtype, the exact value recomputed)."""
     big = torch.finfo(dtype).max
     r = lambda v: torch.tensor(float(v), dtype=dtype).item()  # noqa: E731  (rounded to the dtype)
-    t = lambda v: torch.tensor([[float(v)]], dtype=dtype)  # noqa: E731
+    t = lambda v: torch.tensor([[float(v)]], dtype=dtype, device=device)  # noqa: E731
     g_small = 2.0 ** -10
     cases = []
     for frac in (0.25, 0.5, 0.9):
@@ -207,13 +207,13 @@ def _cases(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_results_up_to_the_largest_finite_value(dtype):
+def test_results_up_to_the_largest_finite_value(dtype, device):
     """README: no intermediate overflow where the result is finite. Each op, forward and backward, at
     results of a quarter, a half and 0.9 of the dtype's largest value, against the exact value."""
     rel = 64 * torch.finfo(dtype).eps
     bad = []
-    for name, got, exact in _cases(dtype):
-        value = got.detach().double().item()
+    for name, got, exact in _cases(dtype, device):
+        value = got.detach().double().cpu().item()
         assert abs(exact) <= Decimal(torch.finfo(dtype).max), name  # the case is representable
         if not math.isfinite(value) or abs(Decimal(value) - exact) > Decimal(rel) * abs(exact):
             bad.append(f"{name}: got {value!r}, exact {float(exact)!r}")
@@ -225,8 +225,8 @@ INF = math.inf
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_infinite_logvar_limits(dtype):
-    t = lambda *v: torch.tensor([v], dtype=dtype)  # noqa: E731
+def test_infinite_logvar_limits(dtype, device):
+    t = lambda *v: torch.tensor([v], dtype=dtype, device=device)  # noqa: E731
     # KL(N(0, e^+inf) || N(0, 1)) = +inf; a posterior variance of 0 is +inf too
     assert vf.gaussian_kl(t(0.5, 0.0), t(INF, 0.0)).item() == INF
     assert vf.gaussian_kl(t(0.5, 0.0), t(-INF, 0.0)).item() == INF
@@ -244,9 +244,9 @@ def test_infinite_logvar_limits(dtype):
     assert kl.item() == INF
 
 
-def test_infinite_logvar_kl_gradients_have_the_limits_sign():
-    lv = torch.tensor([[INF, -INF]], requires_grad=True)
-    (g,) = torch.autograd.grad(vf.gaussian_kl(torch.zeros(1, 2), lv).sum(), lv)
+def test_infinite_logvar_kl_gradients_have_the_limits_sign(device):
+    lv = torch.tensor([[INF, -INF]], device=device, requires_grad=True)
+    (g,) = torch.autograd.grad(vf.gaussian_kl(torch.zeros(1, 2, device=device), lv).sum(), lv)
     assert g[0, 0].item() == INF and g[0, 1].item() == -0.5  # d/dlv 0.5 expm1(lv)
 
 
@@ -259,17 +259,17 @@ def _neighbours(value: float, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
-def test_clamp_bounds_are_compared_in_the_inputs_dtype(dtype):
+def test_clamp_bounds_are_compared_in_the_inputs_dtype(dtype, device):
     """logvar at, just inside and just outside each bound: the value and the gradient mask are
     torch.clamp's in that dtype (a bfloat16 0.69921875 with lower bound 0.7 is at the bound, not below)."""
     lo, hi = 0.7, 3.3
-    lv = torch.cat([_neighbours(lo, dtype), _neighbours(hi, dtype)]).view(1, -1)
+    lv = torch.cat([_neighbours(lo, dtype), _neighbours(hi, dtype)]).view(1, -1).to(device)
     mu = torch.full_like(lv, 0.25)
     ref_lv = lv.detach().clone().requires_grad_()
     clamped = torch.clamp(ref_lv, lo, hi)
     clamped.sum().backward()
     expected_mask = ref_lv.grad != 0
-    expected_value = clamped.detach().double()
+    expected_value = clamped.detach().double().cpu()
 
     def check(name, fn):
         x = lv.detach().clone().requires_grad_()
@@ -279,7 +279,7 @@ def test_clamp_bounds_are_compared_in_the_inputs_dtype(dtype):
         return out
 
     kl = check("gaussian_kl", lambda x: vf.gaussian_kl(mu, x, event_dims=0, logvar_clamp=(lo, hi)))
-    torch.testing.assert_close(kl.double(), 0.5 * (0.25 ** 2 + torch.expm1(expected_value) - expected_value),
+    torch.testing.assert_close(kl.double().cpu(), 0.5 * (0.25 ** 2 + torch.expm1(expected_value) - expected_value),
                                rtol=1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5, atol=1e-6)
     check("gaussian_kl prior", lambda x: vf.gaussian_kl(mu, mu, mu, x, event_dims=0, prior_logvar_clamp=(lo, hi)))
     check("gaussian_log_prob", lambda x: vf.gaussian_log_prob(mu * 3, mu, x, event_dims=0, logvar_clamp=(lo, hi)))
