@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,6 +87,10 @@ def test_evaluate_and_sample(run):
     proc = _cli("evaluate", out, "--num-samples", 200, "--iwae-samples", 20)
     assert proc.returncode == 0, proc.stderr
     assert "ELBO" in proc.stdout and "log p(x)" in proc.stdout and "active units" in proc.stdout
+    # Each label as written ("IWAE (K=20)", not "IWAE (K=20   )"), the values in one column.
+    rows = proc.stdout.splitlines()[1:4]
+    assert [row[:22].strip() for row in rows] == ["ELBO", "IWAE (K=20)", "log p(x) (K=200)"], rows
+    assert all(re.fullmatch(r" +-?\d+\.\d{3}", row[22:]) for row in rows), rows
     result = json.loads((out / "eval.json").read_text())
     assert result["test_elbo"] < result["test_iwae_20"] < result["test_log_likelihood"] < 0
     assert 0 <= result["active_units"] <= 2

@@ -439,6 +439,88 @@ def test_manifold_has_z_axes_and_range(figures):
     assert "digits, epoch 1" in ax.get_title() and "[-2, 2]" in ax.get_title()
 
 
+def test_figures_of_a_fresh_run_and_of_a_resume_of_the_finished_run_are_the_same(tmp_path):
+    cfg = _cfg(tmp_path)
+    train(cfg, progress=False)
+    run = tmp_path / "run"
+    names = ("loss.png", "reconstructions.png", "samples.png", "manifold.png")
+    fresh = {name: (run / name).read_bytes() for name in names}
+    torch.manual_seed(1234)  # whatever the caller's generator holds
+    train(cfg, resume=True, progress=False)  # nothing left to train: the figures are drawn again
+    assert {name: (run / name).read_bytes() for name in names} == fresh
+
+
+def test_messages_name_what_the_caller_typed(tmp_path, capsys, monkeypatch):
+    # The Python API speaks in its arguments; the command line in its flags.
+    with pytest.raises(ValueError, match="^epochs must be a positive integer, got 0$"):
+        train(_cfg(tmp_path, epochs=0), progress=False)
+    with pytest.raises(ValueError, match=r"^beta, warmup_epochs and free_bits apply to the ELBO only, "
+                                         r"not objective='iwae'$"):
+        train(_cfg(tmp_path, objective="iwae", beta=0.5), progress=False)
+    train(_cfg(tmp_path, epochs=1), progress=False)
+    with pytest.raises(ValueError) as resumed:
+        train(_cfg(tmp_path, epochs=1, lr=0.5), resume=True, progress=False)
+    message = str(resumed.value)
+    assert "resume=True continues the run in" in message and "but these differ: lr=0.5 (saved: 0.001)" in message
+    assert "Only epochs, device, compile, log_dir may change" in message and "overwrite=True" in message
+    assert "--" not in message
+    capsys.readouterr()
+    code, _, err = _main(["train", "--resume", "--out", tmp_path / "run", "--lr", 0.5], capsys)
+    assert code == 1 and "--resume continues the run in" in err and "--lr 0.5 (saved: 0.001)" in err
+    assert "Only --epochs, --device, --compile, --log-dir may change on resume" in err
+
+    # No abbreviations: --epoch is not --epochs.
+    code, _, err = _main(["train", "--epoch", 3, "--out", tmp_path / "never"], capsys)
+    assert code == 2 and "unrecognized arguments: --epoch 3" in err
+    # Errors name the program as it was called.
+    monkeypatch.setattr(sys, "argv", ["/usr/local/bin/vae-fast"])
+    code, _, err = _main(["evaluate", tmp_path / "missing"], capsys)
+    assert code == 1 and err.startswith("vae-fast evaluate: error: ")
+    code, _, err = _main(["train", "--bogus"], capsys)
+    assert code == 2 and err.startswith("vae-fast: error: unrecognized arguments: --bogus")
+    assert not (tmp_path / "never").exists()
+
+
+def test_sample_output_creates_its_folder(tmp_path, capsys):
+    train(_cfg(tmp_path, epochs=1), progress=False)
+    output = tmp_path / "new" / "folder" / "s.png"
+    code, out, err = _main(["sample", tmp_path / "run", "-n", 4, "--output", output], capsys)
+    assert code == 0, err
+    assert out.split() == [str(output), str(output.with_name("s-manifold.png"))]
+    assert output.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_config_file_strings_are_read_as_the_flags_read_them(tmp_path, capsys):
+    toml = tmp_path / "run.toml"
+    toml.write_text('hidden = "16,8"\nlatent_dim = "2"\nepochs = 1\nbatch-size = "300"\nobs_logvar = "scalar"\n')
+    code, _, err = _main(["train", "--config", toml, "--out", tmp_path / "run", "--quiet"], capsys)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["hidden"], saved["latent_dim"], saved["batch_size"]) == ([16, 8], 2, 300)
+    toml.write_text('hidden = "16,x"\n')  # refused as the flag refuses it, by the settings' check
+    code, _, err = _main(["train", "--config", toml, "--out", tmp_path / "other"], capsys)
+    assert code == 1 and "--hidden must be positive integers, got '16,x'" in err
+
+
+def test_an_interrupted_run_says_what_it_kept_and_how_to_go_on(tmp_path, monkeypatch, capsys):
+    forward, calls = VAE.forward, []
+
+    def interrupt_in_epoch_two(self, *args, **kwargs):  # Ctrl-C during the second epoch
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(VAE, "forward", interrupt_in_epoch_two)
+    run = tmp_path / "run"
+    code, _, err = _main(["train", "--out", run, "--epochs", 3, "--hidden", 16, "--latent-dim", 2,
+                          "--batch-size", 300, "--quiet"], capsys)
+    assert code == 130
+    assert (f"interrupted: the last good checkpoint (epoch 1) is kept in {run / CHECKPOINT}; the same command with "
+            "--resume continues it") in err
+    assert err.strip().splitlines()[-1].endswith("train: interrupted")
+
+
 def test_version(capsys):
     code, out, _ = _main(["--version"], capsys)
     assert code == 0 and out.startswith("vae_fast 0.1.0 (torch ")
