@@ -46,10 +46,9 @@ ENFORCE_BUDGETS = False
 # 256-thread blocks of warp-slice groups, or one group of tpr threads per block for tpr > 32), and
 # whether it is a forward or element-wise kernel (the register budget applies).
 LAUNCH = {
-    "reduce_kernel": ([64, 128, 256, 512], True),        # pick_tpr(.., 512)
-    "reduce_vec_kernel": ([64, 128, 256], True),         # the fast path, tpr <= 256
-    "segment_kernel": ([256], True),                     # long rows, stage 1
-    "segment_sum_kernel": ([256], True),                 # long rows, stage 2
+    "reduce_kernel": ([64, 128, 256], True),             # pick_tpr(.., 256)
+    "reduce_vec_kernel": ([64, 128, 256], True),         # the fast path, the same
+    "segment_sum_kernel": ([64, 128, 256], True),        # long rows, the second stage
     "map_kernel": ([256], True),
     "map_vec_kernel": ([256], True),
     "acc_kernel": ([64, 128, 256], False),               # pick_tpr(.., 256)
@@ -136,6 +135,8 @@ def op_kinds() -> list[str]:
 def short_name(d: str, kinds: list[str]) -> tuple[str, str]:
     """('reduce_kernel', '<KlStdFwd, float>') from a demangled name."""
     d = re.sub(r"\(vae_fast::OpKind\)(\d+)", lambda m: kinds[int(m.group(1))] if int(m.group(1)) < len(kinds) else m.group(0), d)
+    dtypes = ["Float32", "Float64", "Float16", "BFloat16"]  # layout.h's DType
+    d = re.sub(r"\(vae_fast::DType\)(\d+)", lambda m: dtypes[int(m.group(1))] if int(m.group(1)) < 4 else m.group(0), d)
     d = d.replace("vae_fast::cuda::detail::", "").replace("vae_fast::OpKind::", "")
     d = d.replace("(vae_fast::OpKind)", "").replace("vae_fast::", "")
     d = re.sub(r"^void ", "", d)

@@ -326,6 +326,92 @@ struct Mem<double> {  // every operand is float64 in a float64 launch
   }
 };
 
+// ---- the fast paths: the storage type a template parameter, 16-byte accesses -------------------
+// A fast-path chunk is one 16-byte vector of each input: kVec<R> consecutive elements of raw type
+// R (8 for the 16-bit types, 4 for float32). Stor<DT>: the raw element type of dtype DT (float
+// accumulation) and its conversion to float.
+template <class R>
+constexpr int kVec = 16 / static_cast<int>(sizeof(R));
+
+template <DType DT>
+struct Stor;
+template <>
+struct Stor<DType::Float32> {
+  using raw = float;
+  static VF_DEV float get(float x) { return x; }
+};
+template <>
+struct Stor<DType::Float16> {
+  using raw = unsigned short;
+  static VF_DEV float get(unsigned short b) { return __half2float(__ushort_as_half(b)); }
+};
+template <>
+struct Stor<DType::BFloat16> {
+  using raw = unsigned short;
+  static VF_DEV float get(unsigned short b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
+};
+
+// The raw elements [0, valid) of a chunk at p (zeros past valid): one 16-byte load when vec (the
+// caller checked that the chunk is full and p 16-byte aligned), else one load per element.
+template <class R>
+VF_DEV void load_raw(const R* p, bool vec, int valid, R (&r)[kVec<R>]) {
+  if (vec) {
+    const uint4 u = ldg(reinterpret_cast<const uint4*>(p));
+    static_assert(sizeof(u) == sizeof(r), "a chunk is one 16-byte vector");
+    std::memcpy(&r, &u, sizeof r);
+    return;
+  }
+  VF_UNROLL
+  for (int e = 0; e < kVec<R>; ++e) r[e] = e < valid ? ldg(p + e) : R(0);
+}
+
+// Stores y[0, valid) (W = 4 or 8 values) at element offset off of an output of dtype dt (uniform
+// per launch): 16-byte stores (8-byte for 4 16-bit values) when the chunk is full and aligned,
+// else one store per element.
+template <int W>
+VF_DEV void store_chunk(void* base, DType dt, int64_t off, int valid, const float (&y)[W]) {
+  static_assert(W == 4 || W == 8, "chunks of 4 or 8 elements");
+  if (dt == DType::Float32) {
+    float* p = static_cast<float*>(base) + off;
+    if (valid == W && aligned<16>(p)) {
+      VF_UNROLL
+      for (int i = 0; i < W / 4; ++i)
+        st(reinterpret_cast<float4*>(p) + i, make_float4(y[4 * i], y[4 * i + 1], y[4 * i + 2], y[4 * i + 3]));
+      return;
+    }
+    VF_UNROLL
+    for (int e = 0; e < W; ++e)
+      if (e < valid) st(p + e, y[e]);
+    return;
+  }
+  if (dt == DType::Float64) {  // a float64 forward output of float inputs
+    double* p = static_cast<double*>(base) + off;
+    VF_UNROLL
+    for (int e = 0; e < W; ++e)
+      if (e < valid) st(p + e, static_cast<double>(y[e]));
+    return;
+  }
+  unsigned short* p = static_cast<unsigned short*>(base) + off;
+  unsigned short b[W];
+  VF_UNROLL
+  for (int e = 0; e < W; ++e) b[e] = to16(y[e], dt);
+  if (valid == W && aligned<2 * W>(p)) {
+    if constexpr (W == 8) {
+      uint4 u;
+      std::memcpy(&u, &b, sizeof u);
+      st(reinterpret_cast<uint4*>(p), u);
+    } else {
+      uint2 u;
+      std::memcpy(&u, &b, sizeof u);
+      st(reinterpret_cast<uint2*>(p), u);
+    }
+    return;
+  }
+  VF_UNROLL
+  for (int e = 0; e < W; ++e)
+    if (e < valid) st(p + e, b[e]);
+}
+
 // ---- compensated summation ------------------------------------------------------------------
 // Every sum in these kernels is a CSum: the running sum s and the exact rounding error of each
 // addition accumulated in c (Knuth's TwoSum: branch-free, exact in IEEE arithmetic with

@@ -8,7 +8,8 @@
 //  * __shfl_xor_sync(mask, ...): every lane named in mask must arrive at a shuffle with the same
 //    mask, the calling lane must be in mask, and the partner lane too;
 //  * "device" memory comes from emu::Malloc, filled with 0xff bytes (NaN for every float type);
-//    every kernel load and store is bounds-checked against the live allocations;
+//    every kernel load and store is bounds-checked against the live allocations, and an access of
+//    2..16 bytes must be aligned to its size, as on the hardware;
 //  * no two threads may write the same 2-byte granule in one launch (the kernels' determinism
 //    rests on every output and partial-sum slot having one owner thread);
 //  * a deadlock (no runnable fiber, no barrier that can open) is an error;
@@ -85,7 +86,16 @@ inline int tid() { return S().cur; }
 inline unsigned bid() { return S().bx; }
 inline unsigned bdim() { return S().bdx; }
 inline unsigned gdim() { return S().gx; }
-inline int sms(int device) { return kSms[device >= 0 && device < kDevices ? device : 0]; }
+// Test hook: when positive, the SM count of every emulated device (the self-test varies the grid
+// sizes the launchers pick with it).
+inline int& sms_override() {
+  static int n = 0;
+  return n;
+}
+inline int sms(int device) {
+  if (sms_override() > 0) return sms_override();
+  return kSms[device >= 0 && device < kDevices ? device : 0];
+}
 
 inline void yield_to_scheduler() {
   State& s = S();
@@ -124,11 +134,20 @@ inline bool in_bounds(const void* p, size_t n) {
   --it;
   return a >= it->first && a + n <= it->first + it->second;
 }
+// A GPU faults on an access of 2, 4, 8 or 16 bytes at an address that is not a multiple of its size
+// (a vector load from a misaligned pointer); so does the emulator.
+inline void check_aligned(const void* p, size_t n, const char* what) {
+  if (n <= 16 && (n & (n - 1)) == 0 && (reinterpret_cast<uintptr_t>(p) & (n - 1)) != 0) {
+    std::fprintf(stderr, "emu: %s of %zu bytes at %p\n", what, n, p);
+    die("misaligned access");
+  }
+}
 inline void check_read(const void* p, size_t n) {
   if (!in_bounds(p, n)) {
     std::fprintf(stderr, "emu: read of %zu bytes at %p\n", n, p);
     die("out-of-bounds read");
   }
+  check_aligned(p, n, "read");
 }
 inline void note_write(const void* p, size_t n) {
   State& s = S();
@@ -136,6 +155,7 @@ inline void note_write(const void* p, size_t n) {
     std::fprintf(stderr, "emu: write of %zu bytes at %p\n", n, p);
     die("out-of-bounds write");
   }
+  check_aligned(p, n, "write");
   const int64_t id = static_cast<int64_t>(s.bx) * 4096 + s.cur;
   const uintptr_t a = reinterpret_cast<uintptr_t>(p);
   for (uintptr_t g = a & ~uintptr_t{1}; g < a + n; g += 2) {
@@ -341,6 +361,8 @@ inline void launch(unsigned grid, unsigned block, const std::function<void()>& b
 // ---- the runtime calls the launchers and the self-test make --------------------------------
 #define cudaMalloc(p, n) ::emu::Malloc(reinterpret_cast<void**>(p), (n))
 #define cudaFree(p) ::emu::Free(p)
+#define cudaMallocAsync(p, n, stream) ((void)(stream), ::emu::Malloc(reinterpret_cast<void**>(p), (n)))
+#define cudaFreeAsync(p, stream) ((void)(stream), ::emu::Free(p))
 #define cudaMemcpy(d, s, n, k) (std::memcpy((d), (s), (n)), cudaSuccess)
 #define cudaMemset(d, v, n) (std::memset((d), (v), (n)), cudaSuccess)
 #define cudaDeviceSynchronize() cudaSuccess

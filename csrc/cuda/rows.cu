@@ -3,13 +3,24 @@
 // and float64 (double accumulation).
 //
 // Kernels (all grid-stride, no atomics, every sum in a fixed order):
-//  * reduce_kernel (forward, reduce mode): one group of tpr threads per row, tpr a power of two
-//    from 1 to 512 picked from the shape (an aligned slice of a warp for short rows, a block for
-//    long rows when rows are few). Lane l owns the 4-element chunks l, l + tpr, ... of the row's
-//    event and sums its terms in order; then a fixed butterfly (warp shuffles, and across warps a
-//    shared-memory step) gives the row's sum, which lane 0 stores.
+//  * reduce_kernel (forward, reduce mode): one group of tpr threads per unit, tpr a power of two
+//    from 1 to 256 picked from the shape (an aligned slice of a warp for short rows, a block for
+//    long rows when rows are few). A unit is a row, or a segment of a long row (more than
+//    kSegChunks chunks: 4096, fixed, so the order never depends on the GPU). Lane l owns the
+//    4-element chunks l, l + tpr, ... of the unit and sums its terms in order; then a fixed
+//    butterfly (warp shuffles, and across warps a shared-memory step) gives the unit's sum, which
+//    lane 0 stores: the row's output, or the segment's partial in a stream-ordered scratch
+//    buffer that segment_sum_kernel then sums per row, segments in order. So a loss summed to one
+//    number over many elements runs on every SM.
+//  * reduce_vec_kernel: reduce_kernel's fast path for what users pass most: one event dim, every
+//    input with event stride 1 (all of one dtype, a template parameter) or 0 (one value per row).
+//    Chunks are one 16-byte vector per input (4 float32 or 8 16-bit values), loaded before any
+//    arithmetic; a chunk's terms are summed in a fixed tree and enter the compensated sum once.
+//    Rows that are not 16-byte aligned load element by element into the same registers: the same
+//    arithmetic, so alignment never changes a bit. Same units and segments as reduce_kernel.
 //  * map_kernel (forward elementwise mode; backward when no output accumulates): one thread per
-//    4-element chunk of the coalesced element space.
+//    4-element chunk of the coalesced element space; map_vec_kernel its fast path (the same
+//    conditions; outputs of any dtype with stride 1), 16-byte chunks loaded and stored whole.
 //  * acc_kernel (backward with accumulated, i.e. broadcast, gradients): one group per "unit".
 //    Row-block mode: a unit is the glue's row block b (rows [b*rows/n, (b+1)*rows/n)), reduced by
 //    one group, rows in order, into slice b. Each lane owns fixed event chunks; per output it keeps
@@ -17,8 +28,8 @@
 //    changes (event-kept targets: per lane; event-reduced targets: after a group butterfly).
 //    Reorder mode (n_blocks == 1): a unit is one target of one output; the kept dims are the rows,
 //    the broadcast dims the event, so every target is reduced by one group in one pass.
-// Loads are 16-byte vectors when a chunk is unit-stride and aligned (8 bytes for 16-bit types);
-// the summation order never depends on that. An input with a Clamp (layout.h) is clamped on load;
+// General path: loads are 16-byte vectors when a chunk is unit-stride and aligned (8 bytes for
+// 16-bit types); the summation order never depends on that. An input with a Clamp (layout.h) is clamped on load;
 // in a backward op the gradient of that input is masked as torch.clamp's. Every sum is compensated (common.cuh's CSum): per
 // lane, then a fixed butterfly over (sum, error) pairs. An accumulated slice slot receives one
 // addition per run of consecutive rows that share its target (the glue's slices then add in
@@ -28,6 +39,7 @@
 #include "../row_ops.h"
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace vae_fast::cuda {
@@ -59,6 +71,8 @@ struct KOp {
   int64_t inner = 0;                    // stride of the innermost event dim
   bool clamp = false;                   // inputs: clamped on load (layout.h's Clamp)
   double clo = 0.0, chi = 0.0;
+  float flo = 0.0f, fhi = 0.0f;         // the same bounds in float (the float kernels' type)
+  int64_t vr0 = 0, vr1 = 0;             // the fast paths: strides over the (at most 2) row dims
 };
 
 // Ops 0 .. kIn-1 are the inputs, kIn .. kIn+kOut-1 the outputs.
@@ -72,8 +86,16 @@ struct KParams {
   int64_t inner = 1;           // size of the innermost event dim
   int64_t cpi = 0;             // chunks per innermost line: ceil(inner / 4)
   int64_t n_chunks = 0;        // chunks per row: cpi * product of the outer event dims
-  int64_t n_units = 0, row_mult = 1;  // acc_kernel's units (see the top)
+  int64_t n_units = 0, row_mult = 1;  // acc_kernel's units (see the top); the reduce kernels': rows * nseg
   Split usplit;                       // unit u owns rows [split_point(u), split_point(u + 1)) * row_mult
+  // Reduce mode, long rows: row r is nseg segments of seg_chunks chunks; unit u = r * nseg + s sums
+  // segment s into part[u] (accumulation type), then segment_sum_kernel sums each row's segments
+  // in order. nseg == 1: a unit is a row, its sum goes to the output directly.
+  int64_t nseg = 1, seg_chunks = 0;
+  FastDiv segdiv;  // by nseg
+  void* part = nullptr;
+  int32_t out_op = 0;  // segment_sum_kernel: the output's op index
+  FastDiv vdiv;        // the fast paths: by the size of the inner row dim (see Row2)
   KOp op[kMaxOps];
 };
 
@@ -129,20 +151,59 @@ VF_DEV void apply4(const A (&v)[D::kIn][4], A (&y)[D::kOut][4]) {
   }
 }
 
+// Row coordinates on the fast paths (at most 2 row dims): row = q * vdiv.d + r. An op's offsets
+// are recomputed from them where needed (KOp::vr0, vr1), not held in registers for every op.
+struct Row2 {
+  int64_t q, r;
+};
+VF_DEV Row2 row2(const KParams& p, int64_t row) {
+  const int64_t q = fdiv(p.vdiv, row);
+  return {q, row - q * p.vdiv.d};
+}
+VF_DEV int64_t off2(const KOp& o, Row2 rr) { return rr.q * o.vr0 + rr.r * o.vr1; }
+
 // ---- forward, reduce mode --------------------------------------------------------------------
+// Blocks of at most 256 threads; float kernels held to 64 registers (4 blocks of 256 per SM).
+template <class A>
+constexpr int kMinBlocks = sizeof(A) == 4 ? 4 : 2;
+
+// The row and chunk range [c0, c1) of reduce unit u (see KParams::nseg).
+VF_DEV void unit_range(const KParams& p, int64_t u, int64_t& row, int64_t& c0, int64_t& c1) {
+  row = u;
+  c0 = 0;
+  c1 = p.n_chunks;
+  if (p.nseg > 1) {
+    row = fdiv(p.segdiv, u);
+    c0 = (u - row * p.nseg) * p.seg_chunks;
+    c1 = c0 + p.seg_chunks < p.n_chunks ? c0 + p.seg_chunks : p.n_chunks;
+  }
+}
+
+// Lane 0's store of unit u's sum: the row's output, or the segment's partial.
+template <class A>
+VF_DEV void store_unit(const KParams& p, int64_t u, int64_t out_off, A total) {
+  if (p.nseg > 1) {
+    st(static_cast<A*>(p.part) + u, total);
+  } else {
+    Mem<A>::store1(p.op[p.out_op].data, p.op[p.out_op].dtype, out_off, total);
+  }
+}
+
 template <OpKind K, class A>
-VF_GLOBAL void VF_LAUNCH_BOUNDS(512, 1) reduce_kernel(const VF_GRID_CONST KParams p) {
+VF_GLOBAL void VF_LAUNCH_BOUNDS(256, kMinBlocks<A>) reduce_kernel(const VF_GRID_CONST KParams p) {
   using D = RowOp<K>;
   constexpr int NI = D::kIn, N = D::kIn + 1;
   VF_SHARED_ARRAY(SumPair<A>, smem, 32);
   const ThreadGroup g(p.tpr);
   VF_NO_UNROLL
-  for (int64_t row = g.first(); row < p.rows; row += g.ngroups) {
+  for (int64_t u = g.first(); u < p.n_units; u += g.ngroups) {
+    int64_t row, c0, c1;
+    unit_range(p, u, row, c0, c1);
     int64_t roff[N];
     row_offsets(p, row, roff);
     CSum<A> acc;
     VF_NO_UNROLL
-    for (int64_t c = g.lane; c < p.n_chunks; c += g.tpr) {
+    for (int64_t c = c0 + g.lane; c < c1; c += g.tpr) {
       int64_t eoff[N];
       const int valid = chunk_offsets(p, c, eoff);
       A v[NI][4], y[D::kOut][4];
@@ -154,7 +215,145 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(512, 1) reduce_kernel(const VF_GRID_CONST KParam
         if (e < valid) acc.add(y[0][e]);
     }
     const A total = g.sum(acc, smem);
-    if (g.lane == 0) Mem<A>::store1(p.op[NI].data, p.op[NI].dtype, roff[NI], total);
+    if (g.lane == 0) store_unit(p, u, roff[NI], total);
+  }
+}
+
+// The fast path of reduce_kernel: every input read with event stride 1 (one storage type DT for
+// all of them) or 0 (one value per row, any dtype), the event one dim (p.ne == 0), chunks of one
+// 16-byte vector (p.cpi = ceil(inner / kVec<R>)). A lane takes chunks lane, lane + tpr, ... of
+// its unit with every input's load issued before any arithmetic; each chunk's terms are summed in
+// a fixed tree and enter the compensated sum once. 16-byte loads when every stride-1 input of the
+// row starts 16-byte aligned, else one load per element: the same values, the same arithmetic,
+// so alignment never changes a bit. A row-constant input of a hoisting op (a scalar or per-row
+// log-variance) has its transcendental computed once per row.
+template <class D, class R, DType DT, bool kHoistRow>
+VF_DEV float chunk_terms(const KParams& p, const R (&raw)[D::kIn][kVec<R>], const float* sc, float h,
+                         int valid) {
+  constexpr int NI = D::kIn, W = kVec<R>;
+  float t[W];
+  VF_UNROLL
+  for (int e = 0; e < W; ++e) {
+    float x[NI], y[D::kOut];
+    VF_UNROLL
+    for (int o = 0; o < NI; ++o) {
+      x[o] = p.op[o].inner == 0 ? sc[o] : Stor<DT>::get(raw[o][e]);
+      if (p.op[o].clamp && p.op[o].inner != 0) clamp_keep(x[o], p.op[o].flo, p.op[o].fhi);
+    }
+    if constexpr (kHoistRow) {
+      D::apply_hoisted(x, h, y);
+    } else {
+      (void)h;
+      D::apply(x, y);
+    }
+    t[e] = e < valid ? y[0] : 0.0f;
+  }
+  if constexpr (W == 8) return ((t[0] + t[1]) + (t[2] + t[3])) + ((t[4] + t[5]) + (t[6] + t[7]));
+  return (t[0] + t[1]) + (t[2] + t[3]);
+}
+
+// Row-constant state of the fast paths: the stride-0 inputs' values (clamped), whether every
+// stride-1 input of the row starts 16-byte aligned, and the hoisted transcendental when the
+// hoisted input is row-constant.
+template <class D>
+struct RowConst {
+  float sc[D::kIn];
+  bool vec = true, hrow = false;
+  float h = 0.0f;
+};
+template <class D, class R>
+VF_DEV void row_const(const KParams& p, Row2 rr, RowConst<D>& rc) {
+  VF_UNROLL
+  for (int o = 0; o < D::kIn; ++o) {
+    rc.sc[o] = 0.0f;
+    if (p.op[o].inner == 0) {
+      rc.sc[o] = Mem<float>::load1(p.op[o].data, p.op[o].dtype, off2(p.op[o], rr));
+      if (p.op[o].clamp) clamp_keep(rc.sc[o], p.op[o].flo, p.op[o].fhi);
+    } else {
+      rc.vec = rc.vec && aligned<16>(static_cast<const R*>(p.op[o].data) + off2(p.op[o], rr));
+    }
+  }
+  if constexpr (D::kHoisted >= 0) {
+    if (p.op[D::kHoisted].inner == 0) {
+      rc.hrow = true;
+      rc.h = D::hoist(rc.sc[D::kHoisted]);
+    }
+  }
+}
+
+// Registers: 64 (4 blocks of 256 per SM), but 80 for the ops of 4 inputs (3 blocks), which
+// spill at 64.
+template <OpKind K>
+constexpr int kReduceVecMinBlocks = RowOp<K>::kIn >= 4 ? 3 : 4;
+
+template <OpKind K, DType DT>
+VF_GLOBAL void VF_LAUNCH_BOUNDS(256, kReduceVecMinBlocks<K>) reduce_vec_kernel(const VF_GRID_CONST KParams p) {
+  using D = RowOp<K>;
+  using R = typename Stor<DT>::raw;
+  constexpr int NI = D::kIn, W = kVec<R>;
+  constexpr int kU = 1;  // chunks per lane per step (more spill at 64 registers)
+  VF_SHARED_ARRAY(SumPair<float>, smem, 32);
+  const ThreadGroup g(p.tpr);
+  VF_NO_UNROLL
+  for (int64_t u = g.first(); u < p.n_units; u += g.ngroups) {
+    int64_t row, c0, c1;
+    unit_range(p, u, row, c0, c1);
+    const Row2 rr = row2(p, row);
+    RowConst<D> rc;
+    row_const<D, R>(p, rr, rc);
+    CSum<float> acc;
+    VF_NO_UNROLL
+    for (int64_t c = c0 + g.lane; c < c1; c += kU * g.tpr) {
+      R raw[kU][NI][W];
+      int valid[kU];
+      VF_UNROLL
+      for (int k = 0; k < kU; ++k) {
+        const int64_t ck = c + k * g.tpr;
+        const int64_t left = ck < c1 ? p.inner - ck * W : 0;
+        valid[k] = left < W ? static_cast<int>(left) : W;
+        VF_UNROLL
+        for (int o = 0; o < NI; ++o) {
+          if (p.op[o].inner == 0 || valid[k] == 0) continue;
+          load_raw(static_cast<const R*>(p.op[o].data) + (off2(p.op[o], rr) + ck * W),
+                   rc.vec && valid[k] == W, valid[k], raw[k][o]);
+        }
+      }
+      VF_UNROLL
+      for (int k = 0; k < kU; ++k) {
+        if (valid[k] == 0) continue;
+        if constexpr (D::kHoisted >= 0) {
+          if (rc.hrow) {
+            acc.add(chunk_terms<D, R, DT, true>(p, raw[k], rc.sc, rc.h, valid[k]));
+            continue;
+          }
+        }
+        acc.add(chunk_terms<D, R, DT, false>(p, raw[k], rc.sc, rc.h, valid[k]));
+      }
+    }
+    const float total = g.sum(acc, smem);
+    if (g.lane == 0) store_unit(p, u, off2(p.op[NI], rr), total);
+  }
+}
+
+// Stage 2 of long rows: row r's sum is its nseg partials part[r * nseg ..] summed in order
+// (compensated), by one group per row.
+template <class A>
+VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 4) segment_sum_kernel(const VF_GRID_CONST KParams p) {
+  VF_SHARED_ARRAY(SumPair<A>, smem, 32);
+  const ThreadGroup g(p.tpr);
+  const KOp& q = p.op[p.out_op];
+  const A* part = static_cast<const A*>(p.part);
+  VF_NO_UNROLL
+  for (int64_t row = g.first(); row < p.rows; row += g.ngroups) {
+    CSum<A> acc;
+    VF_NO_UNROLL
+    for (int64_t s = g.lane; s < p.nseg; s += g.tpr) acc.add(ldg(part + (row * p.nseg + s)));
+    const A total = g.sum(acc, smem);
+    if (g.lane == 0) {
+      int64_t off[1] = {0};
+      add_dim_offsets(p.rdiv, p.nr, row, off, [&q](int, int d) { return q.rs[d]; });
+      Mem<A>::store1(q.data, q.dtype, off[0], total);
+    }
   }
 }
 
@@ -202,6 +401,67 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) map_kernel(const VF_GRID_CONST KParams p
     for (int o = 0; o < N; ++o) eoff[o] = j0 * p.op[o].inner;
     A y[NO][4];
     compute_chunk<D, A>(p, roff, eoff, valid, y);
+  }
+}
+
+// The fast path of map_kernel: every input read with inner stride 1 (storage type DT) or 0 (one
+// value per line, any dtype), every output written with inner stride 1 (any dtype); chunks of one
+// 16-byte input vector of a line (p.cpi = ceil(inner / kVec<R>)), each input's chunk loaded
+// before any arithmetic, 16-byte loads and stores where the chunk is full and aligned.
+// Registers: 64 (4 blocks of 256 per SM), but 80 for the backward ops of 7 or more operands
+// (3 blocks), which spill at 64.
+template <OpKind K>
+constexpr int kMapVecMinBlocks = RowOp<K>::kIn + RowOp<K>::kOut >= 7 ? 3 : 4;
+
+template <OpKind K, DType DT>
+VF_GLOBAL void VF_LAUNCH_BOUNDS(256, kMapVecMinBlocks<K>) map_vec_kernel(const VF_GRID_CONST KParams p) {
+  using D = RowOp<K>;
+  using R = typename Stor<DT>::raw;
+  constexpr int NI = D::kIn, NO = D::kOut, W = kVec<R>;
+  const int64_t total = p.rows * p.cpi;
+  const int64_t stride = gdim_x() * bdim_x();
+  VF_NO_UNROLL
+  for (int64_t c = bid_x() * bdim_x() + tid_x(); c < total; c += stride) {
+    const int64_t row = fdiv(p.cdiv, c);
+    const int64_t j0 = (c - row * p.cpi) * W;
+    const int valid = p.inner - j0 < W ? static_cast<int>(p.inner - j0) : W;
+    const Row2 rr = row2(p, row);
+    R raw[NI][W];
+    float sc[NI];
+    VF_UNROLL
+    for (int o = 0; o < NI; ++o) {
+      sc[o] = 0.0f;
+      if (p.op[o].inner == 0) {
+        sc[o] = Mem<float>::load1(p.op[o].data, p.op[o].dtype, off2(p.op[o], rr));
+        continue;
+      }
+      const R* q = static_cast<const R*>(p.op[o].data) + (off2(p.op[o], rr) + j0);
+      load_raw(q, valid == W && aligned<16>(q), valid, raw[o]);
+    }
+    float y[NO][W];
+    VF_UNROLL
+    for (int e = 0; e < W; ++e) {
+      float x[NI], r[NO];
+      bool keep[NI];
+      VF_UNROLL
+      for (int o = 0; o < NI; ++o) {
+        x[o] = p.op[o].inner == 0 ? sc[o] : Stor<DT>::get(raw[o][e]);
+        keep[o] = p.op[o].clamp ? clamp_keep(x[o], p.op[o].flo, p.op[o].fhi) : true;
+      }
+      D::apply(x, r);
+      if constexpr (D::kBackward) {  // gradient out[j - 1] of a clamped input in[j]: torch.clamp's mask
+        VF_UNROLL
+        for (int j = 1; j < NI; ++j)
+          if (j - 1 < NO && !keep[j]) r[j - 1] = 0.0f;
+      }
+      VF_UNROLL
+      for (int o = 0; o < NO; ++o) y[o][e] = r[o];
+    }
+    VF_UNROLL
+    for (int o = 0; o < NO; ++o) {
+      const KOp& q = p.op[NI + o];
+      if (q.cls == kDirect) store_chunk(q.data, q.dtype, off2(q, rr) + j0, valid, y[o]);
+    }
   }
 }
 
@@ -430,6 +690,8 @@ void set_ops(KParams& p, const RowArgs& a, const Plan& pl) {
     p.op[o].clamp = a.in[o].clamp.on;
     p.op[o].clo = a.in[o].clamp.lo;
     p.op[o].chi = a.in[o].clamp.hi;
+    p.op[o].flo = static_cast<float>(a.in[o].clamp.lo);
+    p.op[o].fhi = static_cast<float>(a.in[o].clamp.hi);
   }
   for (int o = 0; o < pl.nout; ++o) {
     KOp& q = p.op[pl.nin + o];
@@ -452,6 +714,86 @@ int event_pattern(const Dims& ev, int oi) {
   return nonzero ? 1 : 0;
 }
 
+// The storage dtype of the fast paths for p (after set_geometry), or -1 for the general path: one
+// event dim (ne == 0) of at least one vector, at most 2 row dims; every input's inner stride 0 or 1, the stride-1
+// ones all float32, all float16 or all bfloat16 (at least one of them); with `outputs`, every
+// written (kDirect) output's inner stride 1.
+int vec_dtype(const KParams& p, int nin, int nops, bool outputs) {
+  if (p.ne != 0 || p.nr > 2) return -1;
+  int dt = -1;
+  for (int o = 0; o < nin; ++o) {
+    const KOp& q = p.op[o];
+    if (q.inner == 0) continue;
+    if (q.inner != 1 || q.dtype == DType::Float64) return -1;
+    if (dt >= 0 && dt != static_cast<int>(q.dtype)) return -1;
+    dt = static_cast<int>(q.dtype);
+  }
+  if (outputs)
+    for (int o = nin; o < nops; ++o)
+      if (p.op[o].cls == kDirect && p.op[o].inner != 1) return -1;
+  const int w = dt == static_cast<int>(DType::Float32) ? kVec<float> : kVec<unsigned short>;
+  return dt >= 0 && p.inner >= w ? dt : -1;
+}
+
+// Chunks of one 16-byte vector of a stride-1 input of dtype vdt, the row dims as Row2 (the fast
+// paths; ne == 0, nr <= 2).
+void set_vec_geometry(KParams& p, int vdt, int nops) {
+  p.vdiv = make_fastdiv(p.nr == 2 ? p.rdiv[1].d : std::max<int64_t>(p.rows, 1));
+  for (int o = 0; o < nops; ++o) {
+    KOp& q = p.op[o];
+    q.vr0 = p.nr == 2 ? q.rs[0] : 0;
+    q.vr1 = p.nr == 2 ? q.rs[1] : (p.nr == 1 ? q.rs[0] : 0);
+  }
+  const int w = vdt == static_cast<int>(DType::Float32) ? kVec<float> : kVec<unsigned short>;
+  p.cpi = (p.inner + w - 1) / w;
+  p.n_chunks = p.cpi;
+  p.cdiv = make_fastdiv(p.cpi);
+}
+
+// Chunks per segment of a long row (reduce mode): 16K elements (float32), 32K (16-bit) on the fast
+// path, 16K on the general one.
+// Fixed, so that a row's summation order depends on its shape only, never on the GPU.
+constexpr int64_t kSegChunks = 4096;
+
+template <OpKind K, class A>
+cudaError_t launch_reduce(KParams& p, int vdt, cudaStream_t stream) {
+  p.out_op = RowOp<K>::kIn;
+  p.nseg = p.n_chunks > kSegChunks ? (p.n_chunks + kSegChunks - 1) / kSegChunks : 1;
+  p.seg_chunks = kSegChunks;
+  p.segdiv = make_fastdiv(p.nseg);
+  p.n_units = p.rows * p.nseg;
+  p.tpr = p.nseg > 1 ? 256 : pick_tpr(p.n_chunks, p.rows, 256);
+  int64_t grid;
+  int block;
+  group_grid(p.tpr, p.n_units, grid, block);
+  auto stage1 = [&]() -> cudaError_t {
+    if constexpr (std::is_same_v<A, float>) {
+      switch (vdt) {
+        case static_cast<int>(DType::Float32):
+          return launch_kernel(&reduce_vec_kernel<K, DType::Float32>, grid, block, stream, p);
+        case static_cast<int>(DType::Float16):
+          return launch_kernel(&reduce_vec_kernel<K, DType::Float16>, grid, block, stream, p);
+        case static_cast<int>(DType::BFloat16):
+          return launch_kernel(&reduce_vec_kernel<K, DType::BFloat16>, grid, block, stream, p);
+        default: break;
+      }
+    }
+    return launch_kernel(&reduce_kernel<K, A>, grid, block, stream, p);
+  };
+  if (p.nseg == 1) return stage1();
+  // Long rows: the segments' partial sums in a stream-ordered scratch buffer (capture safe).
+  cudaError_t err = cudaMallocAsync(&p.part, static_cast<size_t>(p.n_units) * sizeof(A), stream);
+  if (err != cudaSuccess) return err;
+  err = stage1();
+  if (err == cudaSuccess) {
+    p.tpr = pick_tpr(p.nseg, p.rows, 256);
+    group_grid(p.tpr, p.rows, grid, block);
+    err = launch_kernel(&segment_sum_kernel<A>, grid, block, stream, p);
+  }
+  const cudaError_t ferr = cudaFreeAsync(p.part, stream);
+  return err != cudaSuccess ? err : ferr;
+}
+
 template <OpKind K, class A>
 cudaError_t launch_map(KParams& p, const Plan& pl, cudaStream_t stream) {
   bool act[kMaxOps];
@@ -465,9 +807,24 @@ cudaError_t launch_map(KParams& p, const Plan& pl, cudaStream_t stream) {
     rows.assign(c.begin(), c.end() - 1);
   }
   if (!set_geometry(p, rows, ev, pl.nin + pl.nout)) return cudaErrorInvalidValue;
-  const int64_t total = p.rows * p.cpi;
-  if (total == 0) return cudaSuccess;
-  return launch_kernel(&map_kernel<K, A>, flat_grid(total, 256), 256, stream, p);
+  if (p.rows * p.cpi == 0) return cudaSuccess;
+  if constexpr (std::is_same_v<A, float>) {
+    const int vdt = vec_dtype(p, pl.nin, pl.nin + pl.nout, true);
+    if (vdt >= 0) {
+      set_vec_geometry(p, vdt, pl.nin + pl.nout);
+      const int64_t grid = flat_grid(p.rows * p.cpi, 256);
+      switch (vdt) {
+        case static_cast<int>(DType::Float32):
+          return launch_kernel(&map_vec_kernel<K, DType::Float32>, grid, 256, stream, p);
+        case static_cast<int>(DType::Float16):
+          return launch_kernel(&map_vec_kernel<K, DType::Float16>, grid, 256, stream, p);
+        case static_cast<int>(DType::BFloat16):
+          return launch_kernel(&map_vec_kernel<K, DType::BFloat16>, grid, 256, stream, p);
+        default: break;
+      }
+    }
+  }
+  return launch_kernel(&map_kernel<K, A>, flat_grid(p.rows * p.cpi, 256), 256, stream, p);
 }
 
 template <OpKind K, class A>
@@ -504,12 +861,14 @@ cudaError_t run_typed(const RowArgs& a, const Plan& pl, cudaStream_t stream) {
     Dims rows = coalesce(pl.rows, pl.active, nops);
     Dims ev = coalesce(pl.ev, pl.active, nops);
     if (!set_geometry(p, rows, ev, nops)) return cudaErrorInvalidValue;
-    if (L.event_numel == 0) p.n_chunks = 0;  // every row sums to 0
-    p.tpr = pick_tpr(p.n_chunks, p.rows, 512);
-    int64_t grid;
-    int block;
-    group_grid(p.tpr, p.rows, grid, block);
-    return launch_kernel(&reduce_kernel<K, A>, grid, block, stream, p);
+    int vdt = -1;
+    if (L.event_numel == 0) {
+      p.n_chunks = 0;  // every row sums to 0
+    } else {
+      vdt = vec_dtype(p, nin, nops, false);
+      if (vdt >= 0) set_vec_geometry(p, vdt, nops);
+    }
+    return launch_reduce<K, A>(p, vdt, stream);
   } else {
     return run_backward<K, A>(a, pl, stream);
   }

@@ -763,6 +763,106 @@ void row_tests() {
     RowRun d = run_row_case(c, false);
     report(b.raw == d.raw, "two runs give bitwise equal results");
   }
+  // The fast paths (every input with event stride 1 or 0, one storage dtype): every dtype, ragged
+  // tails (rows of w - 1 .. 5w - 1 elements, w elements per 16-byte vector), data pointers offset
+  // by 1 .. w - 1 elements (rows then start at every alignment, some aligned and some not, in one
+  // launch): results checked against the reference, and bitwise equal whatever the offset
+  // (forward sums, elementwise forward, full-size gradients).
+  for (DType dt : {F, H, B}) {
+    const int64_t w = dt == F ? 4 : 8;
+    for (int64_t n : {w - 1, w, w + 1, 2 * w + 3, 5 * w - 1}) {
+      for (bool ew : {false, true}) {
+        RowCase c{std::string("fast path ") + dname(dt) + " n=" + std::to_string(n) + (ew ? " elementwise" : ""),
+                  OpKind::GaussLpFwd, OpKind::GaussLpBwd, {7, n}, 1,
+                  {arg({7, n}, kNormal, dt), arg({7, n}, kMu, dt), arg({7, 1}, kLv, F)}, 1, ew};
+        const auto seed = g_rng();
+        g_rng.seed(seed);
+        const RowRun a = run_row_case(c);
+        bool same = true;
+        for (int64_t pad = 1; pad < w; ++pad) {
+          for (auto& x : c.args) x.pad = pad;
+          c.args[2].pad = 0;
+          g_rng.seed(seed);
+          same = same && run_row_case(c, pad == 1).raw == a.raw;
+        }
+        report(same, c.name + ": offsets 1.." + std::to_string(w - 1) + " elements give bitwise equal results");
+      }
+    }
+    // Clamped inputs, a stride-0 (per-row) clamped logvar, hoisted (KL against a per-row prior).
+    RowCase k{std::string("fast path ") + dname(dt) + " kl, per-row prior, clamps", OpKind::KlFwd, OpKind::KlBwd,
+              {6, 45}, 1, {arg({6, 45}, kMu, dt), arg({6, 45}, kLv, dt), arg({6, 1}, kMu, F), arg({6, 1}, kLv, F)}, 2};
+    k.args[1].clamp = k.args[3].clamp = true;
+    k.args[1].lo = k.args[3].lo = -1.0;
+    k.args[1].hi = k.args[3].hi = 0.5;
+    k.args[0].pad = 3;
+    run_row_case(k);
+  }
+
+  // Long rows split into segments (32K elements of 16-bit data, 16K of float32 on the fast path,
+  // 16K on the general path) summed in a second, ordered pass: segment edges, a ragged last
+  // segment, one row of many segments; the same bits twice and for every grid size (the emulated
+  // SM count changes the grids the launchers pick).
+  {
+    struct Long {
+      const char* name;
+      DType dt;
+      std::vector<int64_t> full;
+      bool transposed;
+    };
+    const Long longs[] = {
+        {"f32 2 rows, 4097 chunks", F, {2, 4096 * 4 + 3}, false},
+        {"f32 2 rows, exactly one segment", F, {2, 4096 * 4}, false},
+        {"bf16 3 rows, 3 segments", B, {3, 4096 * 8 * 2 + 5}, false},
+        {"f16 1 row of 20 segments", H, {1, 4096 * 8 * 20 - 1}, false},
+        {"f32 general path (strided), 2 segments", F, {2, 20000}, true},
+    };
+    for (const Long& l : longs) {
+      // Gaussian log-likelihood terms of both signs that nearly cancel (x - mean uniform in
+      // +-0.4, logvar -2.5: the mean term is ~0), so that the sum's last bits depend on the order
+      // in which segments are formed and joined.
+      RowCase c{std::string("long rows ") + l.name, OpKind::GaussLpFwd, OpKind::GaussLpBwd, l.full, 1,
+                {arg(l.full, kNormal, l.dt), arg(l.full, kMu, l.dt), arg({l.full[0], 1}, kLv, F)}, 1};
+      c.args[0].value = [](int64_t i) {
+        return 0.8 * (static_cast<double>((static_cast<uint64_t>(i) * 2654435761u) % 1000003u) / 1000003.0 - 0.5);
+      };
+      c.args[1].value = [](int64_t) { return 0.0; };
+      c.args[2].value = [](int64_t) { return -2.5; };
+      c.args[0].transposed = c.args[1].transposed = l.transposed;
+      c.args[2].grad = false;
+      const auto seed = g_rng();
+      g_rng.seed(seed);
+      const RowRun a = run_row_case(c);
+      g_rng.seed(seed);
+      report(run_row_case(c, false).raw == a.raw, c.name + ": two runs give bitwise equal results");
+#if defined(VF_EMULATE)
+      bool same = true;
+      for (int sms : {1, 3, 8}) {
+        emu::sms_override() = sms;
+        g_rng.seed(seed);
+        same = same && run_row_case(c, false).raw == a.raw;
+      }
+      emu::sms_override() = 0;
+      report(same, c.name + ": bitwise equal for 1, 3 and 8 SMs");
+#endif
+    }
+    // Many short rows: grid-stride loops over more rows than the grid has groups.
+    RowCase c{"fast path f32 600 short rows", OpKind::BernLpFwd, OpKind::BernLpBwd, {600, 37}, 1,
+              {arg({600, 37}, kX01), arg({600, 37}, kLogit)}, 1};
+    const auto seed = g_rng();
+    g_rng.seed(seed);
+    const RowRun a = run_row_case(c);
+#if defined(VF_EMULATE)
+    bool same = true;
+    for (int sms : {1, 3}) {
+      emu::sms_override() = sms;
+      g_rng.seed(seed);
+      same = same && run_row_case(c, false).raw == a.raw;
+    }
+    emu::sms_override() = 0;
+    report(same, c.name + ": bitwise equal for 1 and 3 SMs");
+#endif
+  }
+
   // Bad descriptions are refused, not run.
   {
     RowArgs ra;
