@@ -709,12 +709,14 @@ def graphed_step(step, static_inputs: list, device: torch.device, warmup: int = 
 
 
 def bench_train_step(device: torch.device, repeats: int, quick: bool, gen: torch.Generator,
-                     configs=None, impls=None, budget_s: float | None = None) -> tuple[list, str]:
+                     configs=None, impls=None, budget_s: float | None = None,
+                     on_row: Callable[[list], None] | None = None) -> tuple[list, str]:
     """One Adam step per config and implementation (TRAIN_IMPLS): fused vs reference ops, eager, compiled,
     compiled with CUDA graphs, captured whole in a CUDA graph; and the ELBO ops' share of the step. An impl that
     fails (compiling, capturing) gets its error in the row's ``errors`` and no time; the others go on. Impls are
     built in TRAIN_IMPL_ORDER; once a config has spent ``budget_s`` building them, the rest are left out (in
-    ``errors``), so a slow compile cannot cost the config's row."""
+    ``errors``), so a slow compile cannot cost the config's row. ``on_row(rows)`` is called after each config
+    (the command line saves its results there)."""
     if configs is None:
         configs = ["digits"] if quick else list(CUDA_TRAIN_CONFIGS if device.type == "cuda" else CPU_TRAIN_CONFIGS)
     if impls is None:
@@ -780,7 +782,14 @@ def bench_train_step(device: torch.device, repeats: int, quick: bool, gen: torch
         })
         del calls
         torch._dynamo.reset()
-    note = ("train step: fused = the model as written; eager = the same model with reference.py's maths "
+        if on_row is not None:
+            on_row(rows)
+    return rows, train_step_note(quick)
+
+
+def train_step_note(quick: bool) -> str:
+    """What the training-step rows mean (the results' ``train_step_note``)."""
+    return ("train step: fused = the model as written; eager = the same model with reference.py's maths "
             "patched into vae_fast.model (the LDM config: diffusers' own posterior class); compile = "
             "torch.compile of the eager one, fused_compile = of the fused one (Inductor defaults); *_cudagraphs = "
             "the same compiled with mode='reduce-overhead' (CUDA graph trees; cudagraph_mark_step_begin() and grads "
@@ -795,7 +804,6 @@ def bench_train_step(device: torch.device, repeats: int, quick: bool, gen: torch
             "(each in a range) and of the backward functions of the autograd nodes they made, over the steps' "
             "CPU time. Peak memory of a CUDA-graph replay is near 0: its memory is the graph's private pool."
             + (" Quick mode: fused and eager only." if quick else ""))
-    return rows, note
 
 
 def _best(ms: dict, fused: bool):
@@ -1432,9 +1440,11 @@ def main(argv=None) -> int:
         save()
 
     if "train" in sections:
+        result["train_step_note"] = train_step_note(quick)
         train_rows, result["train_step_note"] = bench_train_step(
             device, max(3, repeats // 2) if not quick else repeats, quick, gen, configs=args.train_configs,
-            impls=args.train_impls, budget_s=args.train_budget_s)
+            impls=args.train_impls, budget_s=args.train_budget_s,
+            on_row=lambda done: (result.__setitem__("train_step", list(done)), save()))
         result["train_step"] = train_rows
         for r in train_rows:
             if "skipped" in r:
