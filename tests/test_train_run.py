@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import select
 import shutil
 import signal
 import socket
@@ -188,15 +189,19 @@ def test_overwrite_killed_at_any_moment_leaves_the_old_run_or_the_new_one_never_
         assert not [name for name in files if name != "notes.txt" and files[name] == old.get(name)]
         return "new", ckpt["epoch"]
 
+    # Its own process group: on a hang the killer and its child are killed whole, none is left behind.
     killer = subprocess.Popen([sys.executable, "-c", OVERWRITE_KILLER, str(run), *map(str, new_args)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONPATH": PACKAGE_PARENT})
+                              env={**os.environ, "PYTHONPATH": PACKAGE_PARENT}, start_new_session=True)
 
     def attempt(n: int) -> dict:
         shutil.rmtree(run, ignore_errors=True)
         shutil.copytree(template, run)
         killer.stdin.write(f"{n}\n")
         killer.stdin.flush()
+        if not select.select([killer.stdout], [], [], 300)[0]:
+            os.killpg(killer.pid, signal.SIGKILL)
+            pytest.fail(f"attempt {n} did not end in 300 s: " + (tmp_path / "child.log").read_text()[-3000:])
         line = killer.stdout.readline()
         assert line, (tmp_path / "child.log").read_text()
         return json.loads(line)
@@ -221,7 +226,11 @@ def test_overwrite_killed_at_any_moment_leaves_the_old_run_or_the_new_one_never_
                 assert [m["epoch"] for m in result.metrics] == [1, 2] and state() == ("new", 2)
     finally:
         killer.stdin.close()
-        killer.wait(timeout=60)
+        try:
+            killer.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(killer.pid, signal.SIGKILL)
+            killer.wait()
     # Killed before the commit mark: the old run, whole; after it: the new one.
     commit = next(i for i, e in enumerate(events) if e.startswith(f"replace {run / '.overwrite' / '..committed'}"))
     assert [kind for kind, _ in seen[:commit + 1]] == ["old"] * (commit + 1), list(zip(events, seen))
