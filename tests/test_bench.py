@@ -240,7 +240,7 @@ def test_training_step_impls_run_on_cpu(short_budget):
     pytest.importorskip("diffusers")
     gen = torch.Generator().manual_seed(0)
     impls = ["fused", "eager", "eager_graph", "fused_graph"]
-    rows, note = bench.bench_train_step(torch.device("cpu"), 3, False, gen, configs=["digits", "ldm-autoencoderkl-tiny"],
+    rows, note = bench.bench_train_step(torch.device("cpu"), 3, True, gen, configs=["digits", "ldm-autoencoderkl-tiny"],
                                         impls=impls)
     assert [r["name"] for r in rows] == ["digits", "ldm-autoencoderkl-tiny"] and "reduce-overhead" in note
     for r in rows:
@@ -259,7 +259,7 @@ def test_compiled_reduce_overhead_step_runs_on_cpu(short_budget):
     """The reduce-overhead impl (mark_step each step) through torch.compile: on the CPU Inductor makes no CUDA
     graphs, but everything around them runs, and a failing impl is recorded without losing the others."""
     gen = torch.Generator().manual_seed(0)
-    rows, _ = bench.bench_train_step(torch.device("cpu"), 3, False, gen, configs=["digits"],
+    rows, _ = bench.bench_train_step(torch.device("cpu"), 3, True, gen, configs=["digits"],
                                      impls=["fused", "eager", "fused_compile_cudagraphs"])
     (r,) = rows
     assert r["errors"] == {} and r["fused_compile_cudagraphs_ms"] > 0
@@ -274,7 +274,7 @@ def test_failing_impl_is_recorded_and_the_others_timed(monkeypatch, short_budget
         return real(cfg, make_loss, impl, device, static_x)
 
     monkeypatch.setattr(bench, "train_step_impl", failing)
-    rows, _ = bench.bench_train_step(torch.device("cpu"), 3, False, torch.Generator().manual_seed(0),
+    rows, _ = bench.bench_train_step(torch.device("cpu"), 3, True, torch.Generator().manual_seed(0),
                                      configs=["digits"], impls=["fused", "eager", "fused_graph"])
     (r,) = rows
     assert r["errors"] == {"fused_graph": "RuntimeError: capture failed"}
@@ -303,7 +303,7 @@ def test_train_flags_are_checked():
 
 
 def test_train_budget_leaves_out_the_impls_it_has_no_time_for(short_budget):
-    rows, _ = bench.bench_train_step(torch.device("cpu"), 3, False, torch.Generator().manual_seed(0),
+    rows, _ = bench.bench_train_step(torch.device("cpu"), 3, True, torch.Generator().manual_seed(0),
                                      configs=["digits"], impls=["fused", "eager", "fused_graph"], budget_s=0.0)
     (r,) = rows
     assert r["fused_ms"] > 0 and r["eager_ms"] > 0 and r["fused_graph_ms"] is None
