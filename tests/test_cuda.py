@@ -110,7 +110,7 @@ def test_compile_reduce_overhead_training_loop():
     """torch.compile(mode="reduce-overhead") (CUDA graph trees) in a training loop as one is written: grads set
     to None each step (zero_grad's default) and cudagraph_mark_step_begin() before each step. The losses and the
     trained weights follow the same loop run eagerly, step for step (each step draws with its own seed)."""
-    x = (torch.rand(32, 8, device="cuda", generator=torch.Generator("cuda").manual_seed(3)) < 0.5).float()
+    x = (torch.rand(32, 8, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3)) < 0.5).float()
     seed = torch.zeros((), dtype=torch.int64, device="cuda")
     results = {}
     for mode in ("eager", "reduce-overhead"):
@@ -167,7 +167,7 @@ def test_graphed_training_step_trains():
 
     cfg = next(c for c in bench.TRAIN_CONFIGS if c.name == "digits")
     dev = torch.device("cuda")
-    x = bench._train_data(cfg, dev, torch.Generator("cuda").manual_seed(0))
+    x = bench._train_data(cfg, dev, torch.Generator(device="cuda").manual_seed(0))
     base, make_loss, _ = bench._trainee(cfg, dev)
     step = bench.train_step_impl(cfg, make_loss, "fused_graph", dev, x.clone())
     losses = [step([x]).item() for _ in range(40)]
