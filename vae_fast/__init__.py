@@ -12,6 +12,7 @@ from .ops import (
 from . import data
 from .distributions import DiagonalGaussianDistribution
 from .model import VAE, active_units, gradient_snr, mlp_vae
+from .patch import patch_diffusers, unpatch_diffusers
 
 __version__ = "0.1.0"
 
@@ -26,7 +27,9 @@ __all__ = [
     "gaussian_nll_loss",
     "gradient_snr",
     "mlp_vae",
+    "patch_diffusers",
     "reference",
     "reparameterize",
     "reparameterize_with_kl",
+    "unpatch_diffusers",
 ]
