@@ -27,8 +27,6 @@ c10::TypedOperatorHandle<Sig> handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-std::optional<Tensor> opt(const Tensor& t) { return t.defined() ? std::optional<Tensor>(t) : std::nullopt; }
-
 bool any_requires_grad(std::initializer_list<Tensor> ts) {
   for (const auto& t : ts)
     if (t.defined() && t.requires_grad()) return true;
@@ -54,7 +52,6 @@ void check_ad_mode(const char* op, std::initializer_list<Tensor> ts) {
                 "(torch.autograd.grad / .backward()).");
 }
 
-using OptClamp = std::optional<c10::ArrayRef<double>>;
 // A clamp argument as saved (empty: none) and as passed to an op.
 OptClamp clamp_arg(const std::vector<double>& c) { return c.empty() ? OptClamp() : OptClamp(c); }
 std::vector<double> clamp_saved(const OptClamp& c) { return c ? c->vec() : std::vector<double>(); }

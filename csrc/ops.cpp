@@ -1,5 +1,6 @@
 // The torch-facing side: op schemas, argument checks, the broadcast layout every kernel reads
-// through, and the CPU registrations. Autograd and fake kernels live in vae_fast/ops.py.
+// through, and the CPU and CUDA registrations. Autograd lives in autograd.cpp, the fake kernels and the
+// double-backward formulas in vae_fast/ops.py (docs/architecture.md: one op's path).
 #include "ops.h"
 
 #include <ATen/ATen.h>
@@ -462,10 +463,6 @@ void RowProblem::launch(OpKind op, const RowArgs& args, const at::Device& device
 // ------------------------------------------------------------------------------------------------
 namespace {
 
-std::optional<at::Tensor> i_opt(const at::Tensor& t) {
-  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
-}
-
 NamedTensors kl_args(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& pmu,
                                  const std::optional<at::Tensor>& plogvar) {
   TORCH_CHECK_VALUE(pmu.has_value() == plogvar.has_value(),
@@ -477,8 +474,6 @@ NamedTensors kl_args(const at::Tensor& mu, const at::Tensor& logvar, const std::
   }
   return args;
 }
-
-using OptClamp = std::optional<c10::ArrayRef<double>>;
 
 // Sets the KL's clamps on a problem whose logvar is input `first` (prior_logvar: first + 2, when given).
 void set_kl_clamps(RowProblem& p, size_t first, bool prior, const OptClamp& lv_clamp, const OptClamp& prior_clamp) {
@@ -870,7 +865,7 @@ void check_op(const std::string& op, const std::vector<std::optional<at::Tensor>
               int64_t num_samples, bool sample_dim) {
   auto get = [&](size_t i) { return i < t.size() && t[i] ? *t[i] : at::Tensor(); };
   if (op == "gaussian_kl") {
-    RowProblem p(kl_args(get(0), get(1), i_opt(get(2)), i_opt(get(3))), event_dims, false);
+    RowProblem p(kl_args(get(0), get(1), opt(get(2)), opt(get(3))), event_dims, false);
   } else if (op == "gaussian_log_prob") {
     RowProblem p({{get(0), "x"}, {get(1), "mean"}, {get(2), "logvar"}}, event_dims, false);
   } else if (op == "bernoulli_log_prob") {
@@ -878,7 +873,7 @@ void check_op(const std::string& op, const std::vector<std::optional<at::Tensor>
   } else if (op == "gaussian_nll") {
     RowProblem p({{get(0), "input"}, {get(1), "target"}, {get(2), "var"}}, event_dims, false);
   } else if (op == "sample_gaussian") {  // a seed value stands in for a missing seed: nothing is drawn
-    SampleProblem p(get(0), get(1), i_opt(get(2)), int64_t{0}, num_samples, sample_dim, event_dims);
+    SampleProblem p(get(0), get(1), opt(get(2)), int64_t{0}, num_samples, sample_dim, event_dims);
   } else {
     TORCH_CHECK(false, "vae_fast.check_op: unknown op ", op);
   }

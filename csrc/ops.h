@@ -54,6 +54,12 @@ struct RowProblem {
   void launch(OpKind op, const RowArgs& args, const at::Device& device) const;
 };
 
+// An optional tensor or clamp argument as the schemas take it.
+using OptClamp = std::optional<c10::ArrayRef<double>>;
+inline std::optional<at::Tensor> opt(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
 // A logvar clamp argument (`float[]?`: none, or [lo, hi] with lo <= hi) as layout.h's Clamp; `name` names it in errors.
 Clamp parse_clamp(const std::optional<c10::ArrayRef<double>>& clamp, const char* name);
 // The buffer that holds the gradients of `a` and of `b` (same shape) concatenated along `dim` (contiguous).

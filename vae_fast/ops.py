@@ -223,7 +223,8 @@ def _check_var_negative(var: torch.Tensor) -> None:
     if var.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     # As torch: a NaN elsewhere does not hide a negative entry. A contiguous CPU var: a parallel C++ loop (no
-    # op, no dispatcher, no temporary: 75 -> 10 us at 128x784); else torch's kernels.
+    # op, no dispatcher, no temporary: about 10 us at 128x784, where torch.any(var < 0) takes about 75); else
+    # torch's kernels.
     plain_cpu = var.device.type == "cpu" and var.is_floating_point() and var.is_contiguous()
     negative = _C.any_negative(var) if plain_cpu else torch.any(var < 0)
     if negative:
@@ -300,7 +301,7 @@ def gaussian_nll_loss(input, target, var, full: bool = False, eps: float = 1e-6,
     numel = math.prod(shape)
     if input.is_cuda and len(shape) > 1:
         # The CUDA row kernels give a row to one thread group: one row of every element would run on one block
-        # (49x slower than eager on an H200 at 268M elements). Per-row sums over the last dim, then their sum in
+        # (measured on an H200 at 268M elements: 277 ms, against eager's 5.7). Per-row sums over the last dim, then their sum in
         # float64 (deterministic, and exact enough: the rows' own sums are compensated).
         rows = _ops.gaussian_nll(input, target, var, float(eps), 1)
         total = rows.sum(dtype=torch.float64).to(rows.dtype)
