@@ -291,7 +291,9 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, kReduceVecMinBlocks<K>) reduce_vec_kernel(c
   using D = RowOp<K>;
   using R = typename Stor<DT>::raw;
   constexpr int NI = D::kIn, W = kVec<R>;
-  constexpr int kU = 1;  // chunks per lane per step (more spill at 64 registers)
+  // Chunks per lane per step, every load issued first: 2 for the ops of 2 inputs (4 vectors in
+  // flight), 1 above (2 spill at 64 registers).
+  constexpr int kU = NI <= 2 ? 2 : 1;
   VF_SHARED_ARRAY(SumPair<float>, smem, 32);
   const ThreadGroup g(p.tpr);
   VF_NO_UNROLL
