@@ -55,7 +55,7 @@ LAUNCH = {
     "map_vec_kernel": ([256], True),
     "acc_kernel": ([64, 128, 256], False),               # pick_tpr(.., 256)
     "sample_z_kernel": ([256], True),
-    "sample_rows_kernel": ([64, 128, 256, 512], True),   # pick_tpr(.., 512)
+    "sample_rows_kernel": ([64, 128, 256], True),        # pick_tpr(.., 256)
     "sample_bwd_kernel": ([256], False),
 }
 

@@ -8,7 +8,7 @@
 //
 // Kernels (grid-stride, no atomics):
 //  * sample_z_kernel: z only. One thread per Philox block: 4 consecutive elements of z.
-//  * sample_rows_kernel: z with kl[r] and/or log_q[k, r]. One group of tpr threads per row
+//  * sample_rows_kernel: z with kl[r] and/or log_q[k, r]. One group of tpr (<= 256) threads per row
 //    (k, r) of z; lane l takes the row's Philox blocks l, l + tpr, ... (a block that straddles two
 //    rows is drawn by both), sums its terms in order, then a fixed butterfly; lane 0 stores.
 //  * sample_bwd_kernel: one thread per 4 consecutive (r, j) positions, looping k = 0 .. K-1 in
@@ -175,7 +175,7 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) sample_z_kernel(const VF_GRID_CONST SPar
 }
 
 template <class A>
-VF_GLOBAL void VF_LAUNCH_BOUNDS(512, 1) sample_rows_kernel(const VF_GRID_CONST SParams p) {
+VF_GLOBAL void VF_LAUNCH_BOUNDS(256, sizeof(A) == 4 ? 4 : 2) sample_rows_kernel(const VF_GRID_CONST SParams p) {
   VF_SHARED_ARRAY(SumPair<A>, smem, 32);
   const ThreadGroup g(p.tpr);
   const uint64_t seed = p.need_eps ? read_seed(p) : 0;
@@ -361,7 +361,7 @@ cudaError_t forward_typed(SParams& p, cudaStream_t stream) {
   p.n_rows = p.need_eps ? p.K * p.R : p.R;  // kl alone needs sample 0's rows only
   if (p.n_rows == 0) return cudaSuccess;
   const int64_t nb = p.E == 0 ? 0 : (p.E + 3) / 4 + 1;  // Philox blocks per row, at most
-  p.tpr = pick_tpr(nb, p.n_rows, 512);
+  p.tpr = pick_tpr(nb, p.n_rows, 256);
   int64_t grid = 0;
   int block = 0;
   group_grid(p.tpr, p.n_rows, grid, block);
