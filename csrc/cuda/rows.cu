@@ -468,8 +468,13 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, kMapVecMinBlocks<K>) map_vec_kernel(const V
 }
 
 // ---- backward with accumulated outputs ----------------------------------------------------------
+// 2 blocks of 256 per SM (128 registers) where that does not spill: the float ops of 5 operands;
+// the others spill at 128 and keep 1.
 template <OpKind K, class A>
-VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) acc_kernel(const VF_GRID_CONST KParams p) {
+constexpr int kAccMinBlocks = sizeof(A) == 4 && RowOp<K>::kIn + RowOp<K>::kOut <= 5 ? 2 : 1;
+
+template <OpKind K, class A>
+VF_GLOBAL void VF_LAUNCH_BOUNDS(256, kAccMinBlocks<K, A>) acc_kernel(const VF_GRID_CONST KParams p) {
   using D = RowOp<K>;
   constexpr int NI = D::kIn, NO = D::kOut, N = NI + NO;
   VF_SHARED_ARRAY(SumPair<A>, smem, 32);
