@@ -10,6 +10,7 @@
 // never a silently zero tangent.
 #include <ATen/FuncTorchTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
@@ -27,14 +28,14 @@ c10::TypedOperatorHandle<Sig> handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-bool any_requires_grad(std::initializer_list<Tensor> ts) {
+bool any_requires_grad(c10::ArrayRef<Tensor> ts) {
   for (const auto& t : ts)
     if (t.defined() && t.requires_grad()) return true;
   return false;
 }
 
 // Raises for what this autograd cannot do, instead of returning a tangent of zeros.
-void check_ad_mode(const char* op, std::initializer_list<Tensor> ts) {
+void check_ad_mode(const char* op, c10::ArrayRef<Tensor> ts) {
   bool in_transform = false;  // inside vmap / grad / jvp: functorch's own check says so (its layer stack)
   if (const auto& tls = at::functorch::functorchTLSAccessor()) {
     try {
@@ -89,143 +90,91 @@ struct BackwardMode {
   }
 };
 
-// ---- row ops: KL, Gaussian and Bernoulli log-likelihoods, the Gaussian NLL loss -----------------
-enum class RowOpId : int64_t { Kl, GaussLp, BernLp, GaussNll };
-
-struct RowCall {  // a row op's non-tensor arguments
-  RowOpId id;
-  int64_t event_dims;
-  double eps;                                  // GaussNll only
-  std::vector<double> clamp = {}, prior_clamp = {};  // Kl and GaussLp: logvar_clamp; Kl: prior_logvar_clamp
-};
-
-Tensor row_forward(const RowCall& c, const Tensor& a, const Tensor& b, const Tensor& x, const Tensor& y) {
-  switch (c.id) {
-    case RowOpId::Kl: {
-      static auto op = handle<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                                     const std::optional<Tensor>&, int64_t, OptClamp, OptClamp)>("vae_fast::gaussian_kl");
-      return op.call(a, b, opt(x), opt(y), c.event_dims, clamp_arg(c.clamp), clamp_arg(c.prior_clamp));
-    }
-    case RowOpId::GaussLp: {
-      static auto op = handle<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, OptClamp)>(
-          "vae_fast::gaussian_log_prob");
-      return op.call(a, b, x, c.event_dims, clamp_arg(c.clamp));
-    }
-    case RowOpId::BernLp: {
-      static auto op = handle<Tensor(const Tensor&, const Tensor&, int64_t)>("vae_fast::bernoulli_log_prob");
-      return op.call(a, b, c.event_dims);
-    }
-    case RowOpId::GaussNll: {
-      static auto op = handle<Tensor(const Tensor&, const Tensor&, const Tensor&, double, int64_t)>("vae_fast::gaussian_nll");
-      return op.call(a, b, x, c.eps, c.event_dims);
-    }
-  }
-  TORCH_CHECK(false, "vae_fast: unknown row op");
-}
-
-std::vector<Tensor> row_backward(const RowCall& c, const Tensor& g, const Tensor& a, const Tensor& b, const Tensor& x,
-                                 const Tensor& y, const c10::List<bool>& needs, std::optional<int64_t> concat_dim) {
-  using List = c10::List<bool>;
-  using OptInt = std::optional<int64_t>;
-  switch (c.id) {
-    case RowOpId::Kl: {
-      static auto op = handle<std::vector<Tensor>(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                                                  const std::optional<Tensor>&, int64_t, List, OptClamp, OptClamp, OptInt)>(
-          "vae_fast::gaussian_kl_backward");
-      return op.call(g, a, b, opt(x), opt(y), c.event_dims, needs, clamp_arg(c.clamp), clamp_arg(c.prior_clamp),
-                     concat_dim);
-    }
-    case RowOpId::GaussLp: {
-      static auto op = handle<std::vector<Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, List,
-                                                  OptClamp, OptInt)>("vae_fast::gaussian_log_prob_backward");
-      return op.call(g, a, b, x, c.event_dims, needs, clamp_arg(c.clamp), concat_dim);
-    }
-    case RowOpId::BernLp: {
-      static auto op = handle<std::vector<Tensor>(const Tensor&, const Tensor&, const Tensor&, int64_t, List)>(
-          "vae_fast::bernoulli_log_prob_backward");
-      return op.call(g, a, b, c.event_dims, needs);
-    }
-    case RowOpId::GaussNll: {
-      static auto op = handle<std::vector<Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
-                                                  int64_t, List)>("vae_fast::gaussian_nll_backward");
-      return op.call(g, a, b, x, c.eps, c.event_dims, needs);
-    }
-  }
-  TORCH_CHECK(false, "vae_fast: unknown row op");
-}
-
-struct RowFn : public torch::autograd::Function<RowFn> {
-  // a, b, x, y: the op's tensor arguments in schema order (undefined where absent).
-  static Tensor forward(AutogradContext* ctx, const Tensor& a, const Tensor& b, const std::optional<Tensor>& x,
-                        const std::optional<Tensor>& y, RowCall call) {
-    ctx->save_for_backward({a, b, x.value_or(Tensor()), y.value_or(Tensor())});
-    ctx->saved_data["id"] = static_cast<int64_t>(call.id);
-    ctx->saved_data["event_dims"] = call.event_dims;
-    ctx->saved_data["eps"] = call.eps;
-    ctx->saved_data["clamp"] = clamp_to_ivalue(call.clamp);
-    ctx->saved_data["prior_clamp"] = clamp_to_ivalue(call.prior_clamp);
-    return row_forward(call, a, b, x.value_or(Tensor()), y.value_or(Tensor()));
+// ---- the table's ops (op_table.h): one boxed kernel for all -------------------------------------
+// A node of a table op: saves its tensor arguments (nothing of the output's size) and its other
+// arguments; backward calls vae_fast::<name>_backward with them.
+struct TableFn : public torch::autograd::Function<TableFn> {
+  // tensors: the op's tensor arguments given, in schema order (the optional ones, last, are given together
+  // or not at all; a TensorList, so that each is an input of the node); rest: the other arguments.
+  static Tensor forward(AutogradContext* ctx, at::TensorList tensors, int64_t index, c10::impl::GenericList rest,
+                        const c10::OperatorHandle& op) {
+    ctx->save_for_backward(tensors.vec());
+    ctx->saved_data["index"] = index;
+    ctx->saved_data["rest"] = rest;
+    torch::jit::Stack stack(tensors.begin(), tensors.end());
+    stack.resize(op_info(static_cast<int>(index)).n_tensors);  // None for the ones not given
+    for (const auto& v : rest) stack.push_back(v);
+    op.callBoxed(stack);
+    return stack.back().toTensor();
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const RowCall call{static_cast<RowOpId>(ctx->saved_data["id"].toInt()), ctx->saved_data["event_dims"].toInt(),
-                       ctx->saved_data["eps"].toDouble(), clamp_from_ivalue(ctx->saved_data["clamp"]),
-                       clamp_from_ivalue(ctx->saved_data["prior_clamp"])};
+    const int index = static_cast<int>(ctx->saved_data["index"].toInt());
+    const OpInfo& info = op_info(index);
+    const auto rest = ctx->saved_data["rest"].toList();
     c10::List<bool> needs;
     bool any = false;
-    for (size_t i = 0, edge = 0; i < 4; ++i) {  // needs_input_grad counts the tensor arguments given
-      needs.push_back(saved[i].defined() && ctx->needs_input_grad(edge));
-      edge += saved[i].defined();
+    const int given = static_cast<int>(saved.size());
+    for (int i = 0; i < given; ++i) {
+      needs.push_back(ctx->needs_input_grad(i));
       any |= needs.get(i);
     }
-    variable_list out(5);
+    variable_list out(given + 3);  // one per forward argument
     if (!any) return out;
     // The (mean, logvar) pair: halves of one tensor get their gradients in one buffer.
-    const int pair = call.id == RowOpId::Kl ? 0 : call.id == RowOpId::GaussLp ? 1 : -1;
+    const int pair = info.spec->pair;
     std::optional<int64_t> concat;
-    if (pair >= 0 && needs.get(static_cast<size_t>(pair)) && needs.get(static_cast<size_t>(pair) + 1)) concat = halves_dim(saved[pair], saved[pair + 1]);
+    if (pair >= 0 && pair + 1 < given && needs.get(pair) && needs.get(pair + 1)) concat = halves_dim(saved[pair], saved[pair + 1]);
+    torch::jit::Stack stack{grads[0]};
+    for (int i = 0; i < info.n_tensors; ++i) stack.emplace_back(i < given ? c10::IValue(saved[i]) : c10::IValue());
+    const size_t event_dims_at = info.param_names.size();  // rest: params, event_dims, clamps
+    for (size_t j = 0; j < rest.size(); ++j) {
+      stack.push_back(rest.get(j));
+      if (j == event_dims_at) stack.emplace_back(needs);
+    }
+    if (pair >= 0) stack.emplace_back(concat ? c10::IValue(*concat) : c10::IValue());
     BackwardMode mode;
-    auto g = row_backward(call, grads[0], saved[0], saved[1], saved[2], saved[3], needs, concat);
+    backward_handle(index).callBoxed(stack);
+    auto g = stack.back().toTensorVector();
     if (concat) split_halves(g[pair], *concat, g[pair], g[pair + 1]);
-    for (size_t i = 0; i < 4 && i < g.size(); ++i)
+    for (int i = 0; i < given; ++i)
       if (needs.get(i)) out[i] = g[i];
     return out;
   }
+
+  static const c10::OperatorHandle& backward_handle(int index) {
+    static const std::vector<c10::OperatorHandle> handles = [] {
+      std::vector<c10::OperatorHandle> h;
+      for (const OpSpec& s : kOps)
+        h.push_back(c10::Dispatcher::singleton().findSchemaOrThrow(
+            (std::string("vae_fast::") + s.name + "_backward").c_str(), ""));
+      return h;
+    }();
+    return handles[index];
+  }
 };
 
-Tensor row_autograd(const char* name, const RowCall& call, const Tensor& a, const Tensor& b, const Tensor& x,
-                    const Tensor& y) {
-  check_ad_mode(name, {a, b, x, y});
-  if (!at::GradMode::is_enabled() || !any_requires_grad({a, b, x, y})) {
-    at::AutoDispatchBelowADInplaceOrView below;  // nothing to record: no node, no saved tensors
-    return row_forward(call, a, b, x, y);
+struct TableAutograd final : c10::OperatorKernel {
+  explicit TableAutograd(int index) : index(index) {}
+  void operator()(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
+    const OpInfo& info = op_info(index);
+    auto args = torch::jit::last(*stack, info.n_fwd_args);
+    variable_list tensors;  // the given ones (optional tensors come last)
+    for (int i = 0; i < info.n_tensors && !args[i].isNone(); ++i) tensors.push_back(args[i].toTensor());
+    check_ad_mode(info.spec->api, tensors);
+    if (!at::GradMode::is_enabled() || !any_requires_grad(tensors)) {
+      at::AutoDispatchBelowADInplaceOrView below;  // nothing to record: no node, no saved tensors
+      op.callBoxed(stack);
+      return;
+    }
+    c10::impl::GenericList rest(c10::AnyType::get());
+    for (size_t j = info.n_tensors; j < args.size(); ++j) rest.push_back(args[j]);
+    torch::jit::drop(*stack, info.n_fwd_args);
+    stack->emplace_back(TableFn::apply(at::TensorList(tensors), static_cast<int64_t>(index), rest, op));
   }
-  return RowFn::apply(a, b, opt(x), opt(y), call);
-}
-
-Tensor gaussian_kl_autograd(const Tensor& mu, const Tensor& logvar, const std::optional<Tensor>& pmu,
-                            const std::optional<Tensor>& plogvar, int64_t event_dims, OptClamp logvar_clamp,
-                            OptClamp prior_logvar_clamp) {
-  return row_autograd("gaussian_kl",
-                      {RowOpId::Kl, event_dims, 0.0, clamp_saved(logvar_clamp), clamp_saved(prior_logvar_clamp)}, mu,
-                      logvar, pmu.value_or(Tensor()), plogvar.value_or(Tensor()));
-}
-
-Tensor gaussian_log_prob_autograd(const Tensor& x, const Tensor& mean, const Tensor& logvar, int64_t event_dims,
-                                  OptClamp logvar_clamp) {
-  return row_autograd("gaussian_log_prob", {RowOpId::GaussLp, event_dims, 0.0, clamp_saved(logvar_clamp)}, x, mean,
-                      logvar, Tensor());
-}
-
-Tensor bernoulli_log_prob_autograd(const Tensor& x, const Tensor& logits, int64_t event_dims) {
-  return row_autograd("bernoulli_log_prob", {RowOpId::BernLp, event_dims, 0.0}, x, logits, Tensor(), Tensor());
-}
-
-Tensor gaussian_nll_autograd(const Tensor& input, const Tensor& target, const Tensor& var, double eps,
-                             int64_t event_dims) {
-  return row_autograd("gaussian_nll_loss", {RowOpId::GaussNll, event_dims, eps}, input, target, var, Tensor());
-}
+  int index;
+};
 
 // ---- reparameterised sampling --------------------------------------------------------------------
 struct SampleCall {
@@ -325,10 +274,8 @@ std::tuple<Tensor, Tensor, Tensor> sample_gaussian_autograd(const Tensor& mu, co
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vae_fast, Autograd, m) {
-  m.impl("gaussian_kl", &gaussian_kl_autograd);
-  m.impl("gaussian_log_prob", &gaussian_log_prob_autograd);
-  m.impl("bernoulli_log_prob", &bernoulli_log_prob_autograd);
-  m.impl("gaussian_nll", &gaussian_nll_autograd);
+  for (int i = 0; i < kNumOps; ++i)
+    m.impl(kOps[i].name, torch::CppFunction::makeFromBoxedFunctor(std::make_unique<TableAutograd>(i)));
   m.impl("sample_gaussian", &sample_gaussian_autograd);
 }
 

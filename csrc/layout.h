@@ -49,18 +49,6 @@ struct RowLayout {
   int64_t n_blocks = 1;
 };
 
-enum class OpKind : int32_t {
-  KlStdFwd,       // in: mu, logvar                      out: kl
-  KlStdBwd,       // in: g, mu, logvar                   out: dmu, dlogvar
-  KlFwd,          // in: mu, logvar, pmu, plogvar        out: kl
-  KlBwd,          // in: g, mu, logvar, pmu, plogvar     out: dmu, dlogvar, dpmu, dplogvar
-  GaussLpFwd,     // in: x, mean, logvar                 out: lp
-  GaussLpBwd,     // in: g, x, mean, logvar              out: dx, dmean, dlogvar
-  BernLpFwd,      // in: x, logits                       out: lp
-  BernLpBwd,      // in: g, x, logits                    out: dx, dlogits
-  GaussNllFwd,    // in: input, target, var, eps         out: loss terms (eps: a scalar operand)
-  GaussNllBwd,    // in: g, input, target, var, eps      out: dinput, dtarget, dvar
-};
 
 constexpr int kMaxOperands = 5;
 

@@ -3,6 +3,8 @@
 #include <pybind11/stl.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/python.h>
+#include <torch/csrc/jit/python/pybind_utils.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/version.h>
@@ -19,15 +21,45 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "vae_fast compiled kernels; the ops are registered as torch.ops.vae_fast.*";
   m.def(
       "check_op",
-      [](const std::string& op, const std::vector<std::optional<at::Tensor>>& tensors, int64_t event_dims,
-         int64_t num_samples, bool sample_dim) {
+      [](const std::string& op, const py::list& args) {
         HANDLE_TH_ERRORS  // c10::ValueError / TypeError reach Python as ValueError / TypeError
-        vae_fast::check_op(op, tensors, event_dims, num_samples, sample_dim);
+        // The arguments as the op's schema types them (defaults where the list stops short).
+        const auto& schema =
+            c10::Dispatcher::singleton().findSchemaOrThrow(("vae_fast::" + op).c_str(), "").schema();
+        std::vector<c10::IValue> values;
+        for (size_t i = 0; i < schema.arguments().size(); ++i) {
+          const auto& a = schema.arguments()[i];
+          if (i < args.size()) {
+            values.push_back(torch::jit::toIValue(args[i], a.type()));
+          } else {
+            TORCH_CHECK(a.default_value().has_value(), "vae_fast.check_op: ", op, " needs argument ", a.name());
+            values.push_back(*a.default_value());
+          }
+        }
+        vae_fast::check_op(op, values);
         END_HANDLE_TH_ERRORS_PYBIND
       },
-      "The checks an op's eager call makes, without running it (fake kernels).",
-        py::arg("op"), py::arg("tensors"), py::arg("event_dims"), py::arg("num_samples") = 1,
-        py::arg("sample_dim") = false);
+      "The checks an op's eager call makes, without running it (fake kernels): args in its schema's order.",
+      py::arg("op"), py::arg("args"));
+  m.def(
+      "op_table",
+      []() {
+        py::list ops;
+        for (int i = 0; i < vae_fast::kNumOps; ++i) {
+          const auto& info = vae_fast::op_info(i);
+          py::dict d;
+          d["name"] = std::string(info.spec->name);
+          d["api"] = std::string(info.spec->api);
+          d["family"] = info.spec->family == vae_fast::Family::Rows ? "rows" : "dmol";
+          d["tensors"] = std::vector<std::string>(info.tensor_names.begin(), info.tensor_names.end());
+          d["params"] = std::vector<std::string>(info.param_names.begin(), info.param_names.end());
+          d["clamps"] = std::vector<std::string>(info.clamp_names.begin(), info.clamp_names.end());
+          d["pair"] = static_cast<int>(info.spec->pair);
+          ops.append(d);
+        }
+        return ops;
+      },
+      "The ops of csrc/op_table.h: name, family, tensor / parameter / clamp argument names, gradient pair.");
   m.def(
       "any_negative",
       [](const at::Tensor& t) {

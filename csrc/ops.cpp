@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/ExpandUtils.h>
+#include <ATen/core/stack.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -461,112 +462,174 @@ void RowProblem::launch(OpKind op, const RowArgs& args, const at::Device& device
 // ------------------------------------------------------------------------------------------------
 // The ops.
 // ------------------------------------------------------------------------------------------------
+// ------------------------------------------------------------------------------------------------
+// The table's ops (op_table.h): their schemas, and one boxed kernel that reads any of them off the
+// dispatcher's stack, checks its arguments and runs its family's kernels.
+// ------------------------------------------------------------------------------------------------
+std::string schema_text(const OpSpec& s, bool backward) {
+  std::string t = std::string(s.name) + (backward ? "_backward(Tensor grad, " : "(") + s.tensors;
+  if (*s.params) t += std::string(", ") + s.params;
+  t += ", int event_dims";
+  if (backward) t += ", bool[] needs";
+  if (*s.clamps) t += std::string(", ") + s.clamps;
+  if (backward && s.pair >= 0) t += ", int? concat_dim=None";
+  return t + (backward ? ") -> Tensor[]" : ") -> Tensor");
+}
+
+const OpInfo& op_info(int index) {
+  static const std::vector<OpInfo> infos = [] {
+    std::vector<OpInfo> all(kNumOps);
+    for (int i = 0; i < kNumOps; ++i) {
+      OpInfo& info = all[i];
+      info.spec = &kOps[i];
+      const c10::FunctionSchema schema = torch::schema(schema_text(kOps[i], false).c_str());
+      for (const auto& a : schema.arguments()) {
+        const auto& type = a.type();
+        const bool is_tensor = type->kind() == c10::TypeKind::TensorType ||
+                               (type->kind() == c10::TypeKind::OptionalType &&
+                                type->containedType(0)->kind() == c10::TypeKind::TensorType);
+        if (is_tensor) {
+          info.optional[info.tensor_names.size()] = type->kind() == c10::TypeKind::OptionalType;
+          info.tensor_names.push_back(a.name());
+        } else if (a.name() == "event_dims") {
+          continue;
+        } else if (type->kind() == c10::TypeKind::OptionalType) {  // float[]? <clamp>
+          info.clamp_names.push_back(a.name());
+        } else {
+          info.param_names.push_back(a.name());
+          info.param_is_float.push_back(type->kind() == c10::TypeKind::FloatType);
+        }
+      }
+      info.n_tensors = static_cast<int>(info.tensor_names.size());
+      info.n_fwd_args = schema.arguments().size();
+      info.n_bwd_args = info.n_fwd_args + 2 + (kOps[i].pair >= 0);  // grad, needs, concat_dim
+    }
+    return all;
+  }();
+  return infos[index];
+}
+
+int op_index(std::string_view name) {
+  for (int i = 0; i < kNumOps; ++i)
+    if (name == kOps[i].name) return i;
+  return -1;
+}
+
 namespace {
 
-NamedTensors kl_args(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& pmu,
-                                 const std::optional<at::Tensor>& plogvar) {
-  TORCH_CHECK_VALUE(pmu.has_value() == plogvar.has_value(),
-                    "vae_fast.gaussian_kl: prior_mu and prior_logvar must be given together or not at all");
-  NamedTensors args{{mu, "mu"}, {logvar, "logvar"}};
-  if (pmu) {
-    args.push_back({*pmu, "prior_mu"});
-    args.push_back({*plogvar, "prior_logvar"});
+// One call of a table op, read off the stack (its arguments the last n of it), checked.
+struct OpCall {
+  const OpInfo* info;
+  at::Tensor grad;                           // backward only
+  std::array<at::Tensor, kMaxOperands> tensors;  // in schema order, undefined where not given
+  bool all_given = true;
+  c10::SmallVector<c10::IValue, 2> params;
+  int64_t event_dims = 0;
+  Flags needs;                               // backward only
+  std::array<Clamp, 2> clamps;
+  std::optional<int64_t> concat_dim;         // backward only
+
+  OpCall(const OpInfo& op, c10::ArrayRef<c10::IValue> args, bool backward) : info(&op) {
+    const OpSpec& s = *op.spec;
+    size_t i = 0;
+    if (backward) grad = args[i++].toTensor();
+    std::string optional_names;
+    int optional_given = 0, optional_count = 0;
+    for (int t = 0; t < op.n_tensors; ++t, ++i) {
+      if (!args[i].isNone()) tensors[t] = args[i].toTensor();
+      if (op.optional[t]) {
+        optional_names += (optional_count++ ? " and " : "") + op.tensor_names[t];
+        optional_given += tensors[t].defined();
+      }
+    }
+    TORCH_CHECK_VALUE(optional_given == 0 || optional_given == optional_count, "vae_fast.", s.api, ": ",
+                      optional_names, " must be given together or not at all");
+    all_given = optional_given == optional_count;
+    for (size_t p = 0; p < op.param_names.size(); ++p) params.push_back(args[i++]);
+    event_dims = args[i++].toInt();
+    if (backward) {
+      for (bool b : args[i++].toBoolList()) needs.push_back(b);
+    }
+    for (size_t k = 0; k < op.clamp_names.size(); ++k, ++i) {
+      if (args[i].isNone()) continue;
+      const std::vector<double> bounds = args[i].toDoubleVector();
+      const char* name = op.clamp_names[k].c_str();
+      clamps[k] = parse_clamp(c10::ArrayRef<double>(bounds), name);
+      TORCH_CHECK_VALUE(tensors[s.clamped[k]].defined(), "vae_fast.", s.api, ": ", name, " needs ",
+                        op.tensor_names[s.clamped[k]]);
+    }
+    if (backward && s.pair >= 0 && !args[i].isNone()) concat_dim = args[i].toInt();
   }
-  return args;
+
+  // The given tensors, named; after them, the float parameters as scalar operands of the accumulation
+  // type (broadcast: stride 0), unless only checking.
+  NamedTensors row_inputs(bool with_grad, bool check_only) const {
+    NamedTensors in;
+    if (with_grad) in.push_back({grad, "grad"});
+    for (int t = 0; t < info->n_tensors; ++t)
+      if (tensors[t].defined()) in.push_back({tensors[t], info->tensor_names[t].c_str()});
+    bool any_float = false;
+    for (bool f : info->param_is_float) any_float |= f;
+    if (any_float && !check_only) {
+      const auto acc = check_args(in);
+      for (size_t p = 0; p < params.size(); ++p)
+        if (info->param_is_float[p])
+          in.push_back({at::scalar_tensor(params[p].toDouble(), in[0].tensor.options().dtype(acc)),
+                        info->param_names[p].c_str()});
+    }
+    return in;
+  }
+
+  void set_clamps(RowProblem& p, size_t offset) const {
+    for (size_t k = 0; k < info->clamp_names.size(); ++k)
+      if (clamps[k].on) p.clamps[offset + info->spec->clamped[k]] = clamps[k];
+  }
+};
+
+at::Tensor rows_forward(const OpCall& c) {
+  RowProblem p(c.row_inputs(false, false), c.event_dims, false);
+  c.set_clamps(p, 0);
+  const OpSpec& s = *c.info->spec;
+  return p.forward(c.all_given ? s.fwd : s.fwd_short);
 }
 
-// Sets the KL's clamps on a problem whose logvar is input `first` (prior_logvar: first + 2, when given).
-void set_kl_clamps(RowProblem& p, size_t first, bool prior, const OptClamp& lv_clamp, const OptClamp& prior_clamp) {
-  p.clamps[first] = parse_clamp(lv_clamp, "logvar_clamp");
-  const Clamp pc = parse_clamp(prior_clamp, "prior_logvar_clamp");
-  TORCH_CHECK_VALUE(prior || !pc.on, "vae_fast.gaussian_kl: prior_logvar_clamp needs prior_logvar");
-  if (prior) p.clamps[first + 2] = pc;
-}
-
-at::Tensor gaussian_kl(const at::Tensor& mu, const at::Tensor& logvar, const std::optional<at::Tensor>& pmu,
-                       const std::optional<at::Tensor>& plogvar, int64_t event_dims, OptClamp logvar_clamp,
-                       OptClamp prior_logvar_clamp) {
-  RowProblem p(kl_args(mu, logvar, pmu, plogvar), event_dims, false);
-  set_kl_clamps(p, 1, pmu.has_value(), logvar_clamp, prior_logvar_clamp);
-  return p.forward(pmu ? OpKind::KlFwd : OpKind::KlStdFwd);
-}
-
-std::vector<at::Tensor> gaussian_kl_backward(const at::Tensor& grad, const at::Tensor& mu, const at::Tensor& logvar,
-                                             const std::optional<at::Tensor>& pmu,
-                                             const std::optional<at::Tensor>& plogvar, int64_t event_dims,
-                                             c10::List<bool> needs_list, OptClamp logvar_clamp,
-                                             OptClamp prior_logvar_clamp, std::optional<int64_t> concat_dim) {
-  Flags needs(needs_list.begin(), needs_list.end());
-  auto args = kl_args(mu, logvar, pmu, plogvar);
+std::vector<at::Tensor> rows_backward(OpCall& c) {
   c10::SmallVector<at::Tensor, kMaxOperands> originals;
-  for (const auto& a : args) originals.push_back(a.tensor);
-  args.insert(args.begin(), NamedTensor{grad, "grad"});
-  needs.resize(originals.size());
-  RowProblem p(args, event_dims, true);
-  set_kl_clamps(p, 2, pmu.has_value(), logvar_clamp, prior_logvar_clamp);
-  auto grads = p.backward(pmu ? OpKind::KlBwd : OpKind::KlStdBwd, needs, originals, concat_dim, 0);
-  while (grads.size() < 4) grads.push_back(at::empty({0}, mu.options()));
+  for (int t = 0; t < c.info->n_tensors; ++t)
+    if (c.tensors[t].defined()) originals.push_back(c.tensors[t]);
+  c.needs.resize(originals.size(), false);
+  RowProblem p(c.row_inputs(true, false), c.event_dims, true);
+  c.set_clamps(p, 1);
+  const OpSpec& s = *c.info->spec;
+  auto grads = p.backward(c.all_given ? s.bwd : s.bwd_short, c.needs, originals, c.concat_dim,
+                          static_cast<size_t>(std::max<int>(s.pair, 0)));
+  while (grads.size() < static_cast<size_t>(c.info->n_tensors)) grads.push_back(at::empty({0}, originals[0].options()));
   return grads;
 }
 
-at::Tensor gaussian_log_prob(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& logvar, int64_t event_dims,
-                             OptClamp logvar_clamp) {
-  RowProblem p({{x, "x"}, {mean, "mean"}, {logvar, "logvar"}}, event_dims, false);
-  p.clamps[2] = parse_clamp(logvar_clamp, "logvar_clamp");
-  return p.forward(OpKind::GaussLpFwd);
-}
-
-std::vector<at::Tensor> gaussian_log_prob_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& mean,
-                                                   const at::Tensor& logvar, int64_t event_dims,
-                                                   c10::List<bool> needs_list, OptClamp logvar_clamp,
-                                                   std::optional<int64_t> concat_dim) {
-  Flags needs(needs_list.begin(), needs_list.end());
-  RowProblem p({{grad, "grad"}, {x, "x"}, {mean, "mean"}, {logvar, "logvar"}}, event_dims, true);
-  p.clamps[3] = parse_clamp(logvar_clamp, "logvar_clamp");
-  needs.resize(3);
-  return p.backward(OpKind::GaussLpBwd, needs, {x, mean, logvar}, concat_dim, 1);
-}
-
-at::Tensor bernoulli_log_prob(const at::Tensor& x, const at::Tensor& logits, int64_t event_dims) {
-  RowProblem p({{x, "x"}, {logits, "logits"}}, event_dims, false);
-  return p.forward(OpKind::BernLpFwd);
-}
-
-std::vector<at::Tensor> bernoulli_log_prob_backward(const at::Tensor& grad, const at::Tensor& x,
-                                                    const at::Tensor& logits, int64_t event_dims,
-                                                    c10::List<bool> needs_list) {
-  Flags needs(needs_list.begin(), needs_list.end());
-  RowProblem p({{grad, "grad"}, {x, "x"}, {logits, "logits"}}, event_dims, true);
-  needs.resize(2);
-  return p.backward(OpKind::BernLpBwd, needs, {x, logits});
-}
-
-// F.gaussian_nll_loss's terms 0.5 * (log clamp_min(var, eps) + (input - target)^2 / clamp_min(var, eps)),
-// summed over the trailing event_dims. eps enters the kernel as a scalar operand (stride 0).
-at::Tensor eps_operand(double eps, const at::Tensor& like, at::ScalarType acc) {
-  return at::scalar_tensor(eps, like.options().dtype(acc));
-}
-
-at::Tensor gaussian_nll(const at::Tensor& input, const at::Tensor& target, const at::Tensor& var, double eps,
-                        int64_t event_dims) {
-  NamedTensors args{{input, "input"}, {target, "target"}, {var, "var"}};
-  const auto acc = check_args(args);
-  args.push_back({eps_operand(eps, input, acc), "eps"});
-  RowProblem p(args, event_dims, false);
-  return p.forward(OpKind::GaussNllFwd);
-}
-
-std::vector<at::Tensor> gaussian_nll_backward(const at::Tensor& grad, const at::Tensor& input, const at::Tensor& target,
-                                              const at::Tensor& var, double eps, int64_t event_dims,
-                                              c10::List<bool> needs_list) {
-  Flags needs(needs_list.begin(), needs_list.end());
-  NamedTensors args{{grad, "grad"}, {input, "input"}, {target, "target"}, {var, "var"}};
-  const auto acc = check_args(args);
-  args.push_back({eps_operand(eps, input, acc), "eps"});
-  RowProblem p(args, event_dims, true);
-  needs.resize(3);
-  return p.backward(OpKind::GaussNllBwd, needs, {input, target, var});
-}
+// The CPU and CUDA kernel of a table op (the glue branches on the device after the checks).
+struct TableKernel final : c10::OperatorKernel {
+  TableKernel(int index, bool backward) : index(index), backward(backward) {}
+  void operator()(const c10::OperatorHandle&, c10::DispatchKeySet, torch::jit::Stack* stack) {
+    const OpInfo& info = op_info(index);
+    const size_t n = backward ? info.n_bwd_args : info.n_fwd_args;
+    OpCall call(info, torch::jit::last(*stack, n), backward);
+    torch::jit::drop(*stack, n);
+    switch (info.spec->family) {
+      case Family::Rows:
+        if (backward) {
+          stack->emplace_back(rows_backward(call));
+        } else {
+          stack->emplace_back(rows_forward(call));
+        }
+        return;
+      case Family::Dmol: break;
+    }
+    TORCH_CHECK(false, "vae_fast: no kernel for op family ", static_cast<int>(info.spec->family));
+  }
+  int index;
+  bool backward;
+};
 
 // ---- sampling ----------------------------------------------------------------------------------
 
@@ -809,23 +872,15 @@ at::Tensor draw_seed_op(const at::Tensor& like) {
 }
 
 TORCH_LIBRARY(vae_fast, m) {
-  // logvar_clamp (and prior_logvar_clamp): [lo, hi], that input read as clamp(x, lo, hi), its gradient
-  // torch.clamp's (layout.h's Clamp). concat_dim (backward ops): the gradients of the mean and the logvar
-  // come back as one contiguous tensor, their concatenation along it, in the mean's slot (the logvar's
-  // slot empty), so the two halves of one encoder output get their gradient in one buffer, no cat.
-  m.def("gaussian_kl(Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, int event_dims, "
-        "float[]? logvar_clamp=None, float[]? prior_logvar_clamp=None) -> Tensor");
-  m.def("gaussian_kl_backward(Tensor grad, Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar, "
-        "int event_dims, bool[] needs, float[]? logvar_clamp=None, float[]? prior_logvar_clamp=None, "
-        "int? concat_dim=None) -> Tensor[]");
-  m.def("gaussian_log_prob(Tensor x, Tensor mean, Tensor logvar, int event_dims, float[]? logvar_clamp=None) -> Tensor");
-  m.def("gaussian_log_prob_backward(Tensor grad, Tensor x, Tensor mean, Tensor logvar, int event_dims, "
-        "bool[] needs, float[]? logvar_clamp=None, int? concat_dim=None) -> Tensor[]");
-  m.def("bernoulli_log_prob(Tensor x, Tensor logits, int event_dims) -> Tensor");
-  m.def("bernoulli_log_prob_backward(Tensor grad, Tensor x, Tensor logits, int event_dims, bool[] needs) -> Tensor[]");
-  m.def("gaussian_nll(Tensor input, Tensor target, Tensor var, float eps, int event_dims) -> Tensor");
-  m.def("gaussian_nll_backward(Tensor grad, Tensor input, Tensor target, Tensor var, float eps, int event_dims, "
-        "bool[] needs) -> Tensor[]");
+  // The table's ops (op_table.h). logvar_clamp (and prior_logvar_clamp): [lo, hi], that input read as
+  // clamp(x, lo, hi), its gradient torch.clamp's (layout.h's Clamp). concat_dim (backward ops): the
+  // gradients of the mean and the logvar come back as one contiguous tensor, their concatenation along
+  // it, in the mean's slot (the logvar's slot empty), so the two halves of one encoder output get
+  // their gradient in one buffer, no cat.
+  for (const OpSpec& s : kOps) {
+    m.def(schema_text(s, false).c_str());
+    m.def(schema_text(s, true).c_str());
+  }
   // seed: a 1-element int64 tensor on mu's device (read there: graph-capture safe), or seed_value by
   // value, or neither: drawn from torch's generator for mu's device. Tagged nondeterministic_seeded so
   // no compiler merges two calls.
@@ -842,41 +897,45 @@ TORCH_LIBRARY(vae_fast, m) {
 }
 
 // One implementation serves both devices: the glue branches on the device inside, after the checks.
-#define VF_REGISTER(KEY)                                                     \
-  TORCH_LIBRARY_IMPL(vae_fast, KEY, m) {                                     \
-    m.impl("gaussian_kl", &gaussian_kl);                                     \
-    m.impl("gaussian_kl_backward", &gaussian_kl_backward);                   \
-    m.impl("gaussian_log_prob", &gaussian_log_prob);                         \
-    m.impl("gaussian_log_prob_backward", &gaussian_log_prob_backward);       \
-    m.impl("bernoulli_log_prob", &bernoulli_log_prob);                       \
-    m.impl("bernoulli_log_prob_backward", &bernoulli_log_prob_backward);     \
-    m.impl("gaussian_nll", &gaussian_nll);                                   \
-    m.impl("gaussian_nll_backward", &gaussian_nll_backward);                 \
-    m.impl("sample_gaussian", &sample_gaussian);                             \
-    m.impl("sample_gaussian_backward", &sample_gaussian_backward);           \
-    m.impl("draw_seed", &draw_seed_op);                                      \
+void register_kernels(torch::Library& m) {
+  for (int i = 0; i < kNumOps; ++i) {
+    m.impl(kOps[i].name, torch::CppFunction::makeFromBoxedFunctor(std::make_unique<TableKernel>(i, false)));
+    m.impl((std::string(kOps[i].name) + "_backward").c_str(),
+           torch::CppFunction::makeFromBoxedFunctor(std::make_unique<TableKernel>(i, true)));
   }
-VF_REGISTER(CPU)
-VF_REGISTER(CUDA)
+  m.impl("sample_gaussian", &sample_gaussian);
+  m.impl("sample_gaussian_backward", &sample_gaussian_backward);
+  m.impl("draw_seed", &draw_seed_op);
+}
+TORCH_LIBRARY_IMPL(vae_fast, CPU, m) { register_kernels(m); }
+TORCH_LIBRARY_IMPL(vae_fast, CUDA, m) { register_kernels(m); }
 
-// The checks an op's eager call makes, without running it. torch.compile's fake kernels
-// (vae_fast/ops.py) call this with their fake tensors, so compiled code raises what eager code raises.
-void check_op(const std::string& op, const std::vector<std::optional<at::Tensor>>& t, int64_t event_dims,
-              int64_t num_samples, bool sample_dim) {
-  auto get = [&](size_t i) { return i < t.size() && t[i] ? *t[i] : at::Tensor(); };
-  if (op == "gaussian_kl") {
-    RowProblem p(kl_args(get(0), get(1), opt(get(2)), opt(get(3))), event_dims, false);
-  } else if (op == "gaussian_log_prob") {
-    RowProblem p({{get(0), "x"}, {get(1), "mean"}, {get(2), "logvar"}}, event_dims, false);
-  } else if (op == "bernoulli_log_prob") {
-    RowProblem p({{get(0), "x"}, {get(1), "logits"}}, event_dims, false);
-  } else if (op == "gaussian_nll") {
-    RowProblem p({{get(0), "input"}, {get(1), "target"}, {get(2), "var"}}, event_dims, false);
+// The checks an op's eager call makes, without running it: `args` as its schema has them. torch.compile's
+// fake kernels (vae_fast/ops.py) call this with their fake tensors, so compiled code raises what eager
+// code raises.
+void check_op(const std::string& op, const std::vector<c10::IValue>& args) {
+  const int index = op_index(op);
+  if (index >= 0) {
+    const OpInfo& info = op_info(index);
+    TORCH_CHECK(args.size() == info.n_fwd_args, "vae_fast.check_op: ", op, " takes ", info.n_fwd_args, " arguments");
+    OpCall call(info, args, false);
+    switch (info.spec->family) {
+      case Family::Rows: {
+        RowProblem p(call.row_inputs(false, true), call.event_dims, false);
+        return;
+      }
+      case Family::Dmol: break;
+    }
   } else if (op == "sample_gaussian") {  // a seed value stands in for a missing seed: nothing is drawn
-    SampleProblem p(get(0), get(1), opt(get(2)), int64_t{0}, num_samples, sample_dim, event_dims);
-  } else {
-    TORCH_CHECK(false, "vae_fast.check_op: unknown op ", op);
+    TORCH_CHECK(args.size() == 11, "vae_fast.check_op: sample_gaussian takes 11 arguments");
+    std::optional<std::vector<double>> clamp;
+    if (!args[10].isNone()) clamp = args[10].toDoubleVector();
+    const std::optional<at::Tensor> seed = args[2].isNone() ? std::nullopt : std::optional<at::Tensor>(args[2].toTensor());
+    SampleProblem p(args[0].toTensor(), args[1].toTensor(), seed, int64_t{0}, args[4].toInt(), args[5].toBool(),
+                    args[6].toInt(), clamp ? OptClamp(*clamp) : OptClamp());
+    return;
   }
+  TORCH_CHECK(false, "vae_fast.check_op: unknown op ", op);
 }
 
 }  // namespace vae_fast

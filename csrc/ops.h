@@ -1,14 +1,17 @@
 // Declarations shared by the glue files (ops.cpp, ops_cuda.cpp / ops_nocuda.cpp, module.cpp).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/core/ivalue.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/SmallVector.h>
 
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "layout.h"
+#include "op_table.h"
 
 namespace vae_fast {
 
@@ -65,9 +68,23 @@ Clamp parse_clamp(const std::optional<c10::ArrayRef<double>>& clamp, const char*
 // The buffer that holds the gradients of `a` and of `b` (same shape) concatenated along `dim` (contiguous).
 at::Tensor concat_buffer(const at::Tensor& a, const at::Tensor& b, int64_t dim);
 
-// The checks an op's eager call makes, without running it (for torch.compile's fake kernels).
-void check_op(const std::string& op, const std::vector<std::optional<at::Tensor>>& tensors, int64_t event_dims,
-              int64_t num_samples, bool sample_dim);
+// A table op's arguments as its schema has them (op_table.h), derived once from the schema.
+struct OpInfo {
+  const OpSpec* spec = nullptr;
+  int n_tensors = 0;
+  bool optional[kMaxOperands] = {};
+  c10::SmallVector<std::string, kMaxOperands> tensor_names;
+  c10::SmallVector<std::string, 2> param_names, clamp_names;
+  c10::SmallVector<bool, 2> param_is_float;
+  size_t n_fwd_args = 0, n_bwd_args = 0;  // the forward's and the backward's schema arguments
+};
+const OpInfo& op_info(int index);
+int op_index(std::string_view name);  // -1: not a table op
+std::string schema_text(const OpSpec& spec, bool backward);
+
+// The checks an op's eager call makes, without running it (for torch.compile's fake kernels): `args`
+// in the order of the op's schema.
+void check_op(const std::string& op, const std::vector<c10::IValue>& args);
 
 // The key of a sampling call given none: seed_value on the CPU, a device `seed` tensor elsewhere (ops.cpp).
 void draw_seed(const at::Device& device, at::Tensor& seed, std::optional<int64_t>& seed_value);

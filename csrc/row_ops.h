@@ -1,9 +1,10 @@
-// The row ops of layout.h's OpKind, once for every backend: how many inputs and outputs each has
+// The element ops of op_table.h's row kinds, once for every backend: how many inputs and outputs each has
 // and which elbo_math.h formula maps one element's inputs to its outputs. The CPU kernels apply
 // them to SIMD vectors, the CUDA kernels to scalars (arrays decay to the pointers taken here).
 #pragma once
 #include "elbo_math.h"
 #include "layout.h"
+#include "op_table.h"
 
 namespace vae_fast {
 VF_ISA_NS_BEGIN
@@ -17,6 +18,8 @@ struct RowOp;
 // for every row (a per-feature one); apply is the two in one step.
 struct NoHoist {
   static constexpr int kHoisted = -1;
+  template <class V>
+  static VF_HD V hoist(V lv) { return lv; }  // never called (apply's if constexpr)
 };
 template <int J>
 struct HoistInvStdQuarter {  // e4 = e^(-lv/4) of the log-variance x[J] (see elbo::times_inv_std)
@@ -25,90 +28,29 @@ struct HoistInvStdQuarter {  // e4 = e^(-lv/4) of the log-variance x[J] (see elb
   static VF_HD V hoist(V lv) { return elbo::inv_std_quarter(lv); }
 };
 
+// The element op of each kind of op_table.h's VF_ROW_KINDS.
+template <int J>
+struct Hoist : HoistInvStdQuarter<J> {};
 template <>
-struct RowOp<OpKind::KlStdFwd> : NoHoist {
-  static constexpr int kIn = 2, kOut = 1;
-  static constexpr bool kBackward = false;
-  template <class V>
-  static VF_HD void apply(const V* x, V* y) { y[0] = elbo::kl_std(x[0], x[1]); }
-};
-template <>
-struct RowOp<OpKind::KlFwd> : HoistInvStdQuarter<3> {
-  static constexpr int kIn = 4, kOut = 1;
-  static constexpr bool kBackward = false;
-  template <class V>
-  static VF_HD void apply_hoisted(const V* x, V e4, V* y) { y[0] = elbo::kl(x[0], x[1], x[2], x[3], e4); }
-  template <class V>
-  static VF_HD void apply(const V* x, V* y) { apply_hoisted(x, hoist(x[3]), y); }
-};
-template <>
-struct RowOp<OpKind::GaussLpFwd> : HoistInvStdQuarter<2> {
-  static constexpr int kIn = 3, kOut = 1;
-  static constexpr bool kBackward = false;
-  template <class V>
-  static VF_HD void apply_hoisted(const V* x, V e4, V* y) { y[0] = elbo::gaussian_log_prob(x[0], x[1], x[2], e4); }
-  template <class V>
-  static VF_HD void apply(const V* x, V* y) { apply_hoisted(x, hoist(x[2]), y); }
-};
-template <>
-struct RowOp<OpKind::BernLpFwd> : NoHoist {
-  static constexpr int kIn = 2, kOut = 1;
-  static constexpr bool kBackward = false;
-  template <class V>
-  static VF_HD void apply(const V* x, V* y) { y[0] = elbo::bernoulli_log_prob(x[0], x[1]); }
-};
-// Backward: x[0] is the upstream gradient g, then the forward's inputs; y the gradients in order.
-template <>
-struct RowOp<OpKind::KlStdBwd> : NoHoist {
-  static constexpr int kIn = 3, kOut = 2;
-  static constexpr bool kBackward = true;
-  template <class V>
-  static VF_HD void apply(const V* x, V* y) { elbo::kl_std_grad(x[0], x[1], x[2], y[0], y[1]); }
-};
-template <>
-struct RowOp<OpKind::KlBwd> : HoistInvStdQuarter<4> {
-  static constexpr int kIn = 5, kOut = 4;
-  static constexpr bool kBackward = true;
-  template <class V>
-  static VF_HD void apply_hoisted(const V* x, V e4, V* y) {
-    elbo::kl_grad(x[0], x[1], x[2], x[3], x[4], e4, y[0], y[1], y[2], y[3]);
-  }
-  template <class V>
-  static VF_HD void apply(const V* x, V* y) { apply_hoisted(x, hoist(x[4]), y); }
-};
-template <>
-struct RowOp<OpKind::GaussLpBwd> : HoistInvStdQuarter<3> {
-  static constexpr int kIn = 4, kOut = 3;
-  static constexpr bool kBackward = true;
-  template <class V>
-  static VF_HD void apply_hoisted(const V* x, V e4, V* y) {
-    elbo::gaussian_log_prob_grad(x[0], x[1], x[2], x[3], e4, y[0], y[1], y[2]);
-  }
-  template <class V>
-  static VF_HD void apply(const V* x, V* y) { apply_hoisted(x, hoist(x[3]), y); }
-};
-template <>
-struct RowOp<OpKind::BernLpBwd> : NoHoist {
-  static constexpr int kIn = 3, kOut = 2;
-  static constexpr bool kBackward = true;
-  template <class V>
-  static VF_HD void apply(const V* x, V* y) { elbo::bernoulli_log_prob_grad(x[0], x[1], x[2], y[0], y[1]); }
-};
+struct Hoist<-1> : NoHoist {};
 
-template <>
-struct RowOp<OpKind::GaussNllFwd> : NoHoist {
-  static constexpr int kIn = 4, kOut = 1;
-  static constexpr bool kBackward = false;
-  template <class V>
-  static VF_HD void apply(const V* x, V* y) { y[0] = elbo::gaussian_nll(x[0], x[1], x[2], x[3]); }
-};
-template <>
-struct RowOp<OpKind::GaussNllBwd> : NoHoist {
-  static constexpr int kIn = 5, kOut = 3;
-  static constexpr bool kBackward = true;
-  template <class V>
-  static VF_HD void apply(const V* x, V* y) { elbo::gaussian_nll_grad(x[0], x[1], x[2], x[3], x[4], y[0], y[1], y[2]); }
-};
+#define VF_ROW_OP(KIND, IN, OUT, BACKWARD, HOISTED, FORMULA)                        \
+  template <>                                                                        \
+  struct RowOp<OpKind::KIND> : Hoist<HOISTED> {                                      \
+    static constexpr int kIn = IN, kOut = OUT;                                       \
+    static constexpr bool kBackward = BACKWARD;                                      \
+    template <class V>                                                               \
+    static VF_HD void apply_hoisted(const V* x, [[maybe_unused]] V h, V* y) {        \
+      FORMULA;                                                                       \
+    }                                                                                \
+    template <class V>                                                               \
+    static VF_HD void apply(const V* x, V* y) {                                      \
+      if constexpr (HOISTED >= 0) apply_hoisted(x, Hoist<HOISTED>::hoist(x[HOISTED < 0 ? 0 : HOISTED]), y); \
+      else apply_hoisted(x, V(), y);                                                 \
+    }                                                                                \
+  };
+VF_ROW_KINDS(VF_ROW_OP)
+#undef VF_ROW_OP
 
 VF_ISA_NS_END
 }  // namespace vae_fast

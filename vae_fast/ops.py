@@ -127,15 +127,12 @@ def gaussian_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, event_dims: int
     in the kernel, with torch.clamp's gradient (zero outside [low, high], passed at its edges).
     """
     _require_tensor("gaussian_kl", mu=mu, logvar=logvar)
-    if (prior_mu is None) != (prior_logvar is None):
-        raise ValueError("vae_fast.gaussian_kl: prior_mu and prior_logvar must be given together or not at all")
-    if prior_mu is not None:
-        _require_tensor("gaussian_kl", prior_mu=prior_mu, prior_logvar=prior_logvar)
+    for name, t in (("prior_mu", prior_mu), ("prior_logvar", prior_logvar)):
+        if t is not None:
+            _require_tensor("gaussian_kl", **{name: t})
     _require_int("gaussian_kl", "event_dims", event_dims)
     clamp = _clamp_arg("gaussian_kl", "logvar_clamp", logvar_clamp)
     prior_clamp = _clamp_arg("gaussian_kl", "prior_logvar_clamp", prior_logvar_clamp)
-    if prior_clamp is not None and prior_logvar is None:
-        raise ValueError("vae_fast.gaussian_kl: prior_logvar_clamp needs prior_logvar")
     return _ops.gaussian_kl(mu, logvar, prior_mu, prior_logvar, event_dims, clamp, prior_clamp)
 
 
@@ -323,11 +320,6 @@ def _static(*tensors) -> bool:
     return all(isinstance(s, int) for t in tensors if t is not None for s in (*t.shape, *t.stride()))
 
 
-def _eager_checks(op: str, tensors, event_dims: int, num_samples: int = 1, sample_dim: bool = False) -> None:
-    if _static(*tensors):
-        _C.check_op(op, list(tensors), event_dims, num_samples, sample_dim)
-
-
 def _acc_dtype(*tensors) -> torch.dtype:
     """Reductions come out in float64 for float64 inputs, else float32 (half/bf16 are summed in fp32)."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
@@ -336,31 +328,6 @@ def _acc_dtype(*tensors) -> torch.dtype:
 def _row_out(event_dims: int, *tensors) -> torch.Tensor:
     shape = torch.broadcast_shapes(*(t.shape for t in tensors))
     return tensors[0].new_empty(shape[: len(shape) - event_dims], dtype=_acc_dtype(*tensors))
-
-
-@torch.library.register_fake("vae_fast::gaussian_kl")
-def _(mu, logvar, prior_mu, prior_logvar, event_dims, logvar_clamp=None, prior_logvar_clamp=None):
-    _eager_checks("gaussian_kl", (mu, logvar, prior_mu, prior_logvar), event_dims)
-    priors = [] if prior_mu is None else [prior_mu, prior_logvar]
-    return _row_out(event_dims, mu, logvar, *priors)
-
-
-@torch.library.register_fake("vae_fast::gaussian_log_prob")
-def _(x, mean, logvar, event_dims, logvar_clamp=None):
-    _eager_checks("gaussian_log_prob", (x, mean, logvar), event_dims)
-    return _row_out(event_dims, x, mean, logvar)
-
-
-@torch.library.register_fake("vae_fast::bernoulli_log_prob")
-def _(x, logits, event_dims):
-    _eager_checks("bernoulli_log_prob", (x, logits), event_dims)
-    return _row_out(event_dims, x, logits)
-
-
-@torch.library.register_fake("vae_fast::gaussian_nll")
-def _(input, target, var, eps, event_dims):
-    _eager_checks("gaussian_nll", (input, target, var), event_dims)
-    return _row_out(event_dims, input, target, var)
 
 
 def _grads_like(needs, originals, concat_dim=None, pair=0):
@@ -381,33 +348,39 @@ def _halves(joint: torch.Tensor, dim: int):
     return joint.narrow(dim, 0, h), joint.narrow(dim, h, h)
 
 
-@torch.library.register_fake("vae_fast::gaussian_kl_backward")
-def _(grad, mu, logvar, prior_mu, prior_logvar, event_dims, needs, logvar_clamp=None, prior_logvar_clamp=None,
-      concat_dim=None):
-    originals = [mu, logvar] + ([] if prior_mu is None else [prior_mu, prior_logvar])
-    grads = _grads_like(needs, originals, concat_dim, 0)
-    return grads + [mu.new_empty((0,)) for _ in range(4 - len(grads))]
+def _schema_args(name: str, args, kwargs) -> list:
+    """A call's arguments in the order of op `name`'s schema, defaults filled in (a caller may leave them out)."""
+    schema = getattr(_ops, name).default._schema
+    return [*args, *(kwargs.get(a.name, a.default_value) for a in schema.arguments[len(args):])]
 
 
-@torch.library.register_fake("vae_fast::gaussian_log_prob_backward")
-def _(grad, x, mean, logvar, event_dims, needs, logvar_clamp=None, concat_dim=None):
-    return _grads_like(needs, [x, mean, logvar], concat_dim, 1)
+def _register_table_fakes(op: dict) -> None:
+    """The fake kernels of a table op (csrc/op_table.h) and of its backward."""
+    name, n, event_at, pair = op["name"], len(op["tensors"]), len(op["tensors"]) + len(op["params"]), op["pair"]
 
+    def fake(*args, **kwargs):
+        args = _schema_args(name, args, kwargs)
+        if _static(*args[:n]):
+            _C.check_op(name, args)
+        return _row_out(args[event_at], *(t for t in args[:n] if t is not None))
 
-@torch.library.register_fake("vae_fast::bernoulli_log_prob_backward")
-def _(grad, x, logits, event_dims, needs):
-    return _grads_like(needs, [x, logits])
+    def fake_backward(*args, **kwargs):
+        args = _schema_args(f"{name}_backward", args, kwargs)
+        originals = [t for t in args[1:n + 1] if t is not None]
+        concat_dim = args[-1] if pair >= 0 else None
+        grads = _grads_like(args[event_at + 2], originals, concat_dim, max(pair, 0))
+        return grads + [originals[0].new_empty((0,)) for _ in range(n - len(grads))]
 
-
-@torch.library.register_fake("vae_fast::gaussian_nll_backward")
-def _(grad, input, target, var, eps, event_dims, needs):
-    return _grads_like(needs, [input, target, var])
+    torch.library.register_fake(f"vae_fast::{name}")(fake)
+    torch.library.register_fake(f"vae_fast::{name}_backward")(fake_backward)
 
 
 @torch.library.register_fake("vae_fast::sample_gaussian")
 def _(mu, logvar, seed, seed_value, num_samples, sample_dim, event_dims, want_log_q, want_kl, log_q_path_only,
       logvar_clamp=None):
-    _eager_checks("sample_gaussian", (mu, logvar, seed), event_dims, num_samples, sample_dim)
+    if _static(mu, logvar, seed):
+        _C.check_op("sample_gaussian", [mu, logvar, seed, seed_value, num_samples, sample_dim, event_dims, want_log_q,
+                                        want_kl, log_q_path_only, logvar_clamp])
     acc = _acc_dtype(mu)
     lead = (num_samples,) if sample_dim else ()
     reduced = tuple(mu.shape[: mu.dim() - event_dims])
@@ -469,25 +442,26 @@ def _pad_to_inputs(ctx, grads):
     return (*grads, *([None] * (len(ctx.needs_input_grad) - len(grads))))
 
 
-def _register_row_double_backward(name, forward, n_args, extra_before_event=0, clamp_names=(), pair=0):
-    """Autograd of `vae_fast::<name>_backward(grad, *tensors, [extra,] event_dims, needs, [*clamps, concat_dim])`:
-    `clamp_names` name the forward's clamp keywords (then concat_dim follows; it joins outputs pair, pair + 1)."""
+def _register_table_double_backward(op: dict) -> None:
+    """Autograd of `vae_fast::<name>_backward(grad, *tensors, *params, event_dims, needs, *clamps[, concat_dim])`
+    (csrc/op_table.h): the vector-Jacobian product of the composite formula `_composite.<name>`."""
+    name, n, n_params, clamp_names, pair = op["name"], len(op["tensors"]), len(op["params"]), op["clamps"], op["pair"]
+    forward = getattr(reference, name)
+
     def setup(ctx, inputs, output):
-        ctx.inputs = inputs  # double backward is rare; keeping the references is simplest
+        ctx.inputs = _schema_args(f"{name}_backward", inputs, {})  # double backward is rare: keep the references
         ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
 
     def backward(ctx, grads):
         grad, *rest = ctx.inputs
-        tensors, params = rest[:n_args], rest[n_args:]
-        event_dims = params[extra_before_event]
-        extra = params[:extra_before_event]
-        after_needs = params[extra_before_event + 2:]
-        clamps = dict(zip(clamp_names, after_needs))
-        concat_dim = after_needs[len(clamp_names)] if clamp_names else None
+        tensors, params = rest[:n], rest[n:n + n_params]
+        event_dims = rest[n + n_params]
+        clamps = dict(zip(clamp_names, rest[n + n_params + 2:]))
+        concat_dim = rest[-1] if pair >= 0 else None
         grads = list(grads)
         if concat_dim is not None and grads[pair] is not None:
             grads[pair], grads[pair + 1] = _halves(grads[pair], concat_dim)
-        first = _first_order(lambda *a: forward(*a[:n_args], *extra, event_dims=event_dims, **clamps), n_args)
+        first = _first_order(lambda *a: forward(*a[:n], *params, event_dims=event_dims, **clamps), n)
         gg = [g if t is not None and g is not None and g.numel() == t.numel() else None
               for g, t in zip(grads, tensors)]
         out = _vjp_of_first_order(lambda gr, *ts: first(gr, *ts), [grad, *tensors], gg)
@@ -496,12 +470,9 @@ def _register_row_double_backward(name, forward, n_args, extra_before_event=0, c
     torch.library.register_autograd(f"vae_fast::{name}_backward", backward, setup_context=setup)
 
 
-_register_row_double_backward("gaussian_kl", reference.gaussian_kl, 4,
-                              clamp_names=("logvar_clamp", "prior_logvar_clamp"), pair=0)
-_register_row_double_backward("gaussian_log_prob", reference.gaussian_log_prob, 3, clamp_names=("logvar_clamp",),
-                              pair=1)
-_register_row_double_backward("bernoulli_log_prob", reference.bernoulli_log_prob, 2)
-_register_row_double_backward("gaussian_nll", reference.gaussian_nll_terms, 3, extra_before_event=1)
+for _op in _C.op_table():
+    _register_table_fakes(_op)
+    _register_table_double_backward(_op)
 
 
 def _sample_double_backward_setup(ctx, inputs, output):

@@ -67,7 +67,7 @@ def standard_normal_log_prob(eps, logvar, *, event_dims=1):
     return _sum_event(-0.5 * (LOG_2PI + logvar + eps * eps), event_dims)
 
 
-def gaussian_nll_terms(input, target, var, eps, *, event_dims=0):
+def gaussian_nll(input, target, var, eps, *, event_dims=0):
     """F.gaussian_nll_loss's terms 0.5 * (log vc + (input - target)^2 / vc), vc = max(var, eps), summed
     over ``event_dims``; the gradient passes straight through the clamp, as torch's."""
     vc = var + (var.clamp(min=eps) - var).detach()

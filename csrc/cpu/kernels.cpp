@@ -1052,16 +1052,10 @@ void dispatch_acc(const RowArgs& args) {
 
 void run_rows(OpKind op, const RowArgs& args) {
   switch (op) {
-    case OpKind::KlStdFwd: return dispatch_acc<RowOp<OpKind::KlStdFwd>>(args);
-    case OpKind::KlStdBwd: return dispatch_acc<RowOp<OpKind::KlStdBwd>>(args);
-    case OpKind::KlFwd: return dispatch_acc<RowOp<OpKind::KlFwd>>(args);
-    case OpKind::KlBwd: return dispatch_acc<RowOp<OpKind::KlBwd>>(args);
-    case OpKind::GaussLpFwd: return dispatch_acc<RowOp<OpKind::GaussLpFwd>>(args);
-    case OpKind::GaussLpBwd: return dispatch_acc<RowOp<OpKind::GaussLpBwd>>(args);
-    case OpKind::BernLpFwd: return dispatch_acc<RowOp<OpKind::BernLpFwd>>(args);
-    case OpKind::BernLpBwd: return dispatch_acc<RowOp<OpKind::BernLpBwd>>(args);
-    case OpKind::GaussNllFwd: return dispatch_acc<RowOp<OpKind::GaussNllFwd>>(args);
-    case OpKind::GaussNllBwd: return dispatch_acc<RowOp<OpKind::GaussNllBwd>>(args);
+#define VF_KIND_CASE(kind, ...) \
+  case OpKind::kind: return dispatch_acc<RowOp<OpKind::kind>>(args);
+    VF_ROW_KINDS(VF_KIND_CASE)
+#undef VF_KIND_CASE
   }
 }
 

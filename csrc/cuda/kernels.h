@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include "../layout.h"
+#include "../op_table.h"
 
 namespace vae_fast::cuda {
 

@@ -1030,16 +1030,10 @@ cudaError_t run_op(const RowArgs& a, cudaStream_t stream) {
 cudaError_t launch_rows(OpKind op, const RowArgs& args, cudaStream_t stream) {
   using namespace detail;
   switch (op) {
-    case OpKind::KlStdFwd: return run_op<OpKind::KlStdFwd>(args, stream);
-    case OpKind::KlStdBwd: return run_op<OpKind::KlStdBwd>(args, stream);
-    case OpKind::KlFwd: return run_op<OpKind::KlFwd>(args, stream);
-    case OpKind::KlBwd: return run_op<OpKind::KlBwd>(args, stream);
-    case OpKind::GaussLpFwd: return run_op<OpKind::GaussLpFwd>(args, stream);
-    case OpKind::GaussLpBwd: return run_op<OpKind::GaussLpBwd>(args, stream);
-    case OpKind::BernLpFwd: return run_op<OpKind::BernLpFwd>(args, stream);
-    case OpKind::BernLpBwd: return run_op<OpKind::BernLpBwd>(args, stream);
-    case OpKind::GaussNllFwd: return run_op<OpKind::GaussNllFwd>(args, stream);
-    case OpKind::GaussNllBwd: return run_op<OpKind::GaussNllBwd>(args, stream);
+#define VF_KIND_CASE(kind, ...) \
+  case OpKind::kind: return run_op<OpKind::kind>(args, stream);
+    VF_ROW_KINDS(VF_KIND_CASE)
+#undef VF_KIND_CASE
   }
   return cudaErrorInvalidValue;
 }

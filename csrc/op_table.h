@@ -1,0 +1,71 @@
+// The table of the ops: each op's identity, once. Everything else is generated from it:
+//  * VF_ROW_KINDS: the row engine's kernel kinds: the OpKind enum (below), the element ops
+//    (row_ops.h) and the dispatch switches of the CPU and CUDA engines (cpu/kernels.cpp, cuda/rows.cu);
+//  * kOps: the schemas, the CPU / CUDA / Autograd registrations, the argument checks and check_op
+//    (ops.cpp, autograd.cpp), and in Python the fake kernels and double backward (vae_fast/ops.py).
+// Torch-free (the CUDA kernels include it). docs/architecture.md: how to add an op.
+#pragma once
+#include <cstdint>
+
+namespace vae_fast {
+
+// X(kind, inputs, outputs, is_backward, hoisted input (-1: none), the element formula).
+// The formula reads the inputs x[], writes the outputs y[] and may use h, the hoisted value
+// elbo::inv_std_quarter(x[hoisted]) (row_ops.h computes it once per row or per call when that input
+// is per row or a scalar). A backward kind's x[0] is the upstream gradient, then the forward's inputs;
+// y[] are the inputs' gradients in order.
+#define VF_ROW_KINDS(X)                                                                                  \
+  X(KlStdFwd, 2, 1, false, -1, y[0] = elbo::kl_std(x[0], x[1]))                                          \
+  X(KlStdBwd, 3, 2, true, -1, elbo::kl_std_grad(x[0], x[1], x[2], y[0], y[1]))                           \
+  X(KlFwd, 4, 1, false, 3, y[0] = elbo::kl(x[0], x[1], x[2], x[3], h))                                   \
+  X(KlBwd, 5, 4, true, 4, elbo::kl_grad(x[0], x[1], x[2], x[3], x[4], h, y[0], y[1], y[2], y[3]))        \
+  X(GaussLpFwd, 3, 1, false, 2, y[0] = elbo::gaussian_log_prob(x[0], x[1], x[2], h))                     \
+  X(GaussLpBwd, 4, 3, true, 3, elbo::gaussian_log_prob_grad(x[0], x[1], x[2], x[3], h, y[0], y[1], y[2])) \
+  X(BernLpFwd, 2, 1, false, -1, y[0] = elbo::bernoulli_log_prob(x[0], x[1]))                             \
+  X(BernLpBwd, 3, 2, true, -1, elbo::bernoulli_log_prob_grad(x[0], x[1], x[2], y[0], y[1]))              \
+  X(GaussNllFwd, 4, 1, false, -1, y[0] = elbo::gaussian_nll(x[0], x[1], x[2], x[3]))                     \
+  X(GaussNllBwd, 5, 3, true, -1, elbo::gaussian_nll_grad(x[0], x[1], x[2], x[3], x[4], y[0], y[1], y[2]))
+
+enum class OpKind : int32_t {
+#define VF_KIND_ENUM(kind, ...) kind,
+  VF_ROW_KINDS(VF_KIND_ENUM)
+#undef VF_KIND_ENUM
+};
+
+// How an op's kernels are reached: the row engine (elementwise terms over a broadcast shape, summed
+// over trailing event dims), or an op with its own launch.
+enum class Family : int8_t { Rows, Dmol };
+
+// One op: vae_fast::<name>(<tensors>, <params>, int event_dims, <clamps>) -> Tensor and its backward
+// vae_fast::<name>_backward(Tensor grad, <tensors>, <params>, int event_dims, bool[] needs, <clamps>
+// [, int? concat_dim=None]) -> Tensor[] (one gradient per tensor argument, empty where not needed).
+struct OpSpec {
+  const char* name;
+  const char* api;      // the Python function users call (named in messages)
+  const char* tensors;  // schema text; optional tensors (Tensor?) are given together or not at all
+  const char* params;   // schema text of the arguments before event_dims ("": none); a float one enters
+                        // a row kernel as a scalar operand after the tensors
+  const char* clamps;   // schema text: "float[]? <name>=None" each (layout.h's Clamp), after event_dims
+  int8_t clamped[2];    // the tensor argument each clamp applies to
+  int8_t pair;          // the first of two arguments (a mean, a log-variance) whose gradients may come
+                        // back as one buffer (the backward's concat_dim); -1: none
+  Family family;
+  OpKind fwd, bwd;            // the row kernels with every tensor argument given
+  OpKind fwd_short, bwd_short;  // ... with the optional ones left out
+};
+
+inline constexpr OpSpec kOps[] = {
+    {"gaussian_kl", "gaussian_kl", "Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar", "",
+     "float[]? logvar_clamp=None, float[]? prior_logvar_clamp=None", {1, 3}, 0, Family::Rows, OpKind::KlFwd,
+     OpKind::KlBwd, OpKind::KlStdFwd, OpKind::KlStdBwd},
+    {"gaussian_log_prob", "gaussian_log_prob", "Tensor x, Tensor mean, Tensor logvar", "",
+     "float[]? logvar_clamp=None", {2, -1}, 1, Family::Rows, OpKind::GaussLpFwd, OpKind::GaussLpBwd,
+     OpKind::GaussLpFwd, OpKind::GaussLpBwd},
+    {"bernoulli_log_prob", "bernoulli_log_prob", "Tensor x, Tensor logits", "", "", {-1, -1}, -1, Family::Rows,
+     OpKind::BernLpFwd, OpKind::BernLpBwd, OpKind::BernLpFwd, OpKind::BernLpBwd},
+    {"gaussian_nll", "gaussian_nll_loss", "Tensor input, Tensor target, Tensor var", "float eps", "", {-1, -1}, -1,
+     Family::Rows, OpKind::GaussNllFwd, OpKind::GaussNllBwd, OpKind::GaussNllFwd, OpKind::GaussNllBwd},
+};
+inline constexpr int kNumOps = sizeof(kOps) / sizeof(kOps[0]);
+
+}  // namespace vae_fast
