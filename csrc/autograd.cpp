@@ -256,11 +256,7 @@ std::tuple<Tensor, Tensor, Tensor> sample_gaussian_autograd(const Tensor& mu, co
                                                             bool want_kl, bool log_q_path_only, OptClamp logvar_clamp) {
   check_ad_mode("reparameterize", {mu, logvar});
   Tensor seed_t = seed.value_or(Tensor());
-  // The key is fixed here, before the forward, so that the backward regenerates the same eps.
-  // Not while tracing (fake tensors carry the Python key): a key drawn then would be baked into the graph;
-  // vae_fast/ops.py passes a draw_seed tensor under torch.compile instead.
-  if (!seed_t.defined() && !seed_value && !mu.is_meta() && !mu.key_set().has(c10::DispatchKey::Python))
-    draw_seed(mu.device(), seed_t, seed_value);
+  draw_seed_if_none(mu, seed_t, seed_value);  // fixed before the forward: the backward regenerates eps
   const SampleCall c{seed_value, num_samples, event_dims, sample_dim, want_log_q, want_kl, log_q_path_only,
                      clamp_saved(logvar_clamp)};
   if (!at::GradMode::is_enabled() || !any_requires_grad({mu, logvar})) {

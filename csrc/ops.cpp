@@ -677,13 +677,9 @@ struct SampleProblem {
     TORCH_CHECK_VALUE(k >= 1, "vae_fast: num_samples must be >= 1, got ", k);
     TORCH_CHECK_VALUE(sample_dim || k == 1, "vae_fast: num_samples > 1 needs a sample dimension");
     check_event_dims(event_dims, mu_.dim(), "mu");
-    std::optional<at::Tensor> drawn;
-    if (!(seed_ && seed_->defined()) && !seed_value_ && !mu_.is_meta()) {
-      at::Tensor t;
-      draw_seed(mu_.device(), t, seed_value_);
-      if (t.defined()) drawn = t;
-    }
-    const std::optional<at::Tensor>& seed_in = drawn ? drawn : seed_;
+    at::Tensor drawn = seed_.value_or(at::Tensor());
+    draw_seed_if_none(mu_, drawn, seed_value_);
+    const std::optional<at::Tensor> seed_in = opt(drawn);
     if (seed_in && seed_in->defined()) {
       TORCH_CHECK_TYPE(seed_in->scalar_type() == at::kLong && seed_in->numel() == 1,
                        "vae_fast: seed must be a 1-element int64 tensor, got ", seed_in->scalar_type(), " of shape ",
@@ -861,6 +857,16 @@ void draw_seed(const at::Device& device, at::Tensor& seed, std::optional<int64_t
   } else {
     seed = at::randint(0, int64_t{1} << 62, {1}, at::TensorOptions().dtype(at::kLong).device(device));
   }
+}
+
+// The one place that decides whether a sampling call draws its key: given neither a seed tensor nor a
+// value, on real tensors. Not on meta tensors, nor while tracing (fake tensors carry the Python key): a
+// key drawn then would be baked into the graph; vae_fast/ops.py passes a draw_seed tensor under
+// torch.compile instead. The autograd kernel calls it before the forward (the backward regenerates eps
+// from the same key); a call below autograd (inference mode) reaches it in the op itself.
+void draw_seed_if_none(const at::Tensor& like, at::Tensor& seed, std::optional<int64_t>& seed_value) {
+  if (!seed.defined() && !seed_value && !like.is_meta() && !like.key_set().has(c10::DispatchKey::Python))
+    draw_seed(like.device(), seed, seed_value);
 }
 
 // A 1-element int64 seed on like's device, drawn as a sampling call given no seed draws it.

@@ -88,6 +88,8 @@ void check_op(const std::string& op, const std::vector<c10::IValue>& args);
 
 // The key of a sampling call given none: seed_value on the CPU, a device `seed` tensor elsewhere (ops.cpp).
 void draw_seed(const at::Device& device, at::Tensor& seed, std::optional<int64_t>& seed_value);
+// Draws the key (draw_seed) when a sampling call was given none, on real tensors only (ops.cpp says when).
+void draw_seed_if_none(const at::Tensor& like, at::Tensor& seed, std::optional<int64_t>& seed_value);
 
 // CUDA side (ops_cuda.cpp when built with CUDA, else ops_nocuda.cpp, whose versions raise).
 bool cuda_available();
