@@ -16,7 +16,7 @@ from torch import nn
 
 import vae_fast
 import vae_fast.model as model_mod
-from vae_fast import data, ops, reference as ref
+from vae_fast import _composite as ref, data, ops
 from vae_fast.model import VAE, active_units, mlp_vae
 from vae_fast.train import TrainConfig, train
 
@@ -328,7 +328,7 @@ def test_log_weights_average_to_the_elbo(digits_run):
 
 
 def _reference_ops(monkeypatch):
-    """Make the model compute with ``reference.py`` (autograd through plain PyTorch), drawing the very eps the
+    """Make the model compute with ``_composite.py`` (autograd through plain PyTorch), drawing the very eps the
     fused sampler draws: the fused op with mu = 0, logvar = 0 returns its eps, consuming the same seed."""
     fused_sample = ops.reparameterize
 
@@ -366,7 +366,7 @@ def _train_losses(objective, num_samples, steps=150):
 
 @pytest.mark.parametrize("objective,num_samples", [("elbo", 1), ("elbo", 4), ("iwae", 5)])
 def test_fused_and_reference_ops_train_the_same(monkeypatch, objective, num_samples):
-    """Convergence test: the same VAE trained with the fused ops and with reference.py, same seeds and eps.
+    """Convergence test: the same VAE trained with the fused ops and with _composite.py, same seeds and eps.
     The two differ only by float32 rounding (summation order): after 150 Adam steps, measured up to 2e-7
     (ELBO) and 5e-6 (IWAE, whose log-weights cancel) relative in every step's loss, and 1e-7 (ELBO) to 2.4e-4
     (IWAE) in the weights' relative norm: Adam turns rounding noise in near-zero gradients into +-lr steps, so

@@ -1,6 +1,5 @@
 """vae_fast: the VAE training objective as fused, exact PyTorch custom ops (CPU and CUDA)."""
 
-from . import reference
 from .ops import (
     bernoulli_log_prob,
     gaussian_kl,
@@ -28,7 +27,6 @@ __all__ = [
     "gradient_snr",
     "mlp_vae",
     "patch_diffusers",
-    "reference",
     "reparameterize",
     "reparameterize_with_kl",
     "unpatch_diffusers",

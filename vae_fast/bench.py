@@ -1,4 +1,4 @@
-"""The benchmark suite: fused ops vs eager (``reference.py``) vs ``torch.compile(reference)``.
+"""The benchmark suite: fused ops vs eager (``_composite.py``) vs ``torch.compile(reference)``.
 
 Run it as ``python -m vae_fast bench [flags]`` or ``python benchmarks/run.py [flags]``. One process times,
 per op, dtype, size and pass ("fwd", "fwd+bwd"), the fused op, the same maths in plain PyTorch, and that
@@ -34,7 +34,7 @@ Method
   as, the reference it compiles.
 * Training steps (CUDA adds CUDA graphs): one Adam step (grads set to None, forward, backward, step) per
   config and implementation, timed like the ops (interleaved; CUDA events): the fused model, the same model
-  with reference.py's maths, each eager, compiled (``torch.compile``, Inductor defaults), compiled with
+  with _composite.py's maths, each eager, compiled (``torch.compile``, Inductor defaults), compiled with
   ``mode="reduce-overhead"`` (CUDA graph trees, ``cudagraph_mark_step_begin()`` each step), and captured
   whole in one CUDA graph (``torch.cuda.graph``, capturable Adam, static inputs copied in, then replayed).
   Each is warmed up three times first (compiling, recording); one that fails records its error and the
@@ -101,7 +101,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ops as fused_ops
-from . import reference as R
+from . import _composite as R
 
 PASSES = ("fwd", "fwd+bwd")
 IMPLS = ("fused", "eager", "compile")
@@ -436,7 +436,7 @@ REFERENCE_MODEL_OPS = {
 
 @contextlib.contextmanager
 def reference_ops_in_model():
-    """The model code with reference.py's plain-PyTorch maths in place of the fused ops."""
+    """The model code with _composite.py's plain-PyTorch maths in place of the fused ops."""
     from . import model as model_module
 
     saved = {name: getattr(model_module, name) for name in REFERENCE_MODEL_OPS}
@@ -644,7 +644,7 @@ def _trainee(cfg: TrainConfig, device: torch.device):
 
 
 def _maths(cfg: TrainConfig, reference: bool):
-    """The context a step runs in: reference.py's maths patched into vae_fast.model for an eager MLP step."""
+    """The context a step runs in: _composite.py's maths patched into vae_fast.model for an eager MLP step."""
     return reference_ops_in_model() if reference and cfg.kind == "mlp" else contextlib.nullcontext()
 
 
@@ -789,7 +789,7 @@ def bench_train_step(device: torch.device, repeats: int, quick: bool, gen: torch
 
 def train_step_note(quick: bool) -> str:
     """What the training-step rows mean (the results' ``train_step_note``)."""
-    return ("train step: fused = the model as written; eager = the same model with reference.py's maths "
+    return ("train step: fused = the model as written; eager = the same model with _composite.py's maths "
             "patched into vae_fast.model (the LDM config: diffusers' own posterior class); compile = "
             "torch.compile of the eager one, fused_compile = of the fused one (Inductor defaults); *_cudagraphs = "
             "the same compiled with mode='reduce-overhead' (CUDA graph trees; cudagraph_mark_step_begin() and grads "
