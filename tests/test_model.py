@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import vae_fast
+import vae_fast.likelihoods as likelihoods_mod
 import vae_fast.model as model_mod
 from vae_fast import _composite as ref, data, ops
 from vae_fast.model import VAE, active_units, mlp_vae
@@ -62,13 +63,13 @@ def test_shapes_of_every_method(likelihood, obs_logvar):
 
 def test_decoder_outputs_are_scored_against_unexpanded_data(monkeypatch):
     seen = []
-    fused = model_mod.bernoulli_log_prob
+    fused = likelihoods_mod.bernoulli_log_prob
 
     def spy(x, logits, **kw):
         seen.append((tuple(x.shape), tuple(logits.shape), x.stride()))
         return fused(x, logits, **kw)
 
-    monkeypatch.setattr(model_mod, "bernoulli_log_prob", spy)
+    monkeypatch.setattr(likelihoods_mod, "bernoulli_log_prob", spy)
     model = mlp_vae(64, 4, hidden=(32,))
     x = _digits_batch(8)
     model(x, num_samples=5)
@@ -344,8 +345,9 @@ def _reference_ops(monkeypatch):
 
     monkeypatch.setattr(model_mod, "reparameterize", reparameterize)
     monkeypatch.setattr(model_mod, "reparameterize_with_kl", reparameterize_with_kl)
-    for name in ("gaussian_kl", "gaussian_log_prob", "bernoulli_log_prob"):
-        monkeypatch.setattr(model_mod, name, getattr(ref, name))
+    for module, name in ((model_mod, "gaussian_kl"), (model_mod, "gaussian_log_prob"),  # the KL, log p(z)
+                         (likelihoods_mod, "gaussian_log_prob"), (likelihoods_mod, "bernoulli_log_prob")):
+        monkeypatch.setattr(module, name, getattr(ref, name))
 
 
 def _train_losses(objective, num_samples, steps=150):

@@ -9,7 +9,9 @@ from .ops import (
     reparameterize_with_kl,
 )
 from . import data
+from .conv import conv_vae
 from .distributions import DiagonalGaussianDistribution
+from .likelihoods import bits_per_dim
 from .model import VAE, active_units, gradient_snr, mlp_vae
 from .patch import patch_diffusers, unpatch_diffusers
 
@@ -20,6 +22,8 @@ __all__ = [
     "VAE",
     "active_units",
     "bernoulli_log_prob",
+    "bits_per_dim",
+    "conv_vae",
     "data",
     "gaussian_kl",
     "gaussian_log_prob",
