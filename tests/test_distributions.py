@@ -426,7 +426,7 @@ def test_compiles_in_one_graph():
 
 
 def test_ldm_benchmark_rows_have_the_suite_schema():
-    from vae_fast.bench_ldm import ldm_rows
+    from vae_fast.bench.ldm import ldm_rows
 
     rows = ldm_rows("cpu", quick=True, repeats=3, copy_gbps=10.0)
     assert [r["pass"] for r in rows] == ["fwd", "fwd+bwd"]
