@@ -35,50 +35,50 @@ def _ref_reparameterize_with_kl(mu, logvar, num_samples=None, *, seed=None, gene
     return R.sample_eager(mu, logvar, num_samples, event_dims=event_dims)
 
 
+# Where the model code calls each ELBO op, (module of vae_fast, name), and the plain-PyTorch maths put in its place:
+# model.py draws z and takes the KL and log p(z); likelihoods.py scores the data, log p(x | z).
 REFERENCE_MODEL_OPS = {
-    "bernoulli_log_prob": R.bernoulli_log_prob,
-    "gaussian_kl": R.gaussian_kl,
-    "gaussian_log_prob": R.gaussian_log_prob,
-    "reparameterize": _ref_reparameterize,
-    "reparameterize_with_kl": _ref_reparameterize_with_kl,
+    ("model", "gaussian_kl"): R.gaussian_kl,
+    ("model", "gaussian_log_prob"): R.gaussian_log_prob,
+    ("model", "reparameterize"): _ref_reparameterize,
+    ("model", "reparameterize_with_kl"): _ref_reparameterize_with_kl,
+    ("likelihoods", "bernoulli_log_prob"): R.bernoulli_log_prob,
+    ("likelihoods", "gaussian_log_prob"): R.gaussian_log_prob,
 }
 
 
 @contextlib.contextmanager
-def reference_ops_in_model():
-    """The model code with _composite.py's plain-PyTorch maths in place of the fused ops."""
-    from .. import model as model_module
+def _model_ops_replaced(replace):
+    """Each ELBO op where the model code calls it (REFERENCE_MODEL_OPS' places) bound to
+    ``replace((module, name), the function bound there now)``, and put back afterwards."""
+    from .. import likelihoods, model
 
-    saved = {name: getattr(model_module, name) for name in REFERENCE_MODEL_OPS}
-    for name, fn in REFERENCE_MODEL_OPS.items():
-        setattr(model_module, name, fn)
+    modules = {"model": model, "likelihoods": likelihoods}
+    saved = {key: getattr(modules[key[0]], key[1]) for key in REFERENCE_MODEL_OPS}
+    for key, fn in saved.items():
+        setattr(modules[key[0]], key[1], replace(key, fn))
     try:
         yield
     finally:
-        for name, fn in saved.items():
-            setattr(model_module, name, fn)
+        for key, fn in saved.items():
+            setattr(modules[key[0]], key[1], fn)
 
 
-@contextlib.contextmanager
+def reference_ops_in_model():
+    """The model code with _composite.py's plain-PyTorch maths in place of the fused ops."""
+    return _model_ops_replaced(lambda key, fn: REFERENCE_MODEL_OPS[key])
+
+
 def elbo_ops_in_ranges():
     """The model's ELBO ops (fused or reference, whichever are bound) each inside a profiler range "elbo::<name>"."""
-    from .. import model as model_module
 
-    saved = {name: getattr(model_module, name) for name in REFERENCE_MODEL_OPS}
-
-    def ranged(name, fn):
+    def ranged(key, fn):
         def call(*args, **kwargs):
-            with torch.profiler.record_function(f"elbo::{name}"):
+            with torch.profiler.record_function(f"elbo::{key[1]}"):
                 return fn(*args, **kwargs)
         return call
 
-    for name, fn in saved.items():
-        setattr(model_module, name, ranged(name, fn))
-    try:
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(model_module, name, fn)
+    return _model_ops_replaced(ranged)
 
 
 def profiled_elbo_share(step, x, steps: int) -> float:
