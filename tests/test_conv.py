@@ -134,6 +134,13 @@ def test_colour_figures(tmp_path):
     assert plots._grid(images, 8).shape == (2 * 9 + 1, 8 * 9 + 1, 3)
     assert torch.equal(plots._as_images(2 * x - 1, "signed"), plots._as_images(x))  # mapped back to [0, 1]
     assert plots._as_images(torch.rand(4, 2, 8, 8)) is None  # 2 channels: not something to draw
+    # Reconstructions of examples spread through the set (patches' test crops run region by region).
+    seen = []
+    reconstruct = model.reconstruct
+    model.reconstruct = lambda batch: seen.append(batch) or reconstruct(batch)
+    plots.save_reconstructions(model, torch.arange(40.0).reshape(40, 1, 1, 1).expand(40, 3, 8, 8) / 40,
+                               tmp_path / "r.png", n=4)
+    assert seen[0][:, 0, 0, 0].mul(40).round().tolist() == [0, 13, 26, 39]
     assert not plots.save_manifold(vf.conv_vae((1, 8, 8), latent_channels=2), tmp_path / "none.png")
 
 

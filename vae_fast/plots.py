@@ -126,8 +126,9 @@ def save_loss_curves(metrics: list[dict], path: str | Path, title: str = "", obj
 
 @torch.no_grad()
 def save_reconstructions(model, x: torch.Tensor, path: str | Path, n: int = 16, title: str = "") -> bool:
-    """Rows of originals, each above its reconstruction."""
-    x = x[:n]
+    """Rows of originals, each above its reconstruction: ``n`` examples evenly spaced through ``x`` (data sets
+    cut in order, such as patches' crops, would otherwise show one region only)."""
+    x = x[torch.linspace(0, len(x) - 1, min(n, len(x))).round().long().to(x.device)] if len(x) else x
     recon = model.reconstruct(x).cpu()
     x = x.cpu()
     pairs = []
