@@ -8,7 +8,7 @@
 
 import sys
 
-from vae_fast.bench import main
+from vae_fast.bench.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ["rows.cu", "sample.cu"]  # the module's kernels (selftest.cu and race_check.cu are tests)
+SOURCES = ["rows.cu", "sample.cu"]  # the module's kernels, csrc/cuda/*.cu (the tests are in tests/cuda/)
 # A mangled-name fragment of a kernel each source defines (--from-log checks the log has them all).
 SOURCE_MARKERS = {"rows.cu": "reduce_vec_kernel", "sample.cu": "sample_z_kernel"}
 ARCH = "sm_90"
@@ -181,7 +181,7 @@ def main() -> int:
         for mangled, r in res.items():
             base, targs = short_name(names[mangled], kinds)
             ksrc = src
-            if src == "*":  # a build log holds the test kernels too: only the module's are reported
+            if src == "*":  # a build log may hold other kernels too: only the module's are reported
                 if not mangled.startswith("_ZN8vae_fast4cuda6detail"):
                     continue
                 ksrc = "sample.cu" if base.startswith("sample_") else "rows.cu"

@@ -5,7 +5,7 @@
 #              build_info()['cuda']; installs the test extras carried in .whl/ (expecttest, diffusers)
 #   smoke      tests/test_cuda.py (CUDA-only: Philox across devices, CUDA graphs by hand, torch.compile
 #              reduce-overhead in a training loop, a whole training step in one graph, autocast, ...)
-#   selftest   the kernels' self-test compiled natively (nvcc, sm_90; built during the build) and run
+#   selftest   the kernels' self-test (tests/cuda/selftest.cu) compiled natively (nvcc, sm_90, during the build), run
 #   ops-1gb-f32, ops-1gb-bf16    every op at 262144 x 1024 (1 GB per float32 tensor): fused, eager and
 #              torch.compile (compiled per op, dtype and pass), against the device copy bandwidth
 #   train, train-ldm    training steps: the 784-512-20 MLP VAE at batch 1024 and 16384 and IWAE K = 50 (one
@@ -104,7 +104,7 @@ step_build() {
   fi
   # The selftest binary compiles meanwhile (it needs no torch).
   (nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode arch=compute_90,code=sm_90 -Icsrc \
-     csrc/cuda/selftest.cu csrc/cuda/rows.cu csrc/cuda/sample.cu -o "$WORK/selftest" >"$LOGS/selftest-build.log" 2>&1 &)
+     tests/cuda/selftest.cu csrc/cuda/rows.cu csrc/cuda/sample.cu -o "$WORK/selftest" >"$LOGS/selftest-build.log" 2>&1 &)
   run_step build 180 "
     set -e
     $PY -c 'import torch; print(\"torch\", torch.__version__, \"CUDA\", torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else \"no GPU visible\")'

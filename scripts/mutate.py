@@ -191,16 +191,17 @@ def cuda_headers() -> Path | None:
 
 def build_emulated_cuda(copy: Path) -> None:
     """build/cuda-emu/selftest in the copy, as CI builds it (tests/test_known_answers.py compares its eps
-    with the documented stream): the CUDA kernels compiled by g++ against csrc/cuda/emu.h. Without the
+    with the documented stream): the CUDA kernels compiled by g++ against tests/cuda/emu.h. Without the
     CUDA headers there is none, and the test skips (so a CUDA-only mutant survives: say so)."""
     include = cuda_headers()
     if include is None:
         return
     out = copy / "build" / "cuda-emu"
     out.mkdir(parents=True, exist_ok=True)
-    procs = [subprocess.Popen(["g++", "-std=c++17", "-O1", "-DVF_EMULATE", "-x", "c++", f"-I{include}", "-Icsrc", "-c",
-                               f"csrc/cuda/{f}.cu", "-o", str(out / f"{f}.o")], cwd=copy, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for f in ("selftest", "rows", "sample")]
+    sources = {"selftest": "tests/cuda/selftest.cu", "rows": "csrc/cuda/rows.cu", "sample": "csrc/cuda/sample.cu"}
+    procs = [subprocess.Popen(["g++", "-std=c++17", "-O1", "-DVF_EMULATE", "-x", "c++", f"-I{include}", "-Icsrc",
+                               "-Itests/cuda", "-c", src, "-o", str(out / f"{f}.o")], cwd=copy, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for f, src in sources.items()]
     logs = [p.communicate()[0] for p in procs]
     if any(p.returncode for p in procs):
         raise RuntimeError("emulated CUDA build failed:\n" + "".join(logs)[-3000:])

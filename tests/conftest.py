@@ -9,7 +9,7 @@ import torch
 
 CUDA = torch.cuda.is_available()
 
-# Every op is compared with vae_fast.reference evaluated in float64, element by element, within a bound
+# Every op is compared with vae_fast._composite evaluated in float64, element by element, within a bound
 # built from one table: the unit roundoff of the dtype a value is stored in and of the dtype the kernels
 # compute in (float32 for float16/bfloat16). float16/bfloat16 inputs are rounded before both sides see
 # them, so the bound covers the kernels' arithmetic and the rounding of the stored result only.

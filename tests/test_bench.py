@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from vae_fast import bench
+from vae_fast.bench import cases, cli, report, timing, train_steps
 
 ROW_KEYS = {"op", "dtype", "shape", "pass", "fused_ms", "eager_ms", "compile_ms", "fused_p20_ms", "fused_p80_ms",
             "bytes", "fused_gbps", "copy_fraction", "peak_mb"}
@@ -49,7 +49,7 @@ def test_files_named_and_complete(quick_run):
     # A quick run's names end in -quick: it never replaces the full run of the same day and device.
     assert re.fullmatch(r"cpu-[a-z0-9-]+-\d{4}-\d{2}-\d{2}-quick", stem), stem
     assert stem.endswith(result["date"] + "-quick")
-    assert result["complete"] is True and set(result["sections"]) == set(bench.SECTIONS)
+    assert result["complete"] is True and set(result["sections"]) == set(cli.SECTIONS)
     assert set(files) == {stem + ".json", stem + ".md", stem + ".png"}  # no temporary files left behind
     md = (out / (stem + ".md")).read_text()
     assert "copy bandwidth" in md and "| op |" in md and "## Largest size" in md
@@ -93,9 +93,9 @@ def test_every_row_has_the_schema(quick_run):
 def test_rows_cover_ops_dtypes_passes(quick_run):
     rows = quick_run[3]["rows"]
     combos = {(r["op"], r["dtype"], r["pass"]) for r in rows}
-    for op in bench.OPS:
+    for op in cases.OPS:
         for dtype in ("float32", "float64", "bfloat16"):
-            for pass_ in bench.PASSES:
+            for pass_ in cases.PASSES:
                 assert (op, dtype, pass_) in combos
     assert any(r["compile_ms"] is not None for r in rows), "quick mode compiles one config"
 
@@ -127,11 +127,11 @@ def test_byte_formulas(dtype):
         "gaussian_nll_loss": (3 * n * s + s, 3 * n * s + s + s + 5 * n * s),
     }
     for op, (fwd, total) in expected.items():
-        case = bench.make_case(op, b, d, dtype, torch.device("cpu"), gen)
+        case = cases.make_case(op, b, d, dtype, torch.device("cpu"), gen)
         assert case.bytes("fwd") == fwd, op
         assert case.bytes("fwd+bwd") == total, op
-    k, bb = bench.BCAST_K, b // bench.BCAST_K
-    case = bench.make_case("gaussian_log_prob_bcast", b, d, dtype, torch.device("cpu"), gen)
+    k, bb = cases.BCAST_K, b // cases.BCAST_K
+    case = cases.make_case("gaussian_log_prob_bcast", b, d, dtype, torch.device("cpu"), gen)
     assert case.shape == [k, bb, d]
     fwd = (k * bb * d + bb * d + 1) * s + k * bb * so
     assert case.bytes("fwd") == fwd
@@ -140,19 +140,19 @@ def test_byte_formulas(dtype):
 
 def test_bad_arguments_exit_cleanly(capsys):
     with pytest.raises(SystemExit) as e:
-        bench.main(["--sizes", "12by3"])
+        cli.main(["--sizes", "12by3"])
     assert e.value.code == 2
     with pytest.raises(SystemExit) as e:
-        bench.main(["--ops", "gaussian_kl,nope"])
+        cli.main(["--ops", "gaussian_kl,nope"])
     assert e.value.code == 2
-    assert bench.main(["--repeats", "0"]) == 2
+    assert cli.main(["--repeats", "0"]) == 2
 
 
 def test_quick_and_partial_runs_never_take_a_full_runs_names(tmp_path):
-    full = bench.results_stem(str(tmp_path), "cpu", "AMD EPYC 7B13", "2026-12-01", quick=False, partial=False)
+    full = report.results_stem(str(tmp_path), "cpu", "AMD EPYC 7B13", "2026-12-01", quick=False, partial=False)
     assert os.path.basename(full) == "cpu-amd-epyc-7b13-2026-12-01"
-    quick = bench.results_stem(str(tmp_path), "cpu", "AMD EPYC 7B13", "2026-12-01", quick=True, partial=True)
-    partial = bench.results_stem(str(tmp_path), "cuda", "NVIDIA H200", "2026-12-01", quick=False, partial=True)
+    quick = report.results_stem(str(tmp_path), "cpu", "AMD EPYC 7B13", "2026-12-01", quick=True, partial=True)
+    partial = report.results_stem(str(tmp_path), "cuda", "NVIDIA H200", "2026-12-01", quick=False, partial=True)
     assert os.path.basename(quick) == "cpu-amd-epyc-7b13-2026-12-01-quick"
     assert os.path.basename(partial) == "cuda-nvidia-h200-2026-12-01-partial"
 
@@ -160,15 +160,15 @@ def test_quick_and_partial_runs_never_take_a_full_runs_names(tmp_path):
 def test_quick_run_keeps_the_committed_results(tmp_path, monkeypatch):
     """`bench --quick` with the default --out, run where the committed results are: a full run's files of the
     same day and device stay as they were."""
-    name = bench.device_name(torch.device("cpu"))
+    name = report.device_name(torch.device("cpu"))
     today = __import__("datetime").date.today().isoformat()
     results = tmp_path / "benchmarks" / "results"
     results.mkdir(parents=True)
-    full = results / f"{bench.device_slug(torch.device('cpu'), name)}-{today}"
+    full = results / f"{report.device_slug(torch.device('cpu'), name)}-{today}"
     for ext in (".json", ".md"):
         (full.parent / (full.name + ext)).write_text("the full run\n")
     monkeypatch.chdir(tmp_path)
-    code = bench.main(["--quick", "--device", "cpu", "--ops", "gaussian_kl", "--dtypes", "float32", "--sizes",
+    code = cli.main(["--quick", "--device", "cpu", "--ops", "gaussian_kl", "--dtypes", "float32", "--sizes",
                        "4x8", "--no-compile", "--no-model", "--no-per-call", "--no-ldm"])
     assert code == 0
     for ext in (".json", ".md"):
@@ -195,33 +195,33 @@ def test_merge_joins_parts_and_prefers_compiled_rows(tmp_path):
     a = _part([_row("gaussian_kl"), _row("bernoulli_log_prob")])
     b = _part([_row("gaussian_kl", compile_ms=1.5), _row("gaussian_kl", dtype="bfloat16")],
               train=[{"name": "mnist-mlp-b1024", "skipped": "x"}], sections=["train"], complete=False)
-    merged = bench.merge_results([a, b])
+    merged = report.merge_results([a, b])
     keyed = {(r["op"], r["dtype"]): r for r in merged["rows"]}
     assert len(merged["rows"]) == 3 and keyed[("gaussian_kl", "float32")]["compile_ms"] == 1.5
     assert merged["wall_s"] == 20.0 and merged["sections"] == ["ops", "train"] and merged["complete"] is False
     assert merged["train_step"] == [{"name": "mnist-mlp-b1024", "skipped": "x"}]
     with pytest.raises(ValueError, match="different devices"):
-        bench.merge_results([a, _part([], device="NVIDIA H100")])
+        report.merge_results([a, _part([], device="NVIDIA H100")])
     paths = []
     for i, part in enumerate((a, b)):
         paths.append(str(tmp_path / f"part{i}.json"))
         with open(paths[-1], "w") as f:
             json.dump(part, f)
     out = tmp_path / "merged"
-    assert bench.main(["--merge", *paths, "--out", str(out)]) == 0
+    assert cli.main(["--merge", *paths, "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir() if p.suffix != ".png") == [
         "cuda-nvidia-h200-2026-12-01.json", "cuda-nvidia-h200-2026-12-01.md"]
-    assert bench.main(["--merge", str(tmp_path / "missing.json"), "--out", str(out)]) == 1
+    assert cli.main(["--merge", str(tmp_path / "missing.json"), "--out", str(out)]) == 1
 
 
 def test_training_step_table_shows_cuda_graph_impls_and_errors():
-    ms = {f"{impl}_ms": None for impl in bench.TRAIN_IMPLS}
+    ms = {f"{impl}_ms": None for impl in train_steps.TRAIN_IMPLS}
     ms.update(fused_ms=2.0, eager_ms=3.0, fused_graph_ms=1.0, compile_cudagraphs_ms=1.5)
     row = {"name": "mnist-mlp-b1024", "batch": [1024, 784], "model": "m", **ms, "elbo_ops_ms": {}, "elbo_share": {},
-           "peak_mb": {impl: None for impl in bench.TRAIN_IMPLS}, "best_fused": ["fused_graph", 1.0],
+           "peak_mb": {impl: None for impl in train_steps.TRAIN_IMPLS}, "best_fused": ["fused_graph", 1.0],
            "best_other": ["compile_cudagraphs", 1.5], "errors": {"fused_compile": "RuntimeError: boom"}}
     part = _part([_row("gaussian_kl")], train=[row, {"name": "ldm-autoencoderkl", "skipped": "ImportError: no"}])
-    md = bench.to_markdown({**part, "contention": None, "cases": {}})
+    md = report.to_markdown({**part, "contention": None, "cases": {}})
     assert "With CUDA graphs" in md
     graph_line = next(line for line in md.splitlines() if line.startswith("| mnist-mlp-b1024") and "fused_graph" in line)
     assert "| fused_graph | compile_cudagraphs | 0.67 |" in graph_line
@@ -231,7 +231,7 @@ def test_training_step_table_shows_cuda_graph_impls_and_errors():
 # ---- the training-step code the GPU check runs, rehearsed on the CPU --------------------------------------
 @pytest.fixture
 def short_budget(monkeypatch):
-    monkeypatch.setattr(bench, "CONFIG_BUDGET_S", 0.01)  # the fewest timed rounds (3): only the code is checked
+    monkeypatch.setattr(timing, "CONFIG_BUDGET_S", 0.01)  # the fewest timed rounds (3): only the code is checked
 
 
 def test_training_step_impls_run_on_cpu(short_budget):
@@ -240,12 +240,12 @@ def test_training_step_impls_run_on_cpu(short_budget):
     pytest.importorskip("diffusers")
     gen = torch.Generator().manual_seed(0)
     impls = ["fused", "eager", "eager_graph", "fused_graph"]
-    rows, note = bench.bench_train_step(torch.device("cpu"), 3, True, gen, configs=["digits", "ldm-autoencoderkl-tiny"],
-                                        impls=impls)
+    rows, note = train_steps.bench_train_step(torch.device("cpu"), 3, True, gen,
+                                              configs=["digits", "ldm-autoencoderkl-tiny"], impls=impls)
     assert [r["name"] for r in rows] == ["digits", "ldm-autoencoderkl-tiny"] and "reduce-overhead" in note
     for r in rows:
         assert r["errors"] == {}, r["errors"]
-        for impl in bench.TRAIN_IMPLS:
+        for impl in train_steps.TRAIN_IMPLS:
             assert (r[f"{impl}_ms"] is not None) == (impl in impls), impl
             if impl in impls:
                 assert _is_float(r[f"{impl}_ms"]) and r[f"{impl}_ms"] > 0
@@ -259,23 +259,23 @@ def test_compiled_reduce_overhead_step_runs_on_cpu(short_budget):
     """The reduce-overhead impl (mark_step each step) through torch.compile: on the CPU Inductor makes no CUDA
     graphs, but everything around them runs, and a failing impl is recorded without losing the others."""
     gen = torch.Generator().manual_seed(0)
-    rows, _ = bench.bench_train_step(torch.device("cpu"), 3, True, gen, configs=["digits"],
-                                     impls=["fused", "eager", "fused_compile_cudagraphs"])
+    rows, _ = train_steps.bench_train_step(torch.device("cpu"), 3, True, gen, configs=["digits"],
+                                           impls=["fused", "eager", "fused_compile_cudagraphs"])
     (r,) = rows
     assert r["errors"] == {} and r["fused_compile_cudagraphs_ms"] > 0
 
 
 def test_failing_impl_is_recorded_and_the_others_timed(monkeypatch, short_budget):
-    real = bench.train_step_impl
+    real = train_steps.train_step_impl
 
     def failing(cfg, make_loss, impl, device, static_x):
         if impl == "fused_graph":
             raise RuntimeError("capture failed")
         return real(cfg, make_loss, impl, device, static_x)
 
-    monkeypatch.setattr(bench, "train_step_impl", failing)
-    rows, _ = bench.bench_train_step(torch.device("cpu"), 3, True, torch.Generator().manual_seed(0),
-                                     configs=["digits"], impls=["fused", "eager", "fused_graph"])
+    monkeypatch.setattr(train_steps, "train_step_impl", failing)
+    rows, _ = train_steps.bench_train_step(torch.device("cpu"), 3, True, torch.Generator().manual_seed(0),
+                                           configs=["digits"], impls=["fused", "eager", "fused_graph"])
     (r,) = rows
     assert r["errors"] == {"fused_graph": "RuntimeError: capture failed"}
     assert r["fused_graph_ms"] is None and r["fused_ms"] > 0 and r["eager_ms"] > 0
@@ -284,12 +284,12 @@ def test_failing_impl_is_recorded_and_the_others_timed(monkeypatch, short_budget
 def test_graphed_step_rehearsal_copies_inputs_and_trains():
     """graphed_step off CUDA: the static inputs take each call's input set, and the step trains (the loss of a
     fixed batch goes down over steps, each drawing new samples)."""
-    cfg = next(c for c in bench.TRAIN_CONFIGS if c.name == "digits")
+    cfg = next(c for c in train_steps.TRAIN_CONFIGS if c.name == "digits")
     dev = torch.device("cpu")
-    x = bench._train_data(cfg, dev, torch.Generator().manual_seed(0))
-    _, make_loss, _ = bench._trainee(cfg, dev)
+    x = train_steps._train_data(cfg, dev, torch.Generator().manual_seed(0))
+    _, make_loss, _ = train_steps._trainee(cfg, dev)
     static = torch.zeros_like(x)
-    step = bench.train_step_impl(cfg, make_loss, "fused_graph", dev, static)
+    step = train_steps.train_step_impl(cfg, make_loss, "fused_graph", dev, static)
     losses = [step([x]).item() for _ in range(40)]
     assert torch.equal(static, x)
     assert len(set(losses[:5])) == 5 and sum(losses[-5:]) < sum(losses[:5])
@@ -298,13 +298,39 @@ def test_graphed_step_rehearsal_copies_inputs_and_trains():
 def test_train_flags_are_checked():
     for flags in (["--train-configs", "nope"], ["--train-impls", "fused,nope"], ["--only", "ops,nope"]):
         with pytest.raises(SystemExit) as e:
-            bench.main(flags)
+            cli.main(flags)
         assert e.value.code == 2
 
 
 def test_train_budget_leaves_out_the_impls_it_has_no_time_for(short_budget):
-    rows, _ = bench.bench_train_step(torch.device("cpu"), 3, True, torch.Generator().manual_seed(0),
-                                     configs=["digits"], impls=["fused", "eager", "fused_graph"], budget_s=0.0)
+    rows, _ = train_steps.bench_train_step(torch.device("cpu"), 3, True, torch.Generator().manual_seed(0),
+                                           configs=["digits"], impls=["fused", "eager", "fused_graph"], budget_s=0.0)
     (r,) = rows
     assert r["fused_ms"] > 0 and r["eager_ms"] > 0 and r["fused_graph_ms"] is None
     assert r["errors"]["fused_graph"].startswith("not run:")
+
+
+def test_the_suites_modules_import_one_way():
+    """vae_fast/bench/ is split by concern with no import cycle: every import of a sibling module (at any depth,
+    lazy ones too) points down one order."""
+    import ast
+    import pathlib
+
+    import vae_fast.bench
+
+    pkg = pathlib.Path(vae_fast.bench.__file__).parent
+    modules = {p.stem: p for p in pkg.glob("*.py")}
+    edges = {}
+    for name, path in modules.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                deps.update([node.module.split(".")[0]] if node.module else [a.name for a in node.names])
+        edges[name] = deps & set(modules)
+    order = []  # a topological order exists iff there is no cycle
+    while len(order) < len(edges):
+        ready = sorted(n for n in edges if n not in order and edges[n] <= set(order))
+        assert ready, f"import cycle among {sorted(set(edges) - set(order))}: {edges}"
+        order += ready
+    assert not edges["timing"], "timing is the bottom layer: it imports no sibling"
+    assert all("cli" not in deps for name, deps in edges.items() if name not in ("__init__", "__main__"))

@@ -55,9 +55,11 @@ def test_train_writes_the_run_folder(run):
     assert [line[:11] for line in lines[:-2]] == ["epoch   1/2", "epoch   2/2"]
     assert "\r" not in proc.stdout + proc.stderr
     # Then a summary: the final test ELBO, where the checkpoint and figures went, the next commands.
+    # Binarised digits: a Bernoulli log-probability of binary data, so in bits per dimension too (64 pixels).
     final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["test_elbo"]
-    assert lines[-2] == (f"done: epoch 2/2, test ELBO {final:.3f}; checkpoint {out / 'checkpoint.pt'}, "
-                         f"figures {out}/{{loss,reconstructions,samples,manifold}}.png")
+    bpd = -final / (64 * math.log(2))
+    assert lines[-2] == (f"done: epoch 2/2, test ELBO {final:.3f} ({bpd:.3f} bits/dim); checkpoint "
+                         f"{out / 'checkpoint.pt'}, figures {out}/{{loss,reconstructions,samples,manifold}}.png")
     assert lines[-1] == f"next: python -m vae_fast evaluate {out}; python -m vae_fast sample {out}"
     # Errors and status lines name the program as it was called.
     assert all(line.startswith("python -m vae_fast: ") for line in proc.stderr.splitlines()), proc.stderr
@@ -94,6 +96,10 @@ def test_evaluate_and_sample(run):
     result = json.loads((out / "eval.json").read_text())
     assert result["test_elbo"] < result["test_iwae_20"] < result["test_log_likelihood"] < 0
     assert 0 <= result["active_units"] <= 2
+    # Binarised digits: a discrete likelihood, bits/dim = -log p(x) / (64 ln 2), printed under the rows above.
+    assert result["bits_per_dim_bin_width"] is None
+    assert result["test_bits_per_dim"] == pytest.approx(-result["test_log_likelihood"] / (64 * math.log(2)))
+    assert proc.stdout.splitlines()[4].split()[:2] == ["bits/dim", f"{result['test_bits_per_dim']:.4f}"]
 
     figures = {name: (out / name).read_bytes() for name in ("samples.png", "manifold.png")}
     proc = _cli("sample", out, "-n", 16, "--output", out / "more.png")
@@ -261,7 +267,8 @@ def test_bad_input_gives_one_line_and_nonzero_exit(run, tmp_path, capsys):
         (["train", "--dataset", f"mnist:{tmp_path / 'nope'}", "--out", empty], "does not exist", 1),
         (["train", "--resume", "--out", garbage], damaged(garbage), 1),
         (["train", "--resume", "--out", good, "--lr", 0.5], "but these differ: --lr 0.5 (saved: 0.001). Only "
-                                                           "--epochs, --device, --compile, --log-dir may change", 1),
+                                                           "--epochs, --device, --compile, --log-dir, --data-dir "
+                                                           "may change", 1),
         (["evaluate", tmp_path / "missing"], "does not exist", 1),
         (["evaluate", empty], "no checkpoint at", 1),
         (["evaluate", garbage], damaged(garbage), 1),

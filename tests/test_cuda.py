@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import vae_fast as vf
-from vae_fast import reference as ref
+from vae_fast import _composite as ref
 
 pytestmark = pytest.mark.cuda
 
@@ -163,13 +163,13 @@ def test_compile_reduce_overhead_trains_the_model():
 def test_graphed_training_step_trains():
     """The benchmark's whole-step CUDA graph (forward, backward, capturable fused Adam, fused sampler inside):
     each replay draws new samples and trains, so the loss of a fixed batch goes down."""
-    from vae_fast import bench
+    from vae_fast.bench import train_steps
 
-    cfg = next(c for c in bench.TRAIN_CONFIGS if c.name == "digits")
+    cfg = next(c for c in train_steps.TRAIN_CONFIGS if c.name == "digits")
     dev = torch.device("cuda")
-    x = bench._train_data(cfg, dev, torch.Generator(device="cuda").manual_seed(0))
-    base, make_loss, _ = bench._trainee(cfg, dev)
-    step = bench.train_step_impl(cfg, make_loss, "fused_graph", dev, x.clone())
+    x = train_steps._train_data(cfg, dev, torch.Generator(device="cuda").manual_seed(0))
+    base, make_loss, _ = train_steps._trainee(cfg, dev)
+    step = train_steps.train_step_impl(cfg, make_loss, "fused_graph", dev, x.clone())
     losses = [step([x]).item() for _ in range(40)]
     assert all(math.isfinite(v) for v in losses)
     assert len(set(losses[:5])) == 5

@@ -10,7 +10,7 @@ import torch
 import torch.utils._python_dispatch
 
 import vae_fast as vf
-from vae_fast import reference as ref
+from vae_fast import _composite as ref
 from vae_fast.distributions import DiagonalGaussianDistribution as Ours
 
 SHAPES = [(3, 8, 5, 4), (2, 6, 3, 4, 5)]  # (B, 2C, H, W) images and (B, 2C, T, H, W) video latents
@@ -426,7 +426,7 @@ def test_compiles_in_one_graph():
 
 
 def test_ldm_benchmark_rows_have_the_suite_schema():
-    from vae_fast.bench_ldm import ldm_rows
+    from vae_fast.bench.ldm import ldm_rows
 
     rows = ldm_rows("cpu", quick=True, repeats=3, copy_gbps=10.0)
     assert [r["pass"] for r in rows] == ["fwd", "fwd+bwd"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import vae_fast as vf
-from vae_fast import data, reference as ref
+from vae_fast import _composite as ref, data
 
 
 def _model(dtype=torch.float64, seed=0):

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 import vae_fast
+import vae_fast.likelihoods as likelihoods_mod
 import vae_fast.model as model_mod
-from vae_fast import data, ops, reference as ref
+from vae_fast import _composite as ref, data, ops
 from vae_fast.model import VAE, active_units, mlp_vae
 from vae_fast.train import TrainConfig, train
 
@@ -62,13 +63,13 @@ def test_shapes_of_every_method(likelihood, obs_logvar):
 
 def test_decoder_outputs_are_scored_against_unexpanded_data(monkeypatch):
     seen = []
-    fused = model_mod.bernoulli_log_prob
+    fused = likelihoods_mod.bernoulli_log_prob
 
     def spy(x, logits, **kw):
         seen.append((tuple(x.shape), tuple(logits.shape), x.stride()))
         return fused(x, logits, **kw)
 
-    monkeypatch.setattr(model_mod, "bernoulli_log_prob", spy)
+    monkeypatch.setattr(likelihoods_mod, "bernoulli_log_prob", spy)
     model = mlp_vae(64, 4, hidden=(32,))
     x = _digits_batch(8)
     model(x, num_samples=5)
@@ -328,7 +329,7 @@ def test_log_weights_average_to_the_elbo(digits_run):
 
 
 def _reference_ops(monkeypatch):
-    """Make the model compute with ``reference.py`` (autograd through plain PyTorch), drawing the very eps the
+    """Make the model compute with ``_composite.py`` (autograd through plain PyTorch), drawing the very eps the
     fused sampler draws: the fused op with mu = 0, logvar = 0 returns its eps, consuming the same seed."""
     fused_sample = ops.reparameterize
 
@@ -344,8 +345,9 @@ def _reference_ops(monkeypatch):
 
     monkeypatch.setattr(model_mod, "reparameterize", reparameterize)
     monkeypatch.setattr(model_mod, "reparameterize_with_kl", reparameterize_with_kl)
-    for name in ("gaussian_kl", "gaussian_log_prob", "bernoulli_log_prob"):
-        monkeypatch.setattr(model_mod, name, getattr(ref, name))
+    for module, name in ((model_mod, "gaussian_kl"), (model_mod, "gaussian_log_prob"),  # the KL, log p(z)
+                         (likelihoods_mod, "gaussian_log_prob"), (likelihoods_mod, "bernoulli_log_prob")):
+        monkeypatch.setattr(module, name, getattr(ref, name))
 
 
 def _train_losses(objective, num_samples, steps=150):
@@ -366,7 +368,7 @@ def _train_losses(objective, num_samples, steps=150):
 
 @pytest.mark.parametrize("objective,num_samples", [("elbo", 1), ("elbo", 4), ("iwae", 5)])
 def test_fused_and_reference_ops_train_the_same(monkeypatch, objective, num_samples):
-    """Convergence test: the same VAE trained with the fused ops and with reference.py, same seeds and eps.
+    """Convergence test: the same VAE trained with the fused ops and with _composite.py, same seeds and eps.
     The two differ only by float32 rounding (summation order): after 150 Adam steps, measured up to 2e-7
     (ELBO) and 5e-6 (IWAE, whose log-weights cancel) relative in every step's loss, and 1e-7 (ELBO) to 2.4e-4
     (IWAE) in the weights' relative norm: Adam turns rounding noise in near-zero gradients into +-lr steps, so

@@ -471,12 +471,12 @@ def test_messages_name_what_the_caller_typed(tmp_path, capsys, monkeypatch):
         train(_cfg(tmp_path, epochs=1, lr=0.5), resume=True, progress=False)
     message = str(resumed.value)
     assert "resume=True continues the run in" in message and "but these differ: lr=0.5 (saved: 0.001)" in message
-    assert "Only epochs, device, compile, log_dir may change" in message and "overwrite=True" in message
+    assert "Only epochs, device, compile, log_dir, data_dir may change" in message and "overwrite=True" in message
     assert "--" not in message
     capsys.readouterr()
     code, _, err = _main(["train", "--resume", "--out", tmp_path / "run", "--lr", 0.5], capsys)
     assert code == 1 and "--resume continues the run in" in err and "--lr 0.5 (saved: 0.001)" in err
-    assert "Only --epochs, --device, --compile, --log-dir may change on resume" in err
+    assert "Only --epochs, --device, --compile, --log-dir, --data-dir may change on resume" in err
 
     # No abbreviations: --epoch is not --epochs.
     code, _, err = _main(["train", "--epoch", 3, "--out", tmp_path / "never"], capsys)

@@ -1,6 +1,5 @@
 """vae_fast: the VAE training objective as fused, exact PyTorch custom ops (CPU and CUDA)."""
 
-from . import reference
 from .ops import (
     bernoulli_log_prob,
     gaussian_kl,
@@ -10,7 +9,9 @@ from .ops import (
     reparameterize_with_kl,
 )
 from . import data
+from .conv import conv_vae
 from .distributions import DiagonalGaussianDistribution
+from .likelihoods import bits_per_dim
 from .model import VAE, active_units, gradient_snr, mlp_vae
 from .patch import patch_diffusers, unpatch_diffusers
 
@@ -21,6 +22,8 @@ __all__ = [
     "VAE",
     "active_units",
     "bernoulli_log_prob",
+    "bits_per_dim",
+    "conv_vae",
     "data",
     "gaussian_kl",
     "gaussian_log_prob",
@@ -28,7 +31,6 @@ __all__ = [
     "gradient_snr",
     "mlp_vae",
     "patch_diffusers",
-    "reference",
     "reparameterize",
     "reparameterize_with_kl",
     "unpatch_diffusers",

@@ -58,7 +58,8 @@ def _version() -> str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from .train import TrainConfig
+    from .likelihoods import LIKELIHOODS
+    from .train import MODELS, TrainConfig
 
     d = TrainConfig()
     parser = _Parser(prog=_prog(), description="Fused-op VAE: train, evaluate, sample, benchmark.")
@@ -72,13 +73,20 @@ def _build_parser() -> argparse.ArgumentParser:
     flag = lambda name, **kw: t.add_argument(name, default=None, **kw)  # noqa: E731
     flag("--config", metavar="FILE", help="settings from a TOML or JSON file (keys as the flags: epochs, "
                                           "batch_size or batch-size, ...); flags override it")
-    flag("--dataset", help=f"digits | synthetic | mnist:PATH (default {d.dataset})")
+    flag("--dataset", help="digits | synthetic | mnist | fashion-mnist | cifar10 | patches | mnist:PATH "
+                           f"(default {d.dataset}; patches: 32x32 crops of two photographs, no download)")
+    flag("--data-dir", metavar="DIR", help="the folder with mnist's, fashion-mnist's or cifar10's published files "
+                                           "(default ~/.cache/vae_fast/DATASET; torchvision, if installed, "
+                                           "downloads them there)")
     flag("--epochs", type=int, help=f"default {d.epochs}")
     flag("--batch-size", type=int, help=f"per process (default {d.batch_size})")
-    flag("--latent-dim", type=int, help=f"default {d.latent_dim}")
+    flag("--model", choices=MODELS, help=f"an MLP, or a convolutional VAE for images (default {d.model})")
+    flag("--latent-dim", type=int, help=f"size of the flat latent (default {d.latent_dim})")
+    flag("--latent-channels", type=int, help="--model conv: a spatial latent of this many channels at a quarter "
+                                             "of the image's height and width, instead of --latent-dim")
     flag("--hidden", type=_int_list, help="MLP hidden sizes, comma-separated; '' for a linear model "
                                           f"(default {','.join(map(str, d.hidden))})")
-    flag("--likelihood", choices=["bernoulli", "gaussian"], help="default gaussian for synthetic, else bernoulli")
+    flag("--likelihood", choices=list(LIKELIHOODS), help="default gaussian for synthetic, else bernoulli")
     flag("--obs-logvar", type=_obs_logvar, help="Gaussian only: scalar | per_feature | decoder | a fixed number "
                                                 f"(default {d.obs_logvar})")
     flag("--binarize", choices=["dynamic", "fixed", "none"], help=f"Bernoulli only (default {d.binarize})")
@@ -113,6 +121,7 @@ def _build_parser() -> argparse.ArgumentParser:
     e.add_argument("--iwae-samples", type=int, default=50, help="K of the IWAE bound (default 50)")
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--data-dir", metavar="DIR", help="read the data set's files here, not where the run read them")
     e.set_defaults(func=_evaluate)
 
     s = sub.add_parser("sample", help="a PNG grid of samples (and the manifold for a 2-D latent space)")
@@ -202,13 +211,16 @@ def _run_dir(run: str) -> Path:
 
 def _evaluate(args) -> int:
     import torch
+    from .likelihoods import bits_per_dim
     from .model import active_units
-    from .train import evaluate, load_data, load_run, write_json
+    from .train import bits_per_dim_setup, evaluate, load_data, load_run, write_json
 
     if args.num_samples < 1 or args.iwae_samples < 1:
         raise CliError("--num-samples and --iwae-samples must be >= 1")
     run = _run_dir(args.run)
     model, cfg, ckpt = load_run(run, args.device)
+    if args.data_dir:
+        cfg = dataclasses.replace(cfg, data_dir=args.data_dir)
     _, test = load_data(cfg)
     test = test.to(next(model.parameters()).device)
     torch.manual_seed(args.seed)
@@ -221,6 +233,11 @@ def _evaluate(args) -> int:
         "active_units": active_units(model, test),
         "latent_dim": model.latent_dim,
     }
+    bpd = bits_per_dim_setup(cfg, test.shape[1:])
+    if bpd:  # the log-likelihood's and the bounds' (Theis et al. 2016: see likelihoods.bits_per_dim)
+        result["test_bits_per_dim"] = bits_per_dim(result["test_log_likelihood"], *bpd)
+        result["test_elbo_bits_per_dim"] = bits_per_dim(result["test_elbo"], *bpd)
+        result["bits_per_dim_bin_width"] = bpd[1]  # null: a discrete likelihood
     write_json(run / "eval.json", result)
     which = " (its best, --save best)" if cfg.save == "best" else ""
     print(f"{run}: epoch {result['epoch']}{which}, {len(test)} test examples, nats per example")
@@ -228,6 +245,10 @@ def _evaluate(args) -> int:
                          (f"IWAE (K={args.iwae_samples})", result[f"test_iwae_{args.iwae_samples}"]),
                          (f"log p(x) (K={args.num_samples})", result["test_log_likelihood"])):
         print(f"  {label:<20s}{value:10.3f}")
+    if bpd:
+        how = "discrete" if bpd[1] is None else f"dequantised, bins of {bpd[1]:g}"
+        print(f"  {'bits/dim':<20s}{result['test_bits_per_dim']:10.4f}   (from log p(x); ELBO: "
+              f"{result['test_elbo_bits_per_dim']:.4f}; {bpd[0]} dims, {how})")
     print(f"  {'active units':<20s}{result['active_units']:4d} / {model.latent_dim}")
     return 0
 
@@ -248,8 +269,8 @@ def _sample(args) -> int:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CliError(f"--output {output}: cannot create its folder: {e.strerror or e}") from None
-    title = run_title(cfg, ckpt["epoch"])
-    if not plots.save_image_grid(model.sample(args.num), output,
+    title = run_title(cfg, ckpt["epoch"], model.latent_shape)
+    if not plots.save_image_grid(model.sample(args.num), output, data_range=model.lik.data_range,
                                  title=f"{title}\n{args.num} samples (seed {args.seed})"):
         raise CliError("examples are not square images: nothing to draw")
     print(output)

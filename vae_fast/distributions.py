@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 
 from .ops import _dense_error, _not_dense, gaussian_kl, gaussian_log_prob, reparameterize_with_kl
-from .reference import clamp_logvar
+from ._composite import clamp_logvar
 
 
 def _joined(first: torch.Tensor, second: torch.Tensor, dim: int) -> Optional[torch.Tensor]:

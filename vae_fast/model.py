@@ -12,22 +12,27 @@ from typing import Sequence
 
 import torch
 from torch import nn
-import torch.nn.functional as F
 
-from .ops import bernoulli_log_prob, gaussian_kl, gaussian_log_prob, reparameterize, reparameterize_with_kl
+from . import likelihoods
+from .likelihoods import OBS_LOGVAR_MODES, bits_per_dim, floor_logvar  # noqa: F401  (re-exported)
+from .ops import gaussian_kl, gaussian_log_prob, reparameterize, reparameterize_with_kl
 
-LIKELIHOODS = ("bernoulli", "gaussian")
-OBS_LOGVAR_MODES = ("scalar", "per_feature", "decoder")
+LIKELIHOODS = tuple(likelihoods.LIKELIHOODS)  # their names; likelihoods.py defines them
 OBJECTIVES = ("elbo", "iwae", "iwae-dreg", "elbo-stl")
 IWAE_OBJECTIVES = ("iwae", "iwae-dreg")
 
 
 class VAE(nn.Module):
-    """q(z|x) = N(mu, diag(exp(logvar))) from ``encoder``; p(x|z) Bernoulli(logits) or Gaussian from ``decoder``.
+    """q(z|x) = N(mu, diag(exp(logvar))) from ``encoder``; p(x|z) from ``decoder``, as the likelihood says
+    (``likelihoods.py``: Bernoulli logits, or a Gaussian).
 
-    ``encoder(x)`` returns ``(..., 2 * latent_dim)`` (mu, then logvar). ``decoder(z)`` returns logits or the
-    Gaussian mean shaped like one example (with ``obs_logvar="decoder"``: mean and logvar concatenated on the
-    last dim). ``event_dims`` trailing data dimensions make one example.
+    ``latent_dim`` is an int (a flat latent vector: ``encoder(x)`` returns ``(B, 2 * latent_dim)``, mu then
+    logvar) or a shape such as ``(C, H, W)`` (a spatial latent: ``encoder(x)`` returns ``(B, 2C, H, W)``, mu and
+    logvar stacked on the first latent dimension); ``self.latent_dim`` is then the number of latent
+    dimensions (C * H * W) and ``self.latent_shape`` the shape. ``decoder(z)`` takes ``(N, *latent_shape)`` and
+    returns logits or the Gaussian mean shaped like one example (with ``obs_logvar="decoder"``: mean and logvar
+    stacked on dimension ``param_dim``, the last by default, the channels (-3) for images). ``event_dims``
+    trailing data dimensions make one example.
 
     ``obs_logvar`` (Gaussian only): ``"scalar"`` (one learned value), ``"per_feature"`` (learned, shaped like
     one example), ``"decoder"`` (predicted), or a float (fixed). Learned values start at 0 and are floored
@@ -39,37 +44,33 @@ class VAE(nn.Module):
         self,
         encoder: nn.Module,
         decoder: nn.Module,
-        latent_dim: int,
+        latent_dim: int | Sequence[int],
         likelihood: str = "bernoulli",
         obs_logvar: str | float = "scalar",
         event_dims: int = 1,
         min_obs_logvar: float = math.log(1e-3),
+        param_dim: int = -1,
     ):
         super().__init__()
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+        lik = likelihoods.get(likelihood)
         if not isinstance(obs_logvar, (int, float)) and obs_logvar not in OBS_LOGVAR_MODES:
             raise ValueError(f"obs_logvar must be one of {OBS_LOGVAR_MODES} or a float, got {obs_logvar!r}")
-        if not isinstance(latent_dim, int) or latent_dim < 1:
-            raise ValueError(f"latent_dim must be a positive int, got {latent_dim!r}")
+        self.latent_shape = _latent_shape(latent_dim)
         if not isinstance(event_dims, int) or event_dims < 1:
             raise ValueError(f"event_dims must be a positive int, got {event_dims!r}")
+        if not isinstance(param_dim, int) or not -event_dims <= param_dim <= -1:
+            raise ValueError(f"param_dim must be a negative int in [-event_dims, -1] = [{-event_dims}, -1], "
+                             f"got {param_dim!r}")
         self.encoder = encoder
         self.decoder = decoder
-        self.latent_dim = latent_dim
+        self.latent_dim = math.prod(self.latent_shape)
         self.likelihood = likelihood
+        self.lik = lik
         self.event_dims = event_dims
+        self.param_dim = param_dim
         self.min_obs_logvar = float(min_obs_logvar)
-        self.obs_logvar_mode = "fixed" if isinstance(obs_logvar, (int, float)) else obs_logvar
-        if likelihood == "bernoulli":
-            self.obs_logvar_mode = None
-        elif self.obs_logvar_mode == "fixed":
-            self.register_buffer("obs_logvar_fixed", torch.tensor(float(obs_logvar)))
-        elif self.obs_logvar_mode in ("scalar", "per_feature"):
-            shape = () if self.obs_logvar_mode == "scalar" else self._example_shape()
-            # The inverse of the smooth floor at 0, so the learned log-variance starts at exactly 0.
-            start = self.min_obs_logvar + math.log(math.expm1(-self.min_obs_logvar))
-            self.obs_logvar_raw = nn.Parameter(torch.full(shape, start))
+        self.obs_logvar_mode = None
+        lik.setup(self, obs_logvar)
 
     def _example_shape(self) -> torch.Size:
         """Shape of one decoded example, found by decoding one z (in eval mode, so no statistics change)."""
@@ -78,13 +79,12 @@ class VAE(nn.Module):
         was_training = self.decoder.training
         self.decoder.eval()
         with torch.no_grad():
-            shape = self.decoder(torch.zeros(1, self.latent_dim, device=device)).shape[1:]
+            shape = self.decoder(torch.zeros(1, *self.latent_shape, device=device)).shape[1:]
         self.decoder.train(was_training)
         return shape
 
     def _floor(self, raw: torch.Tensor) -> torch.Tensor:
-        # Smooth: the gradient never vanishes, so a value pushed to the floor can come back up.
-        return self.min_obs_logvar + F.softplus(raw - self.min_obs_logvar)
+        return floor_logvar(raw, self.min_obs_logvar)
 
     def observation_logvar(self) -> torch.Tensor | None:
         """The learned or fixed observation log-variance (None for Bernoulli or ``obs_logvar="decoder"``)."""
@@ -96,49 +96,50 @@ class VAE(nn.Module):
 
     # ---- distribution parameters -------------------------------------------------------------------------
 
+    @property
+    def latent_event_dims(self) -> int:
+        """How many trailing dimensions of z make one latent vector (1 flat, 3 for a (C, H, W) latent)."""
+        return len(self.latent_shape)
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mu, logvar) of q(z|x), each ``(B, latent_dim)``."""
+        """(mu, logvar) of q(z|x), each ``(B, *latent_shape)``: views of the encoder's output, not copies."""
         h = self.encoder(x)
-        if h.shape[-1] != 2 * self.latent_dim:
-            raise ValueError(f"encoder output must end in 2 * latent_dim = {2 * self.latent_dim}, got {tuple(h.shape)}")
-        mu, logvar = h.chunk(2, dim=-1)
+        k = self.latent_event_dims
+        want = (2 * self.latent_shape[0], *self.latent_shape[1:])
+        if tuple(h.shape[-k:]) != want or h.dim() <= k:
+            what = "end in 2 * latent_dim" if k == 1 else "end in (2 * C, *rest) of latent shape (C, *rest)"
+            raise ValueError(f"encoder output must {what} = {want}, got {tuple(h.shape)}")
+        mu, logvar = h.chunk(2, dim=-k)
         return mu, logvar
 
     def decode(self, z: torch.Tensor):
-        """Parameters of p(x|z) for z of shape ``(..., latent_dim)``: Bernoulli logits, or (mean, logvar)."""
-        lead = z.shape[:-1]
+        """Parameters of p(x|z) for z of shape ``(..., *latent_shape)``: Bernoulli logits, or (mean, logvar)."""
+        k = self.latent_event_dims
+        lead = z.shape[:-k]
         # The decoder sees one flat batch, so convolutional decoders work with any number of leading dims.
-        out = self.decoder(z.reshape(-1, z.shape[-1]))
+        out = self.decoder(z.reshape(-1, *z.shape[-k:]))
         out = out.reshape(*lead, *out.shape[1:])
-        if self.likelihood == "bernoulli":
-            return out
-        if self.obs_logvar_mode == "decoder":
-            mean, raw = out.chunk(2, dim=-1)
-            return mean, self._floor(raw)
-        return out, self.observation_logvar()
+        return self.lik.params(self, out)
+
+    def decode_mean(self, z: torch.Tensor) -> torch.Tensor:
+        """The mean of p(x|z) (probabilities for Bernoulli) for z of shape ``(..., *latent_shape)``."""
+        return self._output(self.decode(z), True)
 
     def _log_px(self, x: torch.Tensor, params) -> torch.Tensor:
-        if self.likelihood == "bernoulli":
-            return bernoulli_log_prob(x, params, event_dims=self.event_dims)
-        mean, logvar = params
-        return gaussian_log_prob(x, mean, logvar, event_dims=self.event_dims)
+        return self.lik.log_prob(x, params, self.event_dims)
 
     def _output(self, params, mean: bool) -> torch.Tensor:
         """The mean of p(x|z) (probabilities for Bernoulli), or a draw from it."""
-        if self.likelihood == "bernoulli":
-            probs = torch.sigmoid(params)
-            return probs if mean else torch.bernoulli(probs)
-        loc, logvar = params
-        return loc if mean else loc + torch.exp(0.5 * logvar) * torch.randn_like(loc)
+        return self.lik.output(params, mean)
 
     # ---- objectives --------------------------------------------------------------------------------------
 
     def _sample_with_kl(self, mu, logvar, num_samples: int, per_dim: bool = False):
-        """z ``(K, B, L)`` and the KL, ``(B,)`` or per dimension ``(B, L)``; K = 1 takes the op's
-        single-sample path."""
+        """z ``(K, B, *latent_shape)`` and the KL, ``(B,)`` or per dimension ``(B, *latent_shape)``; K = 1 takes
+        the op's single-sample path."""
         _check_num_samples(num_samples)
         z, kl = reparameterize_with_kl(mu, logvar, None if num_samples == 1 else num_samples,
-                                       event_dims=0 if per_dim else 1)
+                                       event_dims=0 if per_dim else self.latent_event_dims)
         return (z.unsqueeze(0) if num_samples == 1 else z), kl
 
     def _log_weights(self, x, mu, logvar, num_samples: int, dreg: bool = False, path_only: bool = False):
@@ -151,13 +152,15 @@ class VAE(nn.Module):
         as an input, keeps IWAE's sum_k w~_k d log p(x|z_k) / d theta.
         """
         _check_num_samples(num_samples)
-        z, log_q = reparameterize(mu, logvar, num_samples, return_log_q=True, log_q_path_only=path_only or dreg)
+        k = self.latent_event_dims
+        z, log_q = reparameterize(mu, logvar, num_samples, return_log_q=True, log_q_path_only=path_only or dreg,
+                                  event_dims=k)
         weights: list[torch.Tensor] = []  # w~: known only once log w is, read when the gradients arrive
         dreg = dreg and torch.is_grad_enabled()
         if dreg:
             z, log_q = _ScaleGradByWeights.apply(z, log_q, weights)
         zero = z.new_zeros(())
-        log_pz = gaussian_log_prob(z, zero, zero)
+        log_pz = gaussian_log_prob(z, zero, zero, event_dims=k)
         log_px = self._log_px(x, self.decode(z))
         log_w = log_px + log_pz - log_q
         if dreg:
@@ -194,7 +197,7 @@ class VAE(nn.Module):
             if free_bits > 0:
                 # Kingma et al. (2016): each latent dimension's batch-mean KL costs at least free_bits nats.
                 kl_term = torch.clamp_min(kl.mean(0), free_bits).sum()
-                kl = kl.sum(-1)
+                kl = kl.flatten(1).sum(-1)
             else:
                 kl_term = kl.mean()
             loss = -log_px.mean() + beta * kl_term
@@ -238,7 +241,7 @@ class VAE(nn.Module):
     def sample(self, n: int, mean: bool = True) -> torch.Tensor:
         """n examples decoded from z ~ N(0, I): means (Bernoulli probabilities) unless ``mean=False``."""
         p = next(self.parameters())
-        z = torch.randn(n, self.latent_dim, device=p.device, dtype=p.dtype)
+        z = torch.randn(n, *self.latent_shape, device=p.device, dtype=p.dtype)
         return self._output(self.decode(z), mean)
 
     @torch.no_grad()
@@ -267,6 +270,18 @@ class _ScaleGradByWeights(torch.autograd.Function):
         if grad_log_q is not None:
             grad_log_q = grad_log_q * w.to(grad_log_q.dtype)
         return grad_z, grad_log_q, None
+
+
+def _latent_shape(latent_dim) -> tuple[int, ...]:
+    if isinstance(latent_dim, int) and not isinstance(latent_dim, bool):
+        shape = (latent_dim,)
+    elif isinstance(latent_dim, (tuple, list, torch.Size)) and latent_dim:
+        shape = tuple(latent_dim)
+    else:
+        shape = ()
+    if not shape or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
+        raise ValueError(f"latent_dim must be a positive int or a shape of positive ints, got {latent_dim!r}")
+    return shape
 
 
 def _check_num_samples(num_samples) -> None:
@@ -298,9 +313,8 @@ def mlp_vae(
     shape = (input_dim,) if isinstance(input_dim, int) else tuple(int(s) for s in input_dim)
     flat = math.prod(shape)
     hidden = tuple(hidden)
-    out_shape = shape
-    if kwargs.get("obs_logvar") == "decoder" and likelihood == "gaussian":
-        out_shape = (*shape[:-1], 2 * shape[-1])  # mean and logvar concatenated on the last dim
+    # Several parameter tensors (a Gaussian's mean and logvar) are concatenated on the last dim.
+    out_shape = likelihoods.get(likelihood).decoder_shape(shape, -1, kwargs.get("obs_logvar"))
     encoder = nn.Sequential(nn.Flatten(start_dim=-len(shape)), _mlp((flat, *hidden, 2 * latent_dim)))
     decoder = nn.Sequential(_mlp((latent_dim, *reversed(hidden), math.prod(out_shape))), nn.Unflatten(-1, out_shape))
     return VAE(encoder, decoder, latent_dim, likelihood=likelihood, event_dims=len(shape), **kwargs)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.vae_fast.*)
-from . import reference
+from . import _composite as reference
 
 _ops = torch.ops.vae_fast
 LOG_2PI = math.log(2.0 * math.pi)

@@ -1,5 +1,9 @@
 """PNG figures of a run: loss curves, reconstructions, samples, and the 2-D latent manifold.
 
+Examples are drawn as images when they are images: ``(N, C, H, W)`` with 1 (grey) or 3 (colour) channels, or
+flat rows of a square number of grey pixels (digits, MNIST as rows). Values are shown in [0, 1]; a model that
+reads data in another range (``likelihoods``' ``data_range``) is mapped back first.
+
 Uses matplotlib's object API (``Figure``), not pyplot: no global state, no display needed. Each PNG is written
 atomically (a temporary file in the same folder, then ``os.replace``): a kill never leaves a torn figure.
 """
@@ -14,6 +18,8 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .data import DATA_RANGES
+
 
 def image_side(dim: int) -> int | None:
     """The side of a square image with ``dim`` pixels, or None if ``dim`` is not a square."""
@@ -21,21 +27,39 @@ def image_side(dim: int) -> int | None:
     return side if side * side == dim and side > 1 else None
 
 
-def _as_images(x: torch.Tensor) -> torch.Tensor | None:
-    flat = x.detach().float().cpu().reshape(x.shape[0], -1)
+def _as_images(x: torch.Tensor, data_range: str = "unit") -> torch.Tensor | None:
+    """``(N, H, W)`` grey or ``(N, H, W, 3)`` colour images in [0, 1], or None if ``x`` holds no images."""
+    x = x.detach().float().cpu()
+    low, high = DATA_RANGES[data_range]
+    x = (x - low) / (high - low)
+    if x.dim() == 4 and x.shape[1] in (1, 3):
+        return x[:, 0] if x.shape[1] == 1 else x.permute(0, 2, 3, 1)
+    if x.dim() == 3:  # (N, H, W): grey
+        return x
+    flat = x.reshape(x.shape[0], -1)
     side = image_side(flat.shape[1])
     return None if side is None else flat.reshape(-1, side, side)
 
 
 def _grid(images: torch.Tensor, ncols: int) -> torch.Tensor:
-    """Tile ``(N, H, W)`` images into one ``(rows * (H + 1), ncols * (W + 1))`` picture with 1-pixel gaps."""
-    n, h, w = images.shape
+    """Tile ``(N, H, W)`` (or ``(N, H, W, 3)``) images into one ``(rows * (H + 1) + 1, ncols * (W + 1) + 1)``
+    picture with 1-pixel gaps."""
+    n, h, w = images.shape[:3]
     rows = math.ceil(n / ncols)
-    canvas = torch.ones(rows * (h + 1) + 1, ncols * (w + 1) + 1)
+    canvas = torch.ones(rows * (h + 1) + 1, ncols * (w + 1) + 1, *images.shape[3:])
     for i in range(n):
         r, c = divmod(i, ncols)
         canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + c * (w + 1) : 1 + c * (w + 1) + w] = images[i]
     return canvas
+
+
+def _show(ax, images: torch.Tensor, ncols: int, **kwargs) -> None:
+    """Grey images as dark on light (``gray_r``, as digits are drawn); colour as it is."""
+    grid = _grid(images.clamp(0, 1), ncols).numpy()
+    if images.dim() == 4:
+        ax.imshow(grid, interpolation="nearest", **kwargs)
+    else:
+        ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest", **kwargs)
 
 
 def _save(fig: Figure, path: str | Path, **kwargs) -> None:
@@ -51,14 +75,16 @@ def _save(fig: Figure, path: str | Path, **kwargs) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_image_grid(x: torch.Tensor, path: str | Path, ncols: int = 8, title: str = "") -> bool:
-    """Save ``(N, D)`` examples as a grid of square images; False (nothing written) if D is not square."""
-    images = _as_images(x)
+def save_image_grid(x: torch.Tensor, path: str | Path, ncols: int = 8, title: str = "",
+                    data_range: str = "unit") -> bool:
+    """Save examples as a grid of images: ``(N, C, H, W)`` with C = 1 or 3, or ``(N, D)`` rows of square grey
+    images; values in ``data_range`` (``data.DATA_RANGES``). False (nothing written) if they are not images."""
+    images = _as_images(x, data_range)
     if images is None:
         return False
     fig = Figure(figsize=(6, 6 * math.ceil(len(images) / ncols) / ncols + 0.6))
     ax = fig.add_subplot()
-    ax.imshow(_grid(images.clamp(0, 1), ncols).numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest")
+    _show(ax, images, ncols)
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=10)
@@ -100,42 +126,41 @@ def save_loss_curves(metrics: list[dict], path: str | Path, title: str = "", obj
 
 @torch.no_grad()
 def save_reconstructions(model, x: torch.Tensor, path: str | Path, n: int = 16, title: str = "") -> bool:
-    """Rows of originals, each above its reconstruction."""
-    x = x[:n]
-    recon = model.reconstruct(x).reshape(len(x), -1).cpu()
-    flat = x.reshape(len(x), -1).cpu()
+    """Rows of originals, each above its reconstruction: ``n`` examples evenly spaced through ``x`` (data sets
+    cut in order, such as patches' crops, would otherwise show one region only)."""
+    x = x[torch.linspace(0, len(x) - 1, min(n, len(x))).round().long().to(x.device)] if len(x) else x
+    recon = model.reconstruct(x).cpu()
+    x = x.cpu()
     pairs = []
     for i in range(0, len(x), 8):
-        pairs += [flat[i : i + 8], recon[i : i + 8]]
-    return save_image_grid(torch.cat(pairs), path, ncols=min(8, len(x)),
+        pairs += [x[i : i + 8], recon[i : i + 8]]
+    return save_image_grid(torch.cat(pairs), path, ncols=min(8, len(x)), data_range=model.lik.data_range,
                            title=_two_line(title, "test data (odd rows) and their reconstructions (even rows)"))
 
 
 @torch.no_grad()
 def save_samples(model, path: str | Path, n: int = 64, title: str = "") -> bool:
-    return save_image_grid(model.sample(n), path, title=_two_line(title, f"{n} samples: means of p(x|z), z ~ N(0, I)"))
+    return save_image_grid(model.sample(n), path, data_range=model.lik.data_range,
+                           title=_two_line(title, f"{n} samples: means of p(x|z), z ~ N(0, I)"))
 
 
 @torch.no_grad()
 def save_manifold(model, path: str | Path, n: int = 15, z_max: float = 2.0, title: str = "") -> bool:
     """Decoded means over an evenly spaced n x n grid of a 2-D latent space, z in [-z_max, z_max]^2 (about 95%
     of the prior's mass per axis at 2), with the z axes drawn."""
-    if model.latent_dim != 2:
+    if tuple(model.latent_shape) != (2,):
         return False
     p = next(model.parameters())
     z_axis = torch.linspace(-z_max, z_max, n, dtype=p.dtype, device=p.device)
     # Row r of the picture is z2 = z_axis[n - 1 - r] (z2 grows upwards), column c is z1 = z_axis[c].
     z = torch.stack(torch.meshgrid(z_axis, z_axis.flip(0), indexing="xy"), dim=-1).reshape(-1, 2)
-    mean = model.decode(z)
-    mean = torch.sigmoid(mean) if model.likelihood == "bernoulli" else mean[0]
-    images = _as_images(mean)
+    images = _as_images(model.decode_mean(z), model.lik.data_range)
     if images is None:
         return False
     half = z_max / (n - 1) if n > 1 else 0.5  # each image spans one grid step, centred on its z
     fig = Figure(figsize=(6.6, 6.6))
     ax = fig.add_subplot()
-    ax.imshow(_grid(images.clamp(0, 1), n).numpy(), cmap="gray_r", vmin=0, vmax=1, interpolation="nearest",
-              extent=(-z_max - half, z_max + half, -z_max - half, z_max + half))
+    _show(ax, images, n, extent=(-z_max - half, z_max + half, -z_max - half, z_max + half))
     ax.set_xlabel("z1")
     ax.set_ylabel("z2")
     ax.set_title(_two_line(title, f"decoded means over the latent plane, z in [{-z_max:g}, {z_max:g}]^2"), fontsize=10)

@@ -37,7 +37,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from . import data, plots
+from . import data, likelihoods, plots
+from .conv import conv_vae
 from .model import OBJECTIVES, OBS_LOGVAR_MODES, VAE, active_units, mlp_vae
 
 CHECKPOINT = "checkpoint.pt"  # the last good epoch: what --resume continues
@@ -53,7 +54,8 @@ _EVAL_STREAM = 2**31  # seed key of the evaluation noise; never a rank
 _FIGURE_STREAM = 2**31 + 1  # seed key of the figures' samples: a fresh run and a resume draw the same
 # Fields that may change when a run is resumed: they do not change what is computed (epochs only extends it,
 # except under a cosine schedule, whose length it sets).
-RESUMABLE_CHANGES = ("epochs", "device", "compile", "out", "log_dir")
+RESUMABLE_CHANGES = ("epochs", "device", "compile", "out", "log_dir", "data_dir")
+MODELS = ("mlp", "conv")
 
 
 def _is_number(v) -> bool:
@@ -88,10 +90,13 @@ class TrainConfig:
     data set (see :meth:`resolved`)."""
 
     dataset: str = "digits"
+    data_dir: str | None = None  # the image sets' files (None: data.default_data_dir)
     epochs: int = 100
     batch_size: int = 100
-    latent_dim: int = 8
-    hidden: list = field(default_factory=lambda: [256, 128])
+    model: str = "mlp"  # "mlp" | "conv"
+    latent_dim: int = 8  # the flat latent's size (mlp, and conv without latent_channels)
+    latent_channels: int | None = None  # conv only: a spatial latent (latent_channels, H/4, W/4)
+    hidden: list = field(default_factory=lambda: [256, 128])  # mlp only
     likelihood: str | None = None  # None: gaussian for the real-valued "synthetic", bernoulli for images
     obs_logvar: str | float = "scalar"
     binarize: str = "dynamic"  # "dynamic" | "fixed" | "none"
@@ -140,7 +145,14 @@ class TrainConfig:
         need(self.lr > 0, f"{_flag('lr')} must be > 0, got {self.lr}")
         need(isinstance(self.hidden, list) and all(isinstance(h, int) and h > 0 for h in self.hidden),
              f"{_flag('hidden')} must be positive integers, got {self.hidden!r}")
-        for name, choices in (("dataset", None), ("likelihood", ("bernoulli", "gaussian")),
+        need(self.latent_channels is None or (isinstance(self.latent_channels, int)
+                                              and not isinstance(self.latent_channels, bool)
+                                              and self.latent_channels >= 1),
+             f"{_flag('latent_channels')} must be a positive integer, got {self.latent_channels!r}")
+        need(self.latent_channels is None or self.model == "conv",
+             f"{_flag('latent_channels')} (a spatial latent) needs {_set('model', 'conv')}")
+        for name, choices in (("dataset", None), ("likelihood", tuple(likelihoods.LIKELIHOODS)),
+                              ("model", MODELS),
                               ("binarize", ("dynamic", "fixed", "none")), ("objective", OBJECTIVES),
                               ("lr_schedule", ("constant", "cosine")), ("save", ("last", "best")),
                               ("device", ("auto", "cpu", "cuda")), ("amp", ("off", "bf16", "fp16"))):
@@ -159,7 +171,7 @@ class TrainConfig:
         need(not (self.objective == "elbo-stl" and self.free_bits > 0),
              f"{_flag('free_bits')} needs {_set('objective', 'elbo')} (elbo-stl has no per-dimension KL to floor)")
         need(isinstance(self.compile, bool), f"{_flag('compile')} must be true or false, got {self.compile!r}")
-        for name in ("out", "log_dir"):
+        for name in ("out", "log_dir", "data_dir"):
             v = getattr(self, name)
             need(v is None or (isinstance(v, str) and v), f"{_flag(name)} must be a folder name, got {v!r}")
         return self
@@ -201,10 +213,19 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name, local_rank) if name == "cuda" else torch.device(name)
 
 
-def build_model(cfg: TrainConfig, input_dim: int) -> VAE:
+def build_model(cfg: TrainConfig, input_dim: int | list[int]) -> VAE:
+    """The model ``cfg`` describes for examples of ``input_dim`` values (an int) or of that shape (a list)."""
     cfg = cfg.resolved()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and on every resume
+    if cfg.model == "conv":
+        latent = dict(latent_channels=cfg.latent_channels) if cfg.latent_channels else dict(latent_dim=cfg.latent_dim)
+        return conv_vae(tuple(input_dim), likelihood=cfg.likelihood, obs_logvar=cfg.obs_logvar, **latent)
     return mlp_vae(input_dim, cfg.latent_dim, cfg.hidden, cfg.likelihood, obs_logvar=cfg.obs_logvar)
+
+
+def _input_dim(x: torch.Tensor) -> int | list[int]:
+    """What the checkpoint records of the data's examples: their size if flat, else their shape."""
+    return x.shape[1] if x.dim() == 2 else list(x.shape[1:])
 
 
 def build_optimizer(params, lr: float) -> torch.optim.Optimizer:
@@ -229,10 +250,55 @@ def learning_rate(cfg: TrainConfig, step: int, total_steps: int) -> float:
     return cfg.lr
 
 
-def load_data(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def data_treatment(cfg: TrainConfig) -> tuple[str | None, int | None]:
+    """What the likelihood makes of ``cfg``'s data: ``(binarize, dequantize)``, the binarisation of a
+    Bernoulli model (None, "fixed" or "dynamic") and the levels a continuous density's data are dequantised
+    over (256 for 8-bit data; None: not quantised data, or not a continuous density)."""
     cfg = cfg.resolved()
-    binarize = None if cfg.binarize == "none" or cfg.likelihood == "gaussian" else cfg.binarize
-    return data.load(cfg.dataset, binarize=binarize)
+    lik = likelihoods.get(cfg.likelihood)
+    binarize = cfg.binarize if lik.eight_bit == "binarize" and cfg.binarize != "none" else None
+    dequantize = data.levels(cfg.dataset) if lik.eight_bit == "dequantize" else None
+    return binarize, dequantize
+
+
+def load_data(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(train, test)`` as the model reads them: in the likelihood's range, as images for a conv model. The
+    test set is prepared once (a fixed binarisation or dequantisation); the train set is prepared per batch by
+    :func:`prepare_batch` when that is drawn afresh ("dynamic" binarisation, dequantisation)."""
+    cfg = cfg.resolved()
+    binarize, dequantize = data_treatment(cfg)
+    train, test = data.load(cfg.dataset, binarize=binarize, data_dir=cfg.data_dir)
+    if dequantize:
+        test = data.fixed_dequantize(test, dequantize)
+    data_range = likelihoods.get(cfg.likelihood).data_range
+    train, test = data.to_range(train, data_range), data.to_range(test, data_range)
+    if cfg.model == "conv":
+        try:
+            train, test = data.as_images(train, cfg.dataset), data.as_images(test, cfg.dataset)
+        except ValueError as e:
+            raise ValueError(f"{_set('model', 'conv')}: {e}") from None
+    return train, test
+
+
+def prepare_batch(cfg: TrainConfig, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A train batch as the model reads it: binarised afresh ("dynamic"), or dequantised afresh for a
+    continuous density of 8-bit data (uniform noise in each level's bin), or as it is."""
+    binarize, dequantize = data_treatment(cfg)
+    if binarize == "dynamic":
+        return data.binarize_batch(x, generator)
+    if dequantize:
+        return data.dequantize(x, generator, dequantize, likelihoods.get(cfg.resolved().likelihood).data_range)
+    return x
+
+
+def bits_per_dim_setup(cfg: TrainConfig, example_shape) -> tuple[int, float | None] | None:
+    """``(num_dims, bin_width)`` for ``likelihoods.bits_per_dim`` of a run's test log-likelihoods, or None where
+    bits per dimension do not apply (a Bernoulli model of grey values, a density of data that are not
+    quantised)."""
+    binarize, _ = data_treatment(cfg)
+    applies, width = likelihoods.get(cfg.resolved().likelihood).bin_width(data.levels(cfg.dataset),
+                                                                        binarize is not None)
+    return (math.prod(example_shape), width) if applies else None
 
 
 def torchrun_restart() -> int:
@@ -445,8 +511,9 @@ def _load_weights(model, ckpt: dict, path: Path) -> None:
         raise _damaged(path, "its weights do not fit the model its config describes") from None
 
 
-def run_title(cfg: TrainConfig, epoch: int) -> str:
-    """What the figures say about a run: data set, model, objective and epoch."""
+def run_title(cfg: TrainConfig, epoch: int, latent_shape=None) -> str:
+    """What the figures say about a run: data set, model, objective and epoch (and the model's
+    ``latent_shape``, if given, for a spatial latent)."""
     cfg = cfg.resolved()
     objective = {"elbo": "ELBO", "iwae": "IWAE", "iwae-dreg": "IWAE (DReG)", "elbo-stl": "ELBO (STL)"}.get(
         cfg.objective, cfg.objective)
@@ -454,7 +521,9 @@ def run_title(cfg: TrainConfig, epoch: int) -> str:
         objective += f", K={cfg.num_samples}"
     if cfg.beta != 1:
         objective += f", beta={cfg.beta:g}"
-    return f"{cfg.dataset}: {cfg.likelihood.capitalize()} VAE, latent {cfg.latent_dim}, {objective}, epoch {epoch}"
+    model = "conv VAE" if cfg.model == "conv" else "VAE"
+    latent = "x".join(map(str, latent_shape)) if latent_shape else cfg.latent_dim
+    return f"{cfg.dataset}: {cfg.likelihood.capitalize()} {model}, latent {latent}, {objective}, epoch {epoch}"
 
 
 # ---- training ------------------------------------------------------------------------------------------------
@@ -545,7 +614,7 @@ def _open_run(cfg: TrainConfig, resume: bool, overwrite: bool) -> tuple[dict | N
                 _say(f"resuming the run in {out} at epoch {ckpt['epoch']} of {cfg.epochs}")
             return ckpt, False
         if not overwrite:  # (both: a torchrun restart of a replacement that had not saved an epoch yet)
-            may = ", ".join(_flag(n) for n in ("epochs", "device", "compile", "log_dir"))
+            may = ", ".join(_flag(n) for n in ("epochs", "device", "compile", "log_dir", "data_dir"))
             raise ValueError(f"{_set('resume')} continues the run in {out} with its own settings, but these differ: "
                              f"{', '.join(changed)}. Only {may} may change on resume ({_flag('epochs')} not under a "
                              f"cosine schedule); train into another folder, or replace this run with "
@@ -604,8 +673,9 @@ def _run(cfg: TrainConfig, ckpt: dict | None, stage: Path | None, train_x: torch
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     out = Path(cfg.out)
     here = stage or out  # where this run's files go now
-    dynamic = cfg.binarize == "dynamic" and cfg.likelihood == "bernoulli"
-    raw = build_model(cfg, train_x.shape[1]).to(device)
+    binarize, dequantize = data_treatment(cfg)
+    fresh = binarize == "dynamic" or dequantize is not None  # the train batches are drawn afresh
+    raw = build_model(cfg, _input_dim(train_x)).to(device)
     optimizer = build_optimizer(raw.parameters(), cfg.lr)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start_epoch, step, best = 0, 0, None
@@ -658,8 +728,8 @@ def _run(cfg: TrainConfig, ckpt: dict | None, stage: Path | None, train_x: torch
                        disable=not bar_on, dynamic_ncols=True)
             for i in range(0, len(order), cfg.batch_size):
                 x = train_x[order[i : i + cfg.batch_size]]
-                if dynamic:
-                    x = data.binarize_batch(x, bin_gen)
+                if fresh:
+                    x = prepare_batch(cfg, x, bin_gen)
                 beta = cfg.beta * min(1.0, (step + 1) / kl_warmup_steps) if kl_warmup_steps else cfg.beta
                 lr = learning_rate(cfg, step, total_steps)
                 for group in optimizer.param_groups:
@@ -703,11 +773,11 @@ def _run(cfg: TrainConfig, ckpt: dict | None, stage: Path | None, train_x: torch
                    "beta": beta, "lr": lr, "world_size": world, "time_s": round(time.perf_counter() - t0, 4)}
             metrics.append(row)
             if active == 0 and was_active:
-                _say(f"warning: epoch {epoch + 1}: 0 of {cfg.latent_dim} latent units active: the decoder ignores z "
+                _say(f"warning: epoch {epoch + 1}: 0 of {raw.latent_dim} latent units active: the decoder ignores z "
                      f"(posterior collapse, if it lasts); KL warm-up ({_flag('warmup_epochs')}) or "
                      f"{_flag('free_bits')} can help")
             elif active and not was_active:
-                _say(f"epoch {epoch + 1}: {active} of {cfg.latent_dim} latent units active again")
+                _say(f"epoch {epoch + 1}: {active} of {raw.latent_dim} latent units active again")
             was_active = active
             # The metrics line first, then best.pt, then the checkpoint: a resume drops lines past the
             # checkpoint's epoch and redoes (bitwise) whatever came after it.
@@ -715,8 +785,8 @@ def _run(cfg: TrainConfig, ckpt: dict | None, stage: Path | None, train_x: torch
                 f.write(json.dumps(row) + "\n")
             if cfg.save == "best" and (best is None or test_elbo > best["test_elbo"]):
                 best = {"epoch": epoch + 1, "test_elbo": test_elbo}
-                save_checkpoint(here / BEST, raw, optimizer, scaler, epoch + 1, step, cfg, train_x.shape[1], best)
-            save_checkpoint(here / CHECKPOINT, raw, optimizer, scaler, epoch + 1, step, cfg, train_x.shape[1], best)
+                save_checkpoint(here / BEST, raw, optimizer, scaler, epoch + 1, step, cfg, _input_dim(train_x), best)
+            save_checkpoint(here / CHECKPOINT, raw, optimizer, scaler, epoch + 1, step, cfg, _input_dim(train_x), best)
             saved_epoch = epoch + 1
             if stage is not None:  # the first good epoch of a replacing run: the old run goes, whole
                 _commit(out, stage)
@@ -728,7 +798,7 @@ def _run(cfg: TrainConfig, ckpt: dict | None, stage: Path | None, train_x: torch
                 writer.flush()
             if progress:
                 line = (f"epoch {epoch + 1:3d}/{cfg.epochs}  train ELBO {means[1]:9.3f}  test ELBO {test_elbo:9.3f}"
-                        f"  KL {means[2]:7.3f}  active {active}/{cfg.latent_dim}  ({row['time_s']:.2f} s)")
+                        f"  KL {means[2]:7.3f}  active {active}/{raw.latent_dim}  ({row['time_s']:.2f} s)")
                 tqdm.write(line)
                 sys.stdout.flush()
     except KeyboardInterrupt:
@@ -753,21 +823,27 @@ def _run(cfg: TrainConfig, ckpt: dict | None, stage: Path | None, train_x: torch
         # a resume of the finished run draw the same ones.
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             torch.manual_seed(derive_seed(cfg.seed, _FIGURE_STREAM))
-            figures = plots.save_all(raw, metrics, test_x, out, title=run_title(cfg, last_epoch),
+            figures = plots.save_all(raw, metrics, test_x, out, title=run_title(cfg, last_epoch, raw.latent_shape),
                                      objective=cfg.objective)
-        summary = _summary(cfg, metrics, best, figures)
+        summary = _summary(cfg, metrics, best, figures, bits_per_dim_setup(cfg, test_x.shape[1:]))
         if progress:
             print(summary, flush=True)
     return TrainResult(raw, metrics, out, summary)
 
 
-def _summary(cfg: TrainConfig, metrics: list[dict], best: dict | None, figures: list[Path]) -> str:
-    """Two lines: what the run reached and where its files are; what to run next."""
+def _summary(cfg: TrainConfig, metrics: list[dict], best: dict | None, figures: list[Path],
+             bpd: tuple[int, float | None] | None = None) -> str:
+    """Two lines: what the run reached and where its files are; what to run next. ``bpd``: (num_dims,
+    bin_width) to state the ELBO in bits per dimension too, where they apply."""
     out = Path(cfg.out)
+
+    def elbo(value):
+        return f"{value:.3f}" + (f" ({likelihoods.bits_per_dim(value, *bpd):.3f} bits/dim)" if bpd else "")
+
     if metrics:
-        reached = f"epoch {metrics[-1]['epoch']}/{cfg.epochs}, test ELBO {metrics[-1]['test_elbo']:.3f}"
+        reached = f"epoch {metrics[-1]['epoch']}/{cfg.epochs}, test ELBO {elbo(metrics[-1]['test_elbo'])}"
         if cfg.save == "best" and best is not None:
-            reached += f" (kept: epoch {best['epoch']}, test ELBO {best['test_elbo']:.3f}, in {out / BEST})"
+            reached += f" (kept: epoch {best['epoch']}, test ELBO {elbo(best['test_elbo'])}, in {out / BEST})"
     else:
         reached = "no epochs trained"
     names = "{" + ",".join(p.stem for p in figures) + "}.png" if len(figures) > 1 else figures[0].name if figures else ""
@@ -787,7 +863,7 @@ def _kept(saved_epoch: int | None, out: Path, stage: Path | None = None) -> str:
 
 
 def save_checkpoint(path: Path, model, optimizer, scaler, epoch: int, step: int, cfg: TrainConfig,
-                    input_dim: int, best: dict | None = None) -> None:
+                    input_dim: int | list[int], best: dict | None = None) -> None:
     state = {
         "input_dim": input_dim,
         "model": model.state_dict(),

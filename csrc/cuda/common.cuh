@@ -2,10 +2,11 @@
 // integer division for index decomposition, deterministic group reductions, the kernel parameter
 // block. Internal to csrc/cuda/.
 //
-// The same source also compiles as plain C++ (g++ -x c++ -DVF_EMULATE) against emu.h, a small
-// CPU emulator of the CUDA features used here (threads as fibers, __syncthreads, warp shuffles,
-// bounds-checked "device" memory, a check that no two threads write the same address in one
-// launch). selftest.cu runs that way on machines without a GPU. Nothing below may depend on it.
+// The same source also compiles as plain C++ (g++ -x c++ -DVF_EMULATE -Itests/cuda) against
+// tests/cuda/emu.h, a small CPU emulator of the CUDA features used here (threads as fibers,
+// __syncthreads, warp shuffles, bounds-checked "device" memory, a check that no two threads write
+// the same address in one launch). tests/cuda/selftest.cu runs that way on machines without a GPU.
+// Nothing below may depend on it.
 #pragma once
 #include <algorithm>
 #include <atomic>
@@ -463,7 +464,7 @@ VF_DEV void shfl_merge(unsigned mask, CSum<A>& v, int off) {
   v.merge(o);
 }
 
-#ifndef VF_DROP_BARRIER  // test-only: 1 or 2 drops that barrier of group_sum (see race_check.cu)
+#ifndef VF_DROP_BARRIER  // test-only: 1 or 2 drops that barrier of group_sum (see tests/cuda/race_check.cu)
 #define VF_DROP_BARRIER 0
 #endif
 

@@ -1,17 +1,22 @@
 // Standalone test of the CUDA kernels (no torch): runs every launcher on small random inputs and
 // compares with a float64 host computation that uses elbo_math.h and philox.h. Prints
-// "N passed, N failed" and exits non-zero when something failed.
+// "N passed, N failed" and exits non-zero when something failed. Test-only: it lives in tests/cuda/,
+// beside the emulator, and includes the shipped kernels' headers through -Icsrc.
 //
-// On a GPU machine (from the repository root):
+// Built by CMake as the target vf_cuda_selftest (nvcc, sm_80 and sm_90, linked with the shipped
+// kernels' objects; scripts/check_cuda_compile.sh builds it). By hand on a GPU machine (from the
+// repository root; scripts/gpu_check.sh does this for sm_90):
 //   nvcc -std=c++17 -O3 --expt-relaxed-constexpr -gencode arch=compute_80,code=sm_80
-//        -gencode arch=compute_90,code=sm_90 csrc/cuda/selftest.cu csrc/cuda/rows.cu
+//        -gencode arch=compute_90,code=sm_90 -Icsrc tests/cuda/selftest.cu csrc/cuda/rows.cu
 //        csrc/cuda/sample.cu -o vf_cuda_selftest && ./vf_cuda_selftest
-// Anywhere, on the CPU emulator of emu.h (the same kernels, strict about races, bounds, barriers):
-//   for f in selftest rows sample; do
-//     g++ -std=c++17 -O1 -DVF_EMULATE -x c++ -I/usr/local/cuda/include -c csrc/cuda/$f.cu -o $f.o
+// Anywhere, on the CPU emulator of emu.h (the same kernels, strict about races, bounds, barriers;
+// -Itests/cuda lets common.cuh find emu.h; scripts/check_cuda_compile.sh does this):
+//   for f in tests/cuda/selftest csrc/cuda/rows csrc/cuda/sample; do
+//     g++ -std=c++17 -O1 -DVF_EMULATE -x c++ -I/usr/local/cuda/include -Icsrc -Itests/cuda
+//         -c $f.cu -o $(basename $f).o
 //   done && g++ selftest.o rows.o sample.o -o vf_emu_selftest && ./vf_emu_selftest
-#include "kernels.h"
-#include "common.cuh"
+#include "cuda/kernels.h"
+#include "cuda/common.cuh"
 
 #include <algorithm>
 #include <cmath>

@@ -6,8 +6,8 @@
 //   -DVF_DROP_BARRIER=1  without the barrier that protects the slots a previous call still reads;
 //   -DVF_DROP_BARRIER=2  without the barrier between the slot writes and the reads;
 // each of the last two must make the emulator abort with a shared-memory race.
-// (With nvcc it compiles like every .cu here; it is never linked into the extension.)
-#include "common.cuh"
+// (nvcc also builds it, as the CMake target vf_cuda_race_check; it is never linked into the extension.)
+#include "cuda/common.cuh"
 
 #include <cstdio>
 #include <vector>

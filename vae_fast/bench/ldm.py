@@ -3,9 +3,9 @@
 One training step of an LDM autoencoder calls ``posterior.sample()`` and ``posterior.kl()`` on the encoder's
 ``(B, 2C, H, W)`` output; these rows time exactly that, forward ("fwd", under no_grad) and forward+backward
 ("fwd+bwd", gradient of both outputs into ``parameters``), in the schema of DESIGN.md section 5, timed with
-the suite's own helpers (``bench.time_interleaved``, ``bench.peak_mb``). The eager baseline is diffusers'
-``DiagonalGaussianDistribution`` when diffusers is installed, else a line-for-line copy of its three
-methods used here (the row's ``"baseline"`` says which). ``torch.compile`` compiles that baseline (not in
+the suite's own helpers (``cases.time_row``: ``timing.time_interleaved``, ``timing.peak_mb``). The eager
+baseline is diffusers' ``DiagonalGaussianDistribution`` when diffusers is installed, else a line-for-line copy
+of its three methods used here (the row's ``"baseline"`` says which). ``torch.compile`` compiles that baseline (not in
 quick mode, nor with ``--no-compile``).
 
 Bytes (as ``reparameterize_with_kl``, N = latent elements, half the parameters): fwd reads mean and logvar and
@@ -19,14 +19,16 @@ import math
 
 import torch
 
-from . import bench
-from .distributions import DiagonalGaussianDistribution
+from ..distributions import DiagonalGaussianDistribution
+from .cases import PASSES, Case, input_sets, make_call, time_row
+from .timing import copy_gbps as measure_copy_gbps
+from .timing import nbytes
 
 SHAPES = [(16, 8, 64, 64), (16, 32, 32, 32)]  # latents (16, 4, 64, 64) (SD) and (16, 16, 32, 32)
 QUICK_SHAPES = [(2, 8, 16, 16)]
 
 
-def _baseline():
+def baseline():
     """(diffusers' class, its name), or an eager copy of diffusers' sample and kl."""
     try:
         import diffusers
@@ -62,13 +64,13 @@ def _sample_and_kl(cls):
     return call
 
 
-def _case(params: torch.Tensor, theirs) -> bench.Case:
+def posterior_case(params: torch.Tensor, theirs) -> Case:
     """The suite's description of one config: bytes as ``reparameterize_with_kl``'s (z and kl out; the
     backward reads gz, gkl, mean, logvar and writes the parameters' gradient)."""
     s_out = 8 if params.dtype == torch.float64 else 4
     n, b = params.numel() // 2, params.shape[0]
     out = n * params.element_size() + b * s_out
-    return bench.Case(op="DiagonalGaussianDistribution.sample+kl", shape=list(params.shape), inputs=[params],
+    return Case(op="DiagonalGaussianDistribution.sample+kl", shape=list(params.shape), inputs=[params],
                       fused=_sample_and_kl(DiagonalGaussianDistribution), eager=_sample_and_kl(theirs), grads=[0],
                       bwd_reads=[0], bwd_writes=[0], out_bytes=out, g_bytes=out)
 
@@ -79,29 +81,29 @@ def ldm_rows(device: str, quick: bool, *, repeats: int | None = None, copy_gbps:
     (measured here when not given) is the suite's copy bandwidth, for ``copy_fraction``; the compiled baseline
     only if ``compile_it`` and not ``quick``."""
     dev = torch.device(device)
-    theirs, baseline = _baseline()
+    theirs, baseline_name = baseline()
     repeats = repeats or (5 if quick else 15)
-    copy = copy_gbps or bench.copy_gbps(dev)
+    copy = copy_gbps or measure_copy_gbps(dev)
     dtypes = [torch.float32] + ([torch.bfloat16] if dev.type == "cuda" else [])
     gen = torch.Generator(device="cpu").manual_seed(0)
     rows = []
     for shape in QUICK_SHAPES if quick else SHAPES:
         for dtype in dtypes:
-            case = _case(torch.randn(shape, generator=gen).to(device=dev, dtype=dtype), theirs)
+            case = posterior_case(torch.randn(shape, generator=gen).to(device=dev, dtype=dtype), theirs)
             n_sets = 1
             if dev.type == "cuda":  # rotate input sets past L2, as the rest of the suite does
                 l2 = torch.cuda.get_device_properties(dev).L2_cache_size
-                n_sets = max(1, min(8, math.ceil(4 * l2 / bench._nbytes(case.inputs[0]))))
-            for pass_ in bench.PASSES:
-                sets = bench.input_sets(case, pass_, n_sets)
+                n_sets = max(1, min(8, math.ceil(4 * l2 / nbytes(case.inputs[0]))))
+            for pass_ in PASSES:
+                sets = input_sets(case, pass_, n_sets)
                 fns = {"fused": case.fused, "eager": case.eager}
                 if compile_it and not quick:
                     torch._dynamo.reset()
                     fns["compile"] = torch.compile(case.eager)
                 grad_gen = torch.Generator(device=dev).manual_seed(1)  # upstream gradients are drawn on dev
-                calls = {name: bench.make_call(fn, case, pass_, grad_gen) for name, fn in fns.items()}
-                row = bench.time_row(case, dtype, pass_, calls, sets, repeats, dev, copy)
-                rows.append({**row, "baseline": baseline})
+                calls = {name: make_call(fn, case, pass_, grad_gen) for name, fn in fns.items()}
+                row = time_row(case, dtype, pass_, calls, sets, repeats, dev, copy)
+                rows.append({**row, "baseline": baseline_name})
                 if compile_it and not quick:
                     torch._dynamo.reset()
     return rows

@@ -1,4 +1,5 @@
-"""The ELBO maths in plain PyTorch: the tests' oracle and the benchmarks' eager baseline.
+"""The ops' maths as composite PyTorch: double backward's formulas, the benchmarks' eager baseline and the
+tests' float64 oracle.
 
 Every function here computes in the dtype it is given (pass float64 tensors for a reference) and
 uses the same numerically careful forms as the fused kernels (``csrc/elbo_math.h``), so that the
