@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from . import _C  # noqa: F401  (loads the library: registers torch.ops.vae_fast.*)
-from . import _composite as reference
+from . import _composite
 
 _ops = torch.ops.vae_fast
 LOG_2PI = math.log(2.0 * math.pi)
@@ -403,7 +403,7 @@ def _(grad_z, grad_log_q, grad_kl, mu, logvar, seed, seed_value, num_samples, sa
 
 # ------------------------------------------------------------------------------------------------
 # Double backward: the backward ops' own autograd, as the vector-Jacobian product of their composite
-# formulas (reference.py). Correctness, not speed: only create_graph=True reaches it.
+# formulas (_composite.py). Correctness, not speed: only create_graph=True reaches it.
 # ------------------------------------------------------------------------------------------------
 def _leaves(tensors):
     return [t.detach().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
@@ -446,7 +446,7 @@ def _register_table_double_backward(op: dict) -> None:
     """Autograd of `vae_fast::<name>_backward(grad, *tensors, *params, event_dims, needs, *clamps[, concat_dim])`
     (csrc/op_table.h): the vector-Jacobian product of the composite formula `_composite.<name>`."""
     name, n, n_params, clamp_names, pair = op["name"], len(op["tensors"]), len(op["params"]), op["clamps"], op["pair"]
-    forward = getattr(reference, name)
+    forward = getattr(_composite, name)
 
     def setup(ctx, inputs, output):
         ctx.inputs = _schema_args(f"{name}_backward", inputs, {})  # double backward is rare: keep the references
@@ -492,7 +492,7 @@ def _sample_double_backward(ctx, grad_dmu, grad_dlogvar):
     def first(gz, glq, gkl, m, lv):
         # With log_q_path_only, log q is evaluated at stop_grad(mu, logvar): its derivatives of every order
         # reach (mu, logvar) through z only (torch's Normal(mu.detach(), std.detach()).log_prob(z)).
-        outs = reference.sample_terms(m, lv, eps, event_dims, path_only, clamp)
+        outs = _composite.sample_terms(m, lv, eps, event_dims, path_only, clamp)
         pairs = [(o, g) for o, g in zip(outs, (gz, glq, gkl)) if g is not None]
         grads = [torch.zeros_like(m), torch.zeros_like(lv)]
         if pairs:
