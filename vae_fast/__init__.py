@@ -10,6 +10,7 @@ from .ops import (
     reparameterize_with_kl,
 )
 from . import data
+from .dmol import discretized_mix_logistic_log_prob, sample_discretized_mix_logistic
 from .distributions import DiagonalGaussianDistribution
 from .model import VAE, active_units, gradient_snr, mlp_vae
 from .patch import patch_diffusers, unpatch_diffusers
@@ -22,6 +23,7 @@ __all__ = [
     "active_units",
     "bernoulli_log_prob",
     "data",
+    "discretized_mix_logistic_log_prob",
     "gaussian_kl",
     "gaussian_log_prob",
     "gaussian_nll_loss",
@@ -31,5 +33,6 @@ __all__ = [
     "reference",
     "reparameterize",
     "reparameterize_with_kl",
+    "sample_discretized_mix_logistic",
     "unpatch_diffusers",
 ]
