@@ -38,7 +38,7 @@ def split_params(params: torch.Tensor, channels: int, layout: str):
         log_scales = p[..., M + C * M:M + 2 * C * M].unflatten(-1, (C, M))
         coeffs = p[..., M + 2 * C * M:].unflatten(-1, (3, M)) if C == 3 else None
     else:
-        rest = p[..., M:].unflatten(-1, (C, 3 * M))
+        rest = p[..., M:].unflatten(-1, (C, (3 if C == 3 else 2) * M))
         means, log_scales = rest[..., :M], rest[..., M:2 * M]
         coeffs = rest[..., 2 * M:] if C == 3 else None
     return logits, means, log_scales, coeffs
@@ -70,8 +70,8 @@ def channel_terms(x, params, num_bits: int, layout: str):
     if C == 3:
         t = torch.tanh(coeffs)
         x0, x1 = xc[..., 0, :], xc[..., 1, :]
-        means = torch.stack([means[..., 0, :], means[..., 1, :] + t[..., 0, :] * x0,
-                             means[..., 2, :] + t[..., 1, :] * x0 + t[..., 2, :] * x1], dim=-2)
+        means = torch.stack(torch.broadcast_tensors(means[..., 0, :], means[..., 1, :] + t[..., 0, :] * x0,
+                                                    means[..., 2, :] + t[..., 1, :] * x0 + t[..., 2, :] * x1), dim=-2)
     ls = torch.clamp(log_scales, min=LOG_SCALE_MIN)
     hw = 1.0 / (2 ** num_bits - 1)
     u = xc - means
