@@ -454,3 +454,36 @@ def test_sampler_chi_square_coupled_channels():
     idx = bitsv[:, 0] * 4 + bitsv[:, 1] * 2 + bitsv[:, 2]
     counts = torch.bincount(idx, minlength=8).double()
     assert _chi2_pvalue(counts, probs) > 1e-4
+
+
+def test_sampler_counter_layout_known_answer():
+    # The documented counter layout (layout.h's DmolArgs), recomputed with the numpy Philox of
+    # test_known_answers: what the CUDA sampler must reproduce too.
+    import numpy as np
+    from test_known_answers import MASK32, philox4x32
+
+    B, H, W, M, C, bits, seed = 2, 2, 3, 3, 3, 4, 0x1234_5678_9ABC_DEF0
+    g = torch.Generator().manual_seed(3)
+    params = torch.randn(B, n_params(C, M), H, W, generator=g, dtype=torch.float64)
+    got = vf.sample_discretized_mix_logistic(params, channels=C, num_bits=bits, seed=seed)
+    logits, means, ls, coeffs = (t.numpy() for t in composite.split_params(params, C, "channels_first"))
+    levels = 2 ** bits - 1
+    n = np.arange(B * H * W, dtype=np.uint64)
+    blocks = [philox4x32((n & MASK32, n >> np.uint64(32), j, 0x444D4F4C), (seed & 0xFFFFFFFF, seed >> 32))
+              for j in range(2)]
+    words = [blocks[i // 4][i % 4] for i in range(M + C)]
+    u = [((w >> np.uint64(8)).astype(np.float64) + 0.5) * 2.0 ** -24 for w in words]
+    expect = np.zeros((B, C, H, W))
+    for idx in range(B * H * W):
+        b, h, w = idx // (H * W), (idx // W) % H, idx % W
+        k = int(np.argmax([logits[b, h, w, j] - np.log(-np.log(u[j][idx])) for j in range(M)]))
+        t = np.tanh(coeffs[b, h, w, :, k])
+        out = []
+        for c in range(C):
+            m = means[b, h, w, c, k] + (t[0] * out[0] if c == 1 else 0.0) + \
+                (t[1] * out[0] + t[2] * out[1] if c == 2 else 0.0)
+            y = m + np.exp(max(ls[b, h, w, c, k], -7.0)) * (np.log(u[M + c][idx]) - np.log1p(-u[M + c][idx]))
+            level = np.floor((min(max(y, -1.0), 1.0) + 1) * 0.5 * levels + 0.5)
+            out.append((2 * level - levels) / levels)
+        expect[b, :, h, w] = out
+    assert torch.equal(got, torch.from_numpy(expect))
