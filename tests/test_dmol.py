@@ -487,3 +487,83 @@ def test_sampler_counter_layout_known_answer():
             out.append((2 * level - levels) / levels)
         expect[b, :, h, w] = out
     assert torch.equal(got, torch.from_numpy(expect))
+
+
+# ------------------------------------------------------------------------------------------------
+# the CUDA kernels (csrc/cuda/dmol.cu) on the CPU emulator, against the CPU op
+# ------------------------------------------------------------------------------------------------
+def _emu_binary():
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not found (the CUDA headers the emulator build needs)")
+    out = repo / "build" / "cuda-emu" / "dmol_cuda_emu"
+    sources = [repo / "tests" / "dmol_cuda_emu.cpp", repo / "csrc" / "cuda" / "dmol.cu",
+               repo / "csrc" / "cuda" / "common.cuh", repo / "csrc" / "elbo_math.h", repo / "csrc" / "layout.h"]
+    if out.exists() and all(out.stat().st_mtime > s.stat().st_mtime for s in sources):
+        return out
+    dry = subprocess.run([nvcc, "--dryrun", "-x", "cu", "/dev/null", "-o", "/dev/null"], capture_output=True,
+                         text=True).stderr
+    import re
+    m = re.search(r'INCLUDES="?-I([^" ]*)', dry)
+    inc = m.group(1) if m else "/usr/local/cuda/include"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    emu_dirs = [f"-I{repo / d}" for d in ("csrc", "csrc/cuda", "tests/cuda")]
+    subprocess.run(["g++", "-std=c++17", "-O1", "-DVF_EMULATE", "-x", "c++", f"-I{inc}", *emu_dirs,
+                    str(sources[0]), "-o", str(out)], check=True)
+    return out
+
+
+def _contiguous_strides(layout, R, C, P, H, W):
+    if layout == "channels_first":
+        return [0, C * H * W, H * W, W, 1], [0, P * H * W, H * W, W, 1]
+    return [0, H * W * C, 1, W * C, C], [0, H * W * P, 1, W * P, P]
+
+
+def _offsets(layout, C, M):
+    if layout == "pixelcnn++":
+        return [0, M, 3 * M, 2 * M, 3 * M, 3 * M, 3 * M, 1]
+    return [0, M, M, M + C * M, M, M + 2 * C * M, M, 1]
+
+
+@pytest.mark.parametrize("dtype, C, M, layout, event_dims, H, W", [
+    (torch.float32, 3, 5, "channels_first", 3, 10, 30),   # block-wide group sums (tpr 64)
+    (torch.float64, 1, 2, "pixelcnn++", 1, 3, 4),
+    (torch.float32, 3, 3, "pixelcnn++", 2, 2, 70),        # per image row, warp-slice group sums
+])
+def test_cuda_kernels_emulated(dtype, C, M, layout, event_dims, H, W, tmp_path, gen):
+    import subprocess
+
+    exe = _emu_binary()
+    R, bits, seed = 2, 8, 4242
+    x, params = make_inputs(R, C, H, W, M, layout, dtype, gen)
+    x, params = x.contiguous(), params.contiguous()
+    P = n_params(C, M)
+    xs, ps = _contiguous_strides(layout, R, C, P, H, W)
+    reduce = {3: 2, 2: 1, 1: 0}[event_dims]
+    os_ = {2: [0, 1, 0, 0, 0], 1: [0, H, 0, 1, 0], 0: [0, H * W, 0, W, 1]}[reduce]
+    fields = [int(dtype == torch.float64), C, M, bits, R, H, W, reduce, *xs, *ps, *os_, *_offsets(layout, C, M), seed]
+    (tmp_path / "args.txt").write_text(" ".join(map(str, fields)))
+    xr, pr = x.clone().requires_grad_(), params.clone().requires_grad_()
+    ref = vf.discretized_mix_logistic_log_prob(xr, pr, layout=layout, event_dims=event_dims, num_bits=bits)
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(ref.dtype)
+    rdx, rdp = torch.autograd.grad(ref, (xr, pr), g)
+    x.numpy().tofile(tmp_path / "x.bin")
+    params.numpy().tofile(tmp_path / "params.bin")
+    g.numpy().tofile(tmp_path / "grad.bin")
+    run = subprocess.run([str(exe), str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    npd = "float64" if dtype == torch.float64 else "float32"
+    load = lambda name, like: torch.from_numpy(  # noqa: E731
+        __import__("numpy").fromfile(tmp_path / name, dtype=npd)).view(like.shape)
+    rtol = 1e-12 if dtype == torch.float64 else 2e-5
+    torch.testing.assert_close(load("out.bin", ref), ref, rtol=rtol, atol=rtol * 10)
+    torch.testing.assert_close(load("dx.bin", x), rdx, rtol=rtol * 10, atol=rtol * 10 * (1 + rdx.abs().max().item()))
+    torch.testing.assert_close(load("dparams.bin", params), rdp, rtol=rtol * 10,
+                               atol=rtol * 10 * (1 + rdp.abs().max().item()))
+    sample = vf.sample_discretized_mix_logistic(params, channels=C, layout=layout, num_bits=bits, seed=seed)
+    assert torch.equal(load("sample.bin", x), sample)
