@@ -567,3 +567,31 @@ def test_cuda_kernels_emulated(dtype, C, M, layout, event_dims, H, W, tmp_path, 
                                atol=rtol * 10 * (1 + rdp.abs().max().item()))
     sample = vf.sample_discretized_mix_logistic(params, channels=C, layout=layout, num_bits=bits, seed=seed)
     assert torch.equal(load("sample.bin", x), sample)
+
+
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_every_cpu_isa(isa, monkeypatch, gen):
+    # VAE_FAST_CPU_ISA only ever lowers the variant: an unsupported one runs the best the CPU has.
+    monkeypatch.setenv("VAE_FAST_CPU_ISA", isa)
+    x, params = make_inputs(2, 3, 3, 21, 4, "channels_first", torch.float32, gen)
+    pr = params.clone().requires_grad_()
+    got = vf.discretized_mix_logistic_log_prob(x, pr)
+    check_values(got, composite.dmol_log_prob(x.double(), params.double()),
+                 pixel_scale(x, params, 8, "channels_first").sum((-2, -1)), torch.float32, isa)
+    (dp,) = torch.autograd.grad(got.sum(), (pr,))
+    p2 = params.double().requires_grad_()
+    (rdp,) = torch.autograd.grad(composite.dmol_log_prob(x.double(), p2).sum(), (p2,))
+    torch.testing.assert_close(dp.double(), rdp, rtol=1e-3, atol=1e-3 * (1 + rdp.abs().max().item()))
+
+
+def test_empty_inputs():
+    f = vf.discretized_mix_logistic_log_prob
+    p = torch.zeros(0, 20, 4, 4, requires_grad=True)
+    out = f(torch.zeros(0, 3, 4, 4), p)
+    assert out.shape == (0,)
+    out.sum().backward()
+    assert p.grad.shape == p.shape
+    q = torch.zeros(2, 20, 0, 4, requires_grad=True)
+    out = f(torch.zeros(2, 3, 0, 4), q)
+    assert torch.equal(out, torch.zeros(2))
+    assert vf.sample_discretized_mix_logistic(q.detach(), seed=1).shape == (2, 3, 0, 4)
