@@ -85,6 +85,9 @@ VF_HD double scaled_half_expm1(double g, double x) {
 }
 VF_HD float expm1(float x) { return ::expm1f(x); }
 VF_HD float floor(float x) { return ::floorf(x); }
+// log1p(t) for t in [-1/2, 1] (the vector backends use a short series there, cheaper than a general log1p).
+VF_HD float log1p_unit(float t) { return ::log1pf(t); }
+VF_HD double log1p_unit(double t) { return ::log1p(t); }
 VF_HD double floor(double x) { return ::floor(x); }
 VF_HD double expm1(double x) { return ::expm1(x); }
 // a < b ? x : y and a > b ? x : y (the vector backends blend lanes; scalars choose).
@@ -262,7 +265,7 @@ constexpr double kDmolSmallD = 9.5367431640625e-07;  // 2^-20: below it log1mexp
 template <class V>
 VF_HD void log_sigmoid_parts(V y, V& log_sig, V& sig_neg) {
   const V e = vmath::exp(V(0.0f) - vmath::abs(y));
-  log_sig = vmath::min(y, V(0.0f)) - vmath::log1p(e);
+  log_sig = vmath::min(y, V(0.0f)) - vmath::log1p_unit(e);
   const V r = V(1.0f) / (V(1.0f) + e);
   sig_neg = vmath::where_lt(y, V(0.0f), r, e * r);
 }
@@ -272,7 +275,7 @@ template <class V>
 VF_HD V log1mexp(V d, V log_d) {
   const V small = log_d - V(0.5f) * d;
   const V mid = vmath::log(V(0.0f) - vmath::expm1(V(0.0f) - d));
-  const V big = vmath::log1p(V(0.0f) - vmath::exp(V(0.0f) - d));
+  const V big = vmath::log1p_unit(V(0.0f) - vmath::exp(V(0.0f) - d));  // e^-d <= 1/2 where it is taken
   return vmath::where_lt(d, V(kDmolSmallD), small, vmath::where_lt(d, V(kLn2), mid, big));
 }
 template <class T>
