@@ -134,4 +134,71 @@ struct SampleArgs {
   void* grad_logvar = nullptr;
 };
 
+
+// ---- discretized mixture of logistics (DMOL): one launch --------------------------------------
+// x is read as [rows][C][H][W] and params as [rows][P][H][W], each through its own element strides
+// over those four axes (any layout read in place: channels_first, channels_last, PixelCNN++'s
+// (B, H, W, P), chunks), rows as a two-level (outer, inner) walk: row r = o * inner + i lies at
+// o * outer + i * inner (strides 0 where a tensor is broadcast over the rows, e.g. x of (B, C, H, W)
+// against params of (K, B, P, H, W)). P = M * (1 + 2C + C(C-1)/2); where each parameter lies on the
+// P axis is given by the offsets (elbo_math.h: dmol_logit / dmol_mean / dmol_log_scale / dmol_coeff).
+struct DmolStrides {
+  int64_t outer = 0, inner = 0, c = 0, h = 0, w = 0;  // elements; c: the channel (x) or P (params) axis
+};
+
+enum class DmolReduce : int32_t {
+  PerPixel = 0,  // out[o, i, h, w]
+  PerLine = 1,   // out[o, i, h] = sum over w (in w order)
+  PerRow = 2,    // out[o, i] = sum over h, w (each line summed in w order, the lines in h order)
+};
+
+struct DmolArgs {
+  const void* x = nullptr;
+  DType x_dtype = DType::Float32;
+  DmolStrides xs;
+  const void* params = nullptr;
+  DType params_dtype = DType::Float32;
+  DmolStrides ps;
+  int32_t channels = 3, mixtures = 1, num_bits = 8;
+  int64_t outer = 1, inner = 1, height = 1, width = 1;
+  // P-axis offsets of component k's parameters (in P-axis units):
+  //   logit k: logit_base + k * component_step
+  //   mean of channel c: mean_base + c * mean_channel_step + k * component_step
+  //   log-scale of channel c: log_scale_base + c * log_scale_channel_step + k * component_step
+  //   raw coupling coefficient j (C = 3; j = 0, 1, 2 for c0, c1, c2): coeff_base + j * coeff_step + k * component_step
+  // channels_first: [logits | means (C x M) | log-scales (C x M) | coeffs (3 x M)];
+  // pixelcnn++: [logits | channel 0: means, log-scales, coeffs | channel 1 ... ] (PixelCNN++ / VDVAE).
+  int64_t logit_base = 0, mean_base = 0, mean_channel_step = 0, log_scale_base = 0, log_scale_channel_step = 0,
+          coeff_base = 0, coeff_step = 0, component_step = 1;
+  // Accumulation type: Float64 for float64 inputs, else Float32 (x and params may differ otherwise).
+  DType acc_dtype = DType::Float32;
+  // Forward: out (acc_dtype) indexed by os over (outer, inner, -, h, w); `reduce` says what is summed
+  // (in double on the CPU; compensated on CUDA), in a fixed order: bitwise the same for any thread count.
+  DmolReduce reduce = DmolReduce::PerRow;
+  void* out = nullptr;
+  DmolStrides os;
+  // CUDA forward with reduce != PerPixel: a contiguous (rows, H, W) buffer of acc_dtype the launcher
+  // writes per-pixel terms into before summing them (the glue allocates it). Unused on the CPU.
+  void* scratch = nullptr;
+  // Backward: grad (acc_dtype) indexed by gs like out; dx (x_dtype) and dparams (params_dtype) written
+  // through their strides where not nullptr (every element of each, once).
+  const void* grad = nullptr;
+  DmolStrides gs;
+  void* dx = nullptr;
+  DmolStrides dxs;
+  void* dparams = nullptr;
+  DmolStrides dps;
+  // Sampler: sample (params_dtype) indexed by ss over (outer, inner, c, h, w), its key *seed (a device
+  // int64) when seed != nullptr, else seed_value. Counter layout: the uniforms of pixel
+  // n = r * H * W + h * W + w (r the logical row) come from Philox4x32-10 blocks with
+  // counter = (n & 0xffffffff, n >> 32, j, kDmolCounterTag), key = (seed & 0xffffffff, seed >> 32):
+  // uniform i of the pixel (i < M: the Gumbel noise of component i; M + c: channel c's logistic) is
+  // output i % 4 of block j = i / 4, mapped by elbo_math.h's dmol_uniform.
+  void* sample = nullptr;
+  DmolStrides ss;
+  const int64_t* seed = nullptr;
+  uint64_t seed_value = 0;
+};
+constexpr uint32_t kDmolCounterTag = 0x444D4F4Cu;  // "DMOL": a stream apart from the Gaussian sampler's
+
 }  // namespace vae_fast

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "cuda/kernels.h"
+#include "dmol_ops.h"
 #include "ops.h"
 
 namespace vae_fast {
@@ -44,6 +45,23 @@ void sample_backward_cuda(const SampleArgs& args, const at::Device& device) {
   c10::cuda::CUDAGuard guard(device);
   check(cuda::launch_sample_backward(args, c10::cuda::getCurrentCUDAStream(device.index()).stream()),
         "sampling backward kernel");
+}
+
+void dmol_forward_cuda(const DmolArgs& args, const at::Device& device) {
+  c10::cuda::CUDAGuard guard(device);
+  check(cuda::launch_dmol_forward(args, c10::cuda::getCurrentCUDAStream(device.index()).stream()), "DMOL kernel");
+}
+
+void dmol_backward_cuda(const DmolArgs& args, const at::Device& device) {
+  c10::cuda::CUDAGuard guard(device);
+  check(cuda::launch_dmol_backward(args, c10::cuda::getCurrentCUDAStream(device.index()).stream()),
+        "DMOL backward kernel");
+}
+
+void dmol_sample_cuda(const DmolArgs& args, const at::Device& device) {
+  c10::cuda::CUDAGuard guard(device);
+  check(cuda::launch_dmol_sample(args, c10::cuda::getCurrentCUDAStream(device.index()).stream()),
+        "DMOL sampling kernel");
 }
 
 }  // namespace vae_fast

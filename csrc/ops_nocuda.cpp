@@ -1,6 +1,7 @@
 // Built when vae_fast has no CUDA kernels: a CUDA tensor gets a clear error (ops.cpp checks first).
 #include <c10/util/Exception.h>
 
+#include "dmol_ops.h"
 #include "ops.h"
 
 namespace vae_fast {
@@ -10,4 +11,7 @@ int64_t suggest_n_blocks_cuda(int64_t, int64_t, int64_t, const at::Device&) { re
 void launch_rows_cuda(OpKind, const RowArgs&, const at::Device&) { TORCH_CHECK(false, "vae_fast was built without CUDA"); }
 void sample_forward_cuda(const SampleArgs&, const at::Device&) { TORCH_CHECK(false, "vae_fast was built without CUDA"); }
 void sample_backward_cuda(const SampleArgs&, const at::Device&) { TORCH_CHECK(false, "vae_fast was built without CUDA"); }
+void dmol_forward_cuda(const DmolArgs&, const at::Device&) { TORCH_CHECK(false, "vae_fast was built without CUDA"); }
+void dmol_backward_cuda(const DmolArgs&, const at::Device&) { TORCH_CHECK(false, "vae_fast was built without CUDA"); }
+void dmol_sample_cuda(const DmolArgs&, const at::Device&) { TORCH_CHECK(false, "vae_fast was built without CUDA"); }
 }  // namespace vae_fast

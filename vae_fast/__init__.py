@@ -10,6 +10,7 @@ from .ops import (
 )
 from . import data
 from .conv import conv_vae
+from .dmol import discretized_mix_logistic_log_prob, sample_discretized_mix_logistic
 from .distributions import DiagonalGaussianDistribution
 from .likelihoods import bits_per_dim
 from .model import VAE, active_units, gradient_snr, mlp_vae
@@ -25,6 +26,7 @@ __all__ = [
     "bits_per_dim",
     "conv_vae",
     "data",
+    "discretized_mix_logistic_log_prob",
     "gaussian_kl",
     "gaussian_log_prob",
     "gaussian_nll_loss",
@@ -33,5 +35,6 @@ __all__ = [
     "patch_diffusers",
     "reparameterize",
     "reparameterize_with_kl",
+    "sample_discretized_mix_logistic",
     "unpatch_diffusers",
 ]

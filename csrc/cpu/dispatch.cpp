@@ -17,7 +17,9 @@ namespace vae_fast {
 namespace cpu {
 namespace {
 
-#define VF_KERNELS(ISA, NAME) Kernels{NAME, &ISA::cpu::run_rows, &ISA::cpu::sample_forward, &ISA::cpu::sample_backward}
+#define VF_KERNELS(ISA, NAME)                                                                              \
+  Kernels{NAME, &ISA::cpu::run_rows, &ISA::cpu::sample_forward, &ISA::cpu::sample_backward, &ISA::cpu::dmol_forward, \
+          &ISA::cpu::dmol_backward, &ISA::cpu::dmol_sample}
 
 int rank(const std::string& name) {
   if (name == "baseline") return 0;

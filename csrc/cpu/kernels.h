@@ -10,6 +10,9 @@
   void run_rows(OpKind op, const RowArgs& args);                      \
   void sample_forward(const SampleArgs& args);                        \
   void sample_backward(const SampleArgs& args);                       \
+  void dmol_forward(const DmolArgs& args);                            \
+  void dmol_backward(const DmolArgs& args);                           \
+  void dmol_sample(const DmolArgs& args);                             \
   }                                                                   \
   }                                                                   \
   }
@@ -22,6 +25,10 @@ struct Kernels {
   void (*run_rows)(OpKind, const RowArgs&);
   void (*sample_forward)(const SampleArgs&);
   void (*sample_backward)(const SampleArgs&);
+  // The discretized mixture of logistics (cpu/dmol.cpp): forward, backward, sampler.
+  void (*dmol_forward)(const DmolArgs&);
+  void (*dmol_backward)(const DmolArgs&);
+  void (*dmol_sample)(const DmolArgs&);
 };
 Kernels kernels();
 const char* built_isas();  // e.g. "baseline,avx2,avx512"

@@ -48,4 +48,12 @@ cudaError_t launch_sample_backward(const SampleArgs& args, cudaStream_t stream);
 // Depends only on the shapes and the device's SM count, never on data. Host only; no launch.
 int64_t suggest_n_blocks(int device, int64_t rows, int64_t event_numel, int64_t slice_numel);
 
+// The discretized mixture of logistics (dmol.cu; layout.h's DmolArgs): one thread per pixel. Forward:
+// per-pixel terms straight into out (PerPixel) or into args.scratch, then one group per output summing
+// its pixels in a fixed order (compensated); backward: dx and dparams written per pixel (no sums across
+// pixels); sampler: philox.h's generator with DmolArgs' counter layout.
+cudaError_t launch_dmol_forward(const DmolArgs& args, cudaStream_t stream);
+cudaError_t launch_dmol_backward(const DmolArgs& args, cudaStream_t stream);
+cudaError_t launch_dmol_sample(const DmolArgs& args, cudaStream_t stream);
+
 }  // namespace vae_fast::cuda
