@@ -436,81 +436,7 @@ void check_dmol(const std::string& op, const std::optional<at::Tensor>& x, const
   }
 }
 
-// ---- autograd ----------------------------------------------------------------------------------
-namespace {
-
-void check_ad_mode(const char* op, std::initializer_list<at::Tensor> ts) {
-  bool in_transform = false;
-  if (const auto& tls = at::functorch::functorchTLSAccessor()) {
-    try {
-      tls->checkSupportsCppAutogradFunction();
-    } catch (const c10::Error&) {
-      in_transform = true;
-    }
-  }
-  TORCH_CHECK(!in_transform, "vae_fast.", op,
-              ": torch.func transforms (vmap, grad, vjp, jvp, jacrev, jacfwd) are not supported: the op's autograd "
-              "is a C++ function. Use torch.autograd.grad / .backward(), or loop over the batch.");
-  for (const auto& t : ts)
-    TORCH_CHECK(!(t.defined() && t._fw_grad(/*level=*/0).defined()), "vae_fast.", op,
-                ": forward-mode AD (torch.autograd.forward_ad, jvp) is not supported; use reverse mode "
-                "(torch.autograd.grad / .backward()).");
-}
-
-at::Tensor call_forward(const at::Tensor& x, const at::Tensor& params, int64_t num_bits, int64_t layout,
-                        int64_t event_dims) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("vae_fast::dmol_log_prob", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t)>();
-  return op.call(x, params, num_bits, layout, event_dims);
-}
-
-struct DmolFn : public torch::autograd::Function<DmolFn> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& params,
-                            int64_t num_bits, int64_t layout, int64_t event_dims) {
-    ctx->save_for_backward({x, params});  // nothing else: the backward recomputes
-    ctx->saved_data["num_bits"] = num_bits;
-    ctx->saved_data["layout"] = layout;
-    ctx->saved_data["event_dims"] = event_dims;
-    at::AutoDispatchBelowADInplaceOrView below;
-    return call_forward(x, params, num_bits, layout, event_dims);
-  }
-
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    c10::List<bool> needs({ctx->needs_input_grad(0), ctx->needs_input_grad(1)});
-    torch::autograd::variable_list out(5);
-    if (!needs.get(0) && !needs.get(1)) return out;
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("vae_fast::dmol_log_prob_backward", "")
-                         .typed<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                        int64_t, int64_t, int64_t, c10::List<bool>)>();
-    // Below autograd unless the caller builds a graph of the backward (create_graph=True: the backward
-    // op's own autograd, registered in vae_fast/dmol.py from the composite formula, gives double backward).
-    std::optional<at::AutoDispatchBelowADInplaceOrView> below;
-    if (!at::GradMode::is_enabled()) below.emplace();
-    auto g = op.call(grads[0], saved[0], saved[1], ctx->saved_data["num_bits"].toInt(),
-                     ctx->saved_data["layout"].toInt(), ctx->saved_data["event_dims"].toInt(), needs);
-    if (needs.get(0)) out[0] = g[0];
-    if (needs.get(1)) out[1] = g[1];
-    return out;
-  }
-};
-
-}  // namespace
-
-at::Tensor dmol_log_prob_autograd(const at::Tensor& x, const at::Tensor& params, int64_t num_bits, int64_t layout,
-                                  int64_t event_dims) {
-  check_ad_mode("discretized_mix_logistic_log_prob", {x, params});
-  const bool req = (x.defined() && x.requires_grad()) || (params.defined() && params.requires_grad());
-  if (!at::GradMode::is_enabled() || !req) {
-    at::AutoDispatchBelowADInplaceOrView below;
-    return call_forward(x, params, num_bits, layout, event_dims);
-  }
-  return DmolFn::apply(x, params, num_bits, layout, event_dims);
-}
-
+// ---- the sampler below autograd (dmol_log_prob's autograd is the op table's, autograd.cpp) ----------
 at::Tensor sample_dmol_autograd(const at::Tensor& params, const std::optional<at::Tensor>& seed,
                                 std::optional<int64_t> seed_value, int64_t channels, int64_t num_bits, int64_t layout) {
   // Samples are data: no gradient flows through them.
@@ -522,29 +448,16 @@ at::Tensor sample_dmol_autograd(const at::Tensor& params, const std::optional<at
   return op.call(params, seed, seed_value, channels, num_bits, layout);
 }
 
+// dmol_log_prob and its backward are table ops (op_table.h: schemas and registrations in ops.cpp and
+// autograd.cpp); the sampler is an op of its own, as sample_gaussian.
 TORCH_LIBRARY_FRAGMENT(vae_fast, m) {
-  // layout: 0 = channels_first (x (..., C, H, W), params (..., P, H, W)), 1 = pixelcnn++ (x (..., H, W, C),
-  // params (..., H, W, P)); P = M * (1 + 2C + C(C-1)/2). event_dims: x's trailing dims summed (see above).
-  m.def("dmol_log_prob(Tensor x, Tensor params, int num_bits, int layout, int event_dims) -> Tensor");
-  m.def("dmol_log_prob_backward(Tensor grad, Tensor x, Tensor params, int num_bits, int layout, int event_dims, "
-        "bool[] needs) -> Tensor[]");
   // seed / seed_value as sample_gaussian's; the samples have x's layout (params' leading dims).
   m.def("sample_dmol(Tensor params, Tensor? seed, int? seed_value, int channels, int num_bits, int layout) -> Tensor",
         {at::Tag::nondeterministic_seeded});
 }
 
-#define VF_DMOL_REGISTER(KEY)                                       \
-  TORCH_LIBRARY_IMPL(vae_fast, KEY, m) {                            \
-    m.impl("dmol_log_prob", &dmol_log_prob);                        \
-    m.impl("dmol_log_prob_backward", &dmol_log_prob_backward);      \
-    m.impl("sample_dmol", &sample_dmol);                            \
-  }
-VF_DMOL_REGISTER(CPU)
-VF_DMOL_REGISTER(CUDA)
-
-TORCH_LIBRARY_IMPL(vae_fast, Autograd, m) {
-  m.impl("dmol_log_prob", &dmol_log_prob_autograd);
-  m.impl("sample_dmol", &sample_dmol_autograd);
-}
+TORCH_LIBRARY_IMPL(vae_fast, CPU, m) { m.impl("sample_dmol", &sample_dmol); }
+TORCH_LIBRARY_IMPL(vae_fast, CUDA, m) { m.impl("sample_dmol", &sample_dmol); }
+TORCH_LIBRARY_IMPL(vae_fast, Autograd, m) { m.impl("sample_dmol", &sample_dmol_autograd); }
 
 }  // namespace vae_fast

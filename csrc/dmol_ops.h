@@ -27,9 +27,7 @@ std::vector<at::Tensor> dmol_log_prob_backward(const at::Tensor& grad, const at:
 // sample_dmol(Tensor params, Tensor? seed, int? seed_value, int channels, int num_bits, int layout) -> Tensor
 at::Tensor sample_dmol(const at::Tensor& params, const std::optional<at::Tensor>& seed,
                        std::optional<int64_t> seed_value, int64_t channels, int64_t num_bits, int64_t layout);
-// The Autograd key of dmol_log_prob (saves x and params only) and of sample_dmol (no gradient).
-at::Tensor dmol_log_prob_autograd(const at::Tensor& x, const at::Tensor& params, int64_t num_bits, int64_t layout,
-                                  int64_t event_dims);
+// The Autograd key of sample_dmol (no gradient; dmol_log_prob's is the op table's).
 at::Tensor sample_dmol_autograd(const at::Tensor& params, const std::optional<at::Tensor>& seed,
                                 std::optional<int64_t> seed_value, int64_t channels, int64_t num_bits, int64_t layout);
 

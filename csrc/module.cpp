@@ -62,16 +62,6 @@ PYBIND11_MODULE(_C, m) {
       },
       "The ops of csrc/op_table.h: name, family, tensor / parameter / clamp argument names, gradient pair.");
   m.def(
-      "check_dmol",
-      [](const std::string& op, const std::optional<at::Tensor>& x, const at::Tensor& params, int64_t num_bits,
-         int64_t layout, int64_t event_dims, int64_t channels) {
-        HANDLE_TH_ERRORS
-        vae_fast::check_dmol(op, x, params, num_bits, layout, event_dims, channels);
-        END_HANDLE_TH_ERRORS_PYBIND
-      },
-      "The checks of a DMOL op's eager call, without running it (fake kernels).", py::arg("op"), py::arg("x"),
-      py::arg("params"), py::arg("num_bits"), py::arg("layout"), py::arg("event_dims") = 3, py::arg("channels") = 3);
-  m.def(
       "any_negative",
       [](const at::Tensor& t) {
         HANDLE_TH_ERRORS  // gaussian_nll_loss's eager negative-var check on the CPU: a plain loop, no op

@@ -50,7 +50,7 @@ struct OpSpec {
   int8_t pair;          // the first of two arguments (a mean, a log-variance) whose gradients may come
                         // back as one buffer (the backward's concat_dim); -1: none
   Family family;
-  OpKind fwd, bwd;            // the row kernels with every tensor argument given
+  OpKind fwd, bwd;            // Family::Rows: the row kernels with every tensor argument given
   OpKind fwd_short, bwd_short;  // ... with the optional ones left out
 };
 
@@ -65,6 +65,10 @@ inline constexpr OpSpec kOps[] = {
      OpKind::BernLpFwd, OpKind::BernLpBwd, OpKind::BernLpFwd, OpKind::BernLpBwd},
     {"gaussian_nll", "gaussian_nll_loss", "Tensor input, Tensor target, Tensor var", "float eps", "", {-1, -1}, -1,
      Family::Rows, OpKind::GaussNllFwd, OpKind::GaussNllBwd, OpKind::GaussNllFwd, OpKind::GaussNllBwd},
+    // layout: 0 channels_first (x (..., C, H, W), params (..., P, H, W)), 1 pixelcnn++ (x (..., H, W, C),
+    // params (..., H, W, P)); P = M (1 + 2C + C(C-1)/2). Kernels: dmol_ops.cpp (no row kinds).
+    {"dmol_log_prob", "discretized_mix_logistic_log_prob", "Tensor x, Tensor params", "int num_bits, int layout", "",
+     {-1, -1}, -1, Family::Dmol, {}, {}, {}, {}},
 };
 inline constexpr int kNumOps = sizeof(kOps) / sizeof(kOps[0]);
 

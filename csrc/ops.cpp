@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "cpu/kernels.h"
+#include "dmol_ops.h"
 
 namespace vae_fast {
 
@@ -623,9 +624,19 @@ struct TableKernel final : c10::OperatorKernel {
           stack->emplace_back(rows_forward(call));
         }
         return;
-      case Family::Dmol: break;
+      case Family::Dmol: {
+        const int64_t num_bits = call.params[0].toInt(), layout = call.params[1].toInt();
+        if (backward) {
+          c10::List<bool> needs;
+          for (bool b : call.needs) needs.push_back(b);
+          stack->emplace_back(dmol_log_prob_backward(call.grad, call.tensors[0], call.tensors[1], num_bits, layout,
+                                                     call.event_dims, std::move(needs)));
+        } else {
+          stack->emplace_back(dmol_log_prob(call.tensors[0], call.tensors[1], num_bits, layout, call.event_dims));
+        }
+        return;
+      }
     }
-    TORCH_CHECK(false, "vae_fast: no kernel for op family ", static_cast<int>(info.spec->family));
   }
   int index;
   bool backward;
@@ -930,7 +941,10 @@ void check_op(const std::string& op, const std::vector<c10::IValue>& args) {
         RowProblem p(call.row_inputs(false, true), call.event_dims, false);
         return;
       }
-      case Family::Dmol: break;
+      case Family::Dmol:
+        check_dmol("dmol_log_prob", call.tensors[0], call.tensors[1], call.params[0].toInt(), call.params[1].toInt(),
+                   call.event_dims, 3);
+        return;
     }
   } else if (op == "sample_gaussian") {  // a seed value stands in for a missing seed: nothing is drawn
     TORCH_CHECK(args.size() == 11, "vae_fast.check_op: sample_gaussian takes 11 arguments");
@@ -939,6 +953,10 @@ void check_op(const std::string& op, const std::vector<c10::IValue>& args) {
     const std::optional<at::Tensor> seed = args[2].isNone() ? std::nullopt : std::optional<at::Tensor>(args[2].toTensor());
     SampleProblem p(args[0].toTensor(), args[1].toTensor(), seed, int64_t{0}, args[4].toInt(), args[5].toBool(),
                     args[6].toInt(), clamp ? OptClamp(*clamp) : OptClamp());
+    return;
+  } else if (op == "sample_dmol") {  // (params, seed, seed_value, channels, num_bits, layout)
+    TORCH_CHECK(args.size() == 6, "vae_fast.check_op: sample_dmol takes 6 arguments");
+    check_dmol("sample_dmol", std::nullopt, args[0].toTensor(), args[4].toInt(), args[5].toInt(), 3, args[3].toInt());
     return;
   }
   TORCH_CHECK(false, "vae_fast.check_op: unknown op ", op);

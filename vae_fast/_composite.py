@@ -107,3 +107,7 @@ def sample_eager(mu, logvar, num_samples=None, event_dims=1, with_kl=True):
     if not with_kl:
         return z
     return z, gaussian_kl(mu, logvar, event_dims=event_dims)
+
+
+# The op vae_fast::dmol_log_prob's maths (its own module: with PixelCNN++'s eager formula, the baseline).
+from ._dmol_composite import dmol_log_prob  # noqa: E402,F401

@@ -20,8 +20,7 @@ from __future__ import annotations
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.vae_fast.*)
-from . import _dmol_composite as composite
-from .ops import _first_order, _pad_to_inputs, _require_int, _require_tensor, _seed_args, _static, _vjp_of_first_order
+from .ops import _require_int, _require_tensor, _seed_args, _static
 
 _ops = torch.ops.vae_fast
 _LAYOUT_IDS = {"channels_first": 0, "pixelcnn++": 1}
@@ -72,63 +71,16 @@ def sample_discretized_mix_logistic(params, *, channels: int = 3, layout: str = 
 
 
 # ------------------------------------------------------------------------------------------------
-# Fake kernels (torch.compile, opcheck): with static shapes they run the eager checks first.
+# The sampler's fake kernel (torch.compile, opcheck): with static shapes it runs the eager checks first.
+# dmol_log_prob is a table op (csrc/op_table.h): its fake kernels and double backward are ops.py's.
 # ------------------------------------------------------------------------------------------------
-def _out_shape(x, params, layout: int, event_dims: int):
-    lead = torch.broadcast_shapes(tuple(x.shape[:-3]), tuple(params.shape[:-3]))
-    h, w = (params.shape[-2], params.shape[-1]) if layout == 0 else (params.shape[-3], params.shape[-2])
-    return tuple(lead) + ((h,) if event_dims <= 2 else ()) + ((w,) if event_dims == 1 else ())
-
-
-def _acc(*tensors) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-@torch.library.register_fake("vae_fast::dmol_log_prob")
-def _(x, params, num_bits, layout, event_dims):
-    if _static(x, params):
-        _C.check_dmol("dmol_log_prob", x, params, num_bits, layout, event_dims, 3)
-    return params.new_empty(_out_shape(x, params, layout, event_dims), dtype=_acc(x, params))
-
-
-@torch.library.register_fake("vae_fast::dmol_log_prob_backward")
-def _(grad, x, params, num_bits, layout, event_dims, needs):
-    return [x.new_empty(x.shape) if needs[0] else x.new_empty((0,)),
-            params.new_empty(params.shape) if needs[1] else params.new_empty((0,))]
-
-
 @torch.library.register_fake("vae_fast::sample_dmol")
 def _(params, seed, seed_value, channels, num_bits, layout):
     if _static(params):
-        _C.check_dmol("sample_dmol", None, params, num_bits, layout, 3, channels)
+        _C.check_op("sample_dmol", [params, seed, seed_value, channels, num_bits, layout])
     lead = tuple(params.shape[:-3])
     if layout == 0:
         shape = lead + (channels, params.shape[-2], params.shape[-1])
     else:
         shape = lead + (params.shape[-3], params.shape[-2], channels)
     return params.new_empty(shape)
-
-
-# ------------------------------------------------------------------------------------------------
-# Double backward: the backward op's autograd, the vector-Jacobian product of the composite formula's
-# first-order gradients (correctness, not speed: only create_graph=True reaches it).
-# ------------------------------------------------------------------------------------------------
-def _backward_setup(ctx, inputs, output):
-    ctx.inputs = inputs
-    ctx.save_for_backward(*[t for t in inputs if isinstance(t, torch.Tensor)])
-
-
-def _double_backward(ctx, grads):
-    grad, x, params, num_bits, layout, event_dims, needs = ctx.inputs
-
-    def forward(x_, params_):
-        return composite.dmol_log_prob(x_, params_, num_bits, composite.LAYOUTS[layout], event_dims)
-
-    first = _first_order(forward, 2)
-    gg = [g if need and g is not None and g.numel() == t.numel() else None
-          for g, t, need in zip(grads, (x, params), needs)]
-    out = _vjp_of_first_order(lambda gr, a, b: first(gr, a, b), [grad, x, params], gg)
-    return _pad_to_inputs(ctx, out)
-
-
-torch.library.register_autograd("vae_fast::dmol_log_prob_backward", _double_backward, setup_context=_backward_setup)

@@ -348,6 +348,21 @@ def _halves(joint: torch.Tensor, dim: int):
     return joint.narrow(dim, 0, h), joint.narrow(dim, h, h)
 
 
+def _dmol_out(event_dims: int, x, params, num_bits, layout) -> torch.Tensor:
+    """dmol_log_prob's output: the leading dims of x and params broadcast, then (H) / (H, W) for event_dims 2 / 1."""
+    lead = torch.broadcast_shapes(tuple(x.shape[:-3]), tuple(params.shape[:-3]))
+    h, w = (params.shape[-2], params.shape[-1]) if layout == 0 else (params.shape[-3], params.shape[-2])
+    shape = tuple(lead) + ((h,) if event_dims <= 2 else ()) + ((w,) if event_dims == 1 else ())
+    return params.new_empty(shape, dtype=_acc_dtype(x, params))
+
+
+# The forward's output of a table op, by family: f(event_dims, *tensors, *params).
+_FAMILY_OUT = {
+    "rows": lambda event_dims, *args: _row_out(event_dims, *(t for t in args if isinstance(t, torch.Tensor))),
+    "dmol": _dmol_out,
+}
+
+
 def _schema_args(name: str, args, kwargs) -> list:
     """A call's arguments in the order of op `name`'s schema, defaults filled in (a caller may leave them out)."""
     schema = getattr(_ops, name).default._schema
@@ -362,7 +377,7 @@ def _register_table_fakes(op: dict) -> None:
         args = _schema_args(name, args, kwargs)
         if _static(*args[:n]):
             _C.check_op(name, args)
-        return _row_out(args[event_at], *(t for t in args[:n] if t is not None))
+        return _FAMILY_OUT[op["family"]](args[event_at], *args[:event_at])
 
     def fake_backward(*args, **kwargs):
         args = _schema_args(f"{name}_backward", args, kwargs)
