@@ -534,17 +534,18 @@ struct OpCall {
     const OpSpec& s = *op.spec;
     size_t i = 0;
     if (backward) grad = args[i++].toTensor();
-    std::string optional_names;
     int optional_given = 0, optional_count = 0;
     for (int t = 0; t < op.n_tensors; ++t, ++i) {
       if (!args[i].isNone()) tensors[t] = args[i].toTensor();
-      if (op.optional[t]) {
-        optional_names += (optional_count++ ? " and " : "") + op.tensor_names[t];
-        optional_given += tensors[t].defined();
-      }
+      optional_count += op.optional[t];
+      optional_given += op.optional[t] && tensors[t].defined();
     }
-    TORCH_CHECK_VALUE(optional_given == 0 || optional_given == optional_count, "vae_fast.", s.api, ": ",
-                      optional_names, " must be given together or not at all");
+    if (optional_given != 0 && optional_given != optional_count) {
+      std::string names;
+      for (int t = 0; t < op.n_tensors; ++t)
+        if (op.optional[t]) names += (names.empty() ? "" : " and ") + op.tensor_names[t];
+      TORCH_CHECK_VALUE(false, "vae_fast.", s.api, ": ", names, " must be given together or not at all");
+    }
     all_given = optional_given == optional_count;
     for (size_t p = 0; p < op.param_names.size(); ++p) params.push_back(args[i++]);
     event_dims = args[i++].toInt();
