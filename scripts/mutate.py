@@ -52,6 +52,7 @@ class Mutant:
 SAMPLING_TESTS = ("tests/test_known_answers.py", "tests/test_sampling.py")
 OP_TESTS = ("tests/test_ops.py",)
 MODEL_TESTS = ("tests/test_model_oracles.py", "tests/test_model.py")
+DMOL_TESTS = "tests/test_dmol.py"
 
 MUTANTS = [
     # ---- the random stream ----------------------------------------------------------------------------------
@@ -68,12 +69,11 @@ MUTANTS = [
     Mutant("box-muller-swap", "csrc/elbo_math.h", "n0 = r * c;\n  n1 = r * s;", "n0 = r * s;\n  n1 = r * c;",
            SAMPLING_TESTS, "sin and cos swapped: still a perfect normal stream, but not the documented one"),
     # ---- formulas ------------------------------------------------------------------------------------------
-    Mutant("kl-std-dlogvar", "csrc/elbo_math.h", "dlv = g * V(0.5f) * vmath::expm1(lv);",
-           "dlv = g * V(0.505f) * vmath::expm1(lv);", OP_TESTS + SAMPLING_TESTS, "a 1% error in the KL's dlogvar"),
-    Mutant("gaussian-log-prob-dlogvar", "csrc/elbo_math.h",
-           ("dlv = g * V(0.5f) * (s * s - V(1.0f));", "dlv = g * V(0.5f) * (diff * scaled - V(1.0f));"),
-           ("dlv = g * V(0.505f) * (s * s - V(1.0f));", "dlv = g * V(0.505f) * (diff * scaled - V(1.0f));"),
-           OP_TESTS, "a 1% error in the likelihood's dlogvar"),
+    Mutant("kl-std-dlogvar", "csrc/elbo_math.h", "dlv = vmath::scaled_half_expm1(g, lv);",
+           "dlv = vmath::scaled_half_expm1(g * V(1.01f), lv);", OP_TESTS + SAMPLING_TESTS,
+           "a 1% error in the KL's dlogvar"),
+    Mutant("gaussian-log-prob-dlogvar", "csrc/elbo_math.h", "dlv = (half_g * s) * s - half_g;",
+           "dlv = V(1.01f) * ((half_g * s) * s - half_g);", OP_TESTS, "a 1% error in the likelihood's dlogvar"),
     Mutant("bernoulli-grad-sign", "csrc/elbo_math.h", "dl = g * (x - sigmoid);", "dl = g * (sigmoid - x);", OP_TESTS,
            "the Bernoulli gradient's sign"),
     Mutant("log-q-dlogvar", "csrc/elbo_math.h", "constexpr float kLogQDlogvar = -0.5f;",
@@ -97,6 +97,48 @@ MUTANTS = [
     Mutant("clamp-edge-open", "csrc/cpu/kernels.cpp", "const V keep = (x >= vlo) & (x <= vhi);",
            "const V keep = (x > vlo) & (x <= vhi);", ("tests/test_clamp.py",),
            "the logvar clamp's gradient stopped at the lower edge (torch.clamp passes it there)"),
+    # ---- the op table's glue (csrc/op_table.h's ops: OpCall, TableFn, the generated fake kernels) -------------
+    Mutant("op-call-backward-clamp-offset", "csrc/ops.cpp", "c.set_clamps(p, 1);", "c.set_clamps(p, 0);",
+           ("tests/test_clamp.py",),
+           "a backward's clamps not shifted past its upstream gradient: the clamp lands on the argument before"),
+    Mutant("op-call-optional-half-given", "csrc/ops.cpp",
+           "if (optional_given != 0 && optional_given != optional_count) {", "if (false) {", OP_TESTS,
+           "the optional tensors' 'given together or not at all' check disabled: gaussian_kl(mu, logvar, "
+           "prior_mu) silently drops prior_mu"),
+    Mutant("table-fn-no-concat-split", "csrc/autograd.cpp",
+           "    if (concat) split_halves(g[pair], *concat, g[pair], g[pair + 1]);\n", "",
+           ("tests/test_clamp.py", "tests/test_distributions.py"),
+           "TableFn's backward hands on the one buffer of a (mean, logvar) pair without splitting it"),
+    Mutant("fake-event-dims-position", "vae_fast/ops.py",
+           'len(op["tensors"]) + len(op["params"]), op["pair"]', 'len(op["tensors"]), op["pair"]',
+           ("tests/test_dmol.py::test_opcheck", "tests/test_dmol.py::test_compile_fullgraph",
+            "tests/test_gaussian_nll_loss.py"),
+           "the generated fake kernels read event_dims (and needs) where an op with params has its first param"),
+    # ---- the discretized mixture of logistics (elbo_math.h's DMOL section: the CPU and CUDA kernels) -------
+    Mutant("dmol-dlogscale-sign", "csrc/elbo_math.h", "const V gls_mid = b * sb - a * sna - d_over_expm1(d);",
+           "const V gls_mid = b * sb - a * sna + d_over_expm1(d);", (DMOL_TESTS + "::test_gradients_match_composite",),
+           "a sign in d log P(bin) / d log-scale of a middle bin"),
+    Mutant("dmol-log-scale-clamp", "csrc/elbo_math.h", "constexpr double kDmolLogScaleMin = -7.0;",
+           "constexpr double kDmolLogScaleMin = -8.0;", (DMOL_TESTS + "::test_matches_composite",),
+           "the log-scales clamped at -8 instead of PixelCNN++'s -7"),
+    Mutant("dmol-clamp-gradient-passes", "csrc/elbo_math.h",
+           "gls[k][c] = vmath::where_lt(raw, lo_clamp, V(0.0f), gl);", "gls[k][c] = gl;",
+           (DMOL_TESTS + "::test_gradients_match_composite",),
+           "a log-scale below the clamp gets a gradient (torch.clamp gives it none)"),
+    Mutant("dmol-edge-threshold", "csrc/elbo_math.h", "V(-1.0 + hw), V(1.0 - hw)}", "V(-1.0 - hw), V(1.0 - hw)}",
+           (DMOL_TESTS + "::test_matches_composite",),
+           "the lowest edge threshold below -1: the bin at x = -1 is a middle bin, not the open-ended edge"),
+    Mutant("dmol-blue-coupling", "csrc/elbo_math.h", "m[2] = m[2] + t[1] * x[0] + t[2] * x[1];",
+           "m[2] = m[2] + t[1] * x[0] + t[1] * x[1];", (DMOL_TESTS + "::test_matches_composite",),
+           "the blue channel's mean coupled to green with red's coefficient (the forward only)"),
+    Mutant("dmol-sampler-argmin", "csrc/elbo_math.h", "if (v > best || k == 0) {", "if (v < best || k == 0) {",
+           (DMOL_TESTS,), "the sampler's Gumbel-max picks the least likely component"),
+    Mutant("dmol-sampler-blue-coupling", "csrc/elbo_math.h", "        m = m + t * out[1];",
+           "        m = m + t * out[0];", (DMOL_TESTS,),
+           "the sampler couples blue to red twice (green's draw ignored)"),
+    Mutant("dmol-backward-prior-weights", "csrc/elbo_math.h", "const V r = vmath::exp(w[k] - lse_w), pi",
+           "const V r = vmath::exp(logit[k] - lse_l), pi", (DMOL_TESTS + "::test_gradients_match_composite",),
+           "the backward weights each component by its prior pi_k instead of its responsibility"),
     # ---- the model's objectives ----------------------------------------------------------------------------
     Mutant("iwae-as-mean", "vae_fast/model.py",
            "        log_w, _ = self._log_weights(x, mu, logvar, num_samples)\n"
