@@ -502,7 +502,7 @@ def _emu_binary():
     if nvcc is None:
         pytest.skip("nvcc not found (the CUDA headers the emulator build needs)")
     out = repo / "build" / "cuda-emu" / "dmol_cuda_emu"
-    sources = [repo / "tests" / "dmol_cuda_emu.cpp", repo / "csrc" / "cuda" / "dmol.cu",
+    sources = [repo / "tests" / "cuda" / "dmol_cuda_emu.cpp", repo / "csrc" / "cuda" / "dmol.cu",
                repo / "csrc" / "cuda" / "common.cuh", repo / "csrc" / "elbo_math.h", repo / "csrc" / "layout.h"]
     if out.exists() and all(out.stat().st_mtime > s.stat().st_mtime for s in sources):
         return out

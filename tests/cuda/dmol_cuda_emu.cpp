@@ -1,7 +1,8 @@
 // Runs csrc/cuda/dmol.cu's kernels on the CUDA emulator (common.cuh compiled with -DVF_EMULATE: threads as
 // fibers, bounds-checked memory, one writer per output element) for tests/test_dmol.py, which compares the
-// results with the CPU op. Built by that test with
-//   g++ -std=c++17 -O1 -DVF_EMULATE -x c++ -I<cuda include> -Icsrc tests/dmol_cuda_emu.cpp
+// results with the CPU op. Built by that test (from the repository root) with
+//   g++ -std=c++17 -O1 -DVF_EMULATE -x c++ -I<cuda include> -Icsrc -Icsrc/cuda -Itests/cuda
+//       tests/cuda/dmol_cuda_emu.cpp
 // Usage: dmol_cuda_emu DIR. DIR/args.txt holds whitespace-separated integers:
 //   f64 C M bits R H W reduce  xs[5] ps[5] os[5]  logit_base mean_base mean_channel_step log_scale_base
 //   log_scale_channel_step coeff_base coeff_step component_step  seed
