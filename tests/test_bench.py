@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from vae_fast.bench import cases, cli, report, timing, train_steps
+from vae_fast.bench import cases, cli, dmol, report, timing, train_steps
 
 ROW_KEYS = {"op", "dtype", "shape", "pass", "fused_ms", "eager_ms", "compile_ms", "fused_p20_ms", "fused_p80_ms",
             "bytes", "fused_gbps", "copy_fraction", "peak_mb"}
@@ -138,6 +138,54 @@ def test_byte_formulas(dtype):
     assert case.bytes("fwd+bwd") == fwd + k * bb * so + (k * bb * d + bb * d + 1) * s + (k * bb * d + 1) * s
 
 
+# ---- the discretized mixture of logistics (section "dmol") ----
+def test_dmol_section_runs_alone_and_its_rows_have_the_schema(tmp_path):
+    """`--only dmol` on tiny shapes: rows of the ops' schema under "dmol" (nothing else run), their bytes as the
+    method's table counts them, and their own table in the Markdown."""
+    code = cli.main(["--only", "dmol", "--quick", "--device", "cpu", "--repeats", "2", "--out", str(tmp_path)])
+    assert code == 0
+    (name,) = [p.name for p in tmp_path.iterdir() if p.suffix == ".json"]
+    result = json.loads((tmp_path / name).read_text())
+    assert result["complete"] is True and result["sections"] == ["dmol"]
+    assert result["rows"] == [] and result["ldm"] == [] and result["per_call"] == []
+    rows = result["dmol"]
+    assert [(r["shape"], r["pass"]) for r in rows] == [([2, 3, 8, 8], p) for p in cases.PASSES]
+    b, c, h, w, m = 2, 3, 8, 8, dmol.MIXTURES
+    x_bytes, l_bytes, out = 4 * b * c * h * w, 4 * b * 10 * m * h * w, 4 * b
+    for r in rows:
+        assert ROW_KEYS <= set(r), ROW_KEYS - set(r)
+        assert r["op"] == "discretized_mix_logistic_log_prob" and r["dtype"] == "float32"
+        assert r["params_shape"] == [b, 10 * m, h, w] and r["mixtures"] == m and r["layout"] == "pixelcnn++"
+        for key in ("fused_ms", "eager_ms", "fused_p20_ms", "fused_p80_ms", "fused_gbps", "copy_fraction"):
+            assert _is_float(r[key]) and r[key] > 0, (key, r)
+        assert r["fused_p20_ms"] <= r["fused_ms"] <= r["fused_p80_ms"]
+        assert r["compile_ms"] is None and r["peak_mb"]["compile"] is None  # quick: nothing compiled
+        assert r["peak_mb"]["fused"] is not None and r["peak_mb"]["eager"] is not None
+        assert r["fused_gbps"] == pytest.approx(r["bytes"] / (r["fused_ms"] * 1e6))
+        assert r["copy_fraction"] == pytest.approx(r["fused_gbps"] / result["copy_gbps"])
+    fwd = x_bytes + l_bytes + out  # read x and params once, write log p per example
+    assert rows[0]["bytes"] == fwd
+    assert rows[1]["bytes"] == fwd + out + x_bytes + l_bytes + l_bytes  # read g, x, params; write dparams
+    md = (tmp_path / name.replace(".json", ".md")).read_text()
+    assert "## Discretized mixture of logistics" in md and "| 2x3x8x8 | 10 | fwd+bwd |" in md
+    assert "discretized_mix_logistic" in result["bytes_table"] and "PixelCNN++" in result["method"]
+
+
+def test_dmol_fused_and_baseline_read_the_same_tensors():
+    """The benchmark's fused call and PixelCNN++'s formula agree on its inputs (float32 against float64)."""
+    case = dmol.dmol_case((2, 3, 4, 5), 3, torch.device("cpu"), torch.Generator().manual_seed(0))
+    got = case.fused(*case.inputs)
+    want = case.eager(*(t.double() for t in case.inputs))
+    assert got.shape == (2,)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3)
+
+
+def test_dmol_rows_merge():
+    row = {**_row("discretized_mix_logistic_log_prob"), "shape": [16, 3, 32, 32]}
+    merged = report.merge_results([_part([], dmol=[row]), _part([], dmol=[{**row, "compile_ms": 2.0}])])
+    assert merged["dmol"] == [{**row, "compile_ms": 2.0}]
+
+
 def test_bad_arguments_exit_cleanly(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--sizes", "12by3"])
@@ -169,7 +217,7 @@ def test_quick_run_keeps_the_committed_results(tmp_path, monkeypatch):
         (full.parent / (full.name + ext)).write_text("the full run\n")
     monkeypatch.chdir(tmp_path)
     code = cli.main(["--quick", "--device", "cpu", "--ops", "gaussian_kl", "--dtypes", "float32", "--sizes",
-                       "4x8", "--no-compile", "--no-model", "--no-per-call", "--no-ldm"])
+                       "4x8", "--no-compile", "--no-model", "--no-per-call", "--no-ldm", "--no-dmol"])
     assert code == 0
     for ext in (".json", ".md"):
         assert (full.parent / (full.name + ext)).read_text() == "the full run\n"

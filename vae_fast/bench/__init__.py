@@ -2,7 +2,8 @@
 
 Run it as ``python -m vae_fast bench [flags]`` or ``python benchmarks/run.py [flags]``. One process times,
 per op, dtype, size and pass ("fwd", "fwd+bwd"), the fused op, the same maths in plain PyTorch, and that
-plain PyTorch compiled by Inductor; then a whole VAE training step and the memory of a large-K log-likelihood.
+plain PyTorch compiled by Inductor; the LDM posterior and PixelCNN++'s likelihood (DMOL) against their
+originals; then a whole VAE training step and the memory of a large-K log-likelihood.
 It writes ``<out>/<device-slug>-<date>.json`` (DESIGN.md section 5's schema), a Markdown table and a PNG;
 a ``--quick`` run's names end in ``-quick`` and those of a run that left something out (``--only``, ``--ops``,
 ``--sizes``, ``--no-compile``, ...) in ``-partial``, so neither replaces a full run's files. The JSON and
@@ -15,6 +16,7 @@ listed before it:
     timing.py       percentiles, interleaved timing, peak memory, copy and write bandwidth
     cases.py        the ops under test (Case, make_case, make_call, input_sets, byte counts) and one op row
     ldm.py          DiagonalGaussianDistribution.sample() + kl() against diffusers' class
+    dmol.py         the discretized mixture of logistics against PixelCNN++'s formula (and compiled)
     train_steps.py  whole training steps (TrainConfig, CUDA graphs, the ELBO ops' share), log-likelihood memory
     plots.py        the PNG
     report.py       the Markdown, the results files and their names, merging; the method, written down

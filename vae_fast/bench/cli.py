@@ -17,6 +17,8 @@ import torch
 
 from .cases import (BCAST_K, CPU_SIZES, CUDA_SIZES, DTYPE_NAMES, IWAE_K, OPS, PASSES, PER_CALL_SIZES,
                     PER_CALL_SIZES_BY_OP, QUICK_SIZES, bench_op)
+from .dmol import MIXTURES as DMOL_MIXTURES
+from .dmol import iter_dmol_rows
 from .ldm import ldm_rows
 from .report import (bytes_table, compile_config, contention, cpu_snapshot, device_name, fmt, git_commit,
                      merge_results, method_text, results_stem, write_results)
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-model", action="store_true", help="skip the training step and log-likelihood lines")
     p.add_argument("--no-per-call", action="store_true", help="skip the per-call table at training-loop sizes")
     p.add_argument("--no-ldm", action="store_true", help="skip the DiagonalGaussianDistribution rows")
+    p.add_argument("--no-dmol", action="store_true", help="skip the discretized mixture of logistics rows")
     p.add_argument("--only", type=_parse_list(SECTIONS), default=None,
                    help="run only these sections, comma-separated: " + ", ".join(SECTIONS))
     p.add_argument("--train-configs", type=_parse_list(TRAIN_CONFIG_NAMES), default=None,
@@ -78,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-SECTIONS = ("ops", "per-call", "ldm", "train", "ll")
+SECTIONS = ("ops", "per-call", "ldm", "dmol", "train", "ll")
 PARTIAL_FLAGS = ("dtypes", "ops", "sizes", "only", "train_configs", "train_impls", "train_budget_s")
 
 
@@ -121,6 +124,8 @@ def main(argv=None) -> int:
         sections.discard("per-call")
     if args.no_ldm:
         sections.discard("ldm")
+    if args.no_dmol:
+        sections.discard("dmol")
     if args.no_model:
         sections -= {"train", "ll"}
     partial = (sections != set(SECTIONS) or args.no_compile
@@ -147,7 +152,7 @@ def main(argv=None) -> int:
     info = _C.build_info()
     name = device_name(device)
     today = datetime.date.today().isoformat()
-    rows, per_call, ldm = [], [], []
+    rows, per_call, ldm, dmol = [], [], [], []
     result = {
         "device": name,
         "date": today,
@@ -174,10 +179,13 @@ def main(argv=None) -> int:
         "cases": {"gaussian_log_prob_bcast": f"x (B, D), mean (K, B, D), logvar () with K = {BCAST_K}; "
                                              "shape is the broadcast (K, B, D)",
                   "bernoulli_log_prob_iwae": f"x (B, D), logits (K, B, D) with K = {IWAE_K}, B = size // K; per call: "
-                                             "(50, 128, 784)"},
+                                             "(50, 128, 784)",
+                  "discretized_mix_logistic_log_prob": f"x (B, 3, H, W), params (B, 10M, H, W) in PixelCNN++'s "
+                                                       f"order with M = {DMOL_MIXTURES}, 8 bits; shape is x's"},
         "compile_config": compile_config(),
         "per_call": per_call,
         "ldm": ldm,
+        "dmol": dmol,
         "train_step": [],
         "train_step_note": "train step not run",
         "log_likelihood": {"skipped": "not run"},
@@ -227,6 +235,15 @@ def main(argv=None) -> int:
             print(f"DiagonalGaussianDistribution {'x'.join(map(str, row['shape']))} {row['dtype']} {row['pass']}: fused "
                   f"{row['fused_ms']:.3f} ms, {row.get('baseline', 'eager')} {row['eager_ms']:.3f} ms", flush=True)
         save()
+
+    if "dmol" in sections:
+        for row in iter_dmol_rows(device.type, quick, repeats=args.repeats, copy_gbps=copy, compile_it=not args.no_compile):
+            dmol.append(row)
+            print(f"discretized_mix_logistic_log_prob x {'x'.join(map(str, row['shape']))} M={row['mixtures']} "
+                  f"{row['pass']}: fused {row['fused_ms']:.3f} ms, eager {row['eager_ms']:.3f} ms, compile "
+                  f"{fmt(row['compile_ms'])} ms, {row['fused_gbps']:.1f} GB/s ({row['copy_fraction']:.2f} of copy)",
+                  flush=True)
+            save()
 
     if "train" in sections:
         result["train_step_note"] = train_step_note(quick)

@@ -28,6 +28,13 @@ Method
   64 MiB tensor), which the copy ceiling does not pay. Inductor's CPU code generation (torch 2.13) writes a
   vectorised ``expm1(x)`` as ``exp(x) - 1``, so the compiled KL baseline is cheaper than, and not as accurate
   as, the reference it compiles.
+* The discretized mixture of logistics (section ``dmol``): PixelCNN++'s tensors, x (B, 3, H, W) on the
+  256-level grid and params (B, 10M, H, W) in its P order (M = 10), float32. Eager is PixelCNN++'s own
+  ``discretized_mix_logistic_loss`` (``_dmol_composite.pixelcnn_pp_log_prob``, per example), compile is
+  ``torch.compile`` of it (dynamo reset per shape and pass, as above); the fused op reads the same two
+  tensors in place (permuted views, ``layout="pixelcnn++"``). "fwd+bwd" asks for the gradient w.r.t. params
+  only (x is data). Timed and measured like the ops (interleaved, p20/p50/p80, peak memory, CUDA input sets
+  rotated past L2).
 * Training steps (CUDA adds CUDA graphs): one Adam step (grads set to None, forward, backward, step) per
   config and implementation, timed like the ops (interleaved; CUDA events): the fused model, the same model
   with _composite.py's maths, each eager, compiled (``torch.compile``, Inductor defaults), compiled with
@@ -68,6 +75,9 @@ reparameterize_with_kl (K=1) read mu, lv; write z, kl     read gz, gkl, mu, lv; 
                              = 3Ns + R s_out              = Ns + R s_out + 2Ns + 2Ns
 gaussian_nll_loss(in, t, v)  read in, t, v; write loss    read g, in, t, v; write din, dv (t is data)
   (reduction="mean")         = 3Ns + s                    = s + 3Ns + 2Ns  (loss in the inputs' dtype)
+discretized_mix_logistic     x (B,C,H,W), l (B,P,H,W)     read g (B), x, l; write dl (x is data)
+  _log_prob (C = 3,          = (BCHW + BPHW) s + B s_out  = B s_out + (BCHW + BPHW) s + BPHW s
+  P = 10M, per example)
 ==========================  ===========================  ==================================================
 
 The same byte count divides every implementation's time (``fused_gbps`` in the rows; the plot's lines for
@@ -270,6 +280,25 @@ def to_markdown(result: dict) -> str:
             lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['pass']} | {fmt(r['fused_ms'])} | "
                          f"{fmt(r['eager_ms'])} | {fmt(r['compile_ms'])} | {_ratio(r['fused_ms'], r['eager_ms'])} | "
                          f"{fmt(r['fused_gbps'])} | {r['copy_fraction']:.2f} | {r.get('baseline', '')} |")
+    if result.get("dmol"):
+        lines += ["", "## Discretized mixture of logistics: log p(x), against PixelCNN++'s formula", "",
+                  "x (B, 3, H, W) and params (B, 10M, H, W) as PixelCNN++ has them (its P order), float32; the "
+                  "fused op reads them in place with `layout=\"pixelcnn++\"`; eager = PixelCNN++'s "
+                  "`discretized_mix_logistic_loss`, compile = `torch.compile` of it; fwd+bwd: gradient w.r.t. "
+                  "params. GB/s: the minimal bytes over each implementation's time.", "",
+                  "| x | M | pass | fused ms (p20-p80) | eager ms | compile ms | fused/eager | fused/compile | "
+                  "fused GB/s | eager GB/s | compile GB/s | copy | peak MiB fused/eager/compile |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in result["dmol"]:
+            gb = lambda ms: None if ms is None else r["bytes"] / (ms * 1e6)  # noqa: E731
+            pk = r["peak_mb"]
+            lines.append(
+                f"| {'x'.join(map(str, r['shape']))} | {r.get('mixtures', '')} | {r['pass']} | "
+                f"{fmt(r['fused_ms'])} ({fmt(r['fused_p20_ms'])}-{fmt(r['fused_p80_ms'])}) | {fmt(r['eager_ms'])} | "
+                f"{fmt(r['compile_ms'])} | {_ratio(r['fused_ms'], r['eager_ms'])} | "
+                f"{_ratio(r['fused_ms'], r['compile_ms'])} | {fmt(r['fused_gbps'])} | {fmt(gb(r['eager_ms']))} | "
+                f"{fmt(gb(r['compile_ms']))} | {r['copy_fraction']:.2f} | "
+                f"{fmt(pk['fused'])} / {fmt(pk['eager'])} / {fmt(pk['compile'])} |")
     lines += ["", "## Training step", ""]
     timed = [r for r in result["train_step"] if "skipped" not in r]
     if timed:
@@ -353,7 +382,7 @@ def write_results(stem: str, result: dict, png: bool = True) -> bool:
 
 
 def merge_results(parts: list[dict]) -> dict:
-    """One result from several runs of one device: rows, per-call, LDM and training-step rows joined (a later
+    """One result from several runs of one device: rows, per-call, LDM, DMOL and training-step rows joined (a later
     op row of the same op, dtype, shape and pass replaces an earlier one only if it has a compile time and the
     earlier one has not); the log-likelihood line and the rest from the first part that has them."""
     if not parts:
@@ -362,7 +391,7 @@ def merge_results(parts: list[dict]) -> dict:
     if len(devices) != 1:
         raise ValueError(f"merge_results: the parts come from different devices: {sorted(map(str, devices))}")
     merged = dict(parts[0])
-    for key in ("rows", "per_call", "ldm", "train_step"):
+    for key in ("rows", "per_call", "ldm", "dmol", "train_step"):
         joined: dict = {}
         for p in parts:
             for r in p.get(key) or []:
