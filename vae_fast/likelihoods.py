@@ -7,10 +7,8 @@ and a draw from it, and how it reads image data: in which range (``data_range``)
 discrete distribution over the 256 values). The models (``mlp_vae``, ``conv_vae``), the trainer's data
 preparation, ``evaluate``'s bits per dimension and the figures all read it from :data:`LIKELIHOODS`.
 
-A new likelihood is one class here and its entry in :data:`LIKELIHOODS`: the discretized mixture of logistics
-(``vf.discretized_mix_logistic_log_prob``) would be ``data_range = "signed"``, ``eight_bit = "levels"``,
-``decoder_shape`` giving ``(M * (1 + 2C + C(C-1)/2), H, W)``, ``log_prob`` the op with ``event_dims``, and its
-mean and samples; nothing outside this file names a likelihood's internals.
+A new likelihood is one class here and its entry in :data:`LIKELIHOODS` (as the discretized mixture of
+logistics, ``DiscretizedMixLogistic``); nothing outside this file names a likelihood's internals.
 """
 
 from __future__ import annotations
@@ -21,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .data import DATA_RANGES
+from .dmol import discretized_mix_logistic_log_prob, sample_discretized_mix_logistic
 from .ops import bernoulli_log_prob, gaussian_log_prob
 
 OBS_LOGVAR_MODES = ("scalar", "per_feature", "decoder")
@@ -148,6 +147,56 @@ class Gaussian(Likelihood):
         return True, (high - low) / levels
 
 
+class DiscretizedMixLogistic(Likelihood):
+    """PixelCNN++'s discretized mixture of logistics (Salimans et al. 2017) over the 256 levels of 8-bit images
+    read in [-1, 1], with C = 1 or 3 channels (the colour channels' means autoregressive): the likelihood of
+    PixelCNN++, VDVAE and NVAE, fused (``vf.discretized_mix_logistic_log_prob``). The decoder outputs
+    ``M (1 + 2C + C(C-1)/2)`` maps per pixel in the op's ``channels_first`` order, M = ``components`` (10, as
+    PixelCNN++ and VDVAE). A discrete distribution: its log-likelihood is a log-probability of the 8-bit values,
+    so no dequantisation and no bin width in bits per dimension."""
+
+    name = "dmol"
+    data_range = "signed"
+    eight_bit = "levels"
+    components = 10
+
+    def decoder_shape(self, event_shape, param_dim, obs_logvar=None):
+        if len(event_shape) != 3 or param_dim != -3 or event_shape[0] not in (1, 3):
+            raise ValueError(f"likelihood 'dmol' models images (C, H, W) with C = 1 or 3 (a conv model), got data "
+                             f"of shape {tuple(event_shape)}")
+        c, h, w = event_shape
+        return (self.components * (1 + 2 * c + c * (c - 1) // 2), h, w)
+
+    def log_prob(self, x, params, event_dims):
+        return discretized_mix_logistic_log_prob(x, params, event_dims=event_dims)
+
+    @staticmethod
+    def _channels(params) -> int:
+        per_component = params.shape[-3] // DiscretizedMixLogistic.components
+        return 1 if per_component == 3 else 3
+
+    def output(self, params, mean):
+        channels = self._channels(params)
+        if not mean:
+            return sample_discretized_mix_logistic(params, channels=channels)
+        # The mixture's mean, each component's channel means coupled through the means of the channels before
+        # (clamped to [-1, 1]; the discretisation's effect on the mean is left out: a figure's reconstruction).
+        m = self.components
+        logits, rest = params[..., :m, :, :], params[..., m:, :, :]
+        means = rest[..., :channels * m, :, :].unflatten(-3, (channels, m))
+        weights = torch.softmax(logits, dim=-3)
+        if channels == 3:
+            c = torch.tanh(rest[..., 2 * channels * m:, :, :]).unflatten(-3, (3, m))
+            r = means[..., 0, :, :, :]
+            g = means[..., 1, :, :, :] + c[..., 0, :, :, :] * r
+            b = means[..., 2, :, :, :] + c[..., 1, :, :, :] * r + c[..., 2, :, :, :] * g
+            means = torch.stack((r, g, b), dim=-4)
+        return (weights.unsqueeze(-4) * means).sum(-3).clamp(-1.0, 1.0)
+
+    def bin_width(self, levels, binarized):
+        return levels == 256, None
+
+
 def floor_logvar(raw: torch.Tensor, floor: float) -> torch.Tensor:
     """``floor + softplus(raw - floor)``: smooth, so the gradient never vanishes and a value pushed to the
     floor can come back up."""
@@ -155,7 +204,7 @@ def floor_logvar(raw: torch.Tensor, floor: float) -> torch.Tensor:
 
 
 # The one table of likelihoods: the CLI's --likelihood choices, the models' and the trainer's.
-LIKELIHOODS: dict[str, Likelihood] = {lik.name: lik for lik in (Bernoulli(), Gaussian())}
+LIKELIHOODS: dict[str, Likelihood] = {lik.name: lik for lik in (Bernoulli(), Gaussian(), DiscretizedMixLogistic())}
 
 
 def get(name) -> Likelihood:

@@ -159,6 +159,11 @@ class TrainConfig:
             v = getattr(self, name)
             need(isinstance(v, str) and (choices is None or v in choices),
                  f"{_flag(name)} must be {' | '.join(choices or ('a string',))}, got {v!r}")
+        need(likelihoods.get(self.likelihood).eight_bit != "levels"
+             or (data.levels(self.dataset) == 256 and self.model == "conv"),
+             f"{_set('likelihood', self.likelihood)} is a distribution over the 256 values of 8-bit images: it needs "
+             f"an 8-bit image set ({' | '.join(data.IMAGE_SETS)}, mnist:PATH) and {_set('model', 'conv')}, got "
+             f"{_set('dataset', self.dataset)} and {_set('model', self.model)}")
         need(_is_number(self.obs_logvar) or self.obs_logvar in OBS_LOGVAR_MODES,
              f"{_flag('obs_logvar')} must be {' | '.join(OBS_LOGVAR_MODES)} or a number, got {self.obs_logvar!r}")
         need(not (self.dataset == "synthetic" and self.likelihood == "bernoulli"),
