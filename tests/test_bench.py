@@ -145,6 +145,7 @@ def test_dmol_section_runs_alone_and_its_rows_have_the_schema(tmp_path):
     code = cli.main(["--only", "dmol", "--quick", "--device", "cpu", "--repeats", "2", "--out", str(tmp_path)])
     assert code == 0
     (name,) = [p.name for p in tmp_path.iterdir() if p.suffix == ".json"]
+    assert name.endswith("-quick.json")
     result = json.loads((tmp_path / name).read_text())
     assert result["complete"] is True and result["sections"] == ["dmol"]
     assert result["rows"] == [] and result["ldm"] == [] and result["per_call"] == []
@@ -203,6 +204,9 @@ def test_quick_and_partial_runs_never_take_a_full_runs_names(tmp_path):
     partial = report.results_stem(str(tmp_path), "cuda", "NVIDIA H200", "2026-12-01", quick=False, partial=True)
     assert os.path.basename(quick) == "cpu-amd-epyc-7b13-2026-12-01-quick"
     assert os.path.basename(partial) == "cuda-nvidia-h200-2026-12-01-partial"
+    only = report.results_stem(str(tmp_path), "cpu", "AMD EPYC 7B13", "2026-12-01", quick=False, partial=True,
+                               only=["ldm", "dmol"])
+    assert os.path.basename(only) == "cpu-amd-epyc-7b13-2026-12-01-ldm-dmol-partial"  # --only names its sections
 
 
 def test_quick_run_keeps_the_committed_results(tmp_path, monkeypatch):

@@ -190,7 +190,8 @@ def main(argv=None) -> int:
         "train_step_note": "train step not run",
         "log_likelihood": {"skipped": "not run"},
     }
-    stem = results_stem(args.out, device.type, name, today, quick, partial)
+    stem = results_stem(args.out, device.type, name, today, quick, partial,
+                        only=[s for s in SECTIONS if s in sections] if args.only else None)
 
     def save(final: bool = False) -> bool:
         result["wall_s"] = time.perf_counter() - started

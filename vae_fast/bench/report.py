@@ -363,10 +363,14 @@ def _largest_rows(rows: list) -> list:
     return list(best.values())
 
 
-def results_stem(out: str, device_type: str, name: str, date: str, quick: bool, partial: bool) -> str:
+def results_stem(out: str, device_type: str, name: str, date: str, quick: bool, partial: bool,
+                 only: list[str] | None = None) -> str:
     """Where a run's files go: ``<out>/<device-slug>-<date>``, with ``-quick`` for a quick run and ``-partial`` for
-    one that left something out, so neither replaces a full run's files of the same day and device."""
-    suffix = "-quick" if quick else "-partial" if partial else ""
+    one that left something out, so neither replaces a full run's files of the same day and device; a partial
+    run of chosen sections (``--only``) names them (``-dmol-partial``), so runs of other sections that day keep
+    their files."""
+    tag = "".join(f"-{s}" for s in only or [])
+    suffix = "-quick" if quick else f"{tag}-partial" if partial else ""
     return os.path.join(out, f"{device_slug(torch.device(device_type), name)}-{date}{suffix}")
 
 
