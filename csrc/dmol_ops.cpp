@@ -30,14 +30,6 @@
 namespace vae_fast {
 namespace {
 
-std::string shape_str(at::IntArrayRef s) {
-  std::ostringstream os;
-  os << "(";
-  for (size_t i = 0; i < s.size(); ++i) os << (i ? ", " : "") << s[i];
-  os << (s.size() == 1 ? ",)" : ")");
-  return os.str();
-}
-
 const char* layout_name(int64_t layout) { return layout == kDmolPixelCnn ? "pixelcnn++" : "channels_first"; }
 
 int64_t params_per_mixture(int64_t C) { return 1 + 2 * C + C * (C - 1) / 2; }

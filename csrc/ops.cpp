@@ -21,8 +21,6 @@ namespace vae_fast {
 // ------------------------------------------------------------------------------------------------
 // Checks: every one runs before a kernel, and names the argument and what was expected.
 // ------------------------------------------------------------------------------------------------
-namespace {
-
 std::string shape_str(at::IntArrayRef s) {
   std::ostringstream os;
   os << "(";
@@ -30,6 +28,8 @@ std::string shape_str(at::IntArrayRef s) {
   os << (s.size() == 1 ? ",)" : ")");
   return os.str();
 }
+
+namespace {
 
 void check_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(t.defined(), "vae_fast: `", name, "` must be a tensor, got None");

@@ -27,6 +27,7 @@ using NamedTensors = c10::SmallVector<NamedTensor, kMaxOperands + 1>;
 using Flags = c10::SmallVector<bool, kMaxOperands>;
 
 DType to_dtype(at::ScalarType st);
+std::string shape_str(at::IntArrayRef shape);  // "(2, 3)", "(4,)": shapes in messages
 // Floating dtypes, no float64 mix, one device (CUDA only when built with it); returns the accumulation type.
 at::ScalarType check_args(c10::ArrayRef<NamedTensor> args);
 Dims broadcast_shape(c10::ArrayRef<NamedTensor> args);

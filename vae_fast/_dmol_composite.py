@@ -132,6 +132,31 @@ def _log_prob_from_logits(x):
     return x - m - torch.log(torch.sum(torch.exp(x - m), dim=axis, keepdim=True))
 
 
+def _pixelcnn_pp_mixture(x, means, log_scales, logit_probs, half_levels):
+    """The part PixelCNN++'s two losses share: each channel's bin log-probability (its 1e-5 switch to the
+    bin-centre density included), summed over channels, mixed over components, summed over pixels: (B,)."""
+    centered_x = x - means
+    inv_stdv = torch.exp(-log_scales)
+    plus_in = inv_stdv * (centered_x + 1. / (2 * half_levels))
+    cdf_plus = torch.sigmoid(plus_in)
+    min_in = inv_stdv * (centered_x - 1. / (2 * half_levels))
+    cdf_min = torch.sigmoid(min_in)
+    log_cdf_plus = plus_in - F.softplus(plus_in)
+    log_one_minus_cdf_min = -F.softplus(min_in)
+    cdf_delta = cdf_plus - cdf_min
+    mid_in = inv_stdv * centered_x
+    log_pdf_mid = mid_in - log_scales - 2. * F.softplus(mid_in)
+    inner_inner_cond = (cdf_delta > 1e-5).float()
+    inner_inner_out = inner_inner_cond * torch.log(torch.clamp(cdf_delta, min=1e-12)) + \
+        (1. - inner_inner_cond) * (log_pdf_mid - np.log(half_levels))
+    inner_cond = (x > 0.999).float()
+    inner_out = inner_cond * log_one_minus_cdf_min + (1. - inner_cond) * inner_inner_out
+    cond = (x < -0.999).float()
+    log_probs = cond * log_cdf_plus + (1. - cond) * inner_out
+    log_probs = torch.sum(log_probs, dim=3) + _log_prob_from_logits(logit_probs)
+    return _log_sum_exp(log_probs).sum((1, 2))
+
+
 def pixelcnn_pp_log_prob(x, l, num_bits: int = 8):
     """PixelCNN++'s discretized_mix_logistic_loss (3 channels), per example: (B,)."""
     half_levels = (2 ** num_bits - 1) / 2.0
@@ -151,26 +176,7 @@ def pixelcnn_pp_log_prob(x, l, num_bits: int = 8):
     m3 = (means[:, :, :, 2, :] + coeffs[:, :, :, 1, :] * x[:, :, :, 0, :] +
           coeffs[:, :, :, 2, :] * x[:, :, :, 1, :]).view(xs[0], xs[1], xs[2], 1, nr_mix)
     means = torch.cat((means[:, :, :, 0, :].unsqueeze(3), m2, m3), dim=3)
-    centered_x = x - means
-    inv_stdv = torch.exp(-log_scales)
-    plus_in = inv_stdv * (centered_x + 1. / (2 * half_levels))
-    cdf_plus = torch.sigmoid(plus_in)
-    min_in = inv_stdv * (centered_x - 1. / (2 * half_levels))
-    cdf_min = torch.sigmoid(min_in)
-    log_cdf_plus = plus_in - F.softplus(plus_in)
-    log_one_minus_cdf_min = -F.softplus(min_in)
-    cdf_delta = cdf_plus - cdf_min
-    mid_in = inv_stdv * centered_x
-    log_pdf_mid = mid_in - log_scales - 2. * F.softplus(mid_in)
-    inner_inner_cond = (cdf_delta > 1e-5).float()
-    inner_inner_out = inner_inner_cond * torch.log(torch.clamp(cdf_delta, min=1e-12)) + \
-        (1. - inner_inner_cond) * (log_pdf_mid - np.log(half_levels))
-    inner_cond = (x > 0.999).float()
-    inner_out = inner_cond * log_one_minus_cdf_min + (1. - inner_cond) * inner_inner_out
-    cond = (x < -0.999).float()
-    log_probs = cond * log_cdf_plus + (1. - cond) * inner_out
-    log_probs = torch.sum(log_probs, dim=3) + _log_prob_from_logits(logit_probs)
-    return _log_sum_exp(log_probs).sum((1, 2))
+    return _pixelcnn_pp_mixture(x, means, log_scales, logit_probs, half_levels)
 
 
 def pixelcnn_pp_log_prob_1d(x, l, num_bits: int = 8):
@@ -187,23 +193,4 @@ def pixelcnn_pp_log_prob_1d(x, l, num_bits: int = 8):
     log_scales = torch.clamp(l[:, :, :, :, nr_mix:2 * nr_mix], min=-7.)
     x = x.contiguous()
     x = x.unsqueeze(-1) + torch.zeros(xs + [nr_mix], device=x.device, dtype=x.dtype)
-    centered_x = x - means
-    inv_stdv = torch.exp(-log_scales)
-    plus_in = inv_stdv * (centered_x + 1. / (2 * half_levels))
-    cdf_plus = torch.sigmoid(plus_in)
-    min_in = inv_stdv * (centered_x - 1. / (2 * half_levels))
-    cdf_min = torch.sigmoid(min_in)
-    log_cdf_plus = plus_in - F.softplus(plus_in)
-    log_one_minus_cdf_min = -F.softplus(min_in)
-    cdf_delta = cdf_plus - cdf_min
-    mid_in = inv_stdv * centered_x
-    log_pdf_mid = mid_in - log_scales - 2. * F.softplus(mid_in)
-    inner_inner_cond = (cdf_delta > 1e-5).float()
-    inner_inner_out = inner_inner_cond * torch.log(torch.clamp(cdf_delta, min=1e-12)) + \
-        (1. - inner_inner_cond) * (log_pdf_mid - np.log(half_levels))
-    inner_cond = (x > 0.999).float()
-    inner_out = inner_cond * log_one_minus_cdf_min + (1. - inner_cond) * inner_inner_out
-    cond = (x < -0.999).float()
-    log_probs = cond * log_cdf_plus + (1. - cond) * inner_out
-    log_probs = torch.sum(log_probs, dim=3) + _log_prob_from_logits(logit_probs)
-    return _log_sum_exp(log_probs).sum((1, 2))
+    return _pixelcnn_pp_mixture(x, means, log_scales, logit_probs, half_levels)
