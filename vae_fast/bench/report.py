@@ -249,10 +249,11 @@ def to_markdown(result: dict) -> str:
                          f"{fmt(r['eager_ms'])} | {fmt(r['compile_ms'])} | {_ratio(r['fused_ms'], r['eager_ms'])} | "
                          f"{_ratio(r['fused_ms'], r['compile_ms'])} | {fmt(r['fused_gbps'])} | {r['copy_fraction']:.2f} |")
         lines.append("")
-    lines += ["## Ops", "",
-              "| op | dtype | shape | pass | fused ms (p20-p80) | eager ms | compile ms | fused/eager | "
-              "fused/compile | fused GB/s | eager GB/s | compile GB/s | copy | peak MiB fused/eager/compile |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if result["rows"]:  # a run of other sections only (--only ldm, dmol, train) has no op rows
+        lines += ["## Ops", "",
+                  "| op | dtype | shape | pass | fused ms (p20-p80) | eager ms | compile ms | fused/eager | "
+                  "fused/compile | fused GB/s | eager GB/s | compile GB/s | copy | peak MiB fused/eager/compile |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         gb = lambda ms: None if ms is None else r["bytes"] / (ms * 1e6)  # noqa: E731
         pk = r["peak_mb"]
