@@ -227,7 +227,10 @@ def _evaluate(args) -> int:
     result = {
         "epoch": ckpt["epoch"],
         "test_elbo": evaluate(model.elbo, test).mean().item(),
-        f"test_iwae_{args.iwae_samples}": evaluate(lambda x: model.iwae(x, args.iwae_samples), test).mean().item(),
+        # K samples of a batch decoded at once: batches of about 4M data elements in all (bounded memory)
+        f"test_iwae_{args.iwae_samples}": evaluate(lambda x: model.iwae(x, args.iwae_samples), test,
+                                                   max(1, (1 << 22) // (args.iwae_samples * test[0].numel()))
+                                                   ).mean().item(),
         "test_log_likelihood": evaluate(lambda x: model.log_likelihood(x, args.num_samples), test).mean().item(),
         "log_likelihood_samples": args.num_samples,
         "active_units": active_units(model, test),

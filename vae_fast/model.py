@@ -223,8 +223,9 @@ class VAE(nn.Module):
         samples with a streaming logsumexp, so memory does not grow with num_samples."""
         _check_num_samples(num_samples)
         if chunk_size is None:
-            # About 16k decoded rows per chunk: a few tens of MB for MNIST-sized MLPs.
-            chunk_size = max(1, 16384 // max(1, x.shape[0]))
+            # About 4M data elements decoded per chunk (16 MB of x's size; the decoder's output is a few times
+            # that: 33x for a mixture of logistics over RGB): memory bounded for any image size and batch.
+            chunk_size = max(1, (1 << 22) // max(1, x.numel()))
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         mu, logvar = self.encode(x)
