@@ -177,15 +177,37 @@ def time_row(case: Case, dtype: torch.dtype, pass_: str, calls: dict, sets: list
     }
 
 
+def n_input_sets(case: Case, device: torch.device) -> int:
+    """How many input sets to rotate: on CUDA enough that together they are 4x the L2 (inputs not resident in
+    it; at most 8), on the CPU one."""
+    if device.type != "cuda":
+        return 1
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    return max(1, min(8, math.ceil(4 * l2 / sum(nbytes(t) for t in case.inputs))))
+
+
+def time_passes(case: Case, dtype: torch.dtype, device: torch.device, repeats: int, copy: float, compile_it: bool):
+    """A section's case (ldm, dmol) timed per pass (fwd, fwd+bwd): fused, eager and, with `compile_it`,
+    torch.compile of eager (dynamo reset before and after); yields one time_row per pass."""
+    n_sets = n_input_sets(case, device)
+    for pass_ in PASSES:
+        sets = input_sets(case, pass_, n_sets)
+        fns = {"fused": case.fused, "eager": case.eager}
+        if compile_it:
+            torch._dynamo.reset()
+            fns["compile"] = torch.compile(case.eager)
+        grad_gen = torch.Generator(device=device).manual_seed(1)  # upstream gradients are drawn on the device
+        calls = {name: make_call(fn, case, pass_, grad_gen) for name, fn in fns.items()}
+        yield time_row(case, dtype, pass_, calls, sets, repeats, device, copy)
+        del sets, calls, fns
+        if compile_it:
+            torch._dynamo.reset()
+
+
 def bench_op(op: str, dtype: torch.dtype, size: tuple[int, int], pass_: str, device: torch.device,
              repeats: int, compile_it: bool, copy: float, gen: torch.Generator) -> dict:
     case = make_case(op, size[0], size[1], dtype, device, gen)
-    n_sets = 1
-    if device.type == "cuda":
-        l2 = torch.cuda.get_device_properties(device).L2_cache_size
-        set_bytes = sum(nbytes(t) for t in case.inputs)
-        n_sets = max(1, min(8, math.ceil(4 * l2 / set_bytes)))
-    sets = input_sets(case, pass_, n_sets)
+    sets = input_sets(case, pass_, n_input_sets(case, device))
     calls = {"fused": make_call(case.fused, case, pass_, gen), "eager": make_call(case.eager, case, pass_, gen)}
     if compile_it:
         torch._dynamo.reset()

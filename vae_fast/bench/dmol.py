@@ -16,15 +16,13 @@ B s_out + (BCHW + BPHW) s + BPHW s.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 from .. import _dmol_composite as composite
 from ..dmol import discretized_mix_logistic_log_prob
-from .cases import PASSES, Case, input_sets, make_call, time_row
+from .cases import Case, time_passes
 from .timing import copy_gbps as measure_copy_gbps
-from .timing import nbytes
 
 OP = "discretized_mix_logistic_log_prob"
 MIXTURES = 10  # PixelCNN++'s nr_logistic_mix
@@ -73,21 +71,6 @@ def iter_dmol_rows(device: str, quick: bool, *, repeats: int | None = None, copy
         if shape[1] != 3:
             raise ValueError(f"dmol_rows: PixelCNN++'s formula takes 3 channels, got x {tuple(shape)}")
         case = dmol_case(shape, mixtures, dev, gen)
-        n_sets = 1
-        if dev.type == "cuda":  # rotate input sets past L2, as the rest of the suite does
-            l2 = torch.cuda.get_device_properties(dev).L2_cache_size
-            n_sets = max(1, min(8, math.ceil(4 * l2 / sum(nbytes(t) for t in case.inputs))))
-        for pass_ in PASSES:
-            sets = input_sets(case, pass_, n_sets)
-            fns = {"fused": case.fused, "eager": case.eager}
-            if compile_it and not quick:
-                torch._dynamo.reset()
-                fns["compile"] = torch.compile(case.eager)
-            grad_gen = torch.Generator(device=dev).manual_seed(1)  # upstream gradients are drawn on dev
-            calls = {name: make_call(fn, case, pass_, grad_gen) for name, fn in fns.items()}
-            row = time_row(case, torch.float32, pass_, calls, sets, repeats, dev, copy)
+        for row in time_passes(case, torch.float32, dev, repeats, copy, compile_it and not quick):
             yield {**row, "mixtures": mixtures, "params_shape": list(case.inputs[1].shape),
                    "num_bits": NUM_BITS, "layout": "pixelcnn++", "baseline": BASELINE}
-            del sets, calls, fns
-            if compile_it and not quick:
-                torch._dynamo.reset()

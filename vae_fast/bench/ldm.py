@@ -15,14 +15,12 @@ parameters gradient, Ns + B s_out + 2Ns + 2Ns.
 
 from __future__ import annotations
 
-import math
 
 import torch
 
 from ..distributions import DiagonalGaussianDistribution
-from .cases import PASSES, Case, input_sets, make_call, time_row
+from .cases import Case, time_passes
 from .timing import copy_gbps as measure_copy_gbps
-from .timing import nbytes
 
 SHAPES = [(16, 8, 64, 64), (16, 32, 32, 32)]  # latents (16, 4, 64, 64) (SD) and (16, 16, 32, 32)
 QUICK_SHAPES = [(2, 8, 16, 16)]
@@ -90,20 +88,6 @@ def ldm_rows(device: str, quick: bool, *, repeats: int | None = None, copy_gbps:
     for shape in QUICK_SHAPES if quick else SHAPES:
         for dtype in dtypes:
             case = posterior_case(torch.randn(shape, generator=gen).to(device=dev, dtype=dtype), theirs)
-            n_sets = 1
-            if dev.type == "cuda":  # rotate input sets past L2, as the rest of the suite does
-                l2 = torch.cuda.get_device_properties(dev).L2_cache_size
-                n_sets = max(1, min(8, math.ceil(4 * l2 / nbytes(case.inputs[0]))))
-            for pass_ in PASSES:
-                sets = input_sets(case, pass_, n_sets)
-                fns = {"fused": case.fused, "eager": case.eager}
-                if compile_it and not quick:
-                    torch._dynamo.reset()
-                    fns["compile"] = torch.compile(case.eager)
-                grad_gen = torch.Generator(device=dev).manual_seed(1)  # upstream gradients are drawn on dev
-                calls = {name: make_call(fn, case, pass_, grad_gen) for name, fn in fns.items()}
-                row = time_row(case, dtype, pass_, calls, sets, repeats, dev, copy)
+            for row in time_passes(case, dtype, dev, repeats, copy, compile_it and not quick):
                 rows.append({**row, "baseline": baseline_name})
-                if compile_it and not quick:
-                    torch._dynamo.reset()
     return rows

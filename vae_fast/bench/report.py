@@ -208,6 +208,18 @@ def _ratio(a, b):
     return "-" if a is None or b is None or b == 0 else f"{a / b:.2f}"
 
 
+def _timing_cells(r: dict, fmt) -> str:
+    """A timed row's cells from "fused ms (p20-p80)" to "peak MiB": times, ratios, GB/s of each implementation
+    (the row's minimal bytes over its time), copy fraction, peaks."""
+    gb = lambda ms: None if ms is None else r["bytes"] / (ms * 1e6)  # noqa: E731
+    pk = r["peak_mb"]
+    return (f"{fmt(r['fused_ms'])} ({fmt(r['fused_p20_ms'])}-{fmt(r['fused_p80_ms'])}) | {fmt(r['eager_ms'])} | "
+            f"{fmt(r['compile_ms'])} | {_ratio(r['fused_ms'], r['eager_ms'])} | "
+            f"{_ratio(r['fused_ms'], r['compile_ms'])} | {fmt(r['fused_gbps'])} | {fmt(gb(r['eager_ms']))} | "
+            f"{fmt(gb(r['compile_ms']))} | {r['copy_fraction']:.2f} | "
+            f"{fmt(pk['fused'])} / {fmt(pk['eager'])} / {fmt(pk['compile'])} |")
+
+
 def to_markdown(result: dict) -> str:
     lines = [f"# vae_fast benchmarks: {result['device']}, {result['date']}", ""]
     lines += [
@@ -255,15 +267,8 @@ def to_markdown(result: dict) -> str:
                   "fused/compile | fused GB/s | eager GB/s | compile GB/s | copy | peak MiB fused/eager/compile |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        gb = lambda ms: None if ms is None else r["bytes"] / (ms * 1e6)  # noqa: E731
-        pk = r["peak_mb"]
-        lines.append(
-            f"| {r['op']} | {r['dtype']} | {'x'.join(map(str, r['shape']))} | {r['pass']} | "
-            f"{fmt(r['fused_ms'])} ({fmt(r['fused_p20_ms'])}-{fmt(r['fused_p80_ms'])}) | {fmt(r['eager_ms'])} | "
-            f"{fmt(r['compile_ms'])} | {_ratio(r['fused_ms'], r['eager_ms'])} | "
-            f"{_ratio(r['fused_ms'], r['compile_ms'])} | {fmt(r['fused_gbps'])} | {fmt(gb(r['eager_ms']))} | "
-            f"{fmt(gb(r['compile_ms']))} | {r['copy_fraction']:.2f} | "
-            f"{fmt(pk['fused'])} / {fmt(pk['eager'])} / {fmt(pk['compile'])} |")
+        lines.append(f"| {r['op']} | {r['dtype']} | {'x'.join(map(str, r['shape']))} | {r['pass']} | "
+                     + _timing_cells(r, fmt))
     if result.get("per_call"):
         lines += ["", "## Per call at training-loop sizes (float32)", "",
                   "| op | shape | pass | fused us | eager us | compile us | fused/eager | fused/compile |",
@@ -291,15 +296,8 @@ def to_markdown(result: dict) -> str:
                   "fused GB/s | eager GB/s | compile GB/s | copy | peak MiB fused/eager/compile |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in result["dmol"]:
-            gb = lambda ms: None if ms is None else r["bytes"] / (ms * 1e6)  # noqa: E731
-            pk = r["peak_mb"]
-            lines.append(
-                f"| {'x'.join(map(str, r['shape']))} | {r.get('mixtures', '')} | {r['pass']} | "
-                f"{fmt(r['fused_ms'])} ({fmt(r['fused_p20_ms'])}-{fmt(r['fused_p80_ms'])}) | {fmt(r['eager_ms'])} | "
-                f"{fmt(r['compile_ms'])} | {_ratio(r['fused_ms'], r['eager_ms'])} | "
-                f"{_ratio(r['fused_ms'], r['compile_ms'])} | {fmt(r['fused_gbps'])} | {fmt(gb(r['eager_ms']))} | "
-                f"{fmt(gb(r['compile_ms']))} | {r['copy_fraction']:.2f} | "
-                f"{fmt(pk['fused'])} / {fmt(pk['eager'])} / {fmt(pk['compile'])} |")
+            lines.append(f"| {'x'.join(map(str, r['shape']))} | {r.get('mixtures', '')} | {r['pass']} | "
+                         + _timing_cells(r, fmt))
     lines += ["", "## Training step", ""]
     timed = [r for r in result["train_step"] if "skipped" not in r]
     if timed:
