@@ -347,24 +347,6 @@ std::vector<at::Tensor> RowProblem::backward(OpKind op, c10::ArrayRef<bool> need
   }
   TORCH_CHECK_VALUE(grad_ok, "vae_fast: grad must have the output's shape ", shape_str(out_shape), ", got ",
                     shape_str(gs));
-  // Row blocks for broadcast arguments' partial sums: a function of the shapes alone.
-  int64_t rows = 1;
-  for (int64_t d = 0; d < split; ++d) rows *= shape[d];
-  int64_t max_partial = 1;
-  for (size_t j = 0; j < n_args; ++j)  // only broadcast arguments get partial sums
-    if (needs[j] && originals[j].numel() != numel) max_partial = std::max<int64_t>(max_partial, originals[j].numel());
-  int64_t n_blocks = 1;
-  if (device.is_cuda()) {
-    n_blocks = suggest_n_blocks_cuda(rows, event_numel, max_partial, device);
-  } else {  // a block per 4K elements (what a fork pays for, kernels.cpp), up to 64 (they balance 2..64
-            // threads), at most one per row; partial sums capped at 16M elements
-    n_blocks = std::clamp<int64_t>(std::min(rows * event_numel >> 12, rows), 1, 64);
-    n_blocks = std::max<int64_t>(1, std::min<int64_t>(n_blocks, (int64_t{1} << 24) / max_partial));
-  }
-  // CPU partial sums are kept in double (long sums of broadcast gradients keep their digits); the
-  // CUDA kernels keep them in the accumulation type.
-  const auto partial_dtype = device.is_cuda() ? acc_dtype : at::kDouble;
-
   Flags accumulate(n_args, false);
   DimsList out_st;
   for (size_t j = 0; j < n_args; ++j) {
@@ -385,8 +367,36 @@ std::vector<at::Tensor> RowProblem::backward(OpKind op, c10::ArrayRef<bool> need
       accumulate[j] = true;
     }
   }
+  // CPU partial sums are kept in double (long sums of broadcast gradients keep their digits); the
+  // CUDA kernels keep them in the accumulation type.
+  const auto partial_dtype = device.is_cuda() ? acc_dtype : at::kDouble;
   std::optional<RowArgs> launch_args;
-  if (numel > 0 && !device.is_meta()) launch_args = layout(out_st, n_blocks, true);
+  if (numel > 0 && !device.is_meta()) {
+    launch_args = layout(out_st, 1, true);
+    RowArgs& args = *launch_args;
+    bind_inputs(args);
+    for (size_t j = 0; j < n_args; ++j) {
+      if (!needs[j]) continue;
+      Operand& o = args.out[j];
+      o.accumulate = accumulate[j];
+      o.dtype = to_dtype(accumulate[j] ? partial_dtype : grads[j].scalar_type());
+      if (!accumulate[j]) o.data = grads[j].data_ptr();
+    }
+  }
+  // Row blocks for broadcast arguments' partial sums: a function of the shapes alone.
+  int64_t rows = 1;
+  for (int64_t d = 0; d < split; ++d) rows *= shape[d];
+  int64_t max_partial = 1;
+  for (size_t j = 0; j < n_args; ++j)  // only broadcast arguments get partial sums
+    if (accumulate[j]) max_partial = std::max<int64_t>(max_partial, originals[j].numel());
+  int64_t n_blocks = 1;
+  if (device.is_cuda()) {
+    if (launch_args) n_blocks = suggest_n_blocks_cuda(op, *launch_args, max_partial, device);
+  } else {  // a block per 4K elements (what a fork pays for, kernels.cpp), up to 64 (they balance 2..64
+            // threads), at most one per row; partial sums capped at 16M elements
+    n_blocks = std::clamp<int64_t>(std::min(rows * event_numel >> 12, rows), 1, 64);
+    n_blocks = std::max<int64_t>(1, std::min<int64_t>(n_blocks, (int64_t{1} << 24) / max_partial));
+  }
   for (size_t j = 0; j < n_args; ++j) {
     if (!accumulate[j]) continue;
     // One slice per row block; one for all when the CPU engine's blocks write disjoint elements of it (a
@@ -397,19 +407,11 @@ std::vector<at::Tensor> RowProblem::backward(OpKind op, c10::ArrayRef<bool> need
   }
   if (launch_args) {
     RowArgs& args = *launch_args;
-    bind_inputs(args);
+    args.layout.n_blocks = n_blocks;
     for (size_t j = 0; j < n_args; ++j) {
-      if (!needs[j]) continue;
-      Operand& o = args.out[j];
-      o.accumulate = accumulate[j];
-      if (accumulate[j]) {
-        o.data = partials[j].data_ptr();
-        o.dtype = to_dtype(partial_dtype);
-        o.block_stride = partials[j].size(0) == 1 ? 0 : originals[j].numel();
-      } else {
-        o.data = grads[j].data_ptr();
-        o.dtype = to_dtype(grads[j].scalar_type());
-      }
+      if (!accumulate[j]) continue;
+      args.out[j].data = partials[j].data_ptr();
+      args.out[j].block_stride = partials[j].size(0) == 1 ? 0 : originals[j].numel();
     }
     launch(op, args, device);
   }

@@ -96,7 +96,7 @@ void draw_seed_if_none(const at::Tensor& like, at::Tensor& seed, std::optional<i
 bool cuda_available();
 std::string cuda_build_info();
 // Row blocks for accumulated gradients on the GPU (a function of the shapes and the device only).
-int64_t suggest_n_blocks_cuda(int64_t rows, int64_t event_numel, int64_t slice_numel, const at::Device& device);
+int64_t suggest_n_blocks_cuda(OpKind op, const RowArgs& args, int64_t slice_numel, const at::Device& device);
 void launch_rows_cuda(OpKind op, const RowArgs& args, const at::Device& device);
 void sample_forward_cuda(const SampleArgs& args, const at::Device& device);
 void sample_backward_cuda(const SampleArgs& args, const at::Device& device);

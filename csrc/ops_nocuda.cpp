@@ -7,7 +7,7 @@
 namespace vae_fast {
 bool cuda_available() { return false; }
 std::string cuda_build_info() { return "not built"; }
-int64_t suggest_n_blocks_cuda(int64_t, int64_t, int64_t, const at::Device&) { return 1; }
+int64_t suggest_n_blocks_cuda(OpKind, const RowArgs&, int64_t, const at::Device&) { return 1; }
 void launch_rows_cuda(OpKind, const RowArgs&, const at::Device&) { TORCH_CHECK(false, "vae_fast was built without CUDA"); }
 void sample_forward_cuda(const SampleArgs&, const at::Device&) { TORCH_CHECK(false, "vae_fast was built without CUDA"); }
 void sample_backward_cuda(const SampleArgs&, const at::Device&) { TORCH_CHECK(false, "vae_fast was built without CUDA"); }

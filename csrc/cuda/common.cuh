@@ -352,18 +352,20 @@ struct Stor<DType::BFloat16> {
   static VF_DEV float get(unsigned short b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
 };
 
-// The raw elements [0, valid) of a chunk at p (zeros past valid): one 16-byte load when vec (the
-// caller checked that the chunk is full and p 16-byte aligned), else one load per element.
-template <class R>
-VF_DEV void load_raw(const R* p, bool vec, int valid, R (&r)[kVec<R>]) {
+// The raw elements [0, valid) of a chunk of N (kVec<R>, or 4) at p (zeros past valid): one 16-byte
+// (or 8-byte) load when vec (the caller checked that the chunk is full and p aligned to its size),
+// else one load per element.
+template <class R, int N>
+VF_DEV void load_raw(const R* p, bool vec, int valid, R (&r)[N]) {
+  static_assert(N * sizeof(R) == 16 || N * sizeof(R) == 8, "a chunk is one 16- or 8-byte vector");
   if (vec) {
-    const uint4 u = ldg(reinterpret_cast<const uint4*>(p));
-    static_assert(sizeof(u) == sizeof(r), "a chunk is one 16-byte vector");
+    using V = std::conditional_t<N * sizeof(R) == 16, uint4, uint2>;
+    const V u = ldg(reinterpret_cast<const V*>(p));
     std::memcpy(&r, &u, sizeof r);
     return;
   }
   VF_UNROLL
-  for (int e = 0; e < kVec<R>; ++e) r[e] = e < valid ? ldg(p + e) : R(0);
+  for (int e = 0; e < N; ++e) r[e] = e < valid ? ldg(p + e) : R(0);
 }
 
 // Stores y[0, valid) (W = 4 or 8 values) at element offset off of an output of dtype dt (uniform

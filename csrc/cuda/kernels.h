@@ -35,18 +35,19 @@ cudaError_t launch_sample_forward(const SampleArgs& args, cudaStream_t stream);
 // grad_mu / grad_logvar from grad_z (eps regenerated from the seed), grad_log_q and grad_kl.
 cudaError_t launch_sample_backward(const SampleArgs& args, cudaStream_t stream);
 
-// A good RowLayout::n_blocks for a launch_rows backward with accumulate outputs on `device` (the
-// device the launch will run on; its SM count sizes the choice). slice_numel: the largest block_stride among the *accumulated* outputs only (the numel of
-// the largest broadcast argument whose gradient is wanted; never a full-size gradient, which is
-// written directly and needs no slices). Returns 1 when slice_numel >= rows: the targets then
-// follow the rows, and with n_blocks == 1 the kernels reduce every target over its broadcast dims
-// in one pass, fully parallel over the targets, with no extra slice memory. Otherwise enough row
-// blocks to fill the GPU (each is reduced by one warp or block, its rows in order), capped so the
-// slices (n_blocks * slice_numel) stay within max(rows * event_numel / 4, 2^20) elements.
-// Correctness never depends on the choice; speed does: n_blocks == 1 with a few large reductions
-// (a scalar or per-feature logvar over a big batch) leaves one thread group per target.
-// Depends only on the shapes and the device's SM count, never on data. Host only; no launch.
-int64_t suggest_n_blocks(int device, int64_t rows, int64_t event_numel, int64_t slice_numel);
+// A good RowLayout::n_blocks for a launch_rows backward of `op` with accumulated outputs on `device`
+// (the device the launch will run on). args: the launch as it will run, inputs bound, every wanted
+// output's strides and `accumulate` set (an accumulated output's slices need not be bound yet).
+// slice_numel: the largest block_stride among the accumulated outputs. Where the fast path applies
+// (rows.cu's bcast_vec_kernel: the (K, B, D) samples against (B, D) data, a (D,) prior against
+// (B, D)), the segments of its reduced dim: a function of the shapes only. Otherwise returns 1 when
+// slice_numel >= rows: the targets then follow the rows, and with n_blocks == 1 the kernels reduce
+// every target over its broadcast dims in one pass, fully parallel over the targets, with no extra
+// slice memory; else enough row blocks to fill the GPU (each reduced by one warp or block, its
+// rows in order), capped so the slices (n_blocks * slice_numel) stay within
+// max(rows * event_numel / 4, 2^20) elements. Correctness never depends on the choice; speed does.
+// Never depends on data. Host only; no launch.
+int64_t suggest_n_blocks(int device, OpKind op, const RowArgs& args, int64_t slice_numel);
 
 // The discretized mixture of logistics (dmol.cu; layout.h's DmolArgs): one thread per pixel. Forward:
 // per-pixel terms straight into out (PerPixel) or into args.scratch, then one group per output summing

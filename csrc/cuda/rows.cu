@@ -73,6 +73,7 @@ struct KOp {
   double clo = 0.0, chi = 0.0;
   float flo = 0.0f, fhi = 0.0f;         // the same bounds in float (the float kernels' type)
   int64_t vr0 = 0, vr1 = 0;             // the fast paths: strides over the (at most 2) row dims
+  int32_t slot = 0;                     // bcast_vec_kernel: the accumulator set of a kAccElem output
 };
 
 // Ops 0 .. kIn-1 are the inputs, kIn .. kIn+kOut-1 the outputs.
@@ -467,7 +468,101 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, kMapVecMinBlocks<K>) map_vec_kernel(const V
   }
 }
 
-// ---- backward with accumulated outputs ----------------------------------------------------------
+// ---- backward with accumulated outputs, fast path ----------------------------------------------
+// bcast_vec_kernel: map_vec_kernel's conditions (one event dim, inputs of inner stride 0 or 1 and
+// one storage dtype, written outputs of inner stride 1), every accumulated output kept along the
+// event (inner stride 1) and along one "kept" row dim (coordinate Row2::r, of size I = vdiv.d),
+// broadcast along one "reduced" row dim (Row2::q, of size O; the glue's (K, B, D) samples against
+// (B, D) data: q = k). The reduced dim is cut into n_units / (I * cpi) fixed segments (usplit); a
+// thread owns one (segment, r, chunk) and walks the segment's rows q in order, the reduced dim
+// innermost: per row it loads every input's vector, writes the full-size gradients and adds the
+// accumulated ones into compensated register sums, so the broadcast data is read once per
+// segment. At the end it stores its W sums into slice s of each accumulated output, once per slot;
+// the glue then sums the slices in order. Segments depend on the shape only (suggest_n_blocks), so
+// results are bitwise the same on every GPU. At most 2 accumulated outputs (two register sets).
+// Chunks of 4 elements for every dtype (16-byte float32 vectors, 8-byte 16-bit ones): the
+// accumulators, 4 compensated sums per output, fit 2 blocks of 256 per SM without spills, where
+// 8-element chunks spill.
+constexpr int kBcastMaxAcc = 2;
+constexpr int kBcastVec = 4;
+
+template <OpKind K, DType DT>
+VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) bcast_vec_kernel(const VF_GRID_CONST KParams p) {
+  using D = RowOp<K>;
+  using R = typename Stor<DT>::raw;
+  constexpr int NI = D::kIn, NO = D::kOut, W = kBcastVec;
+  const int64_t stride = gdim_x() * bdim_x();
+  VF_NO_UNROLL
+  for (int64_t u = bid_x() * bdim_x() + tid_x(); u < p.n_units; u += stride) {
+    const int64_t t = fdiv(p.cdiv, u);
+    const int64_t j0 = (u - t * p.cpi) * W;
+    const int64_t seg = fdiv(p.vdiv, t);
+    const int64_t r = t - seg * p.vdiv.d;
+    const int valid = p.inner - j0 < W ? static_cast<int>(p.inner - j0) : W;
+    const int64_t q0 = split_point(p.usplit, seg), q1 = split_point(p.usplit, seg + 1);
+    CSum<float> acc0[W], acc1[W];
+    VF_NO_UNROLL
+    for (int64_t q = q0; q < q1; ++q) {
+      const Row2 rr{q, r};
+      R raw[NI][W];
+      float sc[NI];
+      VF_UNROLL
+      for (int o = 0; o < NI; ++o) {
+        sc[o] = 0.0f;
+        if (p.op[o].inner == 0) {
+          sc[o] = Mem<float>::load1(p.op[o].data, p.op[o].dtype, off2(p.op[o], rr));
+          continue;
+        }
+        const R* src = static_cast<const R*>(p.op[o].data) + (off2(p.op[o], rr) + j0);
+        load_raw(src, valid == W && aligned<W * sizeof(R)>(src), valid, raw[o]);
+      }
+      float y[NO][W];
+      VF_UNROLL
+      for (int e = 0; e < W; ++e) {
+        float x[NI], res[NO];
+        bool keep[NI];
+        VF_UNROLL
+        for (int o = 0; o < NI; ++o) {
+          x[o] = p.op[o].inner == 0 ? sc[o] : Stor<DT>::get(raw[o][e]);
+          keep[o] = p.op[o].clamp ? clamp_keep(x[o], p.op[o].flo, p.op[o].fhi) : true;
+        }
+        D::apply(x, res);
+        VF_UNROLL
+        for (int j = 1; j < NI; ++j)  // gradient out[j - 1] of a clamped input in[j]: torch.clamp's mask
+          if (j - 1 < NO && !keep[j]) res[j - 1] = 0.0f;
+        VF_UNROLL
+        for (int o = 0; o < NO; ++o) y[o][e] = res[o];
+      }
+      VF_UNROLL
+      for (int o = 0; o < NO; ++o) {
+        const KOp& out = p.op[NI + o];
+        if (out.cls == kDirect) {
+          store_chunk(out.data, out.dtype, off2(out, rr) + j0, valid, y[o]);
+        } else if (out.cls == kAccElem) {
+          VF_UNROLL
+          for (int e = 0; e < W; ++e) {
+            if (out.slot == 0) {
+              acc0[e].add(y[o][e]);
+            } else {
+              acc1[e].add(y[o][e]);
+            }
+          }
+        }
+      }
+    }
+    VF_UNROLL
+    for (int o = 0; o < NO; ++o) {
+      const KOp& out = p.op[NI + o];
+      if (out.cls != kAccElem) continue;
+      float v[W];
+      VF_UNROLL
+      for (int e = 0; e < W; ++e) v[e] = out.slot == 0 ? acc0[e].value() : acc1[e].value();
+      store_chunk(out.data, DType::Float32, seg * out.block_stride + off2(out, Row2{0, r}) + j0, valid, v);
+    }
+  }
+}
+
+// ---- backward with accumulated outputs, general ----------------------------------------------------------
 // 2 blocks of 256 per SM (128 registers) where that does not spill: the float ops of 5 operands;
 // the others spill at 128 and keep 1.
 template <OpKind K, class A>
@@ -686,7 +781,8 @@ bool base_plan(const RowArgs& a, int nin, int nout, Plan& pl) {
     if (a.in[o].data == nullptr) return false;
     pl.active[o] = true;
   }
-  for (int o = 0; o < nout; ++o) pl.active[nin + o] = a.out[o].data != nullptr;
+  // (an accumulated output counts before its slices are bound: suggest_n_blocks plans with it)
+  for (int o = 0; o < nout; ++o) pl.active[nin + o] = a.out[o].data != nullptr || a.out[o].accumulate;
   return true;
 }
 
@@ -834,6 +930,107 @@ cudaError_t launch_map(KParams& p, const Plan& pl, cudaStream_t stream) {
   return launch_kernel(&map_kernel<K, A>, flat_grid(p.rows * p.cpi, 256), 256, stream, p);
 }
 
+// The fast path of the backward with accumulated outputs (bcast_vec_kernel; see there), or false:
+// fills p's operands, classes, slots and geometry, vdt, and the size of the reduced row dim.
+template <OpKind K>
+bool plan_bcast(const RowArgs& a, const Plan& pl, KParams& p, int& vdt, int64_t& reduced) {
+  using D = RowOp<K>;
+  const int nin = D::kIn, nout = D::kOut, nops = nin + nout;
+  if constexpr (!D::kBackward) {
+    return false;
+  } else {
+    set_ops(p, a, pl);
+    int n_acc = 0;
+    for (int o = 0; o < nout; ++o) {
+      if (!pl.active[nin + o]) continue;
+      KOp& q = p.op[nin + o];
+      if (!a.out[o].accumulate) {
+        q.cls = kDirect;
+      } else {
+        if (n_acc == kBcastMaxAcc) return false;
+        q.cls = kAccElem;
+        q.slot = n_acc++;
+      }
+    }
+    if (n_acc == 0) return false;
+    // Row dims along which every accumulated output is broadcast are reduced; along which none
+    // is, kept; one of each at most after coalescing.
+    Dims red, kept;
+    for (const HDim& d : pl.rows) {
+      if (d.size == 1) continue;
+      int zero = 0;
+      for (int o = nin; o < nops; ++o) zero += p.op[o].cls == kAccElem && d.st[o] == 0;
+      if (zero == n_acc) {
+        red.push_back(d);
+      } else if (zero == 0) {
+        kept.push_back(d);
+      } else {
+        return false;
+      }
+    }
+    red = coalesce(red, pl.active, nops);
+    kept = coalesce(kept, pl.active, nops);
+    const Dims ev = coalesce(pl.ev, pl.active, nops);
+    if (red.size() != 1 || kept.size() > 1 || ev.size() != 1) return false;
+    Dims rows = red;
+    rows.insert(rows.end(), kept.begin(), kept.end());
+    if (!set_geometry(p, rows, ev, nops)) return false;
+    vdt = vec_dtype(p, nin, nops, true);
+    if (vdt < 0) return false;
+    for (int o = nin; o < nops; ++o)
+      if (p.op[o].cls == kAccElem && p.op[o].inner != 1) return false;
+    const int64_t n_kept = kept.empty() ? 1 : kept[0].size;
+    p.vdiv = make_fastdiv(n_kept);
+    for (int o = 0; o < nops; ++o) {
+      p.op[o].vr0 = p.op[o].rs[0];
+      p.op[o].vr1 = kept.empty() ? 0 : p.op[o].rs[1];
+    }
+    p.cpi = (p.inner + kBcastVec - 1) / kBcastVec;
+    p.n_chunks = p.cpi;
+    p.cdiv = make_fastdiv(p.cpi);
+    reduced = red[0].size;
+    return true;
+  }
+}
+
+// Segments of the reduced dim for bcast_vec_kernel: enough (segment, kept row, chunk) threads to
+// fill a large GPU, but at least kBcastMinRows rows per segment, so the slices the glue sums stay
+// small beside the gradients themselves. A function of the shape only.
+constexpr int64_t kBcastMinRows = 16;
+int64_t bcast_segments(int64_t reduced, int64_t threads_per_segment) {
+  const int64_t want = (kTargetThreads + threads_per_segment - 1) / std::max<int64_t>(threads_per_segment, 1);
+  return std::clamp<int64_t>(want, 1, std::max<int64_t>(reduced / kBcastMinRows, 1));
+}
+
+template <OpKind K>
+cudaError_t launch_bcast(KParams& p, int vdt, int64_t reduced, int64_t n_seg, cudaStream_t stream) {
+  if (!make_split(reduced, n_seg, p.usplit)) return cudaErrorInvalidValue;
+  p.n_units = n_seg * p.vdiv.d * p.cpi;
+  const int64_t grid = flat_grid(p.n_units, 256);
+  switch (vdt) {
+    case static_cast<int>(DType::Float32):
+      return launch_kernel(&bcast_vec_kernel<K, DType::Float32>, grid, 256, stream, p);
+    case static_cast<int>(DType::Float16):
+      return launch_kernel(&bcast_vec_kernel<K, DType::Float16>, grid, 256, stream, p);
+    case static_cast<int>(DType::BFloat16):
+      return launch_kernel(&bcast_vec_kernel<K, DType::BFloat16>, grid, 256, stream, p);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+// RowLayout::n_blocks for the fast path of op K's backward, or 0 where it does not apply.
+template <OpKind K>
+int64_t bcast_blocks(const RowArgs& a) {
+  using D = RowOp<K>;
+  Plan pl;
+  if (a.layout.rows == 0 || a.layout.event_numel == 0 || !base_plan(a, D::kIn, D::kOut, pl)) return 0;
+  KParams p;
+  int vdt = -1;
+  int64_t reduced = 0;
+  if (!plan_bcast<K>(a, pl, p, vdt, reduced)) return 0;
+  return bcast_segments(reduced, p.vdiv.d * p.cpi);
+}
+
 template <OpKind K, class A>
 cudaError_t launch_acc(KParams& p, const Dims& rows, const Dims& ev, int nops, int64_t n_units,
                        int64_t unit_rows, int64_t row_mult, cudaStream_t stream) {
@@ -893,6 +1090,14 @@ cudaError_t run_backward(const RowArgs& a, const Plan& pl, cudaStream_t stream) 
   }
   if (L.event_numel == 0 || (!any_direct && !any_acc)) return cudaSuccess;
   if (any_acc && L.n_blocks < 1) return cudaErrorInvalidValue;
+  if constexpr (std::is_same_v<A, float>) {
+    if (any_acc) {  // the fast path, with the glue's n_blocks as its segments (any count is exact)
+      KParams p;
+      int vdt = -1;
+      int64_t reduced = 0;
+      if (plan_bcast<K>(a, pl, p, vdt, reduced)) return launch_bcast<K>(p, vdt, reduced, L.n_blocks, stream);
+    }
+  }
 
   if (!any_acc || L.n_blocks == 1) {
     cudaError_t err = cudaSuccess;
@@ -1038,7 +1243,17 @@ cudaError_t launch_rows(OpKind op, const RowArgs& args, cudaStream_t stream) {
   return cudaErrorInvalidValue;
 }
 
-int64_t suggest_n_blocks(int device, int64_t rows, int64_t event_numel, int64_t slice_numel) {
+int64_t suggest_n_blocks(int device, OpKind op, const RowArgs& args, int64_t slice_numel) {
+  using namespace detail;
+  int64_t fast = 0;
+  switch (op) {
+#define VF_KIND_CASE(kind, ...) \
+  case OpKind::kind: fast = bcast_blocks<OpKind::kind>(args); break;
+    VF_ROW_KINDS(VF_KIND_CASE)
+#undef VF_KIND_CASE
+  }
+  if (fast > 0) return fast;
+  const int64_t rows = args.layout.rows, event_numel = args.layout.event_numel;
   if (rows <= 1) return 1;
   // A slice at least as large as the rows means the targets (mostly) follow the rows: the
   // reorder mode (n_blocks == 1) is then fully parallel over the targets and needs no slices.

@@ -186,6 +186,7 @@ struct RowCase {
   int64_t n_blocks = 1;
   bool elementwise = false;
   double rtol32 = 1e-5;  // float32/16 compute tolerance, relative to the sum of the terms' magnitudes
+  bool suggested = false;  // n_blocks from suggest_n_blocks on the backward launch, as the glue picks it
 };
 
 int64_t prod(const std::vector<int64_t>& v) {
@@ -365,6 +366,8 @@ double store_rtol(DType d) {
 
 struct RowRun {
   std::vector<std::vector<unsigned char>> raw;  // every output, for bitwise comparisons
+  int64_t n_blocks = 0;                         // the backward's
+  int64_t bwd_launches = -1;                    // kernels the backward launched (emulator only)
 };
 
 // Runs forward and backward of one case; checks against the float64 reference.
@@ -479,31 +482,47 @@ RowRun run_row_case(const RowCase& c, bool check = true) {
       set_operand(ra.in[i + 1], L, c.full, c.args[i].shape, strides[i], in[i].data, c.args[i].dt);
       set_clamp(ra.in[i + 1], i);
     }
-    std::vector<DevBuf> outs;
+    std::vector<DevBuf> outs(nargs);
     std::vector<bool> accum(nargs, false);
     for (int i = 0; i < nargs; ++i) {
       const ArgSpec& a = c.args[i];
       bool bcast = false;
       for (int d = 0; d < rank; ++d) bcast |= a.shape[d] == 1 && c.full[d] != 1;
       accum[i] = bcast;
-      if (!a.grad) {
-        outs.emplace_back();
-        continue;
-      }
-      if (bcast) {
-        const int64_t n = prod(a.shape);
-        outs.emplace_back(acc, n * c.n_blocks);
-        outs.back().zero();
-        set_operand(ra.out[i], L, c.full, a.shape, mem_strides(a.shape, false), outs.back().data, acc);
+      if (!a.grad) continue;
+      if (bcast) {  // slices bound below, once n_blocks is known
+        set_operand(ra.out[i], L, c.full, a.shape, mem_strides(a.shape, false), nullptr, acc);
         ra.out[i].accumulate = true;
-        ra.out[i].block_stride = n;
       } else {
-        outs.emplace_back(a.dt, prod(a.shape), a.pad);
-        set_operand(ra.out[i], L, c.full, a.shape, strides[i], outs.back().data, a.dt);
+        outs[i] = DevBuf(a.dt, prod(a.shape), a.pad);
+        set_operand(ra.out[i], L, c.full, a.shape, strides[i], outs[i].data, a.dt);
       }
     }
+    int64_t nb = c.n_blocks;
+    if (c.suggested) {
+      int64_t slice = 1;
+      for (int i = 0; i < nargs; ++i)
+        if (accum[i] && c.args[i].grad) slice = std::max(slice, prod(c.args[i].shape));
+      nb = vc::suggest_n_blocks(0, c.bwd, ra, slice);
+      ra.layout.n_blocks = nb;
+    }
+    run.n_blocks = nb;
+    for (int i = 0; i < nargs; ++i) {
+      if (!accum[i] || !c.args[i].grad) continue;
+      const int64_t n = prod(c.args[i].shape);
+      outs[i] = DevBuf(acc, n * nb);
+      outs[i].zero();
+      ra.out[i].data = outs[i].data;
+      ra.out[i].block_stride = n;
+    }
+#if defined(VF_EMULATE)
+    const int64_t launches0 = emu::S().launches;
+#endif
     const cudaError_t err = vc::launch_rows(c.bwd, ra, nullptr);
     CK(cudaDeviceSynchronize());
+#if defined(VF_EMULATE)
+    run.bwd_launches = emu::S().launches - launches0;
+#endif
     report(err == cudaSuccess, c.name + " bwd launch", cudaGetErrorString(err));
     // reference
     std::vector<std::vector<double>> ref(nargs), mag(nargs);
@@ -538,11 +557,11 @@ RowRun run_row_case(const RowCase& c, bool check = true) {
         for (int64_t e = 0; e < n; ++e) {
           if (f64) {
             double s = 0;
-            for (int64_t b = 0; b < c.n_blocks; ++b) s += got[b * n + e];
+            for (int64_t b = 0; b < nb; ++b) s += got[b * n + e];
             logical[e] = s;
           } else {
             float s = 0;
-            for (int64_t b = 0; b < c.n_blocks; ++b) s += static_cast<float>(got[b * n + e]);
+            for (int64_t b = 0; b < nb; ++b) s += static_cast<float>(got[b * n + e]);
             logical[e] = s;
           }
         }
@@ -869,6 +888,81 @@ void row_tests() {
     g_rng.seed(seed);
     const RowRun a = run_row_case(c);
     check_same_across_sms(c, seed, a, {1, 3});
+  }
+
+  // The backward with broadcast gradients on its fast path (bcast_vec_kernel): one launch writes the
+  // full-size gradients and the broadcast ones' segment sums, the reduced dim walked innermost.
+  // n_blocks as the glue picks it (suggest_n_blocks: segments of the reduced dim, from the shape
+  // only), and forced counts: one segment, uneven ones, more segments than reduced rows (empty
+  // ones write zeros). Ragged tails (D not a multiple of the vector), misaligned rows (pad), the
+  // reduced dim outer or inner, clamps, 16-bit types; bitwise the same for every SM count.
+  {
+    struct Fast {
+      std::string name;
+      RowCase c;
+      int64_t want_nb;  // the suggested n_blocks (0: forced, c.n_blocks)
+    };
+    std::vector<Fast> fast;
+    {
+      RowCase c{"fast bcast gauss x(B,D) vs mean, logvar (K,B,D) f32", OpKind::GaussLpFwd, OpKind::GaussLpBwd,
+                {5, 7, 37}, 1, {arg({1, 7, 37}, kNormal), arg({5, 7, 37}, kMu), arg({5, 7, 37}, kLv)}, 1};
+      c.suggested = true;
+      fast.push_back({c.name, c, 1});
+    }
+    {
+      RowCase c{"fast bcast gauss bf16 x, logvar (B,D) vs mean (K,B,D), misaligned", OpKind::GaussLpFwd,
+                OpKind::GaussLpBwd, {3, 6, 45}, 1,
+                {arg({1, 6, 45}, kNormal, B), arg({3, 6, 45}, kMu, B), arg({1, 6, 45}, kLv, B)}, 1};
+      c.args[1].pad = 3;
+      c.suggested = true;
+      fast.push_back({c.name, c, 1});
+    }
+    {
+      RowCase c{"fast bcast bern f16, reduced dim inner (B,K,D)", OpKind::BernLpFwd, OpKind::BernLpBwd,
+                {6, 4, 40}, 1, {arg({6, 1, 40}, kX01, H), arg({6, 4, 40}, kLogit, H)}, 1};
+      c.suggested = true;
+      fast.push_back({c.name, c, 1});
+    }
+    {
+      RowCase c{"fast bcast kl prior (1,D) vs (B,D), suggested segments", OpKind::KlFwd, OpKind::KlBwd,
+                {100, 20}, 1, {arg({100, 20}, kMu), arg({100, 20}, kLv), arg({1, 20}, kMu), arg({1, 20}, kLv)}, 1};
+      c.suggested = true;
+      fast.push_back({c.name, c, 100 / 16});
+      c.suggested = false;
+      c.n_blocks = 150;
+      c.name = "fast bcast kl prior, 150 segments over 100 rows";
+      fast.push_back({c.name, c, 0});
+      c.n_blocks = 7;
+      c.name = "fast bcast kl prior, 7 uneven segments";
+      fast.push_back({c.name, c, 0});
+    }
+    {
+      RowCase c{"fast bcast gauss clamped logvar (1,B,D), f16", OpKind::GaussLpFwd, OpKind::GaussLpBwd,
+                {4, 5, 33}, 1, {arg({1, 5, 33}, kNormal, H), arg({4, 5, 33}, kMu, H), arg({1, 5, 33}, kLv, H)}, 1};
+      c.args[2].clamp = true;
+      c.args[2].lo = -0.5;
+      c.args[2].hi = 1.0;
+      c.suggested = true;
+      fast.push_back({c.name, c, 1});
+    }
+    {
+      RowCase c{"fast bcast kl prior, elementwise grad", OpKind::KlFwd, OpKind::KlBwd, {40, 24}, 1,
+                {arg({40, 24}, kMu), arg({40, 24}, kLv), arg({1, 24}, kMu), arg({1, 24}, kLv)}, 1, true};
+      c.suggested = true;
+      fast.push_back({c.name, c, 40 / 16});
+    }
+    for (Fast& f : fast) {
+      const auto seed = g_rng();
+      g_rng.seed(seed);
+      const RowRun a = run_row_case(f.c);
+      if (f.want_nb > 0)
+        report(a.n_blocks == f.want_nb, f.name + ": suggested n_blocks",
+               std::to_string(a.n_blocks) + " want " + std::to_string(f.want_nb));
+#if defined(VF_EMULATE)
+      report(a.bwd_launches == 1, f.name + ": one backward launch", std::to_string(a.bwd_launches));
+#endif
+      check_same_across_sms(f.c, seed, a, {1, 3, 8});
+    }
   }
 
   // Bad descriptions are refused, not run.
@@ -1455,13 +1549,30 @@ int main(int argc, char** argv) {
   row_tests();
   sample_tests();
   {
-    const int64_t a = vc::suggest_n_blocks(0, 4096, 784, 1);
-    const int64_t b = vc::suggest_n_blocks(0, 4096, 784, 4096);
-    const int64_t c = vc::suggest_n_blocks(0, 1, 10, 1);
+    // The general path's row blocks: KlStdBwd over (rows, 784), its logvar one value (scalar) or one
+    // per row, so its gradient is reduced over the event too (no fast path). Host planning only.
+    static float dummy[4];
+    auto kl_args = [](int64_t rows, bool per_row) {
+      RowArgs ra;
+      ra.layout.n_row_dims = ra.layout.n_event_dims = 1;
+      ra.layout.row_sizes[0] = ra.layout.rows = rows;
+      ra.layout.event_sizes[0] = ra.layout.event_numel = 784;
+      for (int i = 0; i < 3; ++i) ra.in[i].data = dummy;
+      ra.in[0].row_strides[0] = 1;                                 // g: one per row
+      ra.in[1].row_strides[0] = ra.out[0].row_strides[0] = 784;  // mu and its gradient
+      ra.in[1].event_strides[0] = ra.out[0].event_strides[0] = 1;
+      ra.out[0].data = dummy;
+      ra.in[2].row_strides[0] = ra.out[1].row_strides[0] = per_row ? 1 : 0;
+      ra.out[1].accumulate = true;
+      return ra;
+    };
+    const int64_t a = vc::suggest_n_blocks(0, OpKind::KlStdBwd, kl_args(4096, false), 1);
+    const int64_t b = vc::suggest_n_blocks(0, OpKind::KlStdBwd, kl_args(4096, true), 4096);
+    const int64_t c = vc::suggest_n_blocks(0, OpKind::KlStdBwd, kl_args(1, false), 1);
     report(a > 1 && a <= 4096 && b == 1 && c == 1, "suggest_n_blocks");
 #if defined(VF_EMULATE)
     // emulated devices 0 and 1 have 2 and 8 SMs: the count is the named device's, not the current one's
-    const int64_t d1 = vc::suggest_n_blocks(1, 4096, 784, 1);
+    const int64_t d1 = vc::suggest_n_blocks(1, OpKind::KlStdBwd, kl_args(4096, false), 1);
     report(a == 2 * 32 && d1 == 8 * 32, "suggest_n_blocks uses the named device's SM count",
            std::to_string(a) + " " + std::to_string(d1));
 #endif
