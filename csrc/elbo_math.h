@@ -1,7 +1,7 @@
 // Every formula of the VAE objective, once. Inline templates over a value type V: float, double,
 // at::vec::Vectorized<float/double> (CPU SIMD) and CUDA float/double. A backend that adds a value
 // type declares its overloads of the vmath functions (exp, log, half_expm1_minus_x, scaled_half_expm1,
-// log1p_exp_neg, abs, max, min, sqrt, sincos, inf_or, zero_where_zero, clamp_min)
+// log1p_exp_neg, abs, max, min, sqrt, sincospi, inf_or, zero_where_zero, clamp_min)
 // in namespace vae_fast::vmath *before* including this header (qualified calls bind at definition).
 //
 // Numerics (each formula is right wherever the maths is finite; none forms 0 * inf):
@@ -95,9 +95,14 @@ VF_HD float where_lt(float a, float b, float x, float y) { return a < b ? x : y;
 VF_HD double where_lt(double a, double b, double x, double y) { return a < b ? x : y; }
 VF_HD float where_gt(float a, float b, float x, float y) { return a > b ? x : y; }
 VF_HD double where_gt(double a, double b, double x, double y) { return a > b ? x : y; }
-VF_HD void sincos(float x, float& s, float& c) {
-  s = ::sinf(x);
-  c = ::cosf(x);
+// sin(pi x) and cos(pi x): CUDA's sincospif (a few instructions: the argument needs no reduction by
+// an inexact pi); on the host, in double and rounded once (the CPU SIMD backend has Sleef's).
+VF_HD void sincospi(float x, float& s, float& c) {
+#if defined(__CUDA_ARCH__)
+  ::sincospif(x, &s, &c);
+#else
+  elbo::host_sincospi(x, s, c);
+#endif
 }
 }  // namespace vmath
 
@@ -231,9 +236,9 @@ VF_HD void log_q_path_grad(V g, V eps, V lv, V& dmu, V& dlv) {
 template <class V>
 VF_HD void box_muller(V u_radius, V u_angle, V& n0, V& n1) {
   V r = vmath::sqrt(V(-2.0f) * vmath::log(u_radius));
-  V t = V(6.283185307179586f) * u_angle;
+  // angle 2 pi u as sincospi(2 u): 2 u is exact, so only sin and cos round
   V s, c;
-  vmath::sincos(t, s, c);
+  vmath::sincospi(V(2.0f) * u_angle, s, c);
   n0 = r * c;
   n1 = r * s;
 }

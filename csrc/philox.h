@@ -7,7 +7,8 @@
 //   counter = (b & 0xffffffff, b >> 32, 0, 0)
 // whose four outputs (x0, x1, x2, x3) give the normals of elements 4b .. 4b+3:
 //   n0 = r(x0) cos(t(x1)), n1 = r(x0) sin(t(x1)), n2 = r(x2) cos(t(x3)), n3 = r(x2) sin(t(x3)),
-//   r(x) = sqrt(-2 log u(x)), t(x) = 2 pi u(x), u(x) = x * 2^-32 + 2^-33 in (0, 1], all in float32.
+//   r(x) = sqrt(-2 log u(x)), t(x) = 2 pi u(x), u(x) = x * 2^-32 + 2^-33 in (0, 1], all in float32,
+//   the angle's sine and cosine taken as sincospi(2 u(x)) (2 u exact: no rounding of 2 pi u).
 #pragma once
 #include <cstdint>
 

@@ -73,9 +73,9 @@ def oracle_eps(seed: int, start: int, n: int) -> np.ndarray:
 
 def normals_from_block(x, lane):
     """Normal `lane` (0..3) of a block with Philox outputs (x0, x1, x2, x3): r(x0) cos t(x1), r(x0) sin t(x1),
-    r(x2) cos t(x3), r(x2) sin t(x3). The layout fixes u(x) = x * 2^-32 + 2^-33 and t = 2 pi u in float32:
-    those two roundings are reproduced exactly (each a single IEEE operation); log, sqrt, sin and cos are
-    taken in float64."""
+    r(x2) cos t(x3), r(x2) sin t(x3). The layout fixes u(x) = x * 2^-32 + 2^-33 in float32 (reproduced
+    exactly: a single IEEE operation) and t = 2 pi u with no rounding (the kernels take sincospi(2 u), 2 u
+    exact); log, sqrt, sin and cos are taken in float64."""
     x = [np.asarray(w, dtype=np.uint64) for w in x]
 
     def uniform(w):  # float32(float32(w) * 2^-32 + 2^-33): the multiply is exact, the add rounds once
@@ -84,12 +84,12 @@ def normals_from_block(x, lane):
     pair = lane // 2  # lanes 0, 1 use (x0, x1); lanes 2, 3 use (x2, x3)
     u_radius = np.where(pair == 0, uniform(x[0]), uniform(x[2])).astype(np.float64)
     u_angle = np.where(pair == 0, uniform(x[1]), uniform(x[3]))
-    t = (np.float32(2 * np.pi) * u_angle).astype(np.float64)
+    t = 2 * np.pi * u_angle.astype(np.float64)
     r = np.sqrt(-2.0 * np.log(u_radius))
     return np.where(lane % 2 == 0, r * np.cos(t), r * np.sin(t))
 
 
-# float32 log, sqrt, sin/cos (Sleef u35 on the CPU, libm or CUDA's accurate sinf/cosf): a few ulps of
+# float32 log, sqrt, sinpi/cospi (Sleef u35 on the CPU, CUDA's sincospif): a few ulps of
 # r <= 6.7 each. A wrong bit in the stream changes an element by O(1).
 EPS_ATOL, EPS_RTOL = 3e-6, 1e-6
 

@@ -3,6 +3,7 @@
 #pragma once
 #include <ATen/cpu/vec/vec.h>
 
+#include <cmath>
 #include <limits>
 #include <type_traits>
 
@@ -17,20 +18,25 @@ template <class T> inline at::vec::Vectorized<T> exp(const at::vec::Vectorized<T
 template <class T> inline at::vec::Vectorized<T> log(const at::vec::Vectorized<T>& x) { return x.log(); }
 template <class T> inline at::vec::Vectorized<T> abs(const at::vec::Vectorized<T>& x) { return x.abs(); }
 template <class T> inline at::vec::Vectorized<T> sqrt(const at::vec::Vectorized<T>& x) { return x.sqrt(); }
-// sin and cos in one Sleef call where the ISA has it. 3.5-ulp (u35): a sixth of u10's cost here, and
-// the Box-Muller angle is in (0, 2 pi], where both agree with CUDA's sinf/cosf to a few ulps.
-inline void sincos(const at::vec::Vectorized<float>& x, at::vec::Vectorized<float>& s, at::vec::Vectorized<float>& c) {
+// sin(pi x) and cos(pi x) in one Sleef call where the ISA has it (3.5 ulp, u35; no reduction by an
+// inexact pi, so cheaper than sincos); the Box-Muller angle's 2 u is in (0, 2], where they agree with
+// CUDA's sincospif to a few ulps. Other ISAs: elbo_constants.h's host form per lane.
+inline void sincospi(const at::vec::Vectorized<float>& x, at::vec::Vectorized<float>& s, at::vec::Vectorized<float>& c) {
 #if defined(CPU_CAPABILITY_AVX512)
-  Sleef___m512_2 sc = Sleef_sincosf16_u35(x);
+  Sleef___m512_2 sc = Sleef_sincospif16_u35(x);
   s = sc.x;
   c = sc.y;
 #elif defined(CPU_CAPABILITY_AVX2)
-  Sleef___m256_2 sc = Sleef_sincosf8_u35(x);
+  Sleef___m256_2 sc = Sleef_sincospif8_u35(x);
   s = sc.x;
   c = sc.y;
 #else
-  s = x.sin();
-  c = x.cos();
+  constexpr int n = at::vec::Vectorized<float>::size();
+  alignas(64) float xs[n], ss[n], cs[n];
+  x.store(xs);
+  for (int i = 0; i < n; ++i) ::vae_fast::elbo::host_sincospi(xs[i], ss[i], cs[i]);
+  s = at::vec::Vectorized<float>::loadu(ss);
+  c = at::vec::Vectorized<float>::loadu(cs);
 #endif
 }
 // expm1 without Sleef's expm1 (3x the cost of exp here, which made the KL compute-bound): for

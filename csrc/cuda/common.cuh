@@ -12,6 +12,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
@@ -441,6 +442,22 @@ struct CSum {
   // An infinite or NaN s makes TwoSum's error NaN (inf - inf): the sum is then s itself (inf stays inf).
   VF_DEV A value() const { return s - s == A(0) ? s + c : s; }
 };
+// A loop of one term (the sampler's K = 1): CSum's add and value with no error term. One add from
+// zero leaves a CSum at (x, 0) for finite x, so as_csum gives the pair a CSum would have held.
+template <class A>
+struct Plain {
+  A s = A(0);
+  VF_DEV void add(A x) { s += x; }
+  VF_DEV A value() const { return s; }
+};
+template <class A>
+VF_DEV CSum<A> as_csum(const CSum<A>& v) { return v; }
+template <class A>
+VF_DEV CSum<A> as_csum(const Plain<A>& v) {
+  CSum<A> r;
+  r.s = v.s;
+  return r;
+}
 // CSum as stored in shared memory (a trivial type: __shared__ variables take no constructor).
 template <class A>
 struct SumPair {

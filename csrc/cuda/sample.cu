@@ -3,8 +3,9 @@
 // is read on the device (CUDA-graph capture safe) or passed by value (SampleArgs::seed_value). mu and
 // logvar are read in place through layout.h's (run, run stride) description, so chunks of an
 // encoder output need no copy. eps is float32 (Box-Muller in float32 with the
-// accurate logf/sqrtf/sinf/cosf, no fast math), so the CPU and this code draw the same eps to float
-// rounding; everything else is computed in float (double for float64).
+// accurate logf/sqrtf and sincospif, no fast math), so the CPU and this code draw the same eps to float
+// rounding; everything else is computed in float (double for float64). Every kernel issues its
+// loads before the Philox draw, which hides their latency.
 //
 // Kernels (grid-stride, no atomics):
 //  * sample_z_kernel: z only. One thread per Philox block: 4 consecutive elements of z.
@@ -15,7 +16,8 @@
 //    order (sum_k g and sum_k g * eps in registers), eps regenerated from the seed. With
 //    log_q_path_only, log_q's gradient reaches mu and logvar through z only (elbo::log_q_path_grad
 //    per sample) instead of the constant d log_q / d logvar = -1/2. grad_mu and grad_logvar are
-//    written in their runs (the two halves of one parameters-shaped buffer, or contiguous).
+//    written in their runs (the two halves of one parameters-shaped buffer, or contiguous). K = 1
+//    has its own instance: single terms, no compensated sums (the same values).
 // logvar_clamp: logvar is clamped on load in every kernel; grad_logvar gets torch.clamp's mask.
 // Every sum is compensated (common.cuh's CSum) and taken in a fixed order.
 #include "kernels.h"
@@ -144,8 +146,6 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) sample_z_kernel(const VF_GRID_CONST SPar
   for (int64_t b = bid_x() * bdim_x() + tid_x(); b < nb; b += stride) {
     const int64_t i0 = 4 * b;
     const int valid = total - i0 < 4 ? static_cast<int>(total - i0) : 4;
-    float n[4];
-    normals4(seed, static_cast<uint64_t>(b), n);
     const int64_t m0 = i0 - fdiv(p.re_div, i0) * p.RE;  // i0 mod RE
     A mu[4], lv[4];
     if (m0 + valid <= p.RE) {
@@ -164,6 +164,8 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) sample_z_kernel(const VF_GRID_CONST SPar
         }
       }
     }
+    float n[4];  // drawn after the loads are issued: the draw hides their latency
+    normals4(seed, static_cast<uint64_t>(b), n);
     bool keep[4];
     clamp_lv4(p, lv, keep);
     A z[4];
@@ -225,14 +227,19 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, sizeof(A) == 4 ? 4 : 2) sample_rows_kernel(
   }
 }
 
-template <class A>
-VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) sample_bwd_kernel(const VF_GRID_CONST SParams p) {
+// kOne: K == 1, the sums over k single terms (Plain: no compensation registers, the same values).
+// 2 blocks of 256 per SM, but 1 for float64 with K > 1 (its four compensated arrays spill at 128).
+template <class A, bool kOne>
+VF_GLOBAL void VF_LAUNCH_BOUNDS(256, kOne || sizeof(A) == 4 ? 2 : 1) sample_bwd_kernel(const VF_GRID_CONST SParams p) {
+  using Acc = std::conditional_t<kOne, Plain<A>, CSum<A>>;
   const bool path = p.path_only && p.gq != nullptr;      // log_q's gradient through z only
   const bool eps_z = p.gz != nullptr && p.glv != nullptr;  // dlogvar from grad_z needs eps
   const bool need_eps = eps_z || path;
   const bool need_mu = p.gkl != nullptr && p.gmu != nullptr;
   const bool need_lv = p.glv != nullptr || path;
+  const bool need_row = p.gq != nullptr || p.gkl != nullptr;  // per-row gradients: row of each element
   const uint64_t seed = need_eps ? read_seed(p) : 0;
+  const int64_t K = kOne ? 1 : p.K;
   const int64_t nc = (p.RE + 3) / 4;
   const int64_t stride = gdim_x() * bdim_x();
   VF_NO_UNROLL
@@ -241,7 +248,7 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) sample_bwd_kernel(const VF_GRID_CONST SP
     const int valid = p.RE - m0 < 4 ? static_cast<int>(p.RE - m0) : 4;
     int64_t row[4];
     VF_UNROLL
-    for (int e = 0; e < 4; ++e) row[e] = e < valid ? fdiv(p.e_div, m0 + e) : 0;
+    for (int e = 0; e < 4; ++e) row[e] = need_row && e < valid ? fdiv(p.e_div, m0 + e) : 0;
     A mu[4], lv[4];
     load_logical4(p, p.mu, p.mu_rs, m0, 0, need_mu ? valid : 0, mu);
     load_logical4(p, p.lv, p.lv_rs, m0, 0, need_lv ? valid : 0, lv);
@@ -249,10 +256,19 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) sample_bwd_kernel(const VF_GRID_CONST SP
     clamp_lv4(p, lv, keep);
     // sums over k: g, g * eps (grad_z); grad_log_q, or (path) its terms of dmu and dlogvar in
     // sgq and plv
-    CSum<A> sg[4], sge[4], sgq[4], plv[4];
+    Acc sg[4], sge[4], sgq[4], plv[4];
     VF_NO_UNROLL
-    for (int64_t k = 0; k < p.K; ++k) {
+    for (int64_t k = 0; k < K; ++k) {
       const int64_t base = k * p.RE + m0;
+      // the loads first, then the draw that hides their latency
+      A g[4] = {A(0), A(0), A(0), A(0)}, gq[4] = {A(0), A(0), A(0), A(0)};
+      if (p.gz) Mem<A>::load4(p.gz, p.dt, base, 1, 0, valid, g);
+      if (p.gq) {
+        const A* gqk = static_cast<const A*>(p.gq) + k * p.R;
+        VF_UNROLL
+        for (int e = 0; e < 4; ++e)
+          if (e < valid) gq[e] = ldg(gqk + row[e]);
+      }
       float n0[4] = {0.0f, 0.0f, 0.0f, 0.0f}, n1[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       const int sh = static_cast<int>(base & 3);
       if (need_eps) {
@@ -261,8 +277,6 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) sample_bwd_kernel(const VF_GRID_CONST SP
         if (sh + valid > 4) normals4(seed, b0 + 1, n1);
       }
       if (p.gz) {
-        A g[4];
-        Mem<A>::load4(p.gz, p.dt, base, 1, 0, valid, g);
         VF_UNROLL
         for (int e = 0; e < 4; ++e) {
           sg[e].add(g[e]);
@@ -270,18 +284,16 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) sample_bwd_kernel(const VF_GRID_CONST SP
         }
       }
       if (p.gq) {
-        const A* gq = static_cast<const A*>(p.gq) + k * p.R;
         VF_UNROLL
         for (int e = 0; e < 4; ++e) {
           if (e >= valid) continue;
-          const A gqe = ldg(gq + row[e]);
           if (path) {
             A dmu, dlv;
-            elbo::log_q_path_grad(gqe, static_cast<A>(pick8(n0, n1, sh + e)), lv[e], dmu, dlv);
+            elbo::log_q_path_grad(gq[e], static_cast<A>(pick8(n0, n1, sh + e)), lv[e], dmu, dlv);
             sgq[e].add(dmu);
             plv[e].add(dlv);
           } else {
-            sgq[e].add(gqe);
+            sgq[e].add(gq[e]);
           }
         }
       }
@@ -289,10 +301,10 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 1) sample_bwd_kernel(const VF_GRID_CONST SP
     A dmu[4], dlv[4];
     VF_UNROLL
     for (int e = 0; e < 4; ++e) {
-      CSum<A> m = sg[e], l;
+      CSum<A> m = as_csum(sg[e]), l;
       if (path) {
-        m.merge(sgq[e]);
-        l = plv[e];
+        m.merge(as_csum(sgq[e]));
+        l = as_csum(plv[e]);
       } else {
         l.add(sgq[e].value() * static_cast<A>(elbo::kLogQDlogvar));
       }
@@ -395,9 +407,11 @@ cudaError_t launch_sample_backward(const SampleArgs& args, cudaStream_t stream) 
   if ((!p.gmu && !p.glv) || p.RE == 0) return cudaSuccess;
   const int64_t nc = (p.RE + 3) / 4;
   const int64_t grid = flat_grid(nc, 256);
-  return p.dt == DType::Float64
-             ? launch_kernel(&sample_bwd_kernel<double>, grid, 256, stream, p)
-             : launch_kernel(&sample_bwd_kernel<float>, grid, 256, stream, p);
+  if (p.dt == DType::Float64)
+    return p.K == 1 ? launch_kernel(&sample_bwd_kernel<double, true>, grid, 256, stream, p)
+                    : launch_kernel(&sample_bwd_kernel<double, false>, grid, 256, stream, p);
+  return p.K == 1 ? launch_kernel(&sample_bwd_kernel<float, true>, grid, 256, stream, p)
+                  : launch_kernel(&sample_bwd_kernel<float, false>, grid, 256, stream, p);
 }
 
 }  // namespace vae_fast::cuda

@@ -996,7 +996,7 @@ double host_eps(uint64_t seed, uint64_t i) {
     return static_cast<double>(static_cast<float>(w) * 2.3283064365386963e-10f + 1.1641532182693481e-10f);
   };
   const double r = std::sqrt(-2.0 * std::log(u(x[2 * pair])));
-  const double t = static_cast<double>(6.283185307179586f * static_cast<float>(u(x[2 * pair + 1])));
+  const double t = 6.283185307179586476925 * u(x[2 * pair + 1]);  // 2 pi u, unrounded (sincospi(2u))
   return lane % 2 == 0 ? r * std::cos(t) : r * std::sin(t);
 }
 
@@ -1276,6 +1276,11 @@ void sample_tests() {
   sample_bwd_case(F, 5, 13, 3, 99, true, true, true, true, false);
   for (DType dt : {B, H, D}) sample_bwd_case(dt, 4, 9, 2, big_seed, true, true, true, true, true);
   for (int64_t E : {1, 2, 3, 6}) sample_bwd_case(F, 5, E, 3, 1234, true, true, true, true, true);
+  // K = 1: the backward's own instance (single terms, no compensated sums), every gradient mix.
+  for (int mask = 0; mask < 8; ++mask) {
+    sample_bwd_case(F, 5, 13, 1, 99, mask & 1, mask & 2, mask & 4, true, true);
+    sample_bwd_case(D, 3, 7, 1, 99, mask & 1, mask & 2, mask & 4, true, mask & 1);
+  }
   // Strided mu/logvar (halves of a (R, 2E) encoder output), seed by value, log_q path only.
   SampleOpts strided, by_value, path, all3;
   strided.strided = true;
