@@ -21,7 +21,11 @@
 //  * map_kernel (forward elementwise mode; backward when no output accumulates): one thread per
 //    4-element chunk of the coalesced element space; map_vec_kernel its fast path (the same
 //    conditions; outputs of any dtype with stride 1), 16-byte chunks loaded and stored whole.
-//  * acc_kernel (backward with accumulated, i.e. broadcast, gradients): one group per "unit".
+//  * bcast_vec_kernel (backward with accumulated, i.e. broadcast, gradients; the fast path): one
+//    pass, the broadcast dim innermost, per-thread register sums over a fixed segment of it (see
+//    there). Taken when every accumulated output is broadcast along the same row dims and kept
+//    along the event, and the inputs meet map_vec_kernel's conditions.
+//  * acc_kernel (the general backward with accumulated gradients): one group per "unit".
 //    Row-block mode: a unit is the glue's row block b (rows [b*rows/n, (b+1)*rows/n)), reduced by
 //    one group, rows in order, into slice b. Each lane owns fixed event chunks; per output it keeps
 //    a register partial for the current target and adds it into the slice when the target
