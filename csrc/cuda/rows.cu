@@ -411,6 +411,46 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) map_kernel(const VF_GRID_CONST KParams p
   }
 }
 
+// One fast-path chunk (map_vec_kernel, bcast_vec_kernel): elements [j0, j0 + W) of row rr of
+// every stride-1 input (storage type DT; one 16- or 8-byte load where the chunk is full and
+// aligned, else per element: the same values) and the row's value of every stride-0 input, all
+// loaded before any arithmetic; then the op per element, on clamped inputs, with torch.clamp's
+// gradient mask in a backward op. y: every output's W values (those past `valid` are not data).
+template <class D, class R, DType DT, int W>
+VF_DEV void vec_chunk(const KParams& p, Row2 rr, int64_t j0, int valid, float (&y)[D::kOut][W]) {
+  constexpr int NI = D::kIn, NO = D::kOut;
+  R raw[NI][W];
+  float sc[NI];
+  VF_UNROLL
+  for (int o = 0; o < NI; ++o) {
+    sc[o] = 0.0f;
+    if (p.op[o].inner == 0) {
+      sc[o] = Mem<float>::load1(p.op[o].data, p.op[o].dtype, off2(p.op[o], rr));
+      continue;
+    }
+    const R* q = static_cast<const R*>(p.op[o].data) + (off2(p.op[o], rr) + j0);
+    load_raw(q, valid == W && aligned<W * sizeof(R)>(q), valid, raw[o]);
+  }
+  VF_UNROLL
+  for (int e = 0; e < W; ++e) {
+    float x[NI], r[NO];
+    bool keep[NI];
+    VF_UNROLL
+    for (int o = 0; o < NI; ++o) {
+      x[o] = p.op[o].inner == 0 ? sc[o] : Stor<DT>::get(raw[o][e]);
+      keep[o] = p.op[o].clamp ? clamp_keep(x[o], p.op[o].flo, p.op[o].fhi) : true;
+    }
+    D::apply(x, r);
+    if constexpr (D::kBackward) {  // gradient out[j - 1] of a clamped input in[j]: torch.clamp's mask
+      VF_UNROLL
+      for (int j = 1; j < NI; ++j)
+        if (j - 1 < NO && !keep[j]) r[j - 1] = 0.0f;
+    }
+    VF_UNROLL
+    for (int o = 0; o < NO; ++o) y[o][e] = r[o];
+  }
+}
+
 // The fast path of map_kernel: every input read with inner stride 1 (storage type DT) or 0 (one
 // value per line, any dtype), every output written with inner stride 1 (any dtype); chunks of one
 // 16-byte input vector of a line (p.cpi = ceil(inner / kVec<R>)), each input's chunk loaded
@@ -433,37 +473,8 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, kMapVecMinBlocks<K>) map_vec_kernel(const V
     const int64_t j0 = (c - row * p.cpi) * W;
     const int valid = p.inner - j0 < W ? static_cast<int>(p.inner - j0) : W;
     const Row2 rr = row2(p, row);
-    R raw[NI][W];
-    float sc[NI];
-    VF_UNROLL
-    for (int o = 0; o < NI; ++o) {
-      sc[o] = 0.0f;
-      if (p.op[o].inner == 0) {
-        sc[o] = Mem<float>::load1(p.op[o].data, p.op[o].dtype, off2(p.op[o], rr));
-        continue;
-      }
-      const R* q = static_cast<const R*>(p.op[o].data) + (off2(p.op[o], rr) + j0);
-      load_raw(q, valid == W && aligned<16>(q), valid, raw[o]);
-    }
     float y[NO][W];
-    VF_UNROLL
-    for (int e = 0; e < W; ++e) {
-      float x[NI], r[NO];
-      bool keep[NI];
-      VF_UNROLL
-      for (int o = 0; o < NI; ++o) {
-        x[o] = p.op[o].inner == 0 ? sc[o] : Stor<DT>::get(raw[o][e]);
-        keep[o] = p.op[o].clamp ? clamp_keep(x[o], p.op[o].flo, p.op[o].fhi) : true;
-      }
-      D::apply(x, r);
-      if constexpr (D::kBackward) {  // gradient out[j - 1] of a clamped input in[j]: torch.clamp's mask
-        VF_UNROLL
-        for (int j = 1; j < NI; ++j)
-          if (j - 1 < NO && !keep[j]) r[j - 1] = 0.0f;
-      }
-      VF_UNROLL
-      for (int o = 0; o < NO; ++o) y[o][e] = r[o];
-    }
+    vec_chunk<D, R, DT, W>(p, rr, j0, valid, y);
     VF_UNROLL
     for (int o = 0; o < NO; ++o) {
       const KOp& q = p.op[NI + o];
@@ -508,35 +519,8 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) bcast_vec_kernel(const VF_GRID_CONST KPa
     VF_NO_UNROLL
     for (int64_t q = q0; q < q1; ++q) {
       const Row2 rr{q, r};
-      R raw[NI][W];
-      float sc[NI];
-      VF_UNROLL
-      for (int o = 0; o < NI; ++o) {
-        sc[o] = 0.0f;
-        if (p.op[o].inner == 0) {
-          sc[o] = Mem<float>::load1(p.op[o].data, p.op[o].dtype, off2(p.op[o], rr));
-          continue;
-        }
-        const R* src = static_cast<const R*>(p.op[o].data) + (off2(p.op[o], rr) + j0);
-        load_raw(src, valid == W && aligned<W * sizeof(R)>(src), valid, raw[o]);
-      }
       float y[NO][W];
-      VF_UNROLL
-      for (int e = 0; e < W; ++e) {
-        float x[NI], res[NO];
-        bool keep[NI];
-        VF_UNROLL
-        for (int o = 0; o < NI; ++o) {
-          x[o] = p.op[o].inner == 0 ? sc[o] : Stor<DT>::get(raw[o][e]);
-          keep[o] = p.op[o].clamp ? clamp_keep(x[o], p.op[o].flo, p.op[o].fhi) : true;
-        }
-        D::apply(x, res);
-        VF_UNROLL
-        for (int j = 1; j < NI; ++j)  // gradient out[j - 1] of a clamped input in[j]: torch.clamp's mask
-          if (j - 1 < NO && !keep[j]) res[j - 1] = 0.0f;
-        VF_UNROLL
-        for (int o = 0; o < NO; ++o) y[o][e] = res[o];
-      }
+      vec_chunk<D, R, DT, W>(p, rr, j0, valid, y);
       VF_UNROLL
       for (int o = 0; o < NO; ++o) {
         const KOp& out = p.op[NI + o];
