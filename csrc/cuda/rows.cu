@@ -483,6 +483,58 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, kMapVecMinBlocks<K>) map_vec_kernel(const V
   }
 }
 
+// The backward whose accumulated outputs are all one value (a scalar log-variance's gradient,
+// summed over every element), on map_vec_kernel's fast path: block b of a grid of exactly
+// n_blocks takes the fixed unit range [split_point(b), split_point(b + 1)) of (row, chunk) units,
+// writes the full-size gradients, and sums the scalar ones per thread in order, then in a fixed
+// block-wide butterfly into slice b (the glue sums the slices in order). The ranges depend on the
+// shape and n_blocks only (suggest_n_blocks: from the shape), so results are bitwise the same on
+// every GPU. At most 2 accumulated outputs. 2 blocks of 256 per SM: at map_vec_kernel's 3 or 4, the
+// 16-bit instances spill.
+template <OpKind K, DType DT>
+VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) scalar_acc_vec_kernel(const VF_GRID_CONST KParams p) {
+  using D = RowOp<K>;
+  using R = typename Stor<DT>::raw;
+  constexpr int NI = D::kIn, NO = D::kOut, W = kVec<R>;
+  VF_SHARED_ARRAY(SumPair<float>, smem, 32);
+  const int64_t u0 = split_point(p.usplit, bid_x()), u1 = split_point(p.usplit, bid_x() + 1);
+  CSum<float> acc0, acc1;
+  VF_NO_UNROLL
+  for (int64_t c = u0 + tid_x(); c < u1; c += bdim_x()) {
+    const int64_t row = fdiv(p.cdiv, c);
+    const int64_t j0 = (c - row * p.cpi) * W;
+    const int valid = p.inner - j0 < W ? static_cast<int>(p.inner - j0) : W;
+    const Row2 rr = row2(p, row);
+    float y[NO][W];
+    vec_chunk<D, R, DT, W>(p, rr, j0, valid, y);
+    VF_UNROLL
+    for (int o = 0; o < NO; ++o) {
+      const KOp& out = p.op[NI + o];
+      if (out.cls == kDirect) {
+        store_chunk(out.data, out.dtype, off2(out, rr) + j0, valid, y[o]);
+      } else if (out.cls == kAccElem) {
+        VF_UNROLL
+        for (int e = 0; e < W; ++e) {
+          if (e >= valid) continue;
+          if (out.slot == 0) {
+            acc0.add(y[o][e]);
+          } else {
+            acc1.add(y[o][e]);
+          }
+        }
+      }
+    }
+  }
+  const ThreadGroup g(bdim_x());  // the whole block
+  VF_UNROLL
+  for (int o = 0; o < NO; ++o) {
+    const KOp& out = p.op[NI + o];
+    if (out.cls != kAccElem) continue;  // uniform: every thread calls g.sum alike
+    const float total = g.sum(out.slot == 0 ? acc0 : acc1, smem);
+    if (tid_x() == 0) st(static_cast<float*>(out.data) + bid_x() * out.block_stride, total);
+  }
+}
+
 // ---- backward with accumulated outputs, fast path ----------------------------------------------
 // bcast_vec_kernel: map_vec_kernel's conditions (one event dim, inputs of inner stride 0 or 1 and
 // one storage dtype, written outputs of inner stride 1), every accumulated output kept along the
@@ -1006,7 +1058,71 @@ cudaError_t launch_bcast(KParams& p, int vdt, int64_t reduced, int64_t n_seg, cu
   }
 }
 
-// RowLayout::n_blocks for the fast path of op K's backward, or 0 where it does not apply.
+// The fast path of the backward whose accumulated outputs are all scalars (scalar_acc_vec_kernel),
+// or false: fills p as launch_map's fast path would (every dim coalesced, the last the event) and
+// vdt.
+template <OpKind K>
+bool plan_scalar_acc(const RowArgs& a, const Plan& pl, KParams& p, int& vdt) {
+  using D = RowOp<K>;
+  const int nin = D::kIn, nout = D::kOut, nops = nin + nout;
+  if constexpr (!D::kBackward) {
+    return false;
+  } else {
+    set_ops(p, a, pl);
+    int n_acc = 0;
+    bool act[kMaxOps] = {};
+    for (int o = 0; o < nin; ++o) act[o] = true;
+    for (int o = 0; o < nout; ++o) {
+      if (!pl.active[nin + o]) continue;
+      KOp& q = p.op[nin + o];
+      if (!a.out[o].accumulate) {
+        q.cls = kDirect;
+        act[nin + o] = true;
+        continue;
+      }
+      for (const Dims* g : {&pl.rows, &pl.ev})
+        for (const HDim& d : *g)
+          if (d.size > 1 && d.st[nin + o] != 0) return false;  // not one value
+      if (n_acc == kBcastMaxAcc) return false;
+      q.cls = kAccElem;
+      q.slot = n_acc++;
+    }
+    if (n_acc == 0) return false;
+    Dims all = pl.rows;
+    all.insert(all.end(), pl.ev.begin(), pl.ev.end());
+    const Dims c = coalesce(all, act, nops);
+    if (c.empty()) return false;
+    const Dims rows(c.begin(), c.end() - 1), ev(1, c.back());
+    if (!set_geometry(p, rows, ev, nops)) return false;
+    vdt = vec_dtype(p, nin, nops, true);
+    if (vdt < 0) return false;
+    set_vec_geometry(p, vdt, nops);
+    return true;
+  }
+}
+
+// Blocks of scalar_acc_vec_kernel: about 8 units per thread, at most 2048 (a few waves of a large
+// GPU, and a slice sum the glue does not notice). A function of the shape only.
+int64_t scalar_acc_blocks(int64_t units) {
+  return std::clamp<int64_t>((units + 256 * 8 - 1) / (256 * 8), 1, 2048);
+}
+
+template <OpKind K>
+cudaError_t launch_scalar_acc(KParams& p, int vdt, int64_t n_blocks, cudaStream_t stream) {
+  const int64_t units = p.rows * p.cpi;
+  if (!make_split(units, n_blocks, p.usplit)) return cudaErrorInvalidValue;
+  switch (vdt) {  // exactly n_blocks blocks: each owns its unit range
+    case static_cast<int>(DType::Float32):
+      return launch_kernel(&scalar_acc_vec_kernel<K, DType::Float32>, n_blocks, 256, stream, p);
+    case static_cast<int>(DType::Float16):
+      return launch_kernel(&scalar_acc_vec_kernel<K, DType::Float16>, n_blocks, 256, stream, p);
+    case static_cast<int>(DType::BFloat16):
+      return launch_kernel(&scalar_acc_vec_kernel<K, DType::BFloat16>, n_blocks, 256, stream, p);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+// RowLayout::n_blocks for the fast paths of op K's backward, or 0 where neither applies.
 template <OpKind K>
 int64_t bcast_blocks(const RowArgs& a) {
   using D = RowOp<K>;
@@ -1015,8 +1131,10 @@ int64_t bcast_blocks(const RowArgs& a) {
   KParams p;
   int vdt = -1;
   int64_t reduced = 0;
-  if (!plan_bcast<K>(a, pl, p, vdt, reduced)) return 0;
-  return bcast_segments(reduced, p.vdiv.d * p.cpi);
+  if (plan_bcast<K>(a, pl, p, vdt, reduced)) return bcast_segments(reduced, p.vdiv.d * p.cpi);
+  KParams ps;
+  if (plan_scalar_acc<K>(a, pl, ps, vdt)) return scalar_acc_blocks(ps.rows * ps.cpi);
+  return 0;
 }
 
 template <OpKind K, class A>
@@ -1084,6 +1202,8 @@ cudaError_t run_backward(const RowArgs& a, const Plan& pl, cudaStream_t stream) 
       int vdt = -1;
       int64_t reduced = 0;
       if (plan_bcast<K>(a, pl, p, vdt, reduced)) return launch_bcast<K>(p, vdt, reduced, L.n_blocks, stream);
+      KParams ps;
+      if (plan_scalar_acc<K>(a, pl, ps, vdt)) return launch_scalar_acc<K>(ps, vdt, L.n_blocks, stream);
     }
   }
 

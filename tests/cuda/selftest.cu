@@ -951,6 +951,34 @@ void row_tests() {
       c.suggested = true;
       fast.push_back({c.name, c, 40 / 16});
     }
+    // A scalar log-variance (its gradient summed over every element): scalar_acc_vec_kernel, a
+    // fixed block count from the shape (about 8 chunks per thread, suggested) or forced.
+    {
+      RowCase c{"fast scalar acc gauss mean (K,B,D) vs x (B,D), scalar logvar f32", OpKind::GaussLpFwd,
+                OpKind::GaussLpBwd, {3, 40, 37}, 1,
+                {arg({1, 40, 37}, kNormal), arg({3, 40, 37}, kMu), arg({1, 1, 1}, kLv)}, 1};
+      c.args[0].grad = false;
+      c.suggested = true;
+      fast.push_back({c.name, c, 1});  // 3 * 40 * 10 chunks: one block
+      RowCase b = c;
+      b.name = "fast scalar acc gauss bf16, misaligned, 2048 blocks";
+      b.full = {8, 300, 45};
+      b.args = {arg({1, 300, 45}, kNormal, B), arg({8, 300, 45}, kMu, B), arg({1, 1, 1}, kLv, B)};
+      b.args[0].grad = false;
+      b.args[1].pad = 5;
+      fast.push_back({b.name, b, 8});  // 8 * 300 * 6 chunks of 8, 2048 per block
+      b.suggested = false;
+      b.n_blocks = 9;
+      b.name = "fast scalar acc gauss bf16, 9 forced blocks";
+      fast.push_back({b.name, b, 0});
+      RowCase k{"fast scalar acc klstd, scalar logvar clamped, f16", OpKind::KlStdFwd, OpKind::KlStdBwd, {64, 50}, 1,
+                {arg({64, 50}, kMu, H), arg({1, 1}, kLv)}, 1};
+      k.args[1].clamp = true;
+      k.args[1].lo = -1.0;
+      k.args[1].hi = 0.5;
+      k.suggested = true;
+      fast.push_back({k.name, k, 1});
+    }
     for (Fast& f : fast) {
       const auto seed = g_rng();
       g_rng.seed(seed);
@@ -1554,30 +1582,42 @@ int main(int argc, char** argv) {
   row_tests();
   sample_tests();
   {
-    // The general path's row blocks: KlStdBwd over (rows, 784), its logvar one value (scalar) or one
-    // per row, so its gradient is reduced over the event too (no fast path). Host planning only.
+    // The general path's row blocks: KlStdBwd over (rows, 784) in float64 (no fast path), its logvar
+    // one value (scalar) or one per row, so its gradient is reduced over the event too. Host
+    // planning only.
     static float dummy[4];
-    auto kl_args = [](int64_t rows, bool per_row) {
+    auto kl_args = [](int64_t rows, bool per_row, DType dt) {
       RowArgs ra;
       ra.layout.n_row_dims = ra.layout.n_event_dims = 1;
       ra.layout.row_sizes[0] = ra.layout.rows = rows;
       ra.layout.event_sizes[0] = ra.layout.event_numel = 784;
-      for (int i = 0; i < 3; ++i) ra.in[i].data = dummy;
+      for (int i = 0; i < 3; ++i) {
+        ra.in[i].data = dummy;
+        ra.in[i].dtype = dt;
+      }
       ra.in[0].row_strides[0] = 1;                                 // g: one per row
       ra.in[1].row_strides[0] = ra.out[0].row_strides[0] = 784;  // mu and its gradient
       ra.in[1].event_strides[0] = ra.out[0].event_strides[0] = 1;
       ra.out[0].data = dummy;
+      ra.out[0].dtype = dt;
       ra.in[2].row_strides[0] = ra.out[1].row_strides[0] = per_row ? 1 : 0;
       ra.out[1].accumulate = true;
+      ra.out[1].dtype = dt;
       return ra;
     };
-    const int64_t a = vc::suggest_n_blocks(0, OpKind::KlStdBwd, kl_args(4096, false), 1);
-    const int64_t b = vc::suggest_n_blocks(0, OpKind::KlStdBwd, kl_args(4096, true), 4096);
-    const int64_t c = vc::suggest_n_blocks(0, OpKind::KlStdBwd, kl_args(1, false), 1);
+    const DType F64 = DType::Float64, F32 = DType::Float32;
+    const int64_t a = vc::suggest_n_blocks(0, OpKind::KlStdBwd, kl_args(4096, false, F64), 1);
+    const int64_t b = vc::suggest_n_blocks(0, OpKind::KlStdBwd, kl_args(4096, true, F64), 4096);
+    const int64_t c = vc::suggest_n_blocks(0, OpKind::KlStdBwd, kl_args(1, false, F64), 1);
     report(a > 1 && a <= 4096 && b == 1 && c == 1, "suggest_n_blocks");
+    // float32 with a scalar logvar: the scalar-accumulation fast path, blocks from the shape alone
+    const int64_t s0 = vc::suggest_n_blocks(0, OpKind::KlStdBwd, kl_args(4096, false, F32), 1);
+    const int64_t s1 = vc::suggest_n_blocks(1, OpKind::KlStdBwd, kl_args(4096, false, F32), 1);
+    report(s0 == (4096 * 196 + 2047) / 2048 && s1 == s0, "suggest_n_blocks: scalar fast path from the shape only",
+           std::to_string(s0) + " " + std::to_string(s1));
 #if defined(VF_EMULATE)
     // emulated devices 0 and 1 have 2 and 8 SMs: the count is the named device's, not the current one's
-    const int64_t d1 = vc::suggest_n_blocks(1, OpKind::KlStdBwd, kl_args(4096, false), 1);
+    const int64_t d1 = vc::suggest_n_blocks(1, OpKind::KlStdBwd, kl_args(4096, false, F64), 1);
     report(a == 2 * 32 && d1 == 8 * 32, "suggest_n_blocks uses the named device's SM count",
            std::to_string(a) + " " + std::to_string(d1));
 #endif
