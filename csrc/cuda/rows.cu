@@ -483,6 +483,21 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, kMapVecMinBlocks<K>) map_vec_kernel(const V
   }
 }
 
+// The fast backward kernels' chunk epilogue: stores the written (kDirect) outputs' values and
+// hands each accumulated output's to add(slot, values).
+template <class D, int W, class Add>
+VF_DEV void store_or_add(const KParams& p, Row2 rr, int64_t j0, int valid, const float (&y)[D::kOut][W], Add add) {
+  VF_UNROLL
+  for (int o = 0; o < D::kOut; ++o) {
+    const KOp& out = p.op[D::kIn + o];
+    if (out.cls == kDirect) {
+      store_chunk(out.data, out.dtype, off2(out, rr) + j0, valid, y[o]);
+    } else if (out.cls == kAccElem) {
+      add(out.slot, y[o]);
+    }
+  }
+}
+
 // The backward whose accumulated outputs are all one value (a scalar log-variance's gradient,
 // summed over every element), on map_vec_kernel's fast path: block b of a grid of exactly
 // n_blocks takes the fixed unit range [split_point(b), split_point(b + 1)) of (row, chunk) units,
@@ -507,23 +522,17 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) scalar_acc_vec_kernel(const VF_GRID_CONS
     const Row2 rr = row2(p, row);
     float y[NO][W];
     vec_chunk<D, R, DT, W>(p, rr, j0, valid, y);
-    VF_UNROLL
-    for (int o = 0; o < NO; ++o) {
-      const KOp& out = p.op[NI + o];
-      if (out.cls == kDirect) {
-        store_chunk(out.data, out.dtype, off2(out, rr) + j0, valid, y[o]);
-      } else if (out.cls == kAccElem) {
-        VF_UNROLL
-        for (int e = 0; e < W; ++e) {
-          if (e >= valid) continue;
-          if (out.slot == 0) {
-            acc0.add(y[o][e]);
-          } else {
-            acc1.add(y[o][e]);
-          }
+    store_or_add<D, W>(p, rr, j0, valid, y, [&](int slot, const float (&v)[W]) {
+      VF_UNROLL
+      for (int e = 0; e < W; ++e) {
+        if (e >= valid) continue;
+        if (slot == 0) {
+          acc0.add(v[e]);
+        } else {
+          acc1.add(v[e]);
         }
       }
-    }
+    });
   }
   const ThreadGroup g(bdim_x());  // the whole block
   VF_UNROLL
@@ -573,22 +582,16 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) bcast_vec_kernel(const VF_GRID_CONST KPa
       const Row2 rr{q, r};
       float y[NO][W];
       vec_chunk<D, R, DT, W>(p, rr, j0, valid, y);
-      VF_UNROLL
-      for (int o = 0; o < NO; ++o) {
-        const KOp& out = p.op[NI + o];
-        if (out.cls == kDirect) {
-          store_chunk(out.data, out.dtype, off2(out, rr) + j0, valid, y[o]);
-        } else if (out.cls == kAccElem) {
-          VF_UNROLL
-          for (int e = 0; e < W; ++e) {
-            if (out.slot == 0) {
-              acc0[e].add(y[o][e]);
-            } else {
-              acc1[e].add(y[o][e]);
-            }
+      store_or_add<D, W>(p, rr, j0, valid, y, [&](int slot, const float (&v)[W]) {
+        VF_UNROLL
+        for (int e = 0; e < W; ++e) {
+          if (slot == 0) {
+            acc0[e].add(v[e]);
+          } else {
+            acc1[e].add(v[e]);
           }
         }
-      }
+      });
     }
     VF_UNROLL
     for (int o = 0; o < NO; ++o) {
