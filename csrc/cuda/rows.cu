@@ -77,6 +77,7 @@ struct KOp {
   double clo = 0.0, chi = 0.0;
   float flo = 0.0f, fhi = 0.0f;         // the same bounds in float (the float kernels' type)
   int64_t vr0 = 0, vr1 = 0;             // the fast paths: strides over the (at most 2) row dims
+  int64_t vr2 = 0;                      // bcast_vec_kernel: stride over a second reduced dim
   int32_t slot = 0;                     // bcast_vec_kernel: the accumulator set of a kAccElem output
 };
 
@@ -101,6 +102,7 @@ struct KParams {
   void* part = nullptr;
   int32_t out_op = 0;  // segment_sum_kernel: the output's op index
   FastDiv vdiv;        // the fast paths: by the size of the inner row dim (see Row2)
+  FastDiv qdiv;        // bcast_vec_kernel: by the size of the inner reduced dim (1 if one)
   KOp op[kMaxOps];
 };
 
@@ -158,14 +160,15 @@ VF_DEV void apply4(const A (&v)[D::kIn][4], A (&y)[D::kOut][4]) {
 
 // Row coordinates on the fast paths (at most 2 row dims): row = q * vdiv.d + r. An op's offsets
 // are recomputed from them where needed (KOp::vr0, vr1), not held in registers for every op.
+// bcast_vec_kernel's reduced index may span two dims: q and q2 (KOp::vr2), else q2 = 0.
 struct Row2 {
-  int64_t q, r;
+  int64_t q, r, q2 = 0;
 };
 VF_DEV Row2 row2(const KParams& p, int64_t row) {
   const int64_t q = fdiv(p.vdiv, row);
   return {q, row - q * p.vdiv.d};
 }
-VF_DEV int64_t off2(const KOp& o, Row2 rr) { return rr.q * o.vr0 + rr.r * o.vr1; }
+VF_DEV int64_t off2(const KOp& o, Row2 rr) { return rr.q * o.vr0 + rr.r * o.vr1 + rr.q2 * o.vr2; }
 
 // ---- forward, reduce mode --------------------------------------------------------------------
 // Blocks of at most 256 threads; float kernels held to 64 registers (4 blocks of 256 per SM).
@@ -548,8 +551,9 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) scalar_acc_vec_kernel(const VF_GRID_CONS
 // bcast_vec_kernel: map_vec_kernel's conditions (one event dim, inputs of inner stride 0 or 1 and
 // one storage dtype, written outputs of inner stride 1), every accumulated output kept along the
 // event (inner stride 1) and along one "kept" row dim (coordinate Row2::r, of size I = vdiv.d),
-// broadcast along one "reduced" row dim (Row2::q, of size O; the glue's (K, B, D) samples against
-// (B, D) data: q = k). The reduced dim is cut into n_units / (I * cpi) fixed segments (usplit); a
+// broadcast along the "reduced" row dims (one or two: Row2::q and q2, O rows in all; the glue's
+// (K, B, D) samples against (B, D) data: q = k; a per-feature (D,) argument against (K, B, D):
+// (q, q2) = (k, b)). The reduced rows are cut into n_units / (I * cpi) fixed segments (usplit); a
 // thread owns one (segment, r, chunk) and walks the segment's rows q in order, the reduced dim
 // innermost: per row it loads every input's vector, writes the full-size gradients and adds the
 // accumulated ones into compensated register sums, so the broadcast data is read once per
@@ -579,7 +583,8 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) bcast_vec_kernel(const VF_GRID_CONST KPa
     CSum<float> acc0[W], acc1[W];
     VF_NO_UNROLL
     for (int64_t q = q0; q < q1; ++q) {
-      const Row2 rr{q, r};
+      const int64_t qa = fdiv(p.qdiv, q);
+      const Row2 rr{qa, r, q - qa * p.qdiv.d};
       float y[NO][W];
       vec_chunk<D, R, DT, W>(p, rr, j0, valid, y);
       store_or_add<D, W>(p, rr, j0, valid, y, [&](int slot, const float (&v)[W]) {
@@ -861,11 +866,11 @@ int event_pattern(const Dims& ev, int oi) {
 }
 
 // The storage dtype of the fast paths for p (after set_geometry), or -1 for the general path: one
-// event dim (ne == 0) of at least one vector, at most 2 row dims; every input's inner stride 0 or 1, the stride-1
-// ones all float32, all float16 or all bfloat16 (at least one of them); with `outputs`, every
-// written (kDirect) output's inner stride 1.
-int vec_dtype(const KParams& p, int nin, int nops, bool outputs) {
-  if (p.ne != 0 || p.nr > 2) return -1;
+// event dim (ne == 0) of at least one vector, at most 2 row dims (vec_dtype), every input's inner
+// stride 0 or 1, the stride-1 ones all float32, all float16 or all bfloat16 (at least one of them);
+// with `outputs`, every written (kDirect) output's inner stride 1 (vec_dtype_of_ops: the operands'
+// conditions alone).
+int vec_dtype_of_ops(const KParams& p, int nin, int nops, bool outputs) {
   int dt = -1;
   for (int o = 0; o < nin; ++o) {
     const KOp& q = p.op[o];
@@ -879,6 +884,10 @@ int vec_dtype(const KParams& p, int nin, int nops, bool outputs) {
       if (p.op[o].cls == kDirect && p.op[o].inner != 1) return -1;
   const int w = dt == static_cast<int>(DType::Float32) ? kVec<float> : kVec<unsigned short>;
   return dt >= 0 && p.inner >= w ? dt : -1;
+}
+
+int vec_dtype(const KParams& p, int nin, int nops, bool outputs) {
+  return p.ne != 0 || p.nr > 2 ? -1 : vec_dtype_of_ops(p, nin, nops, outputs);
 }
 
 // Chunks of one 16-byte vector of a stride-1 input of dtype vdt, the row dims as Row2 (the fast
@@ -1014,24 +1023,29 @@ bool plan_bcast(const RowArgs& a, const Plan& pl, KParams& p, int& vdt, int64_t&
     red = coalesce(red, pl.active, nops);
     kept = coalesce(kept, pl.active, nops);
     const Dims ev = coalesce(pl.ev, pl.active, nops);
-    if (red.size() != 1 || kept.size() > 1 || ev.size() != 1) return false;
+    // reduced dims (at most 2: the K samples and the batch against a per-feature argument), then
+    // the kept one
+    if (red.empty() || red.size() > 2 || kept.size() > 1 || ev.size() != 1) return false;
+    const int n_red = static_cast<int>(red.size());
     Dims rows = red;
     rows.insert(rows.end(), kept.begin(), kept.end());
-    if (!set_geometry(p, rows, ev, nops)) return false;
-    vdt = vec_dtype(p, nin, nops, true);
+    if (!set_geometry(p, rows, ev, nops) || p.ne != 0) return false;
+    vdt = vec_dtype_of_ops(p, nin, nops, true);
     if (vdt < 0) return false;
     for (int o = nin; o < nops; ++o)
       if (p.op[o].cls == kAccElem && p.op[o].inner != 1) return false;
     const int64_t n_kept = kept.empty() ? 1 : kept[0].size;
     p.vdiv = make_fastdiv(n_kept);
+    p.qdiv = make_fastdiv(n_red == 2 ? red[1].size : 1);
     for (int o = 0; o < nops; ++o) {
       p.op[o].vr0 = p.op[o].rs[0];
-      p.op[o].vr1 = kept.empty() ? 0 : p.op[o].rs[1];
+      p.op[o].vr2 = n_red == 2 ? p.op[o].rs[1] : 0;
+      p.op[o].vr1 = kept.empty() ? 0 : p.op[o].rs[n_red];
     }
     p.cpi = (p.inner + kBcastVec - 1) / kBcastVec;
     p.n_chunks = p.cpi;
     p.cdiv = make_fastdiv(p.cpi);
-    reduced = red[0].size;
+    reduced = numel(red);
     return true;
   }
 }

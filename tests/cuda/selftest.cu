@@ -951,6 +951,21 @@ void row_tests() {
       c.suggested = true;
       fast.push_back({c.name, c, 40 / 16});
     }
+    // Two reduced dims: a per-feature log-variance (1, 1, D) against the (K, B, D) mean and (B, D)
+    // data (the data's strides keep K and B apart); also with the reduced dims in the other order.
+    {
+      RowCase c{"fast bcast two reduced dims: gauss per-feature logvar vs (K,B,D)", OpKind::GaussLpFwd,
+                OpKind::GaussLpBwd, {4, 30, 41}, 1,
+                {arg({1, 30, 41}, kNormal), arg({4, 30, 41}, kMu), arg({1, 1, 41}, kLv)}, 1};
+      c.args[0].grad = false;
+      c.suggested = true;
+      fast.push_back({c.name, c, 120 / 16});
+      RowCase b{"fast bcast two reduced dims, bf16, (B,K,D) order, 3 forced segments", OpKind::GaussLpFwd,
+                OpKind::GaussLpBwd, {30, 4, 41}, 1,
+                {arg({30, 1, 41}, kNormal, B), arg({30, 4, 41}, kMu, B), arg({1, 1, 41}, kLv, B)}, 3};
+      b.args[0].grad = false;
+      fast.push_back({b.name, b, 0});
+    }
     // A scalar log-variance (its gradient summed over every element): scalar_acc_vec_kernel, a
     // fixed block count from the shape (about 8 chunks per thread, suggested) or forced.
     {
