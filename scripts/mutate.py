@@ -51,6 +51,7 @@ class Mutant:
 
 SAMPLING_TESTS = ("tests/test_known_answers.py", "tests/test_sampling.py")
 OP_TESTS = ("tests/test_ops.py",)
+EMU_SELFTEST = "tests/test_known_answers.py::test_emulated_cuda_selftest_passes"
 MODEL_TESTS = ("tests/test_model_oracles.py", "tests/test_model.py")
 DMOL_TESTS = "tests/test_dmol.py"
 
@@ -97,6 +98,17 @@ MUTANTS = [
     Mutant("clamp-edge-open", "csrc/cpu/kernels.cpp", "const V keep = (x >= vlo) & (x <= vhi);",
            "const V keep = (x > vlo) & (x <= vhi);", ("tests/test_clamp.py",),
            "the logvar clamp's gradient stopped at the lower edge (torch.clamp passes it there)"),
+    # ---- the CUDA kernels, through the emulated self-test (tests/cuda/; no GPU needed) -------------------------
+    Mutant("cuda-bcast-segment-short", "csrc/cuda/rows.cu", "for (int64_t q = q0; q < q1; ++q) {",
+           "for (int64_t q = q0; q + 1 < q1; ++q) {", (EMU_SELFTEST,),
+           "the one-pass broadcast backward drops the last row of each segment"),
+    Mutant("cuda-scalar-acc-tail", "csrc/cuda/rows.cu", "        if (e >= valid) continue;\n        if (slot == 0) {",
+           "        if (slot == 0) {", (EMU_SELFTEST,),
+           "the scalar-gradient kernel adds the values past a row's end"),
+    Mutant("cuda-sampler-k1-instance", "csrc/cuda/sample.cu",
+           "return p.K == 1 ? launch_kernel(&sample_bwd_kernel<float, true>",
+           "return p.K <= 2 ? launch_kernel(&sample_bwd_kernel<float, true>", (EMU_SELFTEST,),
+           "the sampler backward's single-sample instance runs for K = 2 (the second sample ignored)"),
     # ---- the op table's glue (csrc/op_table.h's ops: OpCall, TableFn, the generated fake kernels) -------------
     Mutant("op-call-backward-clamp-offset", "csrc/ops.cpp", "c.set_clamps(p, 1);", "c.set_clamps(p, 0);",
            ("tests/test_clamp.py",),

@@ -8,6 +8,7 @@ stream would still look normal to a statistical test."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -177,3 +178,16 @@ def test_emulated_cuda_kernels_draw_the_documented_stream(seed, start, n):
         pytest.skip(f"{CUDA_EMU_SELFTEST.relative_to(REPO)} not built (scripts/check_cuda_compile.sh builds it)")
     assert_eps_equal(_emulated_cuda_eps(seed, start, n), seed, start, "emulated CUDA eps")
 
+
+
+def test_emulated_cuda_selftest_passes():
+    # The CUDA kernels' whole self-test on the CPU emulator (CI also runs it in scripts/check_cuda_compile.sh);
+    # here so that scripts/mutate.py's mutants of csrc/cuda/*.cu meet it.
+    if not CUDA_EMU_SELFTEST.exists():
+        pytest.skip(f"{CUDA_EMU_SELFTEST.relative_to(REPO)} not built (scripts/check_cuda_compile.sh builds it)")
+    proc = subprocess.run([str(CUDA_EMU_SELFTEST)], capture_output=True, text=True, timeout=600)
+    failures = [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
+    assert proc.returncode == 0 and not failures, (
+        f"emulated CUDA self-test failed (exit {proc.returncode}):\n" + "\n".join(failures[:20])
+        + proc.stdout[-1500:] + proc.stderr[-1500:])
+    assert re.search(r"^\d+ passed, 0 failed$", proc.stdout, re.M), proc.stdout[-500:]
