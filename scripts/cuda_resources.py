@@ -55,6 +55,7 @@ LAUNCH = {
     "map_vec_kernel": ([256], True),
     "bcast_vec_kernel": ([256], False),                  # the broadcast backward's fast path
     "scalar_acc_vec_kernel": ([256], False),             # ... and with scalar gradients
+    "bcast_row_vec_kernel": ([64, 128, 256], False),     # ... and per-row ones: pick_tpr(.., 256)
     "acc_kernel": ([64, 128, 256], False),               # pick_tpr(.., 256)
     "sample_z_kernel": ([256], True),
     "sample_rows_kernel": ([64, 128, 256], True),        # pick_tpr(.., 256)

@@ -502,6 +502,58 @@ VF_DEV void store_or_add(const KParams& p, Row2 rr, int64_t j0, int valid, const
   }
 }
 
+// bcast_vec_kernel's counterpart for accumulated outputs of one value per kept row (a per-row
+// log-variance (B, 1) against (B, D), or against (K, B, D) with the K samples reduced): a group of
+// tpr threads (pick_tpr, from the shape) per (segment, kept row r) walks the segment's reduced rows
+// in order and, per row, the chunks lane, lane + tpr, ... (one 16-byte vector of each input, as
+// map_vec_kernel), writing the full-size gradients and summing the accumulated ones per lane; a
+// fixed butterfly then gives the unit's sums, which lane 0 stores in slice `segment` at r's target.
+template <OpKind K, DType DT>
+VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) bcast_row_vec_kernel(const VF_GRID_CONST KParams p) {
+  using D = RowOp<K>;
+  using R = typename Stor<DT>::raw;
+  constexpr int NI = D::kIn, NO = D::kOut, W = kVec<R>;
+  VF_SHARED_ARRAY(SumPair<float>, smem, 32);
+  const ThreadGroup g(p.tpr);
+  VF_NO_UNROLL
+  for (int64_t u = g.first(); u < p.n_units; u += g.ngroups) {  // group-uniform
+    const int64_t seg = fdiv(p.vdiv, u);
+    const int64_t r = u - seg * p.vdiv.d;
+    const int64_t q0 = split_point(p.usplit, seg), q1 = split_point(p.usplit, seg + 1);
+    CSum<float> acc0, acc1;
+    VF_NO_UNROLL
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t qa = fdiv(p.qdiv, q);
+      const Row2 rr{qa, r, q - qa * p.qdiv.d};
+      VF_NO_UNROLL
+      for (int64_t c = g.lane; c < p.cpi; c += g.tpr) {
+        const int64_t j0 = c * W;
+        const int valid = p.inner - j0 < W ? static_cast<int>(p.inner - j0) : W;
+        float y[NO][W];
+        vec_chunk<D, R, DT, W>(p, rr, j0, valid, y);
+        store_or_add<D, W>(p, rr, j0, valid, y, [&](int slot, const float (&v)[W]) {
+          VF_UNROLL
+          for (int e = 0; e < W; ++e) {
+            if (e >= valid) continue;
+            if (slot == 0) {
+              acc0.add(v[e]);
+            } else {
+              acc1.add(v[e]);
+            }
+          }
+        });
+      }
+    }
+    VF_UNROLL
+    for (int o = 0; o < NO; ++o) {
+      const KOp& out = p.op[NI + o];
+      if (out.cls != kAccElem) continue;  // uniform: every lane calls g.sum alike
+      const float total = g.sum(out.slot == 0 ? acc0 : acc1, smem);
+      if (g.lane == 0) st(static_cast<float*>(out.data) + (seg * out.block_stride + off2(out, Row2{0, r})), total);
+    }
+  }
+}
+
 // The backward whose accumulated outputs are all one value (a scalar log-variance's gradient,
 // summed over every element), on map_vec_kernel's fast path: block b of a grid of exactly
 // n_blocks takes the fixed unit range [split_point(b), split_point(b + 1)) of (row, chunk) units,
@@ -983,10 +1035,11 @@ cudaError_t launch_map(KParams& p, const Plan& pl, cudaStream_t stream) {
   return launch_kernel(&map_kernel<K, A>, flat_grid(p.rows * p.cpi, 256), 256, stream, p);
 }
 
-// The fast path of the backward with accumulated outputs (bcast_vec_kernel; see there), or false:
-// fills p's operands, classes, slots and geometry, vdt, and the size of the reduced row dim.
+// The one-pass backward with accumulated outputs kept along the event (bcast_vec_kernel) or one
+// value per kept row (per_row: bcast_row_vec_kernel), or false: fills p's operands, classes, slots
+// and geometry, vdt, and the number of reduced rows.
 template <OpKind K>
-bool plan_bcast(const RowArgs& a, const Plan& pl, KParams& p, int& vdt, int64_t& reduced) {
+bool plan_bcast(const RowArgs& a, const Plan& pl, KParams& p, int& vdt, int64_t& reduced, bool& per_row) {
   using D = RowOp<K>;
   const int nin = D::kIn, nout = D::kOut, nops = nin + nout;
   if constexpr (!D::kBackward) {
@@ -1026,24 +1079,31 @@ bool plan_bcast(const RowArgs& a, const Plan& pl, KParams& p, int& vdt, int64_t&
     const Dims ev = coalesce(pl.ev, pl.active, nops);
     // reduced dims (at most 2: the K samples and the batch against a per-feature argument), then
     // the kept one
-    if (red.empty() || red.size() > 2 || kept.size() > 1 || ev.size() != 1) return false;
+    if (red.size() > 2 || kept.size() > 1 || ev.size() != 1) return false;
     const int n_red = static_cast<int>(red.size());
     Dims rows = red;
     rows.insert(rows.end(), kept.begin(), kept.end());
     if (!set_geometry(p, rows, ev, nops) || p.ne != 0) return false;
     vdt = vec_dtype_of_ops(p, nin, nops, true);
     if (vdt < 0) return false;
-    for (int o = nin; o < nops; ++o)
-      if (p.op[o].cls == kAccElem && p.op[o].inner != 1) return false;
+    int along_event = 0;  // accumulated outputs kept along the event; the others are one per row
+    for (int o = nin; o < nops; ++o) along_event += p.op[o].cls == kAccElem && p.op[o].inner == 1;
+    if (along_event != 0 && along_event != n_acc) return false;
+    per_row = along_event == 0;
+    // kept along the event: broadcast along some rows; one per row: kept along some (a scalar is
+    // scalar_acc_vec_kernel's)
+    if (per_row ? kept.empty() : red.empty()) return false;
     const int64_t n_kept = kept.empty() ? 1 : kept[0].size;
     p.vdiv = make_fastdiv(n_kept);
     p.qdiv = make_fastdiv(n_red == 2 ? red[1].size : 1);
     for (int o = 0; o < nops; ++o) {
-      p.op[o].vr0 = p.op[o].rs[0];
+      p.op[o].vr0 = n_red >= 1 ? p.op[o].rs[0] : 0;
       p.op[o].vr2 = n_red == 2 ? p.op[o].rs[1] : 0;
       p.op[o].vr1 = kept.empty() ? 0 : p.op[o].rs[n_red];
     }
-    p.cpi = (p.inner + kBcastVec - 1) / kBcastVec;
+    // bcast_vec_kernel: chunks of kBcastVec; bcast_row_vec_kernel: one 16-byte vector
+    const int w = !per_row ? kBcastVec : vdt == static_cast<int>(DType::Float32) ? kVec<float> : kVec<unsigned short>;
+    p.cpi = (p.inner + w - 1) / w;
     p.n_chunks = p.cpi;
     p.cdiv = make_fastdiv(p.cpi);
     reduced = numel(red);
@@ -1051,18 +1111,40 @@ bool plan_bcast(const RowArgs& a, const Plan& pl, KParams& p, int& vdt, int64_t&
   }
 }
 
-// Segments of the reduced dim for bcast_vec_kernel: enough (segment, kept row, chunk) threads to
-// fill a large GPU, but at least kBcastMinRows rows per segment, so the slices the glue sums stay
-// small beside the gradients themselves. A function of the shape only.
+// Segments of the reduced rows for bcast_vec_kernel and bcast_row_vec_kernel: enough threads (of
+// threads_per_segment each) to fill a large GPU, but at least kBcastMinRows rows per segment, so the
+// slices the glue sums stay small beside the gradients themselves. A function of the shape only.
 constexpr int64_t kBcastMinRows = 16;
 int64_t bcast_segments(int64_t reduced, int64_t threads_per_segment) {
   const int64_t want = (kTargetThreads + threads_per_segment - 1) / std::max<int64_t>(threads_per_segment, 1);
   return std::clamp<int64_t>(want, 1, std::max<int64_t>(reduced / kBcastMinRows, 1));
 }
 
+// Threads per segment of the one-pass kernels (bcast_segments): one per (kept row, chunk), or a
+// group of at most 32 per kept row.
+int64_t bcast_segment_threads(const KParams& p, bool per_row) {
+  return p.vdiv.d * (per_row ? std::min<int64_t>(p.cpi, 32) : p.cpi);
+}
+
 template <OpKind K>
-cudaError_t launch_bcast(KParams& p, int vdt, int64_t reduced, int64_t n_seg, cudaStream_t stream) {
+cudaError_t launch_bcast(KParams& p, int vdt, int64_t reduced, bool per_row, int64_t n_seg, cudaStream_t stream) {
   if (!make_split(reduced, n_seg, p.usplit)) return cudaErrorInvalidValue;
+  if (per_row) {  // a group per (segment, kept row)
+    p.n_units = n_seg * p.vdiv.d;
+    p.tpr = pick_tpr(p.cpi, p.n_units, 256);
+    int64_t grid;
+    int block;
+    group_grid(p.tpr, p.n_units, grid, block);
+    switch (vdt) {
+      case static_cast<int>(DType::Float32):
+        return launch_kernel(&bcast_row_vec_kernel<K, DType::Float32>, grid, block, stream, p);
+      case static_cast<int>(DType::Float16):
+        return launch_kernel(&bcast_row_vec_kernel<K, DType::Float16>, grid, block, stream, p);
+      case static_cast<int>(DType::BFloat16):
+        return launch_kernel(&bcast_row_vec_kernel<K, DType::BFloat16>, grid, block, stream, p);
+      default: return cudaErrorInvalidValue;
+    }
+  }
   p.n_units = n_seg * p.vdiv.d * p.cpi;
   const int64_t grid = flat_grid(p.n_units, 256);
   switch (vdt) {
@@ -1149,7 +1231,9 @@ int64_t bcast_blocks(const RowArgs& a) {
   KParams p;
   int vdt = -1;
   int64_t reduced = 0;
-  if (plan_bcast<K>(a, pl, p, vdt, reduced)) return bcast_segments(reduced, p.vdiv.d * p.cpi);
+  bool per_row = false;
+  if (plan_bcast<K>(a, pl, p, vdt, reduced, per_row))
+    return bcast_segments(reduced, bcast_segment_threads(p, per_row));
   KParams ps;
   if (plan_scalar_acc<K>(a, pl, ps, vdt)) return scalar_acc_blocks(ps.rows * ps.cpi);
   return 0;
@@ -1219,7 +1303,9 @@ cudaError_t run_backward(const RowArgs& a, const Plan& pl, cudaStream_t stream) 
       KParams p;
       int vdt = -1;
       int64_t reduced = 0;
-      if (plan_bcast<K>(a, pl, p, vdt, reduced)) return launch_bcast<K>(p, vdt, reduced, L.n_blocks, stream);
+      bool per_row = false;
+      if (plan_bcast<K>(a, pl, p, vdt, reduced, per_row))
+        return launch_bcast<K>(p, vdt, reduced, per_row, L.n_blocks, stream);
       KParams ps;
       if (plan_scalar_acc<K>(a, pl, ps, vdt)) return launch_scalar_acc<K>(ps, vdt, L.n_blocks, stream);
     }

@@ -966,6 +966,33 @@ void row_tests() {
       b.args[0].grad = false;
       fast.push_back({b.name, b, 0});
     }
+    // One value per kept row (a per-row log-variance): bcast_row_vec_kernel, a group per (segment,
+    // row); no reduced row dim, the K samples reduced, and gaussian_nll_loss's per-row var with a
+    // clamped eps operand.
+    {
+      RowCase c{"fast bcast per-row: gauss logvar (B,1) vs (B,D) f32", OpKind::GaussLpFwd, OpKind::GaussLpBwd,
+                {50, 70}, 1, {arg({50, 70}, kNormal), arg({50, 70}, kMu), arg({50, 1}, kLv)}, 1};
+      c.suggested = true;
+      fast.push_back({c.name, c, 1});
+      RowCase k{"fast bcast per-row: bf16 logvar (B,1) vs mean (K,B,D), misaligned", OpKind::GaussLpFwd,
+                OpKind::GaussLpBwd, {40, 6, 45}, 1,
+                {arg({1, 6, 45}, kNormal, B), arg({40, 6, 45}, kMu, B), arg({1, 6, 1}, kLv, B)}, 1};
+      k.args[0].grad = false;
+      k.args[1].pad = 3;
+      k.suggested = true;
+      fast.push_back({k.name, k, 40 / 16});
+      k.suggested = false;
+      k.n_blocks = 5;
+      k.name = "fast bcast per-row: bf16, 5 forced segments";
+      fast.push_back({k.name, k, 0});
+      RowCase n{"fast bcast per-row: gauss nll var (B,1), eps 0.3, long rows", OpKind::GaussNllFwd,
+                OpKind::GaussNllBwd, {9, 3000}, 1,
+                {arg({9, 3000}, kNormal), arg({9, 3000}, kMu), arg({9, 1}, kVar), arg({1, 1}, kVar)}, 1};
+      n.args[3].value = [](int64_t) { return 0.3; };
+      n.args[3].grad = false;
+      n.suggested = true;
+      fast.push_back({n.name, n, 1});
+    }
     // A scalar log-variance (its gradient summed over every element): scalar_acc_vec_kernel, a
     // fixed block count from the shape (about 8 chunks per thread, suggested) or forced.
     {
