@@ -39,8 +39,8 @@ cudaError_t launch_sample_backward(const SampleArgs& args, cudaStream_t stream);
 // (the device the launch will run on). args: the launch as it will run, inputs bound, every wanted
 // output's strides and `accumulate` set (an accumulated output's slices need not be bound yet).
 // slice_numel: the largest block_stride among the accumulated outputs. Where the fast path applies
-// (rows.cu's bcast_vec_kernel: the (K, B, D) samples against (B, D) data, a (D,) prior against
-// (B, D)), the segments of its reduced dim: a function of the shapes only. Otherwise returns 1 when
+// (rows.cu's one-pass kernels: the (K, B, D) samples against (B, D) data, a (D,) prior against
+// (B, D), a per-row or a scalar log-variance), their segments or blocks: a function of the shapes only. Otherwise returns 1 when
 // slice_numel >= rows: the targets then follow the rows, and with n_blocks == 1 the kernels reduce
 // every target over its broadcast dims in one pass, fully parallel over the targets, with no extra
 // slice memory; else enough row blocks to fill the GPU (each reduced by one warp or block, its

@@ -25,7 +25,8 @@
 //    pass, the broadcast dim innermost, per-thread register sums over a fixed segment of it (see
 //    there). Taken when every accumulated output is broadcast along the same row dims and kept
 //    along the event, and the inputs meet map_vec_kernel's conditions.
-//  * scalar_acc_vec_kernel: the same when every accumulated output is one value (see there).
+//  * bcast_row_vec_kernel: the same when every accumulated output is one value per kept row, and
+//    scalar_acc_vec_kernel when every one is a single value (see there).
 //  * acc_kernel (the general backward with accumulated gradients): one group per "unit".
 //    Row-block mode: a unit is the glue's row block b (rows [b*rows/n, (b+1)*rows/n)), reduced by
 //    one group, rows in order, into slice b. Each lane owns fixed event chunks; per output it keeps
