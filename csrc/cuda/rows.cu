@@ -1060,10 +1060,17 @@ bool plan_bcast(const RowArgs& a, const Plan& pl, KParams& p, int& vdt, int64_t&
       }
     }
     if (n_acc == 0) return false;
+    // The innermost event dim (after coalescing) is the event; the outer event dims join the rows
+    // (in a backward op the split only matters to the upstream gradient, read through its strides):
+    // a per-channel (C, 1, 1) argument against (B, C, H, W) is then one value per (b, c) row.
+    Dims ev = coalesce(pl.ev, pl.active, nops), all_rows = pl.rows;
+    if (ev.empty()) return false;
+    all_rows.insert(all_rows.end(), ev.begin(), ev.end() - 1);
+    ev.erase(ev.begin(), ev.end() - 1);
     // Row dims along which every accumulated output is broadcast are reduced; along which none
     // is, kept; one of each at most after coalescing.
     Dims red, kept;
-    for (const HDim& d : pl.rows) {
+    for (const HDim& d : all_rows) {
       if (d.size == 1) continue;
       int zero = 0;
       for (int o = nin; o < nops; ++o) zero += p.op[o].cls == kAccElem && d.st[o] == 0;
@@ -1077,7 +1084,6 @@ bool plan_bcast(const RowArgs& a, const Plan& pl, KParams& p, int& vdt, int64_t&
     }
     red = coalesce(red, pl.active, nops);
     kept = coalesce(kept, pl.active, nops);
-    const Dims ev = coalesce(pl.ev, pl.active, nops);
     // reduced dims (at most 2: the K samples and the batch against a per-feature argument), then
     // the kept one
     if (red.size() > 2 || kept.size() > 1 || ev.size() != 1) return false;

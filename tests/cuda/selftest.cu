@@ -993,6 +993,24 @@ void row_tests() {
       n.suggested = true;
       fast.push_back({n.name, n, 1});
     }
+    // Images: a per-channel log-variance (1, C, 1, 1) against (B, C, H, W), 3 event dims: the outer
+    // event dim (C) joins the rows, so the log-variance is one value per (b, c) row, b reduced.
+    {
+      RowCase c{"fast bcast per-channel logvar (1,C,1,1) vs (B,C,H,W) f32", OpKind::GaussLpFwd, OpKind::GaussLpBwd,
+                {20, 3, 5, 7}, 3,
+                {arg({20, 3, 5, 7}, kNormal), arg({20, 3, 5, 7}, kMu), arg({1, 3, 1, 1}, kLv)}, 1};
+      c.suggested = true;
+      fast.push_back({c.name, c, 1});
+      RowCase b = c;
+      b.name = "fast bcast per-channel logvar bf16, clamped, (K,B,C,H,W) with data (B,C,H,W)";
+      b.full = {2, 20, 3, 4, 8};
+      b.args = {arg({1, 20, 3, 4, 8}, kNormal, B), arg({2, 20, 3, 4, 8}, kMu, B), arg({1, 1, 3, 1, 1}, kLv, B)};
+      b.args[0].grad = false;
+      b.args[2].clamp = true;
+      b.args[2].lo = -0.5;
+      b.args[2].hi = 1.0;
+      fast.push_back({b.name, b, 40 / 16});
+    }
     // A scalar log-variance (its gradient summed over every element): scalar_acc_vec_kernel, a
     // fixed block count from the shape (about 8 chunks per thread, suggested) or forced.
     {
