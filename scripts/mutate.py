@@ -99,8 +99,9 @@ MUTANTS = [
            "const V keep = (x > vlo) & (x <= vhi);", ("tests/test_clamp.py",),
            "the logvar clamp's gradient stopped at the lower edge (torch.clamp passes it there)"),
     # ---- the CUDA kernels, through the emulated self-test (tests/cuda/; no GPU needed) -------------------------
-    Mutant("cuda-bcast-segment-short", "csrc/cuda/rows.cu", "for (int64_t q = q0; q < q1; ++q) {",
-           "for (int64_t q = q0; q + 1 < q1; ++q) {", (EMU_SELFTEST,),
+    Mutant("cuda-bcast-segment-short", "csrc/cuda/rows.cu",
+           "CSum<float> acc0[W], acc1[W];\n    VF_NO_UNROLL\n    for (int64_t q = q0; q < q1; ++q) {",
+           "CSum<float> acc0[W], acc1[W];\n    VF_NO_UNROLL\n    for (int64_t q = q0; q + 1 < q1; ++q) {", (EMU_SELFTEST,),
            "the one-pass broadcast backward drops the last row of each segment"),
     Mutant("cuda-scalar-acc-tail", "csrc/cuda/rows.cu", "        if (e >= valid) continue;\n        if (slot == 0) {",
            "        if (slot == 0) {", (EMU_SELFTEST,),
