@@ -959,6 +959,20 @@ void set_vec_geometry(KParams& p, int vdt, int nops) {
   p.cdiv = make_fastdiv(p.cpi);
 }
 
+// Launches the fast-path kernel of storage dtype vdt: kernel(tag) gives it for a DTypeTag (one
+// instance per dtype); cudaErrorInvalidValue for a dtype with no fast path (the callers check first).
+template <DType DT>
+using DTypeTag = std::integral_constant<DType, DT>;
+template <class PickKernel>
+cudaError_t launch_vec(int vdt, PickKernel kernel, int64_t grid, int block, cudaStream_t stream, const KParams& p) {
+  switch (vdt) {
+    case static_cast<int>(DType::Float32): return launch_kernel(kernel(DTypeTag<DType::Float32>{}), grid, block, stream, p);
+    case static_cast<int>(DType::Float16): return launch_kernel(kernel(DTypeTag<DType::Float16>{}), grid, block, stream, p);
+    case static_cast<int>(DType::BFloat16): return launch_kernel(kernel(DTypeTag<DType::BFloat16>{}), grid, block, stream, p);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
 // Chunks per segment of a long row (reduce mode): 16K elements (float32), 32K (16-bit) on the fast
 // path, 16K on the general one.
 // Fixed, so that a row's summation order depends on its shape only, never on the GPU.
@@ -977,15 +991,9 @@ cudaError_t launch_reduce(KParams& p, int vdt, cudaStream_t stream) {
   group_grid(p.tpr, p.n_units, grid, block);
   auto stage1 = [&]() -> cudaError_t {
     if constexpr (std::is_same_v<A, float>) {
-      switch (vdt) {
-        case static_cast<int>(DType::Float32):
-          return launch_kernel(&reduce_vec_kernel<K, DType::Float32>, grid, block, stream, p);
-        case static_cast<int>(DType::Float16):
-          return launch_kernel(&reduce_vec_kernel<K, DType::Float16>, grid, block, stream, p);
-        case static_cast<int>(DType::BFloat16):
-          return launch_kernel(&reduce_vec_kernel<K, DType::BFloat16>, grid, block, stream, p);
-        default: break;
-      }
+      if (vdt >= 0)
+        return launch_vec(vdt, [](auto dt) { return &reduce_vec_kernel<K, decltype(dt)::value>; }, grid, block,
+                          stream, p);
     }
     return launch_kernel(&reduce_kernel<K, A>, grid, block, stream, p);
   };
@@ -1021,16 +1029,8 @@ cudaError_t launch_map(KParams& p, const Plan& pl, cudaStream_t stream) {
     const int vdt = vec_dtype(p, pl.nin, pl.nin + pl.nout, true);
     if (vdt >= 0) {
       set_vec_geometry(p, vdt, pl.nin + pl.nout);
-      const int64_t grid = flat_grid(p.rows * p.cpi, 256);
-      switch (vdt) {
-        case static_cast<int>(DType::Float32):
-          return launch_kernel(&map_vec_kernel<K, DType::Float32>, grid, 256, stream, p);
-        case static_cast<int>(DType::Float16):
-          return launch_kernel(&map_vec_kernel<K, DType::Float16>, grid, 256, stream, p);
-        case static_cast<int>(DType::BFloat16):
-          return launch_kernel(&map_vec_kernel<K, DType::BFloat16>, grid, 256, stream, p);
-        default: break;
-      }
+      return launch_vec(vdt, [](auto dt) { return &map_vec_kernel<K, decltype(dt)::value>; },
+                        flat_grid(p.rows * p.cpi, 256), 256, stream, p);
     }
   }
   return launch_kernel(&map_kernel<K, A>, flat_grid(p.rows * p.cpi, 256), 256, stream, p);
@@ -1142,27 +1142,12 @@ cudaError_t launch_bcast(KParams& p, int vdt, int64_t reduced, bool per_row, int
     int64_t grid;
     int block;
     group_grid(p.tpr, p.n_units, grid, block);
-    switch (vdt) {
-      case static_cast<int>(DType::Float32):
-        return launch_kernel(&bcast_row_vec_kernel<K, DType::Float32>, grid, block, stream, p);
-      case static_cast<int>(DType::Float16):
-        return launch_kernel(&bcast_row_vec_kernel<K, DType::Float16>, grid, block, stream, p);
-      case static_cast<int>(DType::BFloat16):
-        return launch_kernel(&bcast_row_vec_kernel<K, DType::BFloat16>, grid, block, stream, p);
-      default: return cudaErrorInvalidValue;
-    }
+    return launch_vec(vdt, [](auto dt) { return &bcast_row_vec_kernel<K, decltype(dt)::value>; }, grid, block,
+                      stream, p);
   }
   p.n_units = n_seg * p.vdiv.d * p.cpi;
-  const int64_t grid = flat_grid(p.n_units, 256);
-  switch (vdt) {
-    case static_cast<int>(DType::Float32):
-      return launch_kernel(&bcast_vec_kernel<K, DType::Float32>, grid, 256, stream, p);
-    case static_cast<int>(DType::Float16):
-      return launch_kernel(&bcast_vec_kernel<K, DType::Float16>, grid, 256, stream, p);
-    case static_cast<int>(DType::BFloat16):
-      return launch_kernel(&bcast_vec_kernel<K, DType::BFloat16>, grid, 256, stream, p);
-    default: return cudaErrorInvalidValue;
-  }
+  return launch_vec(vdt, [](auto dt) { return &bcast_vec_kernel<K, decltype(dt)::value>; },
+                    flat_grid(p.n_units, 256), 256, stream, p);
 }
 
 // The fast path of the backward whose accumulated outputs are all scalars (scalar_acc_vec_kernel),
@@ -1218,15 +1203,9 @@ template <OpKind K>
 cudaError_t launch_scalar_acc(KParams& p, int vdt, int64_t n_blocks, cudaStream_t stream) {
   const int64_t units = p.rows * p.cpi;
   if (!make_split(units, n_blocks, p.usplit)) return cudaErrorInvalidValue;
-  switch (vdt) {  // exactly n_blocks blocks: each owns its unit range
-    case static_cast<int>(DType::Float32):
-      return launch_kernel(&scalar_acc_vec_kernel<K, DType::Float32>, n_blocks, 256, stream, p);
-    case static_cast<int>(DType::Float16):
-      return launch_kernel(&scalar_acc_vec_kernel<K, DType::Float16>, n_blocks, 256, stream, p);
-    case static_cast<int>(DType::BFloat16):
-      return launch_kernel(&scalar_acc_vec_kernel<K, DType::BFloat16>, n_blocks, 256, stream, p);
-    default: return cudaErrorInvalidValue;
-  }
+  // exactly n_blocks blocks: each owns its unit range
+  return launch_vec(vdt, [](auto dt) { return &scalar_acc_vec_kernel<K, decltype(dt)::value>; }, n_blocks, 256,
+                    stream, p);
 }
 
 // RowLayout::n_blocks for the fast paths of op K's backward, or 0 where neither applies.
