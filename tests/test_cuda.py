@@ -249,3 +249,42 @@ def test_gaussian_nll_loss_of_a_large_batch_is_exact_and_parallel():
         got = vf.gaussian_nll_loss(x, t, v, reduction=reduction)
         want = F.gaussian_nll_loss(x.double(), t.double(), v.double(), reduction=reduction)
         assert abs(got.item() - want.item()) <= 1e-6 * abs(want.item()), reduction
+
+
+# Each broadcast pattern of the one-pass CUDA backward kernels (rows.cu: bcast_vec_kernel, bcast_row_vec_kernel,
+# scalar_acc_vec_kernel) at sizes where they cut the broadcast rows into several segments or blocks, and one the
+# general kernel keeps (the data's gradient with a scalar log-variance's): gradients against float64 autograd of
+# the composite formula, and bitwise equal on a second run.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("pattern", ["data_vs_samples", "per_feature", "per_row", "per_channel", "scalar", "mixed"])
+def test_one_pass_broadcast_backward_patterns(pattern, dtype):
+    g = torch.Generator(device="cuda").manual_seed(7)
+
+    def rnd(*shape, scale=1.0):
+        return (scale * torch.randn(shape, device="cuda", generator=g)).to(dtype)
+
+    event_dims = 1
+    if pattern == "per_channel":  # images: a per-channel log-variance against (B, C, H, W)
+        x, mean, lv = rnd(64, 3, 32, 32), rnd(64, 3, 32, 32), rnd(1, 3, 1, 1, scale=0.5)
+        event_dims, wanted = 3, (1, 2)
+    else:
+        x, mean = rnd(512, 300), rnd(8, 512, 300)
+        lv = {"data_vs_samples": rnd(8, 512, 300, scale=0.5), "per_feature": rnd(300, scale=0.5),
+              "per_row": rnd(512, 1, scale=0.5), "scalar": rnd(scale=0.5), "mixed": rnd(scale=0.5)}[pattern]
+        wanted = {"data_vs_samples": (0, 1, 2), "mixed": (0, 1, 2)}.get(pattern, (1, 2))
+    args = [x, mean, lv]
+
+    def grads(fn, tensors):
+        leaves = [t.detach().requires_grad_(i in wanted) for i, t in enumerate(tensors)]
+        out = fn(*leaves, event_dims=event_dims)
+        upstream = torch.linspace(-1.0, 1.0, out.numel(), device=out.device, dtype=out.dtype).view(out.shape)
+        return torch.autograd.grad((out * upstream).sum(), [leaves[i] for i in wanted])
+
+    got = grads(vf.gaussian_log_prob, args)
+    again = grads(vf.gaussian_log_prob, args)
+    want = grads(ref.gaussian_log_prob, [a.double() for a in args])
+    for i, a, b, w in zip(wanted, got, again, want):
+        assert torch.equal(a, b), f"argument {i}: two runs differ"
+        scale = w.abs().max().item()
+        torch.testing.assert_close(a.double(), w, rtol=2e-2 if dtype == torch.bfloat16 else 1e-4,
+                                   atol=1e-5 * scale, msg=lambda m: f"argument {i}: {m}")
