@@ -503,6 +503,39 @@ VF_DEV void store_or_add(const KParams& p, Row2 rr, int64_t j0, int valid, const
   }
 }
 
+// The scalar-sum kernels' chunk (bcast_row_vec_kernel, scalar_acc_vec_kernel): the written outputs
+// stored, each accumulated output's valid values added in order to its slot's sum (acc0 or acc1).
+template <class D, class R, DType DT, int W>
+VF_DEV void chunk_into_sums(const KParams& p, Row2 rr, int64_t j0, int valid, CSum<float>& acc0, CSum<float>& acc1) {
+  float y[D::kOut][W];
+  vec_chunk<D, R, DT, W>(p, rr, j0, valid, y);
+  store_or_add<D, W>(p, rr, j0, valid, y, [&](int slot, const float (&v)[W]) {
+    VF_UNROLL
+    for (int e = 0; e < W; ++e) {
+      if (e >= valid) continue;
+      if (slot == 0) {
+        acc0.add(v[e]);
+      } else {
+        acc1.add(v[e]);
+      }
+    }
+  });
+}
+
+// Their end: each accumulated output's slot summed over group g (a fixed butterfly; every lane
+// calls it alike, the classes being uniform), lane 0 storing it at element at(out) of the output.
+template <class D, class Smem, class At>
+VF_DEV void store_group_sums(const KParams& p, const ThreadGroup& g, const CSum<float>& acc0, const CSum<float>& acc1,
+                             Smem& smem, At at) {
+  VF_UNROLL
+  for (int o = 0; o < D::kOut; ++o) {
+    const KOp& out = p.op[D::kIn + o];
+    if (out.cls != kAccElem) continue;
+    const float total = g.sum(out.slot == 0 ? acc0 : acc1, smem);
+    if (g.lane == 0) st(static_cast<float*>(out.data) + at(out), total);
+  }
+}
+
 // bcast_vec_kernel's counterpart for accumulated outputs of one value per kept row (a per-row
 // log-variance (B, 1) against (B, D), or against (K, B, D) with the K samples reduced): a group of
 // tpr threads (pick_tpr, from the shape) per (segment, kept row r) walks the segment's reduced rows
@@ -513,7 +546,7 @@ template <OpKind K, DType DT>
 VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) bcast_row_vec_kernel(const VF_GRID_CONST KParams p) {
   using D = RowOp<K>;
   using R = typename Stor<DT>::raw;
-  constexpr int NI = D::kIn, NO = D::kOut, W = kVec<R>;
+  constexpr int W = kVec<R>;
   VF_SHARED_ARRAY(SumPair<float>, smem, 32);
   const ThreadGroup g(p.tpr);
   VF_NO_UNROLL
@@ -530,28 +563,11 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) bcast_row_vec_kernel(const VF_GRID_CONST
       for (int64_t c = g.lane; c < p.cpi; c += g.tpr) {
         const int64_t j0 = c * W;
         const int valid = p.inner - j0 < W ? static_cast<int>(p.inner - j0) : W;
-        float y[NO][W];
-        vec_chunk<D, R, DT, W>(p, rr, j0, valid, y);
-        store_or_add<D, W>(p, rr, j0, valid, y, [&](int slot, const float (&v)[W]) {
-          VF_UNROLL
-          for (int e = 0; e < W; ++e) {
-            if (e >= valid) continue;
-            if (slot == 0) {
-              acc0.add(v[e]);
-            } else {
-              acc1.add(v[e]);
-            }
-          }
-        });
+        chunk_into_sums<D, R, DT, W>(p, rr, j0, valid, acc0, acc1);
       }
     }
-    VF_UNROLL
-    for (int o = 0; o < NO; ++o) {
-      const KOp& out = p.op[NI + o];
-      if (out.cls != kAccElem) continue;  // uniform: every lane calls g.sum alike
-      const float total = g.sum(out.slot == 0 ? acc0 : acc1, smem);
-      if (g.lane == 0) st(static_cast<float*>(out.data) + (seg * out.block_stride + off2(out, Row2{0, r})), total);
-    }
+    store_group_sums<D>(p, g, acc0, acc1, smem,
+                        [&](const KOp& out) { return seg * out.block_stride + off2(out, Row2{0, r}); });
   }
 }
 
@@ -567,7 +583,7 @@ template <OpKind K, DType DT>
 VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) scalar_acc_vec_kernel(const VF_GRID_CONST KParams p) {
   using D = RowOp<K>;
   using R = typename Stor<DT>::raw;
-  constexpr int NI = D::kIn, NO = D::kOut, W = kVec<R>;
+  constexpr int W = kVec<R>;
   VF_SHARED_ARRAY(SumPair<float>, smem, 32);
   const int64_t u0 = split_point(p.usplit, bid_x()), u1 = split_point(p.usplit, bid_x() + 1);
   CSum<float> acc0, acc1;
@@ -576,29 +592,10 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, 2) scalar_acc_vec_kernel(const VF_GRID_CONS
     const int64_t row = fdiv(p.cdiv, c);
     const int64_t j0 = (c - row * p.cpi) * W;
     const int valid = p.inner - j0 < W ? static_cast<int>(p.inner - j0) : W;
-    const Row2 rr = row2(p, row);
-    float y[NO][W];
-    vec_chunk<D, R, DT, W>(p, rr, j0, valid, y);
-    store_or_add<D, W>(p, rr, j0, valid, y, [&](int slot, const float (&v)[W]) {
-      VF_UNROLL
-      for (int e = 0; e < W; ++e) {
-        if (e >= valid) continue;
-        if (slot == 0) {
-          acc0.add(v[e]);
-        } else {
-          acc1.add(v[e]);
-        }
-      }
-    });
+    chunk_into_sums<D, R, DT, W>(p, row2(p, row), j0, valid, acc0, acc1);
   }
   const ThreadGroup g(bdim_x());  // the whole block
-  VF_UNROLL
-  for (int o = 0; o < NO; ++o) {
-    const KOp& out = p.op[NI + o];
-    if (out.cls != kAccElem) continue;  // uniform: every thread calls g.sum alike
-    const float total = g.sum(out.slot == 0 ? acc0 : acc1, smem);
-    if (tid_x() == 0) st(static_cast<float*>(out.data) + bid_x() * out.block_stride, total);
-  }
+  store_group_sums<D>(p, g, acc0, acc1, smem, [](const KOp& out) { return bid_x() * out.block_stride; });
 }
 
 // ---- backward with accumulated outputs, fast path ----------------------------------------------
@@ -1036,6 +1033,25 @@ cudaError_t launch_map(KParams& p, const Plan& pl, cudaStream_t stream) {
   return launch_kernel(&map_kernel<K, A>, flat_grid(p.rows * p.cpi, 256), 256, stream, p);
 }
 
+// The one-pass kernels' operands: p's ops set, each wanted output written (kDirect) or accumulated
+// (kAccElem, with its slot); returns how many are accumulated, or -1 past kBcastMaxAcc.
+int set_fast_outputs(KParams& p, const RowArgs& a, const Plan& pl) {
+  set_ops(p, a, pl);
+  int n_acc = 0;
+  for (int o = 0; o < pl.nout; ++o) {
+    if (!pl.active[pl.nin + o]) continue;
+    KOp& q = p.op[pl.nin + o];
+    if (!a.out[o].accumulate) {
+      q.cls = kDirect;
+      continue;
+    }
+    if (n_acc == kBcastMaxAcc) return -1;
+    q.cls = kAccElem;
+    q.slot = n_acc++;
+  }
+  return n_acc;
+}
+
 // The one-pass backward with accumulated outputs kept along the event (bcast_vec_kernel) or one
 // value per kept row (per_row: bcast_row_vec_kernel), or false: fills p's operands, classes, slots
 // and geometry, vdt, and the number of reduced rows.
@@ -1046,20 +1062,8 @@ bool plan_bcast(const RowArgs& a, const Plan& pl, KParams& p, int& vdt, int64_t&
   if constexpr (!D::kBackward) {
     return false;
   } else {
-    set_ops(p, a, pl);
-    int n_acc = 0;
-    for (int o = 0; o < nout; ++o) {
-      if (!pl.active[nin + o]) continue;
-      KOp& q = p.op[nin + o];
-      if (!a.out[o].accumulate) {
-        q.cls = kDirect;
-      } else {
-        if (n_acc == kBcastMaxAcc) return false;
-        q.cls = kAccElem;
-        q.slot = n_acc++;
-      }
-    }
-    if (n_acc == 0) return false;
+    const int n_acc = set_fast_outputs(p, a, pl);
+    if (n_acc <= 0) return false;
     // The innermost event dim (after coalescing) is the event; the outer event dims join the rows
     // (in a backward op the split only matters to the upstream gradient, read through its strides):
     // a per-channel (C, 1, 1) argument against (B, C, H, W) is then one value per (b, c) row.
@@ -1160,26 +1164,15 @@ bool plan_scalar_acc(const RowArgs& a, const Plan& pl, KParams& p, int& vdt) {
   if constexpr (!D::kBackward) {
     return false;
   } else {
-    set_ops(p, a, pl);
-    int n_acc = 0;
-    bool act[kMaxOps] = {};
-    for (int o = 0; o < nin; ++o) act[o] = true;
-    for (int o = 0; o < nout; ++o) {
-      if (!pl.active[nin + o]) continue;
-      KOp& q = p.op[nin + o];
-      if (!a.out[o].accumulate) {
-        q.cls = kDirect;
-        act[nin + o] = true;
-        continue;
-      }
+    if (set_fast_outputs(p, a, pl) <= 0) return false;
+    bool act[kMaxOps] = {};  // the inputs and the written outputs shape the coalescing
+    for (int o = 0; o < nops; ++o) {
+      act[o] = o < nin || p.op[o].cls == kDirect;
+      if (p.op[o].cls != kAccElem) continue;
       for (const Dims* g : {&pl.rows, &pl.ev})
         for (const HDim& d : *g)
-          if (d.size > 1 && d.st[nin + o] != 0) return false;  // not one value
-      if (n_acc == kBcastMaxAcc) return false;
-      q.cls = kAccElem;
-      q.slot = n_acc++;
+          if (d.size > 1 && d.st[o] != 0) return false;  // not one value
     }
-    if (n_acc == 0) return false;
     Dims all = pl.rows;
     all.insert(all.end(), pl.ev.begin(), pl.ev.end());
     const Dims c = coalesce(all, act, nops);
