@@ -41,6 +41,25 @@ void check_layout_bits(const char* op, int64_t layout, int64_t num_bits) {
                     num_bits);
 }
 
+// Bits of precision of a floating dtype (x's levels are rounded to it).
+int precision_bits(at::ScalarType t) {
+  switch (t) {
+    case at::kDouble: return 53;
+    case at::kHalf: return 11;
+    case at::kBFloat16: return 8;
+    default: return 24;
+  }
+}
+
+// How far (in levels) x of this dtype may lie from the 2^bits grid: 0.1 of a level, plus what rounding a
+// level k / half_levels - 1 to the dtype can move it (up to one ulp of [1, 2) before the subtraction).
+// More than 1/4 of a level (bfloat16 beyond 6 bits, float16 beyond 9): the dtype cannot hold the levels.
+double grid_slack(at::ScalarType t, int64_t num_bits) {
+  const double half_levels = 0.5 * static_cast<double>((int64_t{1} << num_bits) - 1);
+  return std::ldexp(1.0, 1 - precision_bits(t)) * half_levels;
+}
+constexpr double kGridTol = 0.1, kMaxGridSlack = 0.25;
+
 // Axes of the three event dims of x / params / sample: (channel or P axis, h, w), counted from the end.
 struct Axes {
   int64_t c, h, w;
@@ -91,6 +110,7 @@ bool fold_rows(at::IntArrayRef lead, const c10::SmallVector<Dims, 6>& strides, i
 struct DmolProblem {
   at::Tensor x, params;  // x undefined for the sampler
   int64_t layout = 0, num_bits = 8, event_dims = 3, C = 3, M = 1, P = 10, H = 1, W = 1;
+  double grid_tol = kGridTol;
   Dims lead, out_shape, x_shape_full, p_shape_full;
   DmolReduce reduce = DmolReduce::PerRow;
   at::ScalarType acc = at::kFloat;
@@ -112,6 +132,13 @@ struct DmolProblem {
     const char* xs = layout == kDmolPixelCnn ? "(..., H, W, C)" : "(..., C, H, W)";
     const char* ps = layout == kDmolPixelCnn ? "(..., H, W, P)" : "(..., P, H, W)";
     if (x.defined()) {
+      const double slack = grid_slack(x.scalar_type(), num_bits);
+      TORCH_CHECK_VALUE(slack <= kMaxGridSlack, "vae_fast.discretized_mix_logistic_log_prob: `x` in ", x.scalar_type(),
+                        " cannot hold the ", int64_t{1} << num_bits, " levels of ", num_bits,
+                        "-bit data in [-1, 1] (its rounding moves a level by up to ", slack,
+                        " of the spacing between levels); pass x as float32 (params may stay ", params_.scalar_type(),
+                        ")");
+      grid_tol = kGridTol + slack;
       TORCH_CHECK_VALUE(x.dim() >= 3, "vae_fast.", op, ": `x` must have shape ", xs, " for layout ", layout_name(layout),
                         ", got ", shape_str(x.sizes()));
       C = x.size(ax.c);
@@ -200,6 +227,7 @@ struct DmolProblem {
     a.channels = static_cast<int32_t>(C);
     a.mixtures = static_cast<int32_t>(M);
     a.num_bits = static_cast<int32_t>(num_bits);
+    a.grid_tol = grid_tol;
     a.height = H;
     a.width = W;
     a.acc_dtype = acc == at::kDouble ? DType::Float64 : DType::Float32;
@@ -273,6 +301,28 @@ at::Tensor as_event3(const at::Tensor& t, int64_t n_event) {
   return v;
 }
 
+// After a forward that gave NaN (ops.h: data off the support give NaN): a ValueError if x is off its support,
+// saying where x lies and how 8-bit data are converted; nothing if x is on it (the NaN came from params).
+void check_data(const at::Tensor& x_in, int64_t num_bits, double grid_tol) {
+  const char* fix = "8-bit images k = 0..255 are vf.data.from_levels(k, \"signed\") (k / 127.5 - 1), data in [0, 1] "
+                    "are x * 2 - 1";
+  const std::string outside = data_range_report(x_in, -1.0, 1.0);
+  TORCH_CHECK_VALUE(outside.empty(), "vae_fast.discretized_mix_logistic_log_prob: `x` must be ", num_bits,
+                    "-bit data in [-1, 1], ", outside, ": ", fix);
+  const int64_t levels = (int64_t{1} << num_bits) - 1;
+  const at::Tensor y = (x_in.detach().to(at::kDouble) + 1.0) * (0.5 * static_cast<double>(levels));
+  const at::Tensor off = (y - y.round()).abs();
+  const at::Tensor bad = off > grid_tol;
+  const int64_t n_bad = bad.sum().item<int64_t>();
+  if (n_bad == 0) return;
+  const int64_t first = bad.flatten().nonzero()[0].item<int64_t>();
+  TORCH_CHECK_VALUE(false, "vae_fast.discretized_mix_logistic_log_prob: `x` must lie on the ", levels + 1,
+                    " levels k / ", 0.5 * static_cast<double>(levels), " - 1 of ", num_bits, "-bit data in [-1, 1]; ",
+                    n_bad, " of ", x_in.numel(), " values are off it (e.g. ",
+                    x_in.detach().flatten()[first].to(at::kDouble).item<double>(), ", ",
+                    off.flatten()[first].item<double>(), " of a level from the nearest; data in [0, 1]?): ", fix);
+}
+
 }  // namespace
 
 at::Tensor dmol_log_prob(const at::Tensor& x_in, const at::Tensor& params_in, int64_t num_bits, int64_t layout,
@@ -301,6 +351,7 @@ at::Tensor dmol_log_prob(const at::Tensor& x_in, const at::Tensor& params_in, in
     dmol_forward_cuda(a, out.device());
   } else {
     cpu::kernels().dmol_forward(a);
+    if (any_nan(out)) check_data(x_in, num_bits, p.grid_tol);
   }
   return out;
 }
@@ -317,17 +368,21 @@ std::vector<at::Tensor> dmol_log_prob_backward(const at::Tensor& grad_in, const 
   TORCH_CHECK_VALUE(grad_in.device() == x_in.device(), "vae_fast.dmol_log_prob_backward: `grad` must be on x's device (",
                     x_in.device(), "), got ", grad_in.device());
   const bool need_x = needs.get(0), need_p = needs.get(1);
-  // Gradients of broadcast inputs: written at the full shape, then summed to the input's shape.
+  // Gradients of broadcast inputs: written at the full shape in the accumulation type (float32 for half
+  // inputs), then summed to the input's shape and rounded once to its dtype.
   auto grad_buffer = [&](bool need, bool broadcast, const at::Tensor& t, const Dims& full) {
     if (!need) return at::empty({0}, t.options());
-    if (broadcast) return at::empty(full, t.options().memory_format(at::MemoryFormat::Contiguous));
+    if (broadcast) return at::empty(full, t.options().dtype(p.acc).memory_format(at::MemoryFormat::Contiguous));
     return at::empty_like(t);
   };
   at::Tensor dx = grad_buffer(need_x, p.x_broadcast, p.x, p.x_shape_full);
   at::Tensor dp = grad_buffer(need_p, p.p_broadcast, p.params, p.p_shape_full);
+  auto summed = [](const at::Tensor& full, const at::Tensor& in) {
+    return full.sum_to_size(in.sizes()).to(in.scalar_type());
+  };
   auto result = [&]() -> std::vector<at::Tensor> {
-    at::Tensor rx = need_x && p.x_broadcast ? dx.sum_to_size(x_in.sizes()) : dx;
-    at::Tensor rp = need_p && p.p_broadcast ? dp.sum_to_size(params_in.sizes()) : dp;
+    at::Tensor rx = need_x && p.x_broadcast ? summed(dx, x_in) : dx;
+    at::Tensor rp = need_p && p.p_broadcast ? summed(dp, params_in) : dp;
     return {rx, rp};
   };
   if (p.x.is_meta() || !(need_x || need_p)) return result();
@@ -360,6 +415,7 @@ std::vector<at::Tensor> dmol_log_prob_backward(const at::Tensor& grad_in, const 
   if (need_x) {
     const DmolStrides e = p.event_strides(dx);
     a.dx = dx.data_ptr();
+    a.dx_dtype = to_dtype(dx.scalar_type());
     a.dxs.c = e.c;
     a.dxs.h = e.h;
     a.dxs.w = e.w;
@@ -367,6 +423,7 @@ std::vector<at::Tensor> dmol_log_prob_backward(const at::Tensor& grad_in, const 
   if (need_p) {
     const DmolStrides e = p.event_strides(dp);
     a.dparams = dp.data_ptr();
+    a.dparams_dtype = to_dtype(dp.scalar_type());
     a.dps.c = e.c;
     a.dps.h = e.h;
     a.dps.w = e.w;

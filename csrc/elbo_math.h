@@ -1,7 +1,8 @@
 // Every formula of the VAE objective, once. Inline templates over a value type V: float, double,
 // at::vec::Vectorized<float/double> (CPU SIMD) and CUDA float/double. A backend that adds a value
 // type declares its overloads of the vmath functions (exp, log, half_expm1_minus_x, scaled_half_expm1,
-// log1p_exp_neg, abs, max, min, sqrt, sincospi, inf_or, zero_where_zero, clamp_min)
+// log1p_exp_neg, log1p_unit, expm1, floor, abs, max, min, sqrt, sincospi, inf_or, zero_where_zero, clamp_min,
+// where_lt, where_gt, where_eq)
 // in namespace vae_fast::vmath *before* including this header (qualified calls bind at definition).
 //
 // Numerics (each formula is right wherever the maths is finite; none forms 0 * inf):
@@ -18,7 +19,7 @@
 //  * Bernoulli uses x * l - softplus(l), written as (x - 1) * max(l, 0) + x * min(l, 0)
 //    - log1p(exp(-|l|)) with each product 0 when its data factor is 0: finite for any finite l,
 //    and l = +-inf gives -inf or 0 as the maths does (x = 0, l = +inf: -inf; x = 0, l = -inf: 0).
-//    Never log(sigmoid(l)).
+//    Never log(sigmoid(l)). x outside [0, 1] gives NaN (data off the support, never a number).
 //  * The Gaussian NLL loss clamps var with clamp_min (NaN stays NaN, as torch.clamp), never fmax.
 #pragma once
 #include <cmath>
@@ -48,6 +49,7 @@ VF_HD double max(double a, double b) { return ::fmax(a, b); }
 VF_HD float min(float a, float b) { return ::fminf(a, b); }
 VF_HD double min(double a, double b) { return ::fmin(a, b); }
 VF_HD float sqrt(float x) { return ::sqrtf(x); }
+VF_HD double sqrt(double x) { return ::sqrt(x); }
 // v where a != 0, else 0 (a product whose data factor is exactly 0 is 0, even against inf).
 VF_HD float zero_where_zero(float a, float v) { return a == 0.0f ? 0.0f : v; }
 VF_HD double zero_where_zero(double a, double v) { return a == 0.0 ? 0.0 : v; }
@@ -95,6 +97,8 @@ VF_HD float where_lt(float a, float b, float x, float y) { return a < b ? x : y;
 VF_HD double where_lt(double a, double b, double x, double y) { return a < b ? x : y; }
 VF_HD float where_gt(float a, float b, float x, float y) { return a > b ? x : y; }
 VF_HD double where_gt(double a, double b, double x, double y) { return a > b ? x : y; }
+VF_HD float where_eq(float a, float b, float x, float y) { return a == b ? x : y; }
+VF_HD double where_eq(double a, double b, double x, double y) { return a == b ? x : y; }
 // sin(pi x) and cos(pi x): CUDA's sincospif (a few instructions: the argument needs no reduction by
 // an inexact pi); on the host, in double and rounded once (the CPU SIMD backend has Sleef's).
 VF_HD void sincospi(float x, float& s, float& c) {
@@ -170,16 +174,18 @@ VF_HD void gaussian_log_prob_grad(V g, V x, V m, V lv, V e4, V& dx, V& dm, V& dl
 // ---- F.gaussian_nll_loss's per-element term, and its gradient ---------------------------------
 // 0.5 * (log vc + (x - t)^2 / vc), vc = clamp_min(v, eps); the gradient passes straight through the
 // clamp (torch clamps var under no_grad): d/dv = 0.5 * (1 / vc - (x - t)^2 / vc^2).
+// No intermediate overflows where the result is finite: h = x/2 - t/2 (x - t may overflow), and
+// 0.5 (x - t)^2 / vc = 2 s^2 with s = h / sqrt(vc) (neither h / vc nor h^2 overflows or underflows early).
 template <class V>
 VF_HD V gaussian_nll(V x, V t, V v, V eps) {
   V vc = vmath::clamp_min(v, eps);
-  V d = x - t;
-  return V(0.5f) * vmath::log(vc) + (V(0.5f) * d) * (d / vc);
+  V s = (V(0.5f) * x - V(0.5f) * t) / vmath::sqrt(vc);
+  return V(0.5f) * vmath::log(vc) + (V(2.0f) * s) * s;
 }
 template <class V>
 VF_HD void gaussian_nll_grad(V g, V x, V t, V v, V eps, V& dx, V& dt, V& dv) {
   V vc = vmath::clamp_min(v, eps);
-  V scaled = (x - t) / vc;
+  V scaled = V(2.0f) * ((V(0.5f) * x - V(0.5f) * t) / vc);  // (x - t) / vc
   V half_g = V(0.5f) * g;
   dx = g * scaled;
   dt = V(0.0f) - dx;
@@ -188,12 +194,15 @@ VF_HD void gaussian_nll_grad(V g, V x, V t, V v, V eps, V& dx, V& dt, V& dv) {
 
 // ---- log Bernoulli(x; sigmoid(l)) per element, and its gradient -------------------------------
 // x * l - softplus(l) = (x - 1) * max(l, 0) + x * min(l, 0) - log1p(exp(-|l|)).
+// x outside [0, 1] (infinities included) is off the support: NaN (ops.h: the CPU glue then raises).
 template <class V>
 VF_HD V bernoulli_log_prob(V x, V l) {
   V pos = vmath::max(l, V(0.0f)), neg = vmath::min(l, V(0.0f));
   V xm1 = x - V(1.0f);
-  return vmath::zero_where_zero(xm1, xm1 * pos) + vmath::zero_where_zero(x, x * neg) -
-         vmath::log1p_exp_neg(vmath::abs(l));
+  const V lp = vmath::zero_where_zero(xm1, xm1 * pos) + vmath::zero_where_zero(x, x * neg) -
+               vmath::log1p_exp_neg(vmath::abs(l));
+  const V nan(NAN);
+  return vmath::where_lt(x, V(0.0f), nan, vmath::where_gt(x, V(1.0f), nan, lp));
 }
 template <class V>
 VF_HD void bernoulli_log_prob_grad(V g, V x, V l, V& dx, V& dl) {
@@ -259,7 +268,12 @@ VF_HD void box_muller(V u_radius, V u_angle, V& n0, V& n1) {
 // Gradients (analytic): d f / d u and d f / d ls per channel, joined with the responsibilities
 // r_k = softmax_k(logit_k + sum_c f_ck): d/dlogit_k = r_k - softmax(logit)_k, d/dm_ck = -r_k df/du,
 // d/dls_ck = r_k df/dls (0 below the clamp), the coupling through the chain rule, tanh' = sech^2
-// from expm1 (never 1 - tanh^2, which is 0 in float for |raw| > 9).
+// as 4 e / (1 + e)^2 with e = e^(-2|r|) (never 1 - tanh^2, which cancels for large |r|).
+// Infinite parameters give the maths' limits: a logit of -inf, a mean of +-inf or a log-scale of
+// +inf is a component of weight 0 where it puts no mass on x's bin (it adds nothing to the sums, and
+// its gradients are 0, not 0 * inf); a NaN parameter gives NaN.
+// Data off the support (outside [-1, 1], not finite, or more than DmolBits::grid_tol levels from
+// the 2^bits grid) give NaN in the forward (the glue then says which values, on the CPU).
 constexpr int kDmolMaxMixtures = 32;
 constexpr double kDmolLogScaleMin = -7.0;
 constexpr double kLn2 = 0.6931471805599453;
@@ -298,35 +312,53 @@ VF_HD V d_over_expm1(V d) {
   return vmath::where_lt(d, V(kDmolSmallD), V(1.0f) - V(0.5f) * d, d / vmath::expm1(d));
 }
 
-// tanh(r) and its derivative sech^2(r) from one expm1: q = expm1(-2|r|) in (-1, 0],
-// tanh|r| = -q / (2 + q), sech^2 r = 4 (1 + q) / (2 + q)^2.
+// tanh(r) from q = expm1(-2|r|) in (-1, 0]: tanh|r| = -q / (2 + q), exact near 0.
+template <class V>
+VF_HD V dmol_tanh(V r) {
+  const V q = vmath::expm1(V(-2.0f) * vmath::abs(r));
+  const V ta = (V(0.0f) - q) / (V(2.0f) + q);
+  return vmath::where_lt(r, V(0.0f), V(0.0f) - ta, ta);
+}
+// tanh(r) and sech^2(r) = 4 e / (1 + e)^2 with e = e^(-2|r|): exact for every r (4 (1 + q) / (2 + q)^2
+// would cancel in 1 + q as 1 - tanh^2 does: 0 for |r| >= 20 in double).
 template <class V>
 VF_HD void tanh_sech2(V r, V& t, V& sech2) {
-  const V q = vmath::expm1(V(-2.0f) * vmath::abs(r));
-  const V inv = V(1.0f) / (V(2.0f) + q);
-  const V ta = (V(0.0f) - q) * inv;
-  t = vmath::where_lt(r, V(0.0f), V(0.0f) - ta, ta);
-  sech2 = V(4.0f) * (V(1.0f) + q) * inv * inv;
+  t = dmol_tanh(r);
+  const V e = vmath::exp(V(-2.0f) * vmath::abs(r));
+  const V inv = V(1.0f) / (V(1.0f) + e);
+  sech2 = (V(4.0f) * e) * inv * inv;
 }
 
 // Online logsumexp: state (m, s) with lse = m + log(s); start m = -inf, s = 0. One exp per value.
+// v = -inf (a term e^-inf = 0) leaves the state as it is, also at m = -inf where v - m is NaN.
 template <class V>
 VF_HD void lse_add(V& m, V& s, V v) {
   const V e = vmath::exp(V(0.0f) - vmath::abs(v - m));
-  s = vmath::where_gt(v, m, s * e + V(1.0f), s + e);
+  s = vmath::where_eq(v, V(-INFINITY), s, vmath::where_gt(v, m, s * e + V(1.0f), s + e));
   m = vmath::max(m, v);
 }
 
-// The constants of one bit depth: hw, log(2 hw), the edge thresholds.
+// The constants of one bit depth: hw, log(2 hw), the edge thresholds, (2^bits - 1) / 2 (x's level
+// is (x + 1) * half_levels) and the distance from the grid, in levels, that x may have.
 template <class V>
 struct DmolBits {
-  V hw, log_2hw, lo, hi;
+  V hw, log_2hw, lo, hi, half_levels, grid_tol;
 };
 template <class V>
-VF_HD DmolBits<V> dmol_bits(int num_bits) {
+VF_HD DmolBits<V> dmol_bits(int num_bits, double grid_tol) {
   const double levels = static_cast<double>((int64_t{1} << num_bits) - 1);
   const double hw = 1.0 / levels;
-  return {V(hw), V(::log(2.0 * hw)), V(-1.0 + hw), V(1.0 - hw)};
+  return {V(hw), V(::log(2.0 * hw)), V(-1.0 + hw), V(1.0 - hw), V(0.5 * levels), V(grid_tol)};
+}
+
+// v, or NaN where x is off the support: outside [-1, 1] (infinities included) or farther than
+// grid_tol levels from the nearest of the 2^bits levels. A NaN x gives NaN through v already.
+template <class V>
+VF_HD V nan_off_support(V x, const DmolBits<V>& k, V v) {
+  const V y = (x + V(1.0f)) * k.half_levels;
+  const V off_grid = vmath::abs(y - vmath::floor(y + V(0.5f)));
+  const V nan(NAN);
+  return vmath::where_gt(vmath::abs(x), V(1.0f), nan, vmath::where_gt(off_grid, k.grid_tol, nan, v));
 }
 
 // One channel of one component: f = log P(bin of x) (ls already clamped), and with kGrad
@@ -341,10 +373,12 @@ VF_HD V dmol_bin(V x, V u, V ls, const DmolBits<V>& k, V& gu, V& gls) {
   log_sigmoid_parts(V(0.0f) - b, lnb, sb);    // log sigma(-b), sigma(b)
   const V mid = log1mexp(d, k.log_2hw - ls) + la + lnb;
   if constexpr (kGrad) {
+    // a sigma(-a) and b sigma(b) are 0 where the sigmoid is (a = +inf, b = -inf: an infinite mean)
+    const V a_sna = vmath::zero_where_zero(sna, a * sna), b_sb = vmath::zero_where_zero(sb, b * sb);
     const V gu_mid = inv_s * (sna - sb);
-    const V gls_mid = b * sb - a * sna - d_over_expm1(d);
+    const V gls_mid = b_sb - a_sna - d_over_expm1(d);
     gu = vmath::where_lt(x, k.lo, inv_s * sna, vmath::where_gt(x, k.hi, V(0.0f) - inv_s * sb, gu_mid));
-    gls = vmath::where_lt(x, k.lo, V(0.0f) - a * sna, vmath::where_gt(x, k.hi, b * sb, gls_mid));
+    gls = vmath::where_lt(x, k.lo, V(0.0f) - a_sna, vmath::where_gt(x, k.hi, b_sb, gls_mid));
   }
   return vmath::where_lt(x, k.lo, la, vmath::where_gt(x, k.hi, lnb, mid));
 }
@@ -389,8 +423,8 @@ VF_HD V dmol_log_prob_pixel(const V* x, int M, const Off& o, const DmolBits<V>& 
     V m[C];
     for (int c = 0; c < C; ++c) m[c] = rd(dmol_mean(o, c, k));
     if constexpr (C == 3) {
-      V t[3], s2;
-      for (int j = 0; j < 3; ++j) tanh_sech2(rd(dmol_coeff(o, j, k)), t[j], s2);
+      V t[3];
+      for (int j = 0; j < 3; ++j) t[j] = dmol_tanh(rd(dmol_coeff(o, j, k)));
       m[1] = m[1] + t[0] * x[0];
       m[2] = m[2] + t[1] * x[0] + t[2] * x[1];
     }
@@ -401,7 +435,9 @@ VF_HD V dmol_log_prob_pixel(const V* x, int M, const Off& o, const DmolBits<V>& 
     sl = sl + vmath::exp(logit);
     lse_add(mw, sw, w);
   }
-  return (mw + vmath::log(sw)) - vmath::log(sl);
+  V lp = (mw + vmath::log(sw)) - vmath::log(sl);
+  for (int c = 0; c < C; ++c) lp = nan_off_support(x[c], bits, lp);
+  return lp;
 }
 
 // log p(x) of one pixel and its gradients: wr(p, v) receives g * d log p / d param_p for every P
@@ -442,13 +478,16 @@ VF_HD V dmol_log_prob_pixel_grad(const V* x, int M, const Off& o, const DmolBits
   for (int k = 0; k < M; ++k) {
     const V r = vmath::exp(w[k] - lse_w), pi = vmath::exp(logit[k] - lse_l);
     wr(dmol_logit(o, k), g * (r - pi));
+    // a component of weight r = 0 (an infinite parameter) has gradient 0, never 0 * inf
     const V gr = g * r;
+    V gu_r[C];
     for (int c = 0; c < C; ++c) {
-      wr(dmol_mean(o, c, k), V(0.0f) - gr * gu[k][c]);
-      wr(dmol_log_scale(o, c, k), gr * gls[k][c]);
+      gu_r[c] = vmath::zero_where_zero(r, gr * gu[k][c]);
+      wr(dmol_mean(o, c, k), V(0.0f) - gu_r[c]);
+      wr(dmol_log_scale(o, c, k), vmath::zero_where_zero(r, gr * gls[k][c]));
     }
     if constexpr (C == 3) {
-      const V gu0 = gr * gu[k][0], gu1 = gr * gu[k][1], gu2 = gr * gu[k][2];
+      const V gu0 = gu_r[0], gu1 = gu_r[1], gu2 = gu_r[2];
       wr(dmol_coeff(o, 0, k), V(0.0f) - gu1 * x[0] * s2[k][0]);
       wr(dmol_coeff(o, 1, k), V(0.0f) - gu2 * x[0] * s2[k][1]);
       wr(dmol_coeff(o, 2, k), V(0.0f) - gu2 * x[1] * s2[k][2]);
@@ -456,7 +495,7 @@ VF_HD V dmol_log_prob_pixel_grad(const V* x, int M, const Off& o, const DmolBits
       dx[1] = dx[1] + (gu1 - gu2 * t[k][2]);
       dx[2] = dx[2] + gu2;
     } else {
-      dx[0] = dx[0] + gr * gu[k][0];
+      dx[0] = dx[0] + gu_r[0];
     }
   }
   return lse_w - lse_l;

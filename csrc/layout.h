@@ -160,6 +160,9 @@ struct DmolArgs {
   DType params_dtype = DType::Float32;
   DmolStrides ps;
   int32_t channels = 3, mixtures = 1, num_bits = 8;
+  // How far (in levels) x may lie from the 2^bits grid: the forward gives NaN beyond (elbo_math.h's
+  // nan_off_support); the glue adds x's dtype's rounding of the levels (dmol_ops.cpp).
+  double grid_tol = 0.1;
   int64_t outer = 1, inner = 1, height = 1, width = 1;
   // P-axis offsets of component k's parameters (in P-axis units):
   //   logit k: logit_base + k * component_step
@@ -184,9 +187,13 @@ struct DmolArgs {
   // through their strides where not nullptr (every element of each, once).
   const void* grad = nullptr;
   DmolStrides gs;
+  // dx and dparams in their own dtypes: float32 where a half input was broadcast, so the glue sums
+  // its full-size gradient in float32 and rounds once.
   void* dx = nullptr;
+  DType dx_dtype = DType::Float32;
   DmolStrides dxs;
   void* dparams = nullptr;
+  DType dparams_dtype = DType::Float32;
   DmolStrides dps;
   // Sampler: sample (params_dtype) indexed by ss over (outer, inner, c, h, w), its key *seed (a device
   // int64) when seed != nullptr, else seed_value. Counter layout: the uniforms of pixel

@@ -10,6 +10,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <mutex>
 #include <sstream>
 
@@ -518,6 +519,37 @@ int op_index(std::string_view name) {
   return -1;
 }
 
+bool any_nan(const at::Tensor& out) {
+  TORCH_INTERNAL_ASSERT(out.is_contiguous() && (out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble));
+  const int64_t n = out.numel();
+  bool nan = false;
+  if (out.scalar_type() == at::kFloat) {
+    const float* p = out.const_data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) nan |= std::isnan(p[i]);
+  } else {
+    const double* p = out.const_data_ptr<double>();
+    for (int64_t i = 0; i < n; ++i) nan |= std::isnan(p[i]);
+  }
+  return nan;
+}
+
+std::string data_range_report(const at::Tensor& x, double low, double high) {
+  const at::Tensor v = x.detach().to(at::kDouble);
+  const at::Tensor finite = at::isfinite(v);
+  const int64_t outside = (at::logical_not(finite) | (v < low) | (v > high)).sum().item<int64_t>();
+  if (outside == 0) return "";
+  std::ostringstream os;
+  const at::Tensor kept = v.masked_select(at::logical_not(at::isnan(v)));
+  os << "got values in [";
+  if (kept.numel() > 0) {
+    os << kept.min().item<double>() << ", " << kept.max().item<double>();
+  } else {
+    os << "nan, nan";
+  }
+  os << "] (" << outside << " of " << v.numel() << " outside [" << low << ", " << high << "] or not finite)";
+  return os.str();
+}
+
 namespace {
 
 // One call of a table op, read off the stack (its arguments the last n of it), checked.
@@ -594,7 +626,15 @@ at::Tensor rows_forward(const OpCall& c) {
   RowProblem p(c.row_inputs(false, false), c.event_dims, false);
   c.set_clamps(p, 0);
   const OpSpec& s = *c.info->spec;
-  return p.forward(c.all_given ? s.fwd : s.fwd_short);
+  at::Tensor out = p.forward(c.all_given ? s.fwd : s.fwd_short);
+  if (s.fwd == OpKind::BernLpFwd && out.device().is_cpu() && any_nan(out)) {
+    const at::Tensor& x = c.tensors[0];
+    const std::string bad = data_range_report(x, 0.0, 1.0);
+    TORCH_CHECK_VALUE(bad.empty(), "vae_fast.bernoulli_log_prob: `x` must be data in [0, 1] (binary, or the "
+                      "probabilities of 1), ", bad, ": 8-bit images are vf.data.from_levels(x, \"unit\") (k / 255), "
+                      "binarised ones (x > 0.5).float()");
+  }
+  return out;
 }
 
 std::vector<at::Tensor> rows_backward(OpCall& c) {

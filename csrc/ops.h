@@ -87,6 +87,16 @@ std::string schema_text(const OpSpec& spec, bool backward);
 // in the order of the op's schema.
 void check_op(const std::string& op, const std::vector<c10::IValue>& args);
 
+// Data outside an op's support (Bernoulli targets outside [0, 1], the mixture of logistics' x off its
+// grid in [-1, 1]) give NaN in the kernels' forward formula (elbo_math.h): free, and the same under
+// torch.compile and CUDA graphs. On the CPU the glue then scans the output for a NaN (no pass over the
+// data) and, if one is there, checks the data and raises a ValueError saying what is wrong and how to
+// convert it; a NaN that came from a NaN parameter stays, as torch's ops give it. On CUDA the NaN
+// stays (a check there would be a host sync per call).
+bool any_nan(const at::Tensor& out);  // a contiguous float32 / float64 output
+// x's values out of [low, high] or not finite, said as "`x` ... got values in [min, max] (N of M ...)".
+std::string data_range_report(const at::Tensor& x, double low, double high);
+
 // The key of a sampling call given none: seed_value on the CPU, a device `seed` tensor elsewhere (ops.cpp).
 void draw_seed(const at::Device& device, at::Tensor& seed, std::optional<int64_t>& seed_value);
 // Draws the key (draw_seed) when a sampling call was given none, on real tensors only (ops.cpp says when).

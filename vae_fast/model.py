@@ -101,8 +101,25 @@ class VAE(nn.Module):
         """How many trailing dimensions of z make one latent vector (1 flat, 3 for a (C, H, W) latent)."""
         return len(self.latent_shape)
 
+    def _check_batch(self, x) -> None:
+        """A TypeError naming the conversion for a batch no layer could take as it is: not a tensor, integer or
+        bool levels, float64 against lower-precision parameters. (The data's range is the likelihood ops' check:
+        ``bernoulli_log_prob`` and ``discretized_mix_logistic_log_prob`` refuse data off their support.)"""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor batch, got {type(x).__name__}")
+        convert = f'vf.data.from_levels(x, "{self.lik.data_range}")'
+        if not x.is_floating_point():
+            low, high = likelihoods.DATA_RANGES[self.lik.data_range]
+            raise TypeError(f"x must be a floating batch in [{low:g}, {high:g}] (likelihood {self.likelihood!r}), got "
+                            f"{x.dtype}: 8-bit images (uint8) are {convert}")
+        param = next(self.parameters(), None)
+        if x.dtype == torch.float64 and param is not None and param.dtype != torch.float64:
+            raise TypeError(f"x is float64 but the model's parameters are {param.dtype}: pass x.to({param.dtype}) "
+                            f"(or convert the model with model.double())")
+
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, logvar) of q(z|x), each ``(B, *latent_shape)``: views of the encoder's output, not copies."""
+        self._check_batch(x)
         h = self.encoder(x)
         k = self.latent_event_dims
         want = (2 * self.latent_shape[0], *self.latent_shape[1:])

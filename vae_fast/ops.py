@@ -87,6 +87,9 @@ def _seed_args(fn: str, seed, generator, like: torch.Tensor):
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise TypeError(f"vae_fast.{fn}: seed must be an int or a 1-element int64 tensor, got {seed.dtype} of "
                             f"shape {tuple(seed.shape)}")
+        if seed.is_meta and device.type != "meta":  # no value to copy: torch would say "Cannot copy out of meta"
+            raise ValueError(f"vae_fast.{fn}: seed is a meta tensor (it holds no value) but the samples are drawn on "
+                             f"{device}: give seed on {device} or as an int")
         return seed.reshape(1).to(device), None
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"vae_fast.{fn}: seed must be an int or a 1-element int64 tensor, got {type(seed).__name__}")
@@ -451,6 +454,12 @@ def _first_order(forward, n_args):
     return first_order
 
 
+def _upcast(tensors):
+    """float16 and bfloat16 tensors as float32 (the kernels' computing type); others as they are."""
+    return [t.float() if isinstance(t, torch.Tensor) and t.dtype in (torch.float16, torch.bfloat16) else t
+            for t in tensors]
+
+
 def _pad_to_inputs(ctx, grads):
     """`grads` padded with None to one per argument the op was called with (ctx.inputs also holds the trailing
     defaults the dispatcher dropped; needs_input_grad has the call's own length)."""
@@ -479,8 +488,10 @@ def _register_table_double_backward(op: dict) -> None:
         first = _first_order(lambda *a: forward(*a[:n], *params, event_dims=event_dims, **clamps), n)
         gg = [g if t is not None and g is not None and g.numel() == t.numel() else None
               for g, t in zip(grads, tensors)]
-        out = _vjp_of_first_order(lambda gr, *ts: first(gr, *ts), [grad, *tensors], gg)
-        return _pad_to_inputs(ctx, out)
+        # The composite in float32 for half inputs, as the kernels compute; each result rounded once to its input's dtype.
+        inputs = [grad, *tensors]
+        out = _vjp_of_first_order(lambda gr, *ts: first(gr, *ts), _upcast(inputs), _upcast(gg))
+        return _pad_to_inputs(ctx, [o.to(t.dtype) if o is not None else None for o, t in zip(out, inputs)])
 
     torch.library.register_autograd(f"vae_fast::{name}_backward", backward, setup_context=setup)
 

@@ -161,7 +161,7 @@ void forward_typed(const DmolArgs& a) {
   using V = Vec<acc_t>;
   const int64_t P = params_count(a), units = a.outer * a.inner * a.height;
   const int M = a.mixtures;
-  const DmolBits<V> bits = dmol_bits<V>(a.num_bits);
+  const DmolBits<V> bits = dmol_bits<V>(a.num_bits, a.grid_tol);
   std::vector<double> line_sums(a.reduce == DmolReduce::PerRow ? static_cast<size_t>(units) : 0);
   acc_t* out = static_cast<acc_t*>(a.out);
   at::parallel_for(0, units, line_grain(a), [&](int64_t u0, int64_t u1) {
@@ -207,7 +207,7 @@ void backward_typed(const DmolArgs& a) {
   using V = Vec<acc_t>;
   const int64_t P = params_count(a), units = a.outer * a.inner * a.height;
   const int M = a.mixtures;
-  const DmolBits<V> bits = dmol_bits<V>(a.num_bits);
+  const DmolBits<V> bits = dmol_bits<V>(a.num_bits, a.grid_tol);
   const acc_t* grad = static_cast<const acc_t*>(a.grad);
   at::parallel_for(0, units, line_grain(a), [&](int64_t u0, int64_t u1) {
     std::vector<acc_t> buf(static_cast<size_t>(2 * P * kPix) + V::size());
@@ -231,16 +231,16 @@ void backward_typed(const DmolArgs& a) {
         }
         if (a.dx) {
           for (int c = 0; c < C; ++c)
-            scatter(dxbuf + c * kPix, n, a.x_dtype, a.dx, at_pixel(a.dxs, a, L.row, L.h, w0) + c * a.dxs.c, a.dxs.w);
+            scatter(dxbuf + c * kPix, n, a.dx_dtype, a.dx, at_pixel(a.dxs, a, L.row, L.h, w0) + c * a.dxs.c, a.dxs.w);
         }
         if (a.dparams) {
           const int64_t base = at_pixel(a.dps, a, L.row, L.h, w0);
           if (a.dps.c == 1 && a.dps.w != 1) {  // P contiguous per pixel: transpose back
             for (int j = 0; j < n; ++j)
               for (int64_t p = 0; p < P; ++p)
-                write_at(a.params_dtype, a.dparams, base + j * a.dps.w + p, dpbuf[p * kPix + j]);
+                write_at(a.dparams_dtype, a.dparams, base + j * a.dps.w + p, dpbuf[p * kPix + j]);
           } else {
-            for (int64_t p = 0; p < P; ++p) scatter(dpbuf + p * kPix, n, a.params_dtype, a.dparams, base + p * a.dps.c, a.dps.w);
+            for (int64_t p = 0; p < P; ++p) scatter(dpbuf + p * kPix, n, a.dparams_dtype, a.dparams, base + p * a.dps.c, a.dps.w);
           }
         }
       }

@@ -141,7 +141,7 @@ inline at::vec::Vectorized<T> log1p_unit(const at::vec::Vectorized<T>& t) {
 }
 template <class T> inline at::vec::Vectorized<T> expm1(const at::vec::Vectorized<T>& x) { return x.expm1(); }
 template <class T> inline at::vec::Vectorized<T> floor(const at::vec::Vectorized<T>& x) { return x.floor(); }
-// a < b ? x : y and a > b ? x : y, lane by lane (elbo_math.h's scalar forms choose).
+// a < b ? x : y, a > b ? x : y and a == b ? x : y, lane by lane (elbo_math.h's scalar forms choose).
 template <class T>
 inline at::vec::Vectorized<T> where_lt(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b,
                                        const at::vec::Vectorized<T>& x, const at::vec::Vectorized<T>& y) {
@@ -151,6 +151,11 @@ template <class T>
 inline at::vec::Vectorized<T> where_gt(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b,
                                        const at::vec::Vectorized<T>& x, const at::vec::Vectorized<T>& y) {
   return at::vec::Vectorized<T>::blendv(y, x, a > b);
+}
+template <class T>
+inline at::vec::Vectorized<T> where_eq(const at::vec::Vectorized<T>& a, const at::vec::Vectorized<T>& b,
+                                       const at::vec::Vectorized<T>& x, const at::vec::Vectorized<T>& y) {
+  return at::vec::Vectorized<T>::blendv(y, x, a == b);
 }
 }  // namespace vmath
 VF_ISA_NS_END

@@ -73,7 +73,7 @@ VF_DEV void load_x(const DParams& p, const Pixel& px, A (&x)[C]) {
 
 template <class A, int C>
 VF_GLOBAL void VF_LAUNCH_BOUNDS(128) dmol_fwd_kernel(const VF_GRID_CONST DParams p) {
-  const elbo::DmolBits<A> bits = elbo::dmol_bits<A>(p.a.num_bits);
+  const elbo::DmolBits<A> bits = elbo::dmol_bits<A>(p.a.num_bits, p.a.grid_tol);
   const int64_t stride = gdim_x() * bdim_x();
   VF_NO_UNROLL
   for (int64_t n = bid_x() * bdim_x() + tid_x(); n < p.n_pix; n += stride) {
@@ -114,7 +114,7 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256) dmol_sum_kernel(const VF_GRID_CONST DParams
 
 template <class A, int C>
 VF_GLOBAL void VF_LAUNCH_BOUNDS(128) dmol_bwd_kernel(const VF_GRID_CONST DParams p) {
-  const elbo::DmolBits<A> bits = elbo::dmol_bits<A>(p.a.num_bits);
+  const elbo::DmolBits<A> bits = elbo::dmol_bits<A>(p.a.num_bits, p.a.grid_tol);
   const int64_t stride = gdim_x() * bdim_x();
   VF_NO_UNROLL
   for (int64_t n = bid_x() * bdim_x() + tid_x(); n < p.n_pix; n += stride) {
@@ -124,7 +124,7 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(128) dmol_bwd_kernel(const VF_GRID_CONST DParams
     const A g = Mem<A>::load1(p.a.grad, p.a.acc_dtype, at(p.a.gs, px));
     const DevReader<A> rd{p.a.params, p.a.params_dtype, at(p.a.ps, px), p.a.ps.c};
     if (p.a.dparams) {
-      const DevWriter<A> wr{p.a.dparams, p.a.params_dtype, at(p.a.dps, px), p.a.dps.c};
+      const DevWriter<A> wr{p.a.dparams, p.a.dparams_dtype, at(p.a.dps, px), p.a.dps.c};
       elbo::dmol_log_prob_pixel_grad<C>(x, p.a.mixtures, p.a, bits, g, rd, wr, dx);
     } else {
       struct Drop {
@@ -135,7 +135,7 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(128) dmol_bwd_kernel(const VF_GRID_CONST DParams
     if (p.a.dx) {
       const int64_t off = at(p.a.dxs, px);
       VF_UNROLL
-      for (int c = 0; c < C; ++c) Mem<A>::store1(p.a.dx, p.a.x_dtype, off + c * p.a.dxs.c, dx[c]);
+      for (int c = 0; c < C; ++c) Mem<A>::store1(p.a.dx, p.a.dx_dtype, off + c * p.a.dxs.c, dx[c]);
     }
   }
 }

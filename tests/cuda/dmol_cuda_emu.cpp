@@ -76,7 +76,7 @@ int main(int argc, char** argv) {
   a.inner = R;
   a.height = H;
   a.width = W;
-  a.x_dtype = a.params_dtype = a.acc_dtype = dt;
+  a.x_dtype = a.params_dtype = a.dx_dtype = a.dparams_dtype = a.acc_dtype = dt;
   a.reduce = static_cast<DmolReduce>(reduce);
   const auto x = read_file(dir + "/x.bin"), params = read_file(dir + "/params.bin"), grad = read_file(dir + "/grad.bin");
   a.x = to_device(x);
