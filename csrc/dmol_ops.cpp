@@ -316,10 +316,12 @@ void check_data(const at::Tensor& x_in, int64_t num_bits, double grid_tol) {
   const int64_t n_bad = bad.sum().item<int64_t>();
   if (n_bad == 0) return;
   const int64_t first = bad.flatten().nonzero()[0].item<int64_t>();
+  std::ostringstream example;
+  example.precision(9);
+  example << x_in.detach().flatten()[first].to(at::kDouble).item<double>();
   TORCH_CHECK_VALUE(false, "vae_fast.discretized_mix_logistic_log_prob: `x` must lie on the ", levels + 1,
                     " levels k / ", 0.5 * static_cast<double>(levels), " - 1 of ", num_bits, "-bit data in [-1, 1]; ",
-                    n_bad, " of ", x_in.numel(), " values are off it (e.g. ",
-                    x_in.detach().flatten()[first].to(at::kDouble).item<double>(), ", ",
+                    n_bad, " of ", x_in.numel(), " values are off it (e.g. ", example.str(), ", ",
                     off.flatten()[first].item<double>(), " of a level from the nearest; data in [0, 1]?): ", fix);
 }
 

@@ -194,15 +194,16 @@ VF_HD void gaussian_nll_grad(V g, V x, V t, V v, V eps, V& dx, V& dt, V& dv) {
 
 // ---- log Bernoulli(x; sigmoid(l)) per element, and its gradient -------------------------------
 // x * l - softplus(l) = (x - 1) * max(l, 0) + x * min(l, 0) - log1p(exp(-|l|)).
-// x outside [0, 1] (infinities included) is off the support: NaN (ops.h: the CPU glue then raises).
+// x outside [0, 1] (infinities included) is off the support: NaN (ops.h: the CPU glue then raises), from
+// the sign of x (x - 1) (exact: > 0 just where x < 0 or x > 1). The check comes first and replaces x, so
+// nothing more stays live (the 16-bit CUDA forward spilled when the NaN was chosen at the end).
 template <class V>
-VF_HD V bernoulli_log_prob(V x, V l) {
+VF_HD V bernoulli_log_prob(V x_in, V l) {
+  const V x = vmath::where_gt(x_in * (x_in - V(1.0f)), V(0.0f), V(NAN), x_in);
   V pos = vmath::max(l, V(0.0f)), neg = vmath::min(l, V(0.0f));
   V xm1 = x - V(1.0f);
-  const V lp = vmath::zero_where_zero(xm1, xm1 * pos) + vmath::zero_where_zero(x, x * neg) -
-               vmath::log1p_exp_neg(vmath::abs(l));
-  const V nan(NAN);
-  return vmath::where_lt(x, V(0.0f), nan, vmath::where_gt(x, V(1.0f), nan, lp));
+  return vmath::zero_where_zero(xm1, xm1 * pos) + vmath::zero_where_zero(x, x * neg) -
+         vmath::log1p_exp_neg(vmath::abs(l));
 }
 template <class V>
 VF_HD void bernoulli_log_prob_grad(V g, V x, V l, V& dx, V& dl) {

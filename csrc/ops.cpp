@@ -539,6 +539,7 @@ std::string data_range_report(const at::Tensor& x, double low, double high) {
   const int64_t outside = (at::logical_not(finite) | (v < low) | (v > high)).sum().item<int64_t>();
   if (outside == 0) return "";
   std::ostringstream os;
+  os.precision(9);
   const at::Tensor kept = v.masked_select(at::logical_not(at::isnan(v)));
   os << "got values in [";
   if (kept.numel() > 0) {

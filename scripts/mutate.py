@@ -54,6 +54,7 @@ OP_TESTS = ("tests/test_ops.py",)
 EMU_SELFTEST = "tests/test_known_answers.py::test_emulated_cuda_selftest_passes"
 MODEL_TESTS = ("tests/test_model_oracles.py", "tests/test_model.py")
 DMOL_TESTS = "tests/test_dmol.py"
+DATA_TESTS = "tests/test_data_checks.py"
 
 MUTANTS = [
     # ---- the random stream ----------------------------------------------------------------------------------
@@ -131,8 +132,8 @@ MUTANTS = [
             "tests/test_gaussian_nll_loss.py"),
            "the generated fake kernels read event_dims (and needs) where an op with params has its first param"),
     # ---- the discretized mixture of logistics (elbo_math.h's DMOL section: the CPU and CUDA kernels) -------
-    Mutant("dmol-dlogscale-sign", "csrc/elbo_math.h", "const V gls_mid = b * sb - a * sna - d_over_expm1(d);",
-           "const V gls_mid = b * sb - a * sna + d_over_expm1(d);", (DMOL_TESTS + "::test_gradients_match_composite",),
+    Mutant("dmol-dlogscale-sign", "csrc/elbo_math.h", "const V gls_mid = b_sb - a_sna - d_over_expm1(d);",
+           "const V gls_mid = b_sb - a_sna + d_over_expm1(d);", (DMOL_TESTS + "::test_gradients_match_composite",),
            "a sign in d log P(bin) / d log-scale of a middle bin"),
     Mutant("dmol-log-scale-clamp", "csrc/elbo_math.h", "constexpr double kDmolLogScaleMin = -7.0;",
            "constexpr double kDmolLogScaleMin = -8.0;", (DMOL_TESTS + "::test_matches_composite",),
@@ -155,6 +156,31 @@ MUTANTS = [
     Mutant("dmol-backward-prior-weights", "csrc/elbo_math.h", "const V r = vmath::exp(w[k] - lse_w), pi",
            "const V r = vmath::exp(logit[k] - lse_l), pi", (DMOL_TESTS + "::test_gradients_match_composite",),
            "the backward weights each component by its prior pi_k instead of its responsibility"),
+    # ---- data off the support, the fuzz's edges (issue 29) ---------------------------------------------------
+    Mutant("dmol-grid-unchecked", "csrc/elbo_math.h",
+           "return vmath::where_gt(vmath::abs(x), V(1.0f), nan, vmath::where_gt(off_grid, k.grid_tol, nan, v));",
+           "return vmath::where_gt(vmath::abs(x), V(1.0f), nan, v);", (DATA_TESTS,),
+           "data in [0, 1] scored by the mixture of logistics as if they were levels in [-1, 1]"),
+    Mutant("bernoulli-support-unchecked", "csrc/elbo_math.h",
+           "const V x = vmath::where_gt(x_in * (x_in - V(1.0f)), V(0.0f), V(NAN), x_in);", "const V x = x_in;",
+           (DATA_TESTS,), "0..255 data scored by the Bernoulli likelihood"),
+    Mutant("lse-skips-no-neg-inf", "csrc/elbo_math.h",
+           "s = vmath::where_eq(v, V(-INFINITY), s, vmath::where_gt(v, m, s * e + V(1.0f), s + e));",
+           "s = vmath::where_gt(v, m, s * e + V(1.0f), s + e);", (DATA_TESTS,),
+           "a first mixture component of weight 0 (logit -inf) makes log p NaN"),
+    Mutant("sech2-from-expm1", "csrc/elbo_math.h", "const V e = vmath::exp(V(-2.0f) * vmath::abs(r));",
+           "const V e = V(1.0f) + vmath::expm1(V(-2.0f) * vmath::abs(r));", (DATA_TESTS,),
+           "sech^2 = 4e / (1 + e)^2 with e = 1 + expm1(-2|r|): cancels where tanh saturates"),
+    Mutant("nll-difference-overflows", "csrc/elbo_math.h",
+           "V s = (V(0.5f) * x - V(0.5f) * t) / vmath::sqrt(vc);", "V s = V(0.5f) * (x - t) / vmath::sqrt(vc);",
+           (DATA_TESTS,), "gaussian_nll_loss's x - t overflows near the top of float32"),
+    Mutant("dmol-broadcast-half-grad-rounded-per-sample", "csrc/dmol_ops.cpp",
+           "at::empty(full, t.options().dtype(p.acc).memory_format(", "at::empty(full, t.options().memory_format(",
+           (DATA_TESTS,), "a half params' gradient rounded per sample before the sum over the samples"),
+    Mutant("double-backward-in-half", "vae_fast/ops.py",
+           "_vjp_of_first_order(lambda gr, *ts: first(gr, *ts), _upcast(inputs), _upcast(gg))",
+           "_vjp_of_first_order(lambda gr, *ts: first(gr, *ts), inputs, gg)", (DATA_TESTS,),
+           "double backward of half inputs computed in half precision"),
     # ---- the model's objectives ----------------------------------------------------------------------------
     Mutant("iwae-as-mean", "vae_fast/model.py",
            "        log_w, _ = self._log_weights(x, mu, logvar, num_samples)\n"

@@ -23,15 +23,22 @@ def n_params(C, M):
     return M * composite.params_per_mixture(C)
 
 
+def x_dtype_for(dtype, bits=8):
+    """x's dtype for params of `dtype`: bfloat16 cannot hold more than 2^6 levels in [-1, 1] (the op refuses it), so
+    x stays float32 there."""
+    return torch.float32 if dtype == torch.bfloat16 and bits > 6 else dtype
+
+
 def make_inputs(B, C, H, W, M, layout, dtype=torch.float32, gen=None, bits=8, ls_range=(-8.0, 2.0), lead=None,
-                mean_scale=1.0, logit_scale=3.0):
-    """x on the 2^bits grid (edges included) and params with spread log-scales, in `layout`."""
+                mean_scale=1.0, logit_scale=3.0, interior=False):
+    """x on the 2^bits grid (edges included, unless `interior`) and params with spread log-scales, in `layout`."""
     lead = (B,) if lead is None else lead
     P = n_params(C, M)
     levels = 2 ** bits - 1
-    k = torch.randint(0, levels + 1, (*lead[-1:], C, H, W), generator=gen)
-    k[..., 0, 0] = 0
-    k[..., -1, -1] = levels  # both edge bins present
+    k = torch.randint(1 if interior else 0, levels if interior else levels + 1, (*lead[-1:], C, H, W), generator=gen)
+    if not interior:
+        k[..., 0, 0] = 0
+        k[..., -1, -1] = levels  # both edge bins present
     x = (2.0 * k.double() / levels - 1.0)
     params = torch.randn((*lead, P, H, W), generator=gen, dtype=torch.float64)
     logits, means, ls, coeffs = composite.split_params(params, C, "channels_first")
@@ -42,7 +49,7 @@ def make_inputs(B, C, H, W, M, layout, dtype=torch.float32, gen=None, bits=8, ls
     if layout == "pixelcnn++":
         x = x.movedim(-3, -1)
         params = to_pixelcnn(params, C)
-    return x.to(dtype), params.to(dtype)
+    return x.to(x_dtype_for(dtype, bits)), params.to(dtype)
 
 
 def to_pixelcnn(params_cf, C):
@@ -137,11 +144,12 @@ def test_beyond_pixelcnn_switch():
     # the bin-centre density.
     C, M = 1, 1
     params = torch.tensor([0.0, 0.8, -6.0], dtype=torch.float64).view(1, 3, 1, 1)
-    x = torch.tensor([0.0], dtype=torch.float64).view(1, 1, 1, 1)
+    x0 = 128 / 127.5 - 1  # level 128
+    x = torch.tensor([x0], dtype=torch.float64).view(1, 1, 1, 1)
     got = vf.discretized_mix_logistic_log_prob(x, params)
     ref = composite.dmol_log_prob(x, params)
     hw, s = 1 / 255, math.exp(-6.0)
-    exact = math.log(1 / (1 + math.exp(-(0.0 - 0.8 + hw) / s)) - 1 / (1 + math.exp(-(0.0 - 0.8 - hw) / s)))
+    exact = math.log(1 / (1 + math.exp(-(x0 - 0.8 + hw) / s)) - 1 / (1 + math.exp(-(x0 - 0.8 - hw) / s)))
     assert abs(got.item() - exact) < 1e-9 * abs(exact) and abs(ref.item() - exact) < 1e-9 * abs(exact)
     pp = composite.pixelcnn_pp_log_prob_1d(x, params)
     assert abs(pp.item() - exact) > 0.1  # the published formula's switch fired: off by 0.39 here
@@ -248,7 +256,7 @@ def test_gradients_match_composite(dtype, C, layout, gen):
     out = vf.discretized_mix_logistic_log_prob(xr, pr, layout=layout, event_dims=event_dims)
     g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.dtype)
     dx, dp = torch.autograd.grad(out, (xr, pr), g)
-    assert dx.dtype == dtype and dp.dtype == dtype
+    assert dx.dtype == x.dtype and dp.dtype == dtype
     x2, p2 = x.double().requires_grad_(), params.double().requires_grad_()
     rdx, rdp = torch.autograd.grad(composite.dmol_log_prob(x2, p2, 8, layout, event_dims), (x2, p2), g.double())
     acc = ACC_DTYPE[dtype]
@@ -261,18 +269,27 @@ def test_gradients_match_composite(dtype, C, layout, gen):
 @pytest.mark.parametrize("C", [1, 3])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gradcheck(C, layout, gen):
-    x, params = make_inputs(1, C, 2, 3, 2, layout, torch.float64, gen, ls_range=(-3.0, 0.5))
+    # x's gradient is that of the bin of width 2 / (2^bits - 1) centred on x; finite differences move x off the
+    # grid by 1e-6, inside the op's tolerance (0.1 of a level) on the 16-bit grid, and off the edges (|x| <= 1)
+    x, params = make_inputs(1, C, 2, 3, 2, layout, torch.float64, gen, ls_range=(-3.0, 0.5), bits=16, interior=True)
     event_dims = 3 if layout == "channels_first" else 1
-    fn = lambda a, b: vf.discretized_mix_logistic_log_prob(a, b, layout=layout, event_dims=event_dims)  # noqa: E731
+    fn = lambda a, b: vf.discretized_mix_logistic_log_prob(a, b, layout=layout, event_dims=event_dims,  # noqa: E731
+                                                           num_bits=16)
     assert torch.autograd.gradcheck(fn, (x.requires_grad_(), params.requires_grad_()))
+    # params only, on the 8-bit grid with both edge bins
+    x8, params8 = make_inputs(1, C, 2, 3, 2, layout, torch.float64, gen, ls_range=(-3.0, 0.5))
+    assert torch.autograd.gradcheck(lambda b: vf.discretized_mix_logistic_log_prob(
+        x8, b, layout=layout, event_dims=event_dims), (params8.requires_grad_(),))
 
 
 @pytest.mark.parametrize("C, layout", [(1, "channels_first"), (3, "pixelcnn++")])
 def test_gradgradcheck(C, layout, gen):
     # double backward: the backward op's autograd (the composite formula's), on a small problem (it is slow)
-    x, params = make_inputs(1, C, 1, 1 if C == 3 else 2, 2, layout, torch.float64, gen, ls_range=(-3.0, 0.5))
+    x, params = make_inputs(1, C, 1, 1 if C == 3 else 2, 2, layout, torch.float64, gen, ls_range=(-3.0, 0.5), bits=16,
+                            interior=True)
     event_dims = 3 if layout == "channels_first" else 1
-    fn = lambda a, b: vf.discretized_mix_logistic_log_prob(a, b, layout=layout, event_dims=event_dims)  # noqa: E731
+    fn = lambda a, b: vf.discretized_mix_logistic_log_prob(a, b, layout=layout, event_dims=event_dims,  # noqa: E731
+                                                           num_bits=16)
     assert torch.autograd.gradgradcheck(fn, (x.requires_grad_(), params.requires_grad_()))
 
 
@@ -289,7 +306,7 @@ def test_params_only_and_no_grad(gen):
 def test_opcheck(gen):
     x, params = make_inputs(2, 3, 3, 4, 2, "channels_first", torch.float32, gen)
     torch.library.opcheck(torch.ops.vae_fast.dmol_log_prob.default, (x, params.requires_grad_(), 8, 0, 3))
-    xp, pp = make_inputs(2, 1, 3, 4, 2, "pixelcnn++", torch.float64, gen)
+    xp, pp = make_inputs(2, 1, 3, 4, 2, "pixelcnn++", torch.float64, gen, bits=5)
     quick = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(torch.ops.vae_fast.dmol_log_prob.default, (xp.requires_grad_(), pp.requires_grad_(), 5, 1, 1),
                           test_utils=quick)
@@ -324,7 +341,7 @@ def test_compile_fullgraph(gen):
 # ------------------------------------------------------------------------------------------------
 def test_bad_inputs():
     f = vf.discretized_mix_logistic_log_prob
-    x = torch.zeros(2, 3, 4, 4)
+    x = torch.full((2, 3, 4, 4), 1 / 255)  # level 128 of 8-bit data
     p = torch.zeros(2, 20, 4, 4)  # M = 2
     f(x, p)
     with pytest.raises(TypeError, match="x"):

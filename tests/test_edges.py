@@ -60,8 +60,10 @@ def test_row_ops_hessian_vector_products_match_torch(gen):
     # the decoder's (K, B, D) mean against (B, D) data, a scalar log-variance
     _compare_hvp(lambda x, m, lv: vf.gaussian_log_prob(x, m, lv),
                  lambda x, m, lv: _normal(m, lv).log_prob(x).sum(-1), [(3, 4), (2, 3, 4), ()], gen)
-    _compare_hvp(lambda x, l: vf.bernoulli_log_prob(x, l),
-                 lambda x, l: (x * l - F.softplus(l)).sum(-1), [(2, 3, 4), (2, 3, 4)], gen, scale=[1.0, 3.0])
+    # the data x = sigmoid(u) in (0, 1), the Bernoulli's support
+    _compare_hvp(lambda u, l: vf.bernoulli_log_prob(torch.sigmoid(u), l),
+                 lambda u, l: (torch.sigmoid(u) * l - F.softplus(l)).sum(-1), [(2, 3, 4), (2, 3, 4)], gen,
+                 scale=[1.0, 3.0])
     for reduction in ("none", "sum"):
         _compare_hvp(lambda i, t, v: vf.gaussian_nll_loss(i, t, v.exp(), full=True, reduction=reduction),
                      lambda i, t, v: F.gaussian_nll_loss(i, t, v.exp(), full=True, reduction=reduction),

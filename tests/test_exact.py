@@ -180,7 +180,8 @@ def test_gradgradcheck_every_op():
     assert torch.autograd.gradgradcheck(lambda a, b: vf.gaussian_kl(a, b), (mu, lv))
     assert torch.autograd.gradgradcheck(lambda a, b, c, d: vf.gaussian_kl(a, b, c, d), (mu, lv, pm, plv))
     assert torch.autograd.gradgradcheck(lambda a, b, c: vf.gaussian_log_prob(a, b, c), (x, mean, olv))
-    assert torch.autograd.gradgradcheck(lambda a, b: vf.bernoulli_log_prob(a, b, event_dims=2), (x, mean))
+    xb = (0.1 + 0.8 * torch.rand(3, 4, dtype=torch.float64, generator=g)).requires_grad_()  # inside the support [0, 1]
+    assert torch.autograd.gradgradcheck(lambda a, b: vf.bernoulli_log_prob(a, b, event_dims=2), (xb, mean))
     # (log_q_path_only's stop_grad has no Hessian for gradgradcheck to check: test_edges.py compares its
     # second derivatives with torch autograd of Normal(mu.detach(), std.detach()).log_prob(z).)
     assert torch.autograd.gradgradcheck(lambda a, b: vf.reparameterize(a, b, 3, seed=11, return_log_q=True), (mu, lv))

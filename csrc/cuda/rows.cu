@@ -302,8 +302,10 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, kReduceVecMinBlocks<K>) reduce_vec_kernel(c
   using R = typename Stor<DT>::raw;
   constexpr int NI = D::kIn, W = kVec<R>;
   // Chunks per lane per step, every load issued first: 2 for the ops of 2 inputs (4 vectors in
-  // flight), 1 above (2 spill at 64 registers).
-  constexpr int kU = NI <= 2 ? 2 : 1;
+  // flight), 1 above (2 spill at 64 registers), and 1 for the float16 Bernoulli forward, whose support
+  // check spilled 8 B at 2 (still 32 KB in flight per SM at 4 blocks: several times what hides the
+  // memory latency of an H100).
+  constexpr int kU = NI <= 2 && !(K == OpKind::BernLpFwd && DT == DType::Float16) ? 2 : 1;
   VF_SHARED_ARRAY(SumPair<float>, smem, 32);
   const ThreadGroup g(p.tpr);
   VF_NO_UNROLL
