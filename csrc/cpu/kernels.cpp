@@ -35,12 +35,22 @@ using Vec = at::vec::Vectorized<T>;
 // stored in another) stays in L1.
 constexpr int64_t kChunk = 512;
 
-// Elements per parallel task, at least: a fork costs ~2-3 us (2 cores, OpenMP), about 4K elements of a KL
-// or 2K of a Bernoulli log-likelihood, so forking pays from ~8K elements on (2 threads against 1: KL at 8K
-// elements 8.6 against 10.7 us, at 16K 11.9 against 17.4 us; Bernoulli at 16K 19 against 33 us).
-constexpr int64_t kMinTaskElements = int64_t{1} << 12;
-// Rows longer than this are summed in segments of this many elements, in parallel (run_flat).
-constexpr int64_t kSegment = 2 * kMinTaskElements;
+// Elements per parallel task, at least (at::parallel_for runs a call of at most this many on the calling
+// thread). Measured on a 2-core machine, rows x 1024 float32, mean per call, 1 thread against 2 (README,
+// "Threads"): on a quiet machine 2 threads take 0.55-0.8 of one's time from 16K elements on; with one other
+// process spinning on a core they take 2.5-4x one's time up to 256K elements (a worker that is descheduled
+// holds the whole region for a scheduler slice, ~4 ms: p50 stays, the mean and the tail do not) and come
+// within 2x of it from ~1M. 64K per task keeps a 64 x 1024 call on one thread (busy: 1.0x its quiet time
+// against 4x parallel) and forks from 128K elements, where the quiet gain is largest.
+constexpr int64_t kMinTaskElements = int64_t{1} << 16;
+// Rows longer than this are summed in segments of this many elements (run_flat): a function of the shape
+// alone, so the sums do not depend on the thread count; segments are then grouped into tasks.
+constexpr int64_t kSegment = int64_t{1} << 13;
+
+// at::parallel_for's grain for units of `unit_elements` elements each: tasks of kMinTaskElements at least.
+inline int64_t task_grain(int64_t unit_elements) {
+  return std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(1, unit_elements));
+}
 
 // ---------------------------------------------------------------------------------------------
 // Reading and writing operands of any dtype in the accumulation type acc_t (float or double).
@@ -444,13 +454,13 @@ void run_rows_typed(const RowArgs& args) {
   if (any_accumulate) {
     // Fixed blocks of outer rows (chosen from the shapes alone), each with its own partial sums: the
     // same result whatever the thread count.
-    at::parallel_for(0, L.n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    const int64_t block_elements = t.outer * L.event_numel * t.inner / std::max<int64_t>(1, L.n_blocks);
+    at::parallel_for(0, L.n_blocks, task_grain(block_elements), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
         run_outer_range<acc_t, Op>(args, h, t, b * t.outer / L.n_blocks, (b + 1) * t.outer / L.n_blocks, b);
     });
   } else {
-    const int64_t grain = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(1, L.event_numel * t.inner));
-    at::parallel_for(0, t.outer, grain, [&](int64_t o0, int64_t o1) { run_outer_range<acc_t, Op>(args, h, t, o0, o1, 0); });
+    at::parallel_for(0, t.outer, task_grain(L.event_numel * t.inner), [&](int64_t o0, int64_t o1) { run_outer_range<acc_t, Op>(args, h, t, o0, o1, 0); });
   }
 }
 
@@ -590,7 +600,7 @@ void for_each_chunk(int64_t begin, int64_t end, Body body) {
 }
 
 inline int64_t sample_grain(const SampleArgs& a) {  // rows per task
-  return std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(1, a.event_numel * a.num_samples));
+  return task_grain(a.event_numel * a.num_samples);
 }
 
 // n logical elements [c, c + n) of a sampler input (mu or logvar, read in place through its runs,
@@ -847,7 +857,7 @@ bool run_flat(const RowArgs& args) {
   };
   std::vector<Edges> edges(segmented ? static_cast<size_t>((N + kSegment - 1) / kSegment) : 0);
   const int64_t units = segmented ? static_cast<int64_t>(edges.size()) : R;
-  const int64_t grain = segmented ? 1 : std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(1, E));
+  const int64_t grain = task_grain(segmented ? kSegment : E);
   at::parallel_for(0, units, grain, [&](int64_t u0, int64_t u1) {
     alignas(64) acc_t in_buf[Op::kIn][kChunk];
     alignas(64) acc_t out_buf[Op::kOut][kChunk];
