@@ -122,6 +122,21 @@ def test_bernoulli_refuses_data_outside_unit_range(bad, gen):
         vf.bernoulli_log_prob(x, logits)
 
 
+@pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
+def test_support_checks_on_every_cpu_isa(isa, monkeypatch, gen):
+    # VAE_FAST_CPU_ISA only ever lowers the variant: an unsupported one runs the best the CPU has
+    monkeypatch.setenv("VAE_FAST_CPU_ISA", isa)
+    x = torch.rand(3, 37, generator=gen)
+    logits = torch.randn(3, 37, generator=gen)
+    x[1, 36] = -1e-30  # the last element of a row: the vector loops' tail
+    with pytest.raises(ValueError, match="1 of 111"):
+        vf.bernoulli_log_prob(x, logits)
+    xd = levels_signed((2, 3, 3, 21), gen).float()
+    xd[1, 1, 2, 20] += 0.5 / 127.5
+    with pytest.raises(ValueError, match="1 of 378 values are off it"):
+        dmol(xd, torch.randn(2, 40, 3, 21, generator=gen))
+
+
 def test_bernoulli_edges_and_nan_logits(gen):
     x = torch.tensor([[0.0, 1.0, 0.5]])
     logits = torch.tensor([[2.0, -3.0, math.nan]])

@@ -586,6 +586,31 @@ def test_cuda_kernels_emulated(dtype, C, M, layout, event_dims, H, W, tmp_path, 
     assert torch.equal(load("sample.bin", x), sample)
 
 
+def test_cuda_kernels_emulated_give_nan_off_the_support(tmp_path, gen):
+    # CUDA keeps the forward's NaN for data off the support (no host sync to raise): row 1 holds data in [0, 1]
+    import subprocess
+
+    import numpy as np
+
+    exe = _emu_binary()
+    R, C, M, H, W, bits = 3, 3, 2, 2, 5, 8
+    x, params = make_inputs(R, C, H, W, M, "channels_first", torch.float32, gen)
+    x[1] = torch.randint(0, 128, (C, H, W), generator=gen).float() * 2 / 255  # k / 255 for even k: between levels
+    x[2, 0, 0, 0] = 1.5
+    P = n_params(C, M)
+    xs, ps = _contiguous_strides("channels_first", R, C, P, H, W)
+    fields = [0, C, M, bits, R, H, W, 2, *xs, *ps, 0, 1, 0, 0, 0, *_offsets("channels_first", C, M), 1]
+    (tmp_path / "args.txt").write_text(" ".join(map(str, fields)))
+    x.numpy().tofile(tmp_path / "x.bin")
+    params.numpy().tofile(tmp_path / "params.bin")
+    torch.ones(R).numpy().tofile(tmp_path / "grad.bin")
+    run = subprocess.run([str(exe), str(tmp_path)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    out = torch.from_numpy(np.fromfile(tmp_path / "out.bin", dtype="float32"))
+    torch.testing.assert_close(out[0], vf.discretized_mix_logistic_log_prob(x[:1], params[:1])[0], rtol=2e-5, atol=2e-4)
+    assert math.isnan(out[1].item()) and math.isnan(out[2].item())
+
+
 @pytest.mark.parametrize("isa", ["baseline", "avx2", "avx512"])
 def test_every_cpu_isa(isa, monkeypatch, gen):
     # VAE_FAST_CPU_ISA only ever lowers the variant: an unsupported one runs the best the CPU has.
