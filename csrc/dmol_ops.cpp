@@ -303,15 +303,17 @@ at::Tensor as_event3(const at::Tensor& t, int64_t n_event) {
 
 // After a forward that gave NaN (ops.h: data off the support give NaN): a ValueError if x is off its support,
 // saying where x lies and how 8-bit data are converted; nothing if x is on it (the NaN came from params).
-void check_data(const at::Tensor& x_in, int64_t num_bits, double grid_tol) {
+// The distance from the grid is measured as the kernel measures it (elbo_math.h's nan_off_support, in the
+// accumulation type `acc`), so the two agree on every value.
+void check_data(const at::Tensor& x_in, int64_t num_bits, double grid_tol, at::ScalarType acc) {
   const char* fix = "8-bit images k = 0..255 are vf.data.from_levels(k, \"signed\") (k / 127.5 - 1), data in [0, 1] "
                     "are x * 2 - 1";
   const std::string outside = data_range_report(x_in, -1.0, 1.0);
   TORCH_CHECK_VALUE(outside.empty(), "vae_fast.discretized_mix_logistic_log_prob: `x` must be ", num_bits,
                     "-bit data in [-1, 1], ", outside, ": ", fix);
   const int64_t levels = (int64_t{1} << num_bits) - 1;
-  const at::Tensor y = (x_in.detach().to(at::kDouble) + 1.0) * (0.5 * static_cast<double>(levels));
-  const at::Tensor off = (y - y.round()).abs();
+  const at::Tensor y = (x_in.detach().to(acc) + 1.0) * (0.5 * static_cast<double>(levels));
+  const at::Tensor off = (y - (y + 0.5).floor()).abs();
   const at::Tensor bad = off > grid_tol;
   const int64_t n_bad = bad.sum().item<int64_t>();
   if (n_bad == 0) return;
@@ -322,7 +324,7 @@ void check_data(const at::Tensor& x_in, int64_t num_bits, double grid_tol) {
   TORCH_CHECK_VALUE(false, "vae_fast.discretized_mix_logistic_log_prob: `x` must lie on the ", levels + 1,
                     " levels k / ", 0.5 * static_cast<double>(levels), " - 1 of ", num_bits, "-bit data in [-1, 1]; ",
                     n_bad, " of ", x_in.numel(), " values are off it (e.g. ", example.str(), ", ",
-                    off.flatten()[first].item<double>(), " of a level from the nearest; data in [0, 1]?): ", fix);
+                    off.flatten()[first].to(at::kDouble).item<double>(), " of a level from the nearest; data in [0, 1]?): ", fix);
 }
 
 }  // namespace
@@ -353,7 +355,7 @@ at::Tensor dmol_log_prob(const at::Tensor& x_in, const at::Tensor& params_in, in
     dmol_forward_cuda(a, out.device());
   } else {
     cpu::kernels().dmol_forward(a);
-    if (any_nan(out)) check_data(x_in, num_bits, p.grid_tol);
+    if (any_nan(out)) check_data(x_in, num_bits, p.grid_tol, p.acc);
   }
   return out;
 }

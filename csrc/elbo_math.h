@@ -174,18 +174,25 @@ VF_HD void gaussian_log_prob_grad(V g, V x, V m, V lv, V e4, V& dx, V& dm, V& dl
 // ---- F.gaussian_nll_loss's per-element term, and its gradient ---------------------------------
 // 0.5 * (log vc + (x - t)^2 / vc), vc = clamp_min(v, eps); the gradient passes straight through the
 // clamp (torch clamps var under no_grad): d/dv = 0.5 * (1 / vc - (x - t)^2 / vc^2).
-// No intermediate overflows where the result is finite: h = x/2 - t/2 (x - t may overflow), and
-// 0.5 (x - t)^2 / vc = 2 s^2 with s = h / sqrt(vc) (neither h / vc nor h^2 overflows or underflows early).
+// No intermediate overflows where the result is finite: 0.5 (x - t)^2 / vc = (0.5 s) s with
+// s = (x - t) / sqrt(vc) (neither (x - t) / vc nor (x - t)^2 overflows or underflows early).
+// (x - t) / r, finite wherever the quotient is: from d = x - t, or where d overflowed (x and t near the
+// largest value, opposite signs) as 2 (x/2 - t/2) / r (not always: halving a subnormal rounds it).
+template <class V>
+VF_HD V nll_diff_over(V x, V t, V r) {
+  const V d = x - t;
+  return vmath::where_eq(vmath::abs(d), V(INFINITY), V(2.0f) * ((V(0.5f) * x - V(0.5f) * t) / r), d / r);
+}
 template <class V>
 VF_HD V gaussian_nll(V x, V t, V v, V eps) {
   V vc = vmath::clamp_min(v, eps);
-  V s = (V(0.5f) * x - V(0.5f) * t) / vmath::sqrt(vc);
-  return V(0.5f) * vmath::log(vc) + (V(2.0f) * s) * s;
+  const V s = nll_diff_over(x, t, vmath::sqrt(vc));
+  return V(0.5f) * vmath::log(vc) + (V(0.5f) * s) * s;
 }
 template <class V>
 VF_HD void gaussian_nll_grad(V g, V x, V t, V v, V eps, V& dx, V& dt, V& dv) {
   V vc = vmath::clamp_min(v, eps);
-  V scaled = V(2.0f) * ((V(0.5f) * x - V(0.5f) * t) / vc);  // (x - t) / vc
+  V scaled = nll_diff_over(x, t, vc);  // (x - t) / vc
   V half_g = V(0.5f) * g;
   dx = g * scaled;
   dt = V(0.0f) - dx;

@@ -393,8 +393,9 @@ std::vector<at::Tensor> RowProblem::backward(OpKind op, c10::ArrayRef<bool> need
   int64_t n_blocks = 1;
   if (device.is_cuda()) {
     if (launch_args) n_blocks = suggest_n_blocks_cuda(op, *launch_args, max_partial, device);
-  } else {  // a block per 4K elements (what a fork pays for, kernels.cpp), up to 64 (they balance 2..64
-            // threads), at most one per row; partial sums capped at 16M elements
+  } else {  // a summation block per 4K elements (a function of the shape: the sums do not depend on the
+            // threads, which take blocks in tasks of 64K elements, kernels.cpp), up to 64, at most one per
+            // row; partial sums capped at 16M elements
     n_blocks = std::clamp<int64_t>(std::min(rows * event_numel >> 12, rows), 1, 64);
     n_blocks = std::max<int64_t>(1, std::min<int64_t>(n_blocks, (int64_t{1} << 24) / max_partial));
   }

@@ -93,20 +93,43 @@ def test_dmol_data_check_under_compile(gen):
         fn(torch.full((2, 3, 4, 4), 3.0), params)
 
 
-def test_dmol_data_check_cost_nothing_on_valid_data(gen, monkeypatch):
-    # valid data: the only extra work is a scan of the output for NaN (the data are never read again)
-    calls = []
-    real = torch.Tensor.to
+def _aten_ops(fn):
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
 
-    def spy(self, *a, **k):
-        calls.append(a)
-        return real(self, *a, **k)
 
+def test_data_checks_cost_no_pass_over_valid_data(gen):
+    # valid data: the only extra work is the glue's scan of the output for NaN; the data are not read again
     x = levels_signed((2, 3, 4, 4), gen).float()
     params = torch.randn(2, 100, 4, 4, generator=gen)
-    monkeypatch.setattr(torch.Tensor, "to", spy)
-    dmol(x, params)
-    assert calls == []
+    checks = {"aten::isfinite", "aten::_to_copy", "aten::nonzero", "aten::floor", "aten::abs", "aten::gt"}
+    assert not _aten_ops(lambda: dmol(x, params)) & checks
+    assert not _aten_ops(lambda: vf.bernoulli_log_prob(torch.rand(4, 9), torch.randn(4, 9))) & checks
+    bad = x.clone()
+    bad[0, 0, 0, 0] = 0.0  # between two 8-bit levels: now the data are checked
+    with pytest.raises(ValueError):
+        _aten_ops(lambda: dmol(bad, params))
+
+
+def test_dmol_glue_and_kernel_agree_at_the_grid_tolerance(gen):
+    # 16-bit levels moved by about the tolerance (0.1 level): each value is either scored or refused, never a
+    # silent NaN (the glue measures the distance from the grid in float32, as the kernel does)
+    half_levels = (2 ** 16 - 1) / 2
+    k = torch.randint(1, 2 ** 16 - 1, (400,), generator=gen).double()
+    offset = 0.1 + (torch.rand(400, generator=gen, dtype=torch.float64) - 0.5) * 0.02
+    x = ((k + offset) / half_levels - 1).float().view(400, 1, 1, 1)
+    params = torch.randn(1, 3, 1, 1, generator=gen)
+    scored = refused = 0
+    for i in range(400):
+        try:
+            out = dmol(x[i:i + 1], params, num_bits=16)
+        except ValueError:
+            refused += 1
+            continue
+        assert torch.isfinite(out).all(), x[i].item()
+        scored += 1
+    assert scored > 0 and refused > 0
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,6 +186,18 @@ def test_models_refuse_integer_and_float64_batches(likelihood, convert, gen):
     assert torch.isfinite(loss)
 
 
+def test_bfloat16_model_scores_float32_data(gen):
+    # model.to(bfloat16): the float32 batch enters the encoder in bfloat16, the likelihood scores the float32
+    # levels (bfloat16 cannot hold them: the op refuses a bfloat16 x at 8 bits)
+    torch.manual_seed(0)
+    model = vf.conv_vae((3, 8, 8), latent_channels=2, likelihood="dmol").to(torch.bfloat16)
+    x = vf.data.from_levels(torch.randint(0, 256, (2, 3, 8, 8), generator=gen).to(torch.uint8), "signed")
+    loss, _ = model(x)
+    assert torch.isfinite(loss)
+    with pytest.raises(ValueError, match="BFloat16 cannot hold the 256 levels"):
+        model(x.bfloat16())
+
+
 @pytest.mark.parametrize("likelihood, match", [("dmol", r"8-bit data in \[-1, 1\]"), ("bernoulli", r"data in \[0, 1\]")])
 def test_models_refuse_raw_levels_as_floats(likelihood, match, gen):
     model = vf.conv_vae((3, 8, 8), latent_channels=2, likelihood=likelihood)
@@ -201,6 +236,23 @@ def test_dmol_double_backward_of_half_params_in_float32(dtype, gen):
         torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0)
 
 
+def test_sampler_double_backward_of_half_inputs_in_float32(gen):
+    mu = torch.randn(4, 6, generator=gen).bfloat16()
+    lv = torch.randn(4, 6, generator=gen).bfloat16()
+    v = torch.randn(4, 6, generator=gen).bfloat16()
+
+    def hvp(m, l, v):
+        m, l = m.clone().requires_grad_(), l.clone().requires_grad_()
+        z, kl = vf.reparameterize_with_kl(m, l, 3, seed=5)
+        w = ((torch.arange(z.numel()) % 7 - 3) / 4).view(z.shape).to(z.dtype)  # exact in bfloat16
+        gm, gl = torch.autograd.grad((w * z).sum() + kl.sum(), (m, l), create_graph=True)
+        return torch.autograd.grad((gm * v).sum() + (gl * v).sum(), (m, l))
+
+    for got, want in zip(hvp(mu, lv, v), hvp(mu.float(), lv.float(), v.float())):
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want.bfloat16(), rtol=0, atol=0)
+
+
 def test_row_op_double_backward_of_half_inputs_in_float32(gen):
     mu = torch.randn(4, 6, generator=gen).half()
     lv = torch.randn(4, 6, generator=gen).half()
@@ -237,6 +289,19 @@ def test_gaussian_nll_loss_elementwise_up_to_the_largest_float(gen):
     finite = torch.isfinite(id_.grad.float()) & torch.isfinite(vd.grad.float())
     torch.testing.assert_close(i.grad[finite].double(), id_.grad[finite], rtol=1e-5, atol=0)
     torch.testing.assert_close(v.grad[finite].double(), vd.grad[finite], rtol=1e-5, atol=1e-30)
+
+
+def test_gaussian_nll_loss_subnormal_differences_keep_their_digits():
+    # x - t and var subnormal (eps=0): the difference is exact, never halved (halving a subnormal rounds it)
+    tiny = 2.0 ** -149
+    inp = torch.tensor([tiny, 3 * tiny, 1e-40]).requires_grad_()
+    tgt = torch.tensor([0.0, 0.0, -1e-40])
+    var = torch.tensor([1e-44, 2e-44, 1e-38])
+    vf.gaussian_nll_loss(inp, tgt, var, eps=0.0, reduction="sum").backward()
+    i64 = inp.detach().double().requires_grad_()
+    (0.5 * (torch.log(var.double()) + (i64 - tgt.double()) ** 2 / var.double())).sum().backward()
+    torch.testing.assert_close(inp.grad.double(), i64.grad, rtol=1e-6, atol=0)
+    assert (inp.grad > 0).all()
 
 
 def test_gaussian_nll_loss_issue_case(gen):
@@ -280,6 +345,23 @@ def test_dmol_infinite_parameters_give_the_limit(dtype, which, value):
     (grad,) = torch.autograd.grad(got.sum(), p)
     assert torch.isfinite(grad).all(), grad
     assert (grad.view(6)[[2, 4]] == 0).all()  # the weightless component's mean and log-scale
+
+
+@pytest.mark.parametrize("level, mean", [(0, -math.inf), (255, math.inf)])
+def test_dmol_infinite_mean_at_an_edge_bin_holds_all_its_mass(level, mean):
+    # a mean of -inf puts all its mass in the bottom (open-ended) bin, +inf in the top one: that component's
+    # term is log 1 = 0 there, its weight nonzero, its log-scale's gradient 0 (a sigma(-a) = 0 at a = +inf)
+    x = torch.full((1, 1, 1, 1), level / 127.5 - 1, dtype=torch.float64)
+    params = torch.tensor([0.3, 0.1, mean, -0.4, -2.0, -1.5], dtype=torch.float64).view(1, 6, 1, 1)
+    p = params.clone().requires_grad_()
+    got = dmol(x, p)
+    other = composite.dmol_log_prob(x, params[:, [1, 3, 5]]).exp()
+    w = torch.softmax(params[0, :2, 0, 0], 0)
+    want = torch.log(w[0] + w[1] * other)
+    torch.testing.assert_close(got, want.view(1), rtol=1e-12, atol=1e-12)
+    (grad,) = torch.autograd.grad(got.sum(), p)
+    assert torch.isfinite(grad).all(), grad
+    assert grad.view(6)[4] == 0 and grad.view(6)[0] != 0
 
 
 def test_dmol_infinite_logit_matches_a_huge_one():
@@ -341,6 +423,18 @@ def test_dmol_broadcast_half_params_gradient_rounded_once(dtype, gen):
     (want,) = torch.autograd.grad(dmol(x, p32), p32, g)
     assert got.dtype == dtype
     assert torch.equal(got, want.to(dtype))
+
+
+def test_dmol_broadcast_half_x_gradient_rounded_once(gen):
+    K = 8
+    x = levels_signed((2, 3, 4, 4), gen).half().requires_grad_()  # broadcast over the K samples of params
+    params = torch.randn(K, 2, 100, 4, 4, generator=gen)
+    g = torch.randn(K, 2, generator=gen) * 500
+    (got,) = torch.autograd.grad(dmol(x, params), x, g)
+    x32 = x.detach().float().requires_grad_()
+    (want,) = torch.autograd.grad(dmol(x32, params), x32, g)
+    assert got.dtype == torch.float16
+    assert torch.equal(got, want.half())
 
 
 def test_row_op_broadcast_half_gradient_rounded_once(gen):

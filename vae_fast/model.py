@@ -118,8 +118,13 @@ class VAE(nn.Module):
                             f"(or convert the model with model.double())")
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mu, logvar) of q(z|x), each ``(B, *latent_shape)``: views of the encoder's output, not copies."""
+        """(mu, logvar) of q(z|x), each ``(B, *latent_shape)``: views of the encoder's output, not copies.
+        A float32 batch into a float16 or bfloat16 model (``model.to(torch.bfloat16)``) enters the encoder in the
+        model's dtype, while the likelihood scores the float32 data (bfloat16 cannot hold 8-bit levels)."""
         self._check_batch(x)
+        param = next(self.encoder.parameters(), None)
+        if param is not None and x.dtype == torch.float32 and param.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(param.dtype)
         h = self.encoder(x)
         k = self.latent_event_dims
         want = (2 * self.latent_shape[0], *self.latent_shape[1:])

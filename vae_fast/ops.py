@@ -511,7 +511,9 @@ def _sample_double_backward(ctx, grad_dmu, grad_dlogvar):
      path_only, need_mu, need_logvar, clamp, concat_dim) = ctx.inputs
     if concat_dim is not None and grad_dmu is not None:
         grad_dmu, grad_dlogvar = _halves(grad_dmu, concat_dim)
-    zeros = torch.zeros_like(mu)  # z = eps exactly when mu = 0 and logvar = 0: the forward's eps
+    # in float32 for half inputs, as the kernels compute (eps too: it is drawn in float32)
+    zeros = torch.zeros_like(mu, dtype=torch.float64 if mu.dtype == torch.float64 else torch.float32)
+    # z = eps exactly when mu = 0 and logvar = 0: the forward's eps
     eps = _ops.sample_gaussian(zeros, zeros, seed, seed_value, num_samples, sample_dim, event_dims, False, False,
                                False)[0]
 
@@ -528,8 +530,9 @@ def _sample_double_backward(ctx, grad_dmu, grad_dlogvar):
         return grads
 
     gg = [grad_dmu if need_mu else None, grad_dlogvar if need_logvar else None]
-    out = _vjp_of_first_order(first, [grad_z, grad_log_q, grad_kl, mu, logvar], gg)
-    return _pad_to_inputs(ctx, out)
+    inputs = [grad_z, grad_log_q, grad_kl, mu, logvar]
+    out = _vjp_of_first_order(first, _upcast(inputs), _upcast(gg))
+    return _pad_to_inputs(ctx, [o.to(t.dtype) if o is not None else None for o, t in zip(out, inputs)])
 
 
 torch.library.register_autograd("vae_fast::sample_gaussian_backward", _sample_double_backward,
