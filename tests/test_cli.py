@@ -108,7 +108,14 @@ def test_evaluate_and_sample(run):
     proc = _cli("sample", out, "--seed", 3)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [str(out / "sample-seed3.png"), str(out / "sample-seed3-manifold.png")]
-    for name in ("more.png", "more-manifold.png", "sample-seed3.png", "sample-seed3-manifold.png"):
+    proc = _cli("sample", out, "-n", 8, "--draws", "--temperature", 0.5)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[0] == str(out / "sample-seed0-draws-t0.5.png")
+    for bad in ("0", "-1", "nan", "inf"):
+        proc = _cli("sample", out, "--temperature", bad)
+        assert proc.returncode != 0 and "--temperature must be a positive number" in proc.stderr, (bad, proc.stderr)
+    for name in ("more.png", "more-manifold.png", "sample-seed3.png", "sample-seed3-manifold.png",
+                 "sample-seed0-draws-t0.5.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
     # The training run's own figures are untouched.
     assert figures == {name: (out / name).read_bytes() for name in figures}

@@ -120,6 +120,27 @@ def test_bad_arguments_name_themselves():
         vf.VAE(torch.nn.Identity(), torch.nn.Identity(), (2, 3, 3)).encode(torch.zeros(1, 4, 3, 2))
 
 
+def test_sample_temperature_and_draws():
+    torch.manual_seed(0)
+    model = vf.conv_vae((3, 8, 8), latent_channels=2, likelihood="dmol")
+    torch.manual_seed(1)
+    got = model.sample(4, temperature=0.5)
+    torch.manual_seed(1)
+    z = torch.randn(4, *model.latent_shape)
+    with torch.no_grad():
+        want = model.decode_mean(0.5 * z)
+    torch.testing.assert_close(got, want)  # z ~ N(0, T^2 I): the prior's draws scaled by T
+    draws = model.sample(16, mean=False, temperature=0.7)
+    k = (draws.double() + 1) * 127.5
+    assert (k - k.round()).abs().max() < 1e-4 and draws.min() >= -1 and draws.max() <= 1  # the 256 levels (float32)
+    assert torch.isfinite(vf.discretized_mix_logistic_log_prob(draws, model.decode(torch.zeros(16, 2, 2, 2)))).all()
+    bern = vf.conv_vae((1, 8, 8), latent_channels=2)
+    assert set(bern.sample(8, mean=False).unique().tolist()) <= {0.0, 1.0}
+    for bad in (0, -1.0, math.inf, math.nan, True):
+        with pytest.raises(ValueError, match="temperature must be a positive finite number"):
+            model.sample(2, temperature=bad)
+
+
 def test_colour_figures(tmp_path):
     torch.manual_seed(0)
     model = vf.conv_vae((3, 8, 8), 2, channels=(4, 8)).eval()

@@ -129,6 +129,11 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("-n", "--num", type=int, default=64, help="number of samples (default 64)")
     s.add_argument("--output", help="PNG path (default RUN/sample-seedSEED.png; a 2-D latent space also gets "
                                     "OUTPUT-manifold.png)")
+    s.add_argument("--draws", action="store_true",
+                   help="draw each image from p(x|z) (binary pixels for a Bernoulli model, the fused sampler's 256 "
+                        "levels for dmol, Gaussian noise added) instead of showing the mean of p(x|z)")
+    s.add_argument("--temperature", type=float, default=1.0, metavar="T",
+                   help="z ~ N(0, T^2 I): below 1, samples nearer the prior's mode (default 1)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_sample)
@@ -263,18 +268,25 @@ def _sample(args) -> int:
 
     if args.num < 1:
         raise CliError("--num must be >= 1")
+    if not 0 < args.temperature < float("inf"):
+        raise CliError(f"--temperature must be a positive number, got {args.temperature}")
     run = _run_dir(args.run)
     model, cfg, ckpt = load_run(run, args.device)
     torch.manual_seed(args.seed)
     # Its own files: never the training run's samples.png or manifold.png.
-    output = Path(args.output) if args.output else run / f"sample-seed{args.seed}.png"
+    kind = ("-draws" if args.draws else "") + (f"-t{args.temperature:g}" if args.temperature != 1 else "")
+    output = Path(args.output) if args.output else run / f"sample-seed{args.seed}{kind}.png"
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CliError(f"--output {output}: cannot create its folder: {e.strerror or e}") from None
     title = run_title(cfg, ckpt["epoch"], model.latent_shape)
-    if not plots.save_image_grid(model.sample(args.num), output, data_range=model.lik.data_range,
-                                 title=f"{title}\n{args.num} samples (seed {args.seed})"):
+    what = "draws from p(x|z)" if args.draws else "means of p(x|z)"
+    with torch.no_grad():
+        images = model.sample(args.num, mean=not args.draws, temperature=args.temperature)
+    if not plots.save_image_grid(images, output, data_range=model.lik.data_range,
+                                 title=f"{title}\n{args.num} samples, {what}, temperature {args.temperature:g} "
+                                       f"(seed {args.seed})"):
         raise CliError("examples are not square images: nothing to draw")
     print(output)
     manifold = output.with_name(f"{output.stem}-manifold.png")

@@ -261,11 +261,17 @@ class VAE(nn.Module):
     # ---- generation --------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(self, n: int, mean: bool = True) -> torch.Tensor:
-        """n examples decoded from z ~ N(0, I): means (Bernoulli probabilities) unless ``mean=False``."""
+    def sample(self, n: int, mean: bool = True, temperature: float = 1.0) -> torch.Tensor:
+        """n examples decoded from z ~ N(0, temperature^2 I): the means of p(x|z) (Bernoulli probabilities, the
+        mixture of logistics' mean), or with ``mean=False`` draws from p(x|z) (binary images, Gaussian noise
+        added, the mixture's fused sampler: values on the 256 levels). A temperature below 1 draws z nearer the
+        prior's mode (VDVAE shows samples at several)."""
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
         p = next(self.parameters())
         z = torch.randn(n, *self.latent_shape, device=p.device, dtype=p.dtype)
-        return self._output(self.decode(z), mean)
+        return self._output(self.decode(z * temperature if temperature != 1 else z), mean)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, mean: bool = True) -> torch.Tensor:
