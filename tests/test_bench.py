@@ -36,6 +36,8 @@ def quick_run(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-c", code, "--quick", "--device", "cpu", "--out", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # the profiler's C++ side logs "USDT: ... profiler_start" per session: silenced around every profiled call
+    assert "USDT" not in proc.stderr and "profiler_start" not in proc.stderr, proc.stderr[-2000:]
     files = sorted(os.listdir(out))
     jsons = [f for f in files if f.endswith(".json")]
     assert len(jsons) == 1, files
@@ -210,8 +212,9 @@ def test_quick_and_partial_runs_never_take_a_full_runs_names(tmp_path):
 
 
 def test_quick_run_keeps_the_committed_results(tmp_path, monkeypatch):
-    """`bench --quick` with the default --out, run where the committed results are: a full run's files of the
-    same day and device stay as they were."""
+    """`bench --quick` with the default --out (runs/bench, outside the source tree), run where the committed results
+    are: they stay as they were, and a quick run asked to write there (--out benchmarks/results) never replaces a
+    full run's files of the same day and device."""
     name = report.device_name(torch.device("cpu"))
     today = __import__("datetime").date.today().isoformat()
     results = tmp_path / "benchmarks" / "results"
@@ -220,9 +223,12 @@ def test_quick_run_keeps_the_committed_results(tmp_path, monkeypatch):
     for ext in (".json", ".md"):
         (full.parent / (full.name + ext)).write_text("the full run\n")
     monkeypatch.chdir(tmp_path)
-    code = cli.main(["--quick", "--device", "cpu", "--ops", "gaussian_kl", "--dtypes", "float32", "--sizes",
-                       "4x8", "--no-compile", "--no-model", "--no-per-call", "--no-ldm", "--no-dmol"])
-    assert code == 0
+    args = ["--quick", "--device", "cpu", "--ops", "gaussian_kl", "--dtypes", "float32", "--sizes", "4x8",
+            "--no-compile", "--no-model", "--no-per-call", "--no-ldm", "--no-dmol"]
+    assert cli.main(args) == 0
+    assert sorted(os.listdir(results)) == sorted(full.name + ext for ext in (".json", ".md"))
+    assert (tmp_path / "runs" / "bench" / (full.name + "-quick.json")).exists()
+    assert cli.main([*args, "--out", os.path.join("benchmarks", "results")]) == 0
     for ext in (".json", ".md"):
         assert (full.parent / (full.name + ext)).read_text() == "the full run\n"
     assert (full.parent / (full.name + "-quick.json")).exists()
@@ -386,3 +392,15 @@ def test_the_suites_modules_import_one_way():
         order += ready
     assert not edges["timing"], "timing is the bottom layer: it imports no sibling"
     assert all("cli" not in deps for name, deps in edges.items() if name not in ("__init__", "__main__"))
+
+
+@pytest.mark.parametrize("argv0, prog", [("/usr/bin/vae-fast", "vae-fast bench"), ("-m", "python -m vae_fast bench")])
+def test_bench_names_itself_as_called(argv0, prog, monkeypatch, capsys):
+    from vae_fast import cli as main_cli
+
+    monkeypatch.setattr(sys, "argv", [argv0])
+    assert main_cli.main(["bench", "--repeats", "0"]) == 2
+    assert capsys.readouterr().err.startswith(f"{prog}: error: --repeats must be >= 1")
+    with pytest.raises(SystemExit):
+        main_cli.main(["bench", "--help"])
+    assert capsys.readouterr().out.startswith(f"usage: {prog} ")

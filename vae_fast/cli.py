@@ -304,7 +304,7 @@ def _bench(argv: list[str]) -> int:
         print(f"{_prog()} bench: error: the benchmark suite ({__package__}.bench) is not in this install",
               file=sys.stderr)
         return 1
-    return bench.main(argv) or 0
+    return bench.main(argv, f"{_prog()} bench") or 0
 
 
 def _message(e: BaseException) -> str:

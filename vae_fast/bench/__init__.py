@@ -28,8 +28,8 @@ The method of measurement and the byte counts are ``report.py``'s docstring; eve
 from __future__ import annotations
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str = "python -m vae_fast bench") -> int:
     """The command line (``vae-fast bench``, ``python -m vae_fast bench``): see ``cli.main``."""
     from .cli import main as run  # imported here: importing one module of the suite loads only what it needs
 
-    return run(argv)
+    return run(argv, prog)

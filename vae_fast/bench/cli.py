@@ -47,8 +47,11 @@ def _parse_list(choices):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m vae_fast bench",
+DEFAULT_OUT = os.path.join("runs", "bench")  # outside the source tree; committed results: --out benchmarks/results
+
+
+def build_parser(prog: str = "python -m vae_fast bench") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog,
                                 description="Fused vs eager vs torch.compile benchmarks of the vae_fast ops.")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes, 2 repeats, one compiled config (< 60 s); its files end in -quick")
@@ -57,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated (default: float32,float64,bfloat16 on CPU; float32,bfloat16 on CUDA)")
     p.add_argument("--ops", type=_parse_list(OPS), default=None, help="comma-separated subset of: " + ", ".join(OPS))
     p.add_argument("--sizes", type=_parse_sizes, default=None, help="comma-separated BxD, e.g. 64x1024,4096x1024")
-    p.add_argument("--out", default=os.path.join("benchmarks", "results"), help="output folder")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"output folder (default {DEFAULT_OUT}; results to commit: --out benchmarks/results)")
     p.add_argument("--repeats", type=int, default=None, help="timed rounds per config (default 10; quick 2)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (compile_ms is null)")
     p.add_argument("--no-model", action="store_true", help="skip the training step and log-likelihood lines")
@@ -85,19 +89,19 @@ SECTIONS = ("ops", "per-call", "ldm", "dmol", "train", "ll")
 PARTIAL_FLAGS = ("dtypes", "ops", "sizes", "only", "train_configs", "train_impls", "train_budget_s")
 
 
-def _merge_main(args) -> int:
+def _merge_main(args, prog: str) -> int:
     parts = []
     for path in args.merge:
         try:
             with open(path) as f:
                 parts.append(json.load(f))
         except (OSError, ValueError) as e:
-            print(f"vae_fast bench: error: --merge: cannot read {path}: {e}", file=sys.stderr)
+            print(f"{prog}: error: --merge: cannot read {path}: {e}", file=sys.stderr)
             return 1
     try:
         merged = merge_results(parts)
     except ValueError as e:
-        print(f"vae_fast bench: error: --merge: {e}", file=sys.stderr)
+        print(f"{prog}: error: --merge: {e}", file=sys.stderr)
         return 1
     stem = results_stem(args.out, merged["device_type"], merged["device"], merged["date"], bool(merged.get("quick")),
                         False)
@@ -106,17 +110,18 @@ def _merge_main(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv=None, prog: str = "python -m vae_fast bench") -> int:
+    """The command line; `prog` names it in help and errors (``vae-fast bench`` when run as that command)."""
+    args = build_parser(prog).parse_args(argv)
     if args.merge:
-        return _merge_main(args)
+        return _merge_main(args, prog)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("vae_fast bench: error: --device cuda but torch sees no CUDA GPU", file=sys.stderr)
+        print(f"{prog}: error: --device cuda but torch sees no CUDA GPU", file=sys.stderr)
         return 1
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     if args.repeats is not None and args.repeats < 1:
-        print("vae_fast bench: error: --repeats must be >= 1", file=sys.stderr)
+        print(f"{prog}: error: --repeats must be >= 1", file=sys.stderr)
         return 2
     quick = args.quick
     sections = set(args.only or SECTIONS)
@@ -132,7 +137,7 @@ def main(argv=None) -> int:
                or any(getattr(args, name) is not None for name in PARTIAL_FLAGS))
     dtypes = args.dtypes or (["float32", "bfloat16"] if device.type == "cuda" else ["float32", "float64", "bfloat16"])
     if device.type == "cuda" and "float64" in dtypes:
-        print("vae_fast bench: note: float64 on CUDA is benchmarked because it was asked for", file=sys.stderr)
+        print(f"{prog}: note: float64 on CUDA is benchmarked because it was asked for", file=sys.stderr)
     ops = args.ops or list(OPS)
     sizes = args.sizes or (QUICK_SIZES if quick else CUDA_SIZES if device.type == "cuda" else CPU_SIZES)
     repeats = args.repeats or (2 if quick else 10)

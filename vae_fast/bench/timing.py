@@ -85,7 +85,7 @@ def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
-    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         result = fn()
         del result
     events = []
@@ -103,7 +103,7 @@ def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
 
 
 @contextlib.contextmanager
-def _stderr_silenced():
+def stderr_silenced():
     """File descriptor 2 to /dev/null: the profiler's C++ side logs two lines per start/stop there."""
     sys.stderr.flush()
     saved = os.dup(2)

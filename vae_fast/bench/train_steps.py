@@ -88,7 +88,7 @@ def profiled_elbo_share(step, x, steps: int) -> float:
     The profiler's per-op overhead is in both; it weighs more on the eager maths (more, smaller ops)."""
     with elbo_ops_in_ranges():
         step([x])  # warm-up with the ranges in place
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with timing.stderr_silenced(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
                 with torch.profiler.record_function("bench::step"):
                     step([x])
