@@ -108,6 +108,12 @@ def test_evaluate_and_sample(run):
     proc = _cli("sample", out, "--seed", 3)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == [str(out / "sample-seed3.png"), str(out / "sample-seed3-manifold.png")]
+    proc = _cli("sample", out, "-n", 4, "--output", out / "s.jpg")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "s.jpg").read_bytes()[:3] == b"\xff\xd8\xff"  # JPEG bytes under a .jpg name, not PNG
+    proc = _cli("sample", out, "-n", 4, "--output", out / "s.xyz")
+    assert proc.returncode == 1 and ".xyz is not an image format (use one of" in proc.stderr, proc.stderr
+    assert not (out / "s.xyz").exists()
     proc = _cli("sample", out, "-n", 8, "--draws", "--temperature", 0.5)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[0] == str(out / "sample-seed0-draws-t0.5.png")
@@ -119,6 +125,20 @@ def test_evaluate_and_sample(run):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
     # The training run's own figures are untouched.
     assert figures == {name: (out / name).read_bytes() for name in figures}
+
+
+def test_sigint_says_once_what_was_kept(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "vae_fast", "train", "--epochs", "500", *SMALL, "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    said = [line for line in (stdout + stderr).splitlines() if "interrupted" in line]
+    assert len(said) == 1 and "--resume continues it" in said[0], said  # one line: what was kept, and how to go on
 
 
 # ---- SIGKILL and --resume -------------------------------------------------------------------------------------

@@ -328,8 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CliError, ValueError, OSError, FloatingPointError, ImportError, RunInUse) as e:
         print(f"{prog} {args.command}: error: {_message(e)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"{prog} {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if not getattr(e, "reported", False):  # the trainer says what it kept, in one line of its own
+            print(f"{prog} {args.command}: interrupted", file=sys.stderr)
         return 130
     finally:
         CLI_PROG.reset(token)

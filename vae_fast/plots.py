@@ -63,10 +63,16 @@ def _show(ax, images: torch.Tensor, ncols: int, **kwargs) -> None:
 
 
 def _save(fig: Figure, path: str | Path, **kwargs) -> None:
+    """Atomically, in the format the file name says (PNG without a suffix): never PNG bytes under a .jpg name."""
     path = Path(path)
+    fmt = path.suffix.lower().lstrip(".") or "png"
+    formats = fig.canvas.get_supported_filetypes()
+    if fmt not in formats:
+        raise ValueError(f"cannot write {path}: .{fmt} is not an image format (use one of "
+                         f"{', '.join('.' + f for f in sorted(formats))})")
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fig.savefig(tmp, format="png", **kwargs)
+        fig.savefig(tmp, format=fmt, **kwargs)
         if tmp.exists():  # (a test may record the figure instead of writing it)
             os.replace(tmp, path)
     except OSError as e:

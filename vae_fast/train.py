@@ -806,10 +806,11 @@ def _run(cfg: TrainConfig, ckpt: dict | None, stage: Path | None, train_x: torch
                         f"  KL {means[2]:7.3f}  active {active}/{raw.latent_dim}  ({row['time_s']:.2f} s)")
                 tqdm.write(line)
                 sys.stdout.flush()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if rank == 0:
             _say(f"interrupted: {_kept(saved_epoch, out, stage)}"
                  + (f"; the same command with {_set('resume')} continues it" if saved_epoch else ""))
+            e.reported = True  # the command line prints no second line
         raise
     finally:
         if writer is not None:
