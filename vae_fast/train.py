@@ -535,9 +535,23 @@ def run_title(cfg: TrainConfig, epoch: int, latent_shape=None) -> str:
 
 
 @torch.no_grad()
-def evaluate(fn, x: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """``fn(batch) -> (B,)`` over all of ``x``, concatenated (in float32 on the CPU)."""
-    return torch.cat([fn(x[i : i + batch_size]).float().cpu() for i in range(0, x.shape[0], batch_size)])
+def evaluate(fn, x: torch.Tensor, batch_size: int = 500, label: str | None = None) -> torch.Tensor:
+    """``fn(batch) -> (B,)`` over all of ``x``, concatenated (in float32 on the CPU). With ``label``, progress on
+    stderr: a bar with its estimate on a terminal, else one line as the stage starts and one as it ends."""
+    starts = range(0, x.shape[0], batch_size)
+    if label is None:
+        return torch.cat([fn(x[i : i + batch_size]).float().cpu() for i in starts])
+    terminal = sys.stderr.isatty()
+    if not terminal:
+        _say(f"evaluate: {label}: {x.shape[0]} examples in {len(starts)} batches ...")
+    began, parts = time.monotonic(), []
+    with tqdm(total=x.shape[0], desc=label, unit="ex", disable=not terminal, leave=False, file=sys.stderr) as bar:
+        for i in starts:
+            parts.append(fn(x[i : i + batch_size]).float().cpu())
+            bar.update(parts[-1].shape[0])
+    if not terminal:
+        _say(f"evaluate: {label}: done in {time.monotonic() - began:.1f} s")
+    return torch.cat(parts)
 
 
 @dataclass
@@ -792,6 +806,7 @@ def _run(cfg: TrainConfig, ckpt: dict | None, stage: Path | None, train_x: torch
                 best = {"epoch": epoch + 1, "test_elbo": test_elbo}
                 save_checkpoint(here / BEST, raw, optimizer, scaler, epoch + 1, step, cfg, _input_dim(train_x), best)
             save_checkpoint(here / CHECKPOINT, raw, optimizer, scaler, epoch + 1, step, cfg, _input_dim(train_x), best)
+            (here / EVAL).unlink(missing_ok=True)  # evaluate's result of an older checkpoint: never left stale
             saved_epoch = epoch + 1
             if stage is not None:  # the first good epoch of a replacing run: the old run goes, whole
                 _commit(out, stage)
