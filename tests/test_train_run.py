@@ -527,7 +527,8 @@ def test_an_interrupted_run_says_what_it_kept_and_how_to_go_on(tmp_path, monkeyp
     assert code == 130
     assert (f"interrupted: the last good checkpoint (epoch 1) is kept in {run / CHECKPOINT}; the same command with "
             "--resume continues it") in err
-    assert err.strip().splitlines()[-1].endswith("train: interrupted")
+    assert err.strip().splitlines()[-1].endswith("--resume continues it")
+    assert sum("interrupted" in line for line in err.splitlines()) == 1  # one line: no second "train: interrupted"
 
 
 def test_version(capsys):
