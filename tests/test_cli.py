@@ -154,6 +154,7 @@ def test_evaluate_refuses_a_live_run_and_training_drops_a_stale_eval(tmp_path):
     assert not (out / "eval.json").exists()  # epoch 1's result went with the checkpoint it was about
 
 
+@pytest.mark.slow
 def test_sigint_says_once_what_was_kept(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "vae_fast", "train", "--epochs", "500", *SMALL, "--out", str(out)],
@@ -199,6 +200,7 @@ def _kill_when(proc, out: Path, moment: str) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume_matches_an_uninterrupted_run(tmp_path):
     whole = tmp_path / "whole"
     proc = _cli(*RESUME_ARGS, "--out", whole)

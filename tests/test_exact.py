@@ -117,6 +117,7 @@ def test_gaussian_nll_loss_opinfo_samples(dtype):
             torch.testing.assert_close(torch.autograd.grad(got, wrt, g), torch.autograd.grad(want, wrt, g), **tol)
 
 
+@pytest.mark.slow
 def test_gaussian_nll_loss_opinfo_gradgradcheck():
     op = _opinfo()
     for i, s in enumerate(op.sample_inputs("cpu", torch.float64, requires_grad=True)):

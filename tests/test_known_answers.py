@@ -180,6 +180,7 @@ def test_emulated_cuda_kernels_draw_the_documented_stream(seed, start, n):
 
 
 
+@pytest.mark.slow
 def test_emulated_cuda_selftest_passes():
     # The CUDA kernels' whole self-test on the CPU emulator (CI also runs it in scripts/check_cuda_compile.sh);
     # here so that scripts/mutate.py's mutants of csrc/cuda/*.cu meet it.

@@ -161,6 +161,7 @@ for line in sys.stdin:
 """
 
 
+@pytest.mark.slow
 def test_overwrite_killed_at_any_moment_leaves_the_old_run_or_the_new_one_never_a_mix(tmp_path):
     run, template = tmp_path / "run", tmp_path / "old"
     train(TrainConfig(**TINY, epochs=2, save="best", out=str(template)), progress=False)

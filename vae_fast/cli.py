@@ -219,11 +219,13 @@ def _run_dir(run: str) -> Path:
 
 
 def _evaluate(args) -> int:
-    from .train import lock_run
+    from .train import LOCK, lock_run
 
     if args.num_samples < 1 or args.iwae_samples < 1:
         raise CliError("--num-samples and --iwae-samples must be >= 1")
     run = _run_dir(args.run)
+    if not (run / LOCK).exists():  # no trainer ever wrote here (load_run says what is missing)
+        return _evaluate_run(args, run)
     # A run being trained is refused (its checkpoint moves on; eval.json would be stale): the trainer's lock,
     # held while evaluating, so no trainer starts on the folder meanwhile either.
     lock = lock_run(run)
