@@ -236,36 +236,25 @@ def test_dmol_double_backward_of_half_params_in_float32(dtype, gen):
         torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0)
 
 
-def test_sampler_double_backward_of_half_inputs_in_float32(gen):
-    mu = torch.randn(4, 6, generator=gen).bfloat16()
-    lv = torch.randn(4, 6, generator=gen).bfloat16()
-    v = torch.randn(4, 6, generator=gen).bfloat16()
+def _sampled_loss(m, l):
+    z, kl = vf.reparameterize_with_kl(m, l, 3, seed=5)
+    w = ((torch.arange(z.numel()) % 7 - 3) / 4).view(z.shape).to(z.dtype)  # exact in bfloat16
+    return (w * z).sum() + kl.sum()
+
+
+@pytest.mark.parametrize("loss, dtype", [(lambda m, l: vf.gaussian_kl(m, l).sum(), torch.float16),
+                                         (_sampled_loss, torch.bfloat16)], ids=["gaussian_kl", "sampler"])
+def test_row_op_and_sampler_double_backward_of_half_inputs_in_float32(loss, dtype, gen):
+    mu, lv, v = (torch.randn(4, 6, generator=gen).to(dtype) for _ in range(3))
 
     def hvp(m, l, v):
         m, l = m.clone().requires_grad_(), l.clone().requires_grad_()
-        z, kl = vf.reparameterize_with_kl(m, l, 3, seed=5)
-        w = ((torch.arange(z.numel()) % 7 - 3) / 4).view(z.shape).to(z.dtype)  # exact in bfloat16
-        gm, gl = torch.autograd.grad((w * z).sum() + kl.sum(), (m, l), create_graph=True)
+        gm, gl = torch.autograd.grad(loss(m, l), (m, l), create_graph=True)
         return torch.autograd.grad((gm * v).sum() + (gl * v).sum(), (m, l))
 
     for got, want in zip(hvp(mu, lv, v), hvp(mu.float(), lv.float(), v.float())):
-        assert got.dtype == torch.bfloat16
-        torch.testing.assert_close(got, want.bfloat16(), rtol=0, atol=0)
-
-
-def test_row_op_double_backward_of_half_inputs_in_float32(gen):
-    mu = torch.randn(4, 6, generator=gen).half()
-    lv = torch.randn(4, 6, generator=gen).half()
-    v = torch.randn(4, 6, generator=gen).half()
-
-    def hvp(m, l, v):
-        m, l = m.clone().requires_grad_(), l.clone().requires_grad_()
-        gm, gl = torch.autograd.grad(vf.gaussian_kl(m, l).sum(), (m, l), create_graph=True)
-        return torch.autograd.grad((gm * v).sum() + (gl * v).sum(), (m, l))
-
-    for got, want in zip(hvp(mu, lv, v), hvp(mu.float(), lv.float(), v.float())):
-        assert got.dtype == torch.float16
-        torch.testing.assert_close(got, want.half(), rtol=0, atol=0)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got, want.to(dtype), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------
