@@ -12,7 +12,7 @@ import time
 import torch
 
 import vae_fast as vf
-from vae_fast import data
+from vae_fast.train import data
 
 KS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 OBJECTIVES = {"iwae": "IWAE", "iwae-dreg": "DReG"}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vae_fast as vf
-from vae_fast.distributions import DiagonalGaussianDistribution
+from vae_fast.ops.distributions import DiagonalGaussianDistribution
 
 
 def _bad_tensors():

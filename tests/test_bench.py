@@ -396,7 +396,7 @@ def test_the_suites_modules_import_one_way():
 
 @pytest.mark.parametrize("argv0, prog", [("/usr/bin/vae-fast", "vae-fast bench"), ("-m", "python -m vae_fast bench")])
 def test_bench_names_itself_as_called(argv0, prog, monkeypatch, capsys):
-    from vae_fast import cli as main_cli
+    from vae_fast.train import cli as main_cli
 
     monkeypatch.setattr(sys, "argv", [argv0])
     assert main_cli.main(["bench", "--repeats", "0"]) == 2

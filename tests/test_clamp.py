@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vae_fast as vf
-from vae_fast import _composite as ref
+from vae_fast.ops import _composite as ref
 
 ops = torch.ops.vae_fast
 LO, HI = -3.0, 2.0

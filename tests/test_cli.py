@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import vae_fast
-from vae_fast import cli
-from vae_fast.model import mlp_vae
+from vae_fast.train import cli
+from vae_fast.models.vae import mlp_vae
 
 PACKAGE_PARENT = str(Path(vae_fast.__file__).resolve().parent.parent)
 SMALL = ["--hidden", "64", "--quiet"]  # a small model: these tests are about the machinery, not quality
@@ -141,7 +141,7 @@ def test_evaluate_refuses_a_live_run_and_training_drops_a_stale_eval(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert _cli("evaluate", out, "--num-samples", 5, "--iwae-samples", 2).returncode == 0
     assert json.loads((out / "eval.json").read_text())["epoch"] == 1
-    from vae_fast.train import lock_run
+    from vae_fast.train.run_folder import lock_run
 
     fd = lock_run(out)  # as a live trainer holds it
     try:

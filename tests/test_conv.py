@@ -12,7 +12,7 @@ import torch
 import torch.distributions as D
 
 import vae_fast as vf
-from vae_fast import cli, data, plots
+from vae_fast.train import cli, data, plots
 from vae_fast.train import TrainConfig, load_run, train
 
 VARIANTS = [("bernoulli", "scalar"), ("gaussian", "scalar"), ("gaussian", "per_feature"), ("gaussian", "decoder"),

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import vae_fast as vf
-from vae_fast import _composite as ref
+from vae_fast.ops import _composite as ref
 
 pytestmark = pytest.mark.cuda
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vae_fast import data
+from vae_fast.train import data
 
 
 def test_digits_is_a_fixed_split_in_unit_range():

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import vae_fast as vf
-from vae_fast import _dmol_composite as composite
+from vae_fast.ops import _dmol_composite as composite
 
 dmol = vf.discretized_mix_logistic_log_prob
 

@@ -10,8 +10,8 @@ import torch
 import torch.utils._python_dispatch
 
 import vae_fast as vf
-from vae_fast import _composite as ref
-from vae_fast.distributions import DiagonalGaussianDistribution as Ours
+from vae_fast.ops import _composite as ref
+from vae_fast.ops.distributions import DiagonalGaussianDistribution as Ours
 
 SHAPES = [(3, 8, 5, 4), (2, 6, 3, 4, 5)]  # (B, 2C, H, W) images and (B, 2C, T, H, W) video latents
 

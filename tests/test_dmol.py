@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vae_fast as vf
-from vae_fast import _dmol_composite as composite
+from vae_fast.ops import _dmol_composite as composite
 
 from conftest import ACC_DTYPE, UNIT_ROUNDOFF
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import vae_fast as vf
-from vae_fast import _composite as ref, data
+from vae_fast.ops import _composite as ref
+from vae_fast.train import data
 
 
 def _model(dtype=torch.float64, seed=0):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import vae_fast as vf
-from vae_fast import _composite as ref
+from vae_fast.ops import _composite as ref
 
 ops = torch.ops.vae_fast
 

@@ -17,8 +17,10 @@ import torch
 from torch import nn
 
 import vae_fast as vf
-from vae_fast import cli, data, likelihoods
-from vae_fast.train import TrainConfig, bits_per_dim_setup, load_data, prepare_batch
+from vae_fast.models import likelihoods
+from vae_fast.train import cli, data
+from vae_fast.train import TrainConfig
+from vae_fast.train.build import bits_per_dim_setup, load_data, prepare_batch
 
 
 def _levels(shape, seed):
@@ -330,7 +332,7 @@ def test_likelihood_table_is_the_one_place():
     assert set(likelihoods.LIKELIHOODS) == {"bernoulli", "gaussian", "dmol"}
     for name, lik in likelihoods.LIKELIHOODS.items():
         assert lik.name == name and lik.data_range in data.DATA_RANGES and lik.eight_bit in likelihoods.EIGHT_BIT
-    assert vf.model.LIKELIHOODS == tuple(likelihoods.LIKELIHOODS)
+    assert vf.models.vae.LIKELIHOODS == tuple(likelihoods.LIKELIHOODS)
     with pytest.raises(ValueError, match="likelihood must be one of \\('bernoulli', 'gaussian', 'dmol'\\), got 'poisson'"):
         vf.conv_vae((1, 8, 8), 2, likelihood="poisson")
     with pytest.raises(ValueError, match="likelihood must be bernoulli \\| gaussian \\| dmol, got 'poisson'"):
@@ -355,7 +357,7 @@ def test_a_dmol_conv_vae_scores_8bit_images_with_the_fused_op(channels):
     """A conv VAE with the mixture of logistics: its log p(x|z) is the fused op on the decoder's output (checked
     against the exact composite formula), its IWAE bound is finite, its samples lie on the 8-bit grid of [-1, 1]
     and its mean in [-1, 1], and bits per dimension read it as a discrete likelihood (no bin width)."""
-    from vae_fast import _dmol_composite
+    from vae_fast.ops import _dmol_composite
 
     torch.manual_seed(0)
     model = vf.conv_vae((channels, 8, 8), latent_channels=2, likelihood="dmol")

@@ -15,10 +15,12 @@ import torch
 from torch import nn
 
 import vae_fast
-import vae_fast.likelihoods as likelihoods_mod
-import vae_fast.model as model_mod
-from vae_fast import _composite as ref, data, ops
-from vae_fast.model import VAE, active_units, mlp_vae
+import vae_fast.models.likelihoods as likelihoods_mod
+import vae_fast.models.vae as model_mod
+from vae_fast import ops
+from vae_fast.ops import _composite as ref
+from vae_fast.train import data
+from vae_fast.models.vae import VAE, active_units, mlp_vae
 from vae_fast.train import TrainConfig, train
 
 PACKAGE_PARENT = str(Path(vae_fast.__file__).resolve().parent.parent)

@@ -16,8 +16,8 @@ import torch
 from torch import distributions as D
 
 import vae_fast as vf
-from vae_fast import data
-from vae_fast.model import mlp_vae
+from vae_fast.train import data
+from vae_fast.models.vae import mlp_vae
 
 B, LATENT = 12, 4
 

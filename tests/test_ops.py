@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import vae_fast as vf
-from vae_fast import _composite as ref
+from vae_fast.ops import _composite as ref
 from conftest import DTYPES, assert_within, grad_bounds, randn, tol, value_bounds
 
 # name -> (fused op, reference op, argument names)

@@ -9,7 +9,7 @@ import torch
 from scipy import stats
 
 import vae_fast as vf
-from vae_fast import _composite as ref
+from vae_fast.ops import _composite as ref
 from conftest import DTYPES, assert_within, grad_bounds, randn, value_bounds
 
 

@@ -24,10 +24,11 @@ import torch
 from matplotlib.figure import Figure
 
 import vae_fast
-from vae_fast import cli, plots
-from vae_fast.model import VAE
-from vae_fast.train import (BEST, CHECKPOINT, RunInUse, TrainConfig, build_optimizer, learning_rate, load_run,
-                            read_metrics, recover_run, train)
+from vae_fast.train import cli, plots
+from vae_fast.models.vae import VAE
+from vae_fast.train import TrainConfig, load_run, train
+from vae_fast.train.build import build_optimizer, learning_rate
+from vae_fast.train.run_folder import BEST, CHECKPOINT, RunInUse, read_metrics, recover_run
 
 PACKAGE_PARENT = str(Path(vae_fast.__file__).resolve().parent.parent)
 
@@ -85,7 +86,7 @@ def test_a_fresh_run_into_a_folder_with_a_run_is_refused_and_leaves_it_intact(tm
 
 HOLD_LOCK = """
 import sys, time
-from vae_fast.train import lock_run
+from vae_fast.train.run_folder import lock_run
 lock_run(sys.argv[1])
 print("locked", flush=True)
 time.sleep(600)
@@ -130,7 +131,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)  # no OpenMP thread team before a fork
 import matplotlib.figure, sklearn.datasets, torch._dynamo  # noqa: F401 (the slow imports, once)
-from vae_fast import cli
+from vae_fast.train import cli
 
 run, args = Path(sys.argv[1]), sys.argv[2:]
 for line in sys.stdin:
@@ -538,8 +539,8 @@ def test_version(capsys):
 
 
 def test_file_errors_name_the_file_without_errno(tmp_path):
-    from vae_fast.data import read_idx
-    from vae_fast.train import atomic_write
+    from vae_fast.train.data import read_idx
+    from vae_fast.train.run_folder import atomic_write
 
     with pytest.raises(OSError, match=f"^cannot read {tmp_path}: Is a directory$"):
         read_idx(tmp_path)

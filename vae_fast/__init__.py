@@ -1,20 +1,24 @@
-"""vae_fast: the VAE training objective as fused, exact PyTorch custom ops (CPU and CUDA)."""
+"""vae_fast: the VAE training objective as fused, exact PyTorch custom ops (CPU and CUDA).
 
+The layers, each a subpackage importing only those before it: ``ops`` (the fused ops), ``models`` (the VAEs
+built on them), ``train`` (the trainer, its data and command line), ``bench`` (the benchmarks).
+"""
+
+from .models import VAE, active_units, bits_per_dim, conv_vae, gradient_snr, mlp_vae
 from .ops import (
+    DiagonalGaussianDistribution,
     bernoulli_log_prob,
+    discretized_mix_logistic_log_prob,
     gaussian_kl,
     gaussian_log_prob,
     gaussian_nll_loss,
+    patch_diffusers,
     reparameterize,
     reparameterize_with_kl,
+    sample_discretized_mix_logistic,
+    unpatch_diffusers,
 )
-from . import data
-from .conv import conv_vae
-from .dmol import discretized_mix_logistic_log_prob, sample_discretized_mix_logistic
-from .distributions import DiagonalGaussianDistribution
-from .likelihoods import bits_per_dim
-from .model import VAE, active_units, gradient_snr, mlp_vae
-from .patch import patch_diffusers, unpatch_diffusers
+from .train import data
 
 __version__ = "0.1.0"
 

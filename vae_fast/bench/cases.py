@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import _composite as R
+from ..ops import _composite as R
 from .. import ops as fused_ops
 from .timing import nbytes, peak_mb, percentiles, time_interleaved
 

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import _dmol_composite as composite
-from ..dmol import discretized_mix_logistic_log_prob
+from ..ops import _dmol_composite as composite
+from ..ops import discretized_mix_logistic_log_prob
 from .cases import Case, time_passes
 from .timing import copy_gbps as measure_copy_gbps
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distributions import DiagonalGaussianDistribution
+from ..ops import DiagonalGaussianDistribution
 from .cases import Case, time_passes
 from .timing import copy_gbps as measure_copy_gbps
 

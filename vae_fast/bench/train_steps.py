@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import _composite as R
+from ..ops import _composite as R
 from . import timing  # timing.CONFIG_BUDGET_S is read at call time (the tests shorten it)
 from .cases import input_sets, make_call
 from .ldm import baseline, posterior_case
@@ -36,12 +36,12 @@ def _ref_reparameterize_with_kl(mu, logvar, num_samples=None, *, seed=None, gene
 
 
 # Where the model code calls each ELBO op, (module of vae_fast, name), and the plain-PyTorch maths put in its place:
-# model.py draws z and takes the KL and log p(z); likelihoods.py scores the data, log p(x | z).
+# models/vae.py draws z and takes the KL and log p(z); models/likelihoods.py scores the data, log p(x | z).
 REFERENCE_MODEL_OPS = {
-    ("model", "gaussian_kl"): R.gaussian_kl,
-    ("model", "gaussian_log_prob"): R.gaussian_log_prob,
-    ("model", "reparameterize"): _ref_reparameterize,
-    ("model", "reparameterize_with_kl"): _ref_reparameterize_with_kl,
+    ("vae", "gaussian_kl"): R.gaussian_kl,
+    ("vae", "gaussian_log_prob"): R.gaussian_log_prob,
+    ("vae", "reparameterize"): _ref_reparameterize,
+    ("vae", "reparameterize_with_kl"): _ref_reparameterize_with_kl,
     ("likelihoods", "bernoulli_log_prob"): R.bernoulli_log_prob,
     ("likelihoods", "gaussian_log_prob"): R.gaussian_log_prob,
 }
@@ -51,9 +51,9 @@ REFERENCE_MODEL_OPS = {
 def _model_ops_replaced(replace):
     """Each ELBO op where the model code calls it (REFERENCE_MODEL_OPS' places) bound to
     ``replace((module, name), the function bound there now)``, and put back afterwards."""
-    from .. import likelihoods, model
+    from ..models import likelihoods, vae
 
-    modules = {"model": model, "likelihoods": likelihoods}
+    modules = {"vae": vae, "likelihoods": likelihoods}
     saved = {key: getattr(modules[key[0]], key[1]) for key in REFERENCE_MODEL_OPS}
     for key, fn in saved.items():
         setattr(modules[key[0]], key[1], replace(key, fn))
@@ -232,7 +232,7 @@ def _trainee(cfg: TrainConfig, device: torch.device):
         from diffusers import AutoencoderKL
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution as Theirs
 
-        from ..distributions import DiagonalGaussianDistribution as Ours
+        from ..ops import DiagonalGaussianDistribution as Ours
 
         n = len(cfg.hidden)
         base = AutoencoderKL(in_channels=cfg.image[0], out_channels=cfg.image[0],
@@ -243,7 +243,7 @@ def _trainee(cfg: TrainConfig, device: torch.device):
         text = (f"diffusers AutoencoderKL {'x'.join(map(str, cfg.image))} -> {cfg.latent}x{side}x{side}, channels "
                 f"{'-'.join(map(str, cfg.hidden))}, posterior sample()+kl(), MSE + 1e-6 KL, Adam")
         return base, (lambda reference: _LdmLoss(_clone_module(base), Theirs if reference else Ours)), text
-    from ..model import mlp_vae
+    from ..models import mlp_vae
 
     base = mlp_vae(cfg.input_dim, cfg.latent, hidden=cfg.hidden, likelihood=cfg.likelihood,
                    obs_logvar=cfg.obs_logvar).to(device)
@@ -486,7 +486,7 @@ def _clone_module(module):
 def bench_log_likelihood(device: torch.device, quick: bool, gen: torch.Generator) -> dict:
     """Memory and time of model.log_likelihood with many samples (chunked, streaming logsumexp)."""
     try:
-        from ..model import mlp_vae
+        from ..models import mlp_vae
     except ImportError as e:
         return {"skipped": f"vae_fast.model is not available ({e})"}
     k, batch, input_dim, latent = (200 if quick else 20000), 256, 64, 16

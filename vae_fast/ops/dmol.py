@@ -19,10 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _C  # noqa: F401  (registers torch.ops.vae_fast.*)
-from .ops import _require_int, _require_tensor, _seed_args, _static
+from ._args import OPS, require_int, require_tensor, seed_args
 
-_ops = torch.ops.vae_fast
 _LAYOUT_IDS = {"channels_first": 0, "pixelcnn++": 1}
 
 
@@ -47,11 +45,11 @@ def discretized_mix_logistic_log_prob(x, params, *, num_bits: int = 8, layout: s
     Computed in float32 for float32/float16/bfloat16 inputs (float64 for float64); the result is float32
     (float64). Log-scales are clamped below at -7 (torch.clamp's gradient); mixtures of up to 32 components.
     """
-    _require_tensor("discretized_mix_logistic_log_prob", x=x, params=params)
-    _require_int("discretized_mix_logistic_log_prob", "num_bits", num_bits)
-    _require_int("discretized_mix_logistic_log_prob", "event_dims", event_dims)
+    require_tensor("discretized_mix_logistic_log_prob", x=x, params=params)
+    require_int("discretized_mix_logistic_log_prob", "num_bits", num_bits)
+    require_int("discretized_mix_logistic_log_prob", "event_dims", event_dims)
     lid = _layout_id("discretized_mix_logistic_log_prob", layout)
-    return _ops.dmol_log_prob(x, params, num_bits, lid, event_dims)
+    return OPS.dmol_log_prob(x, params, num_bits, lid, event_dims)
 
 
 def sample_discretized_mix_logistic(params, *, channels: int = 3, layout: str = "channels_first", num_bits: int = 8,
@@ -62,25 +60,10 @@ def sample_discretized_mix_logistic(params, *, channels: int = 3, layout: str = 
     (..., H, W, C)), params' dtype. `seed` (int or 1-element int64 tensor) or `generator` as in
     vae_fast.reparameterize; the uniforms come from the in-kernel Philox stream (layout.h's DmolArgs counter
     layout), so a seed gives the same samples on CPU and CUDA. No gradient."""
-    _require_tensor("sample_discretized_mix_logistic", params=params)
-    _require_int("sample_discretized_mix_logistic", "channels", channels)
-    _require_int("sample_discretized_mix_logistic", "num_bits", num_bits)
+    require_tensor("sample_discretized_mix_logistic", params=params)
+    require_int("sample_discretized_mix_logistic", "channels", channels)
+    require_int("sample_discretized_mix_logistic", "num_bits", num_bits)
     lid = _layout_id("sample_discretized_mix_logistic", layout)
-    seed_t, seed_v = _seed_args("sample_discretized_mix_logistic", seed, generator, params)
-    return _ops.sample_dmol(params, seed_t, seed_v, channels, num_bits, lid)
+    seed_t, seed_v = seed_args("sample_discretized_mix_logistic", seed, generator, params)
+    return OPS.sample_dmol(params, seed_t, seed_v, channels, num_bits, lid)
 
-
-# ------------------------------------------------------------------------------------------------
-# The sampler's fake kernel (torch.compile, opcheck): with static shapes it runs the eager checks first.
-# dmol_log_prob is a table op (csrc/op_table.h): its fake kernels and double backward are ops.py's.
-# ------------------------------------------------------------------------------------------------
-@torch.library.register_fake("vae_fast::sample_dmol")
-def _(params, seed, seed_value, channels, num_bits, layout):
-    if _static(params):
-        _C.check_op("sample_dmol", [params, seed, seed_value, channels, num_bits, layout])
-    lead = tuple(params.shape[:-3])
-    if layout == 0:
-        shape = lead + (channels, params.shape[-2], params.shape[-1])
-    else:
-        shape = lead + (params.shape[-3], params.shape[-2], channels)
-    return params.new_empty(shape)

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 PROG = "vae-fast"  # the console script; ``python -m vae_fast`` when run that way (see _prog)
+_BENCH = "vae_fast.bench"  # imported when asked for: an install may leave it out
 
 
 def _prog() -> str:
@@ -53,14 +54,14 @@ TRAIN_OBJECTIVES = ("elbo", "iwae", "iwae-dreg", "elbo-stl")
 
 def _version() -> str:
     import torch
-    from . import __version__
+    from .. import __version__
 
     return f"vae_fast {__version__} (torch {torch.__version__})"  # the package's version, however it was called
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    from .likelihoods import LIKELIHOODS
-    from .train import MODELS, TrainConfig
+    from ..models.likelihoods import LIKELIHOODS
+    from .config import MODELS, TrainConfig
 
     d = TrainConfig()
     parser = _Parser(prog=_prog(), description="Fused-op VAE: train, evaluate, sample, benchmark.")
@@ -148,7 +149,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _read_config(path: str) -> dict:
     """The settings in a TOML or JSON file, keys as TrainConfig's fields (``-`` or ``_``)."""
-    from .train import TrainConfig
+    from .config import TrainConfig
 
     p = Path(path)
     if p.suffix not in (".toml", ".json"):
@@ -194,7 +195,10 @@ def parser_actions() -> list[argparse.Action]:
 
 
 def _train(args) -> int:
-    from .train import TrainConfig, saved_config, torchrun_restart, train
+    from .build import torchrun_restart
+    from .config import TrainConfig
+    from .loop import train
+    from .run_folder import saved_config
 
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name, None) is not None}
@@ -219,7 +223,7 @@ def _run_dir(run: str) -> Path:
 
 
 def _evaluate(args) -> int:
-    from .train import LOCK, lock_run
+    from .run_folder import LOCK, lock_run
 
     if args.num_samples < 1 or args.iwae_samples < 1:
         raise CliError("--num-samples and --iwae-samples must be >= 1")
@@ -237,9 +241,11 @@ def _evaluate(args) -> int:
 
 def _evaluate_run(args, run: Path) -> int:
     import torch
-    from .likelihoods import bits_per_dim
-    from .model import active_units
-    from .train import bits_per_dim_setup, evaluate, load_data, load_run, write_json
+    from ..models.likelihoods import bits_per_dim
+    from ..models.vae import active_units
+    from .build import bits_per_dim_setup, load_data
+    from .loop import evaluate
+    from .run_folder import load_run, write_json
 
     model, cfg, ckpt = load_run(run, args.device)
     if args.data_dir:
@@ -286,7 +292,8 @@ def _evaluate_run(args, run: Path) -> int:
 def _sample(args) -> int:
     import torch
     from . import plots
-    from .train import load_run, run_title
+    from .config import run_title
+    from .run_folder import load_run
 
     if args.num < 1:
         raise CliError("--num must be >= 1")
@@ -319,11 +326,11 @@ def _sample(args) -> int:
 
 def _bench(argv: list[str]) -> int:
     try:
-        bench = importlib.import_module(f"{__package__}.bench")
+        bench = importlib.import_module(_BENCH)
     except ModuleNotFoundError as e:
-        if e.name != f"{__package__}.bench":
+        if e.name != _BENCH:
             raise
-        print(f"{_prog()} bench: error: the benchmark suite ({__package__}.bench) is not in this install",
+        print(f"{_prog()} bench: error: the benchmark suite ({_BENCH}) is not in this install",
               file=sys.stderr)
         return 1
     return bench.main(argv, f"{_prog()} bench") or 0
@@ -340,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["bench"]:
         return _bench(argv[1:])
-    from .train import CLI_PROG, RunInUse
+    from .messages import CLI_PROG
+    from .run_folder import RunInUse
 
     prog = _prog()
     args = _build_parser().parse_args(argv)

@@ -18,7 +18,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .data import DATA_RANGES
+from ..models.likelihoods import DATA_RANGES
 
 
 def image_side(dim: int) -> int | None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from . import likelihoods
 from .likelihoods import OBS_LOGVAR_MODES, bits_per_dim, floor_logvar  # noqa: F401  (re-exported)
-from .ops import gaussian_kl, gaussian_log_prob, reparameterize, reparameterize_with_kl
+from ..ops import gaussian_kl, gaussian_log_prob, reparameterize, reparameterize_with_kl
 
 LIKELIHOODS = tuple(likelihoods.LIKELIHOODS)  # their names; likelihoods.py defines them
 OBJECTIVES = ("elbo", "iwae", "iwae-dreg", "elbo-stl")

@@ -27,7 +27,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .ops import _dense_error, _not_dense, gaussian_kl, gaussian_log_prob, reparameterize_with_kl
+from ._args import dense_error, not_dense
+from .functional import gaussian_kl, gaussian_log_prob, reparameterize_with_kl
 from ._composite import clamp_logvar
 
 
@@ -73,8 +74,8 @@ def _check_parameters(parameters, dim) -> int:
     if not isinstance(parameters, torch.Tensor):
         raise TypeError(f"DiagonalGaussianDistribution: `parameters` must be a torch.Tensor, got "
                         f"{type(parameters).__name__}")
-    if _not_dense(parameters):
-        raise _dense_error("DiagonalGaussianDistribution: `parameters`", parameters)
+    if not_dense(parameters):
+        raise dense_error("DiagonalGaussianDistribution: `parameters`", parameters)
     if not parameters.is_floating_point():
         raise TypeError(f"DiagonalGaussianDistribution: `parameters` must be floating point, got {parameters.dtype}")
     if isinstance(dim, bool) or not isinstance(dim, int):
@@ -226,8 +227,8 @@ class DiagonalGaussianDistribution:
         if not isinstance(sample, torch.Tensor):
             raise TypeError(f"DiagonalGaussianDistribution.nll: `sample` must be a torch.Tensor, got "
                             f"{type(sample).__name__}")
-        if _not_dense(sample):
-            raise _dense_error("DiagonalGaussianDistribution.nll: `sample`", sample)
+        if not_dense(sample):
+            raise dense_error("DiagonalGaussianDistribution.nll: `sample`", sample)
         mean, logvar, clamp = self._op_args()
         ndim = mean.dim()
         try:

@@ -36,12 +36,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..models.likelihoods import DATA_RANGES
+from .messages import flag
+
 BINARIZE = (None, "fixed", "dynamic")
 _FIXED_SEED = 1234  # the seed of the fixed binarisation: part of the data set's definition
 _DEQUANTIZE_SEED = 4321  # the seed of the test set's fixed dequantisation
 IMAGE_SETS = ("mnist", "fashion-mnist", "cifar10", "patches")  # (N, C, H, W), 8-bit
 NAMES = ("digits", "synthetic", *IMAGE_SETS)  # and "mnist:PATH"
-DATA_RANGES = {"unit": (0.0, 1.0), "signed": (-1.0, 1.0)}  # the ranges a likelihood can read data in
 
 
 def binarize_batch(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -317,9 +319,7 @@ def load_images(name: str, data_dir: str | os.PathLike | None = None) -> tuple[t
 
 
 def _data_dir_flag() -> str:
-    from .train import _flag  # (lazily: train imports this module) --data-dir on the command line
-
-    return _flag("data_dir")
+    return flag("data_dir")
 
 
 _TORCHVISION = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}

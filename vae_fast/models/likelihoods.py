@@ -18,12 +18,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .data import DATA_RANGES
-from .dmol import discretized_mix_logistic_log_prob, sample_discretized_mix_logistic
-from .ops import bernoulli_log_prob, gaussian_log_prob
+from ..ops import bernoulli_log_prob, discretized_mix_logistic_log_prob, gaussian_log_prob, sample_discretized_mix_logistic
 
 OBS_LOGVAR_MODES = ("scalar", "per_feature", "decoder")
 EIGHT_BIT = ("binarize", "dequantize", "levels")
+DATA_RANGES = {"unit": (0.0, 1.0), "signed": (-1.0, 1.0)}  # the ranges a likelihood can read data in
 
 
 def bits_per_dim(log_px, num_dims: int, bin_width: float | None = None):

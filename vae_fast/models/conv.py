@@ -9,7 +9,7 @@ from typing import Sequence
 from torch import nn
 
 from . import likelihoods
-from .model import VAE
+from .vae import VAE
 
 
 class _ExpectImages(nn.Module):
