@@ -1,4 +1,4 @@
-"""The benchmark suite: `--quick` writes a complete JSON (DESIGN.md section 5's schema), Markdown and PNG.
+"""The benchmark suite: `--quick` writes a complete JSON (the schema in docs/architecture.md, "Benchmark results"), Markdown and PNG.
 
 Checks shapes and types of the results, the byte formulas, file names, merging, and the training-step code
 that the GPU check runs (CUDA graphs, reduce-overhead) rehearsed on the CPU with tiny shapes; never timings.
@@ -111,7 +111,7 @@ def test_model_lines(quick_run):
     assert _is_float(ll["peak_mb"]) and _is_int(ll["num_samples"])
 
 
-# ---- byte formulas (DESIGN.md: each input read once, each output written once, backward only what it needs) ----
+# ---- byte formulas (docs/architecture.md: each input read once, each output written once, backward only what it needs) ----
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_byte_formulas(dtype):
     b, d = 8, 32

@@ -126,12 +126,11 @@ def test_event_dims_and_bits(event_dims, bits, gen):
 
 @pytest.mark.parametrize("C", [1, 3])
 def test_pixelcnn_eager_formula(C, gen):
-    # Where every bin probability is above 1e-5 (moderate scales), PixelCNN++'s published formula is exact too.
+    # Where every bin probability is above 1e-5 (moderate scales), PixelCNN++'s eager formula is exact too.
     x, params = make_inputs(2, C, 4, 4, 5, "channels_first", torch.float64, gen, ls_range=(-0.5, 0.5),
                             mean_scale=0.3)
     params_pp = to_pixelcnn(params, C).movedim(-1, -3)  # PixelCNN++'s P order, NCHW as the PyTorch port takes it
-    eager = composite.pixelcnn_pp_log_prob if C == 3 else composite.pixelcnn_pp_log_prob_1d
-    ref = eager(x, params_pp)
+    ref = composite.pixelcnn_pp_log_prob(x, params_pp)
     got = vf.discretized_mix_logistic_log_prob(x.permute(0, 2, 3, 1), params_pp.permute(0, 2, 3, 1),
                                                layout="pixelcnn++", event_dims=3)
     torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-10)
@@ -151,7 +150,7 @@ def test_beyond_pixelcnn_switch():
     hw, s = 1 / 255, math.exp(-6.0)
     exact = math.log(1 / (1 + math.exp(-(x0 - 0.8 + hw) / s)) - 1 / (1 + math.exp(-(x0 - 0.8 - hw) / s)))
     assert abs(got.item() - exact) < 1e-9 * abs(exact) and abs(ref.item() - exact) < 1e-9 * abs(exact)
-    pp = composite.pixelcnn_pp_log_prob_1d(x, params)
+    pp = composite.pixelcnn_pp_log_prob(x, params)
     assert abs(pp.item() - exact) > 0.1  # the published formula's switch fired: off by 0.39 here
 
 

@@ -4,7 +4,7 @@ Run it as ``python -m vae_fast bench [flags]`` or ``python benchmarks/run.py [fl
 per op, dtype, size and pass ("fwd", "fwd+bwd"), the fused op, the same maths in plain PyTorch, and that
 plain PyTorch compiled by Inductor; the LDM posterior and PixelCNN++'s likelihood (DMOL) against their
 originals; then a whole VAE training step and the memory of a large-K log-likelihood.
-It writes ``<out>/<device-slug>-<date>.json`` (DESIGN.md section 5's schema), a Markdown table and a PNG;
+It writes ``<out>/<device-slug>-<date>.json`` (the schema in docs/architecture.md, "Benchmark results"), a Markdown table and a PNG;
 a ``--quick`` run's names end in ``-quick`` and those of a run that left something out (``--only``, ``--ops``,
 ``--sizes``, ``--no-compile``, ...) in ``-partial``, so neither replaces a full run's files. The JSON and
 Markdown are rewritten after every op row and section (``"complete": false`` until the end), so a run stopped

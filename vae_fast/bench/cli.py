@@ -166,7 +166,7 @@ def main(argv=None, prog: str = "python -m vae_fast bench") -> int:
         "copy_gbps": copy,
         "rows": rows,
         "write_gbps": write,
-        # Extra top-level keys (beyond DESIGN.md's schema):
+        # Extra top-level keys (beyond docs/architecture.md's schema):
         "device_type": device.type,
         "cpu_isa": info.get("cpu_isa"),
         "build_info": info,

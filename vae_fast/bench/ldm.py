@@ -2,10 +2,10 @@
 
 One training step of an LDM autoencoder calls ``posterior.sample()`` and ``posterior.kl()`` on the encoder's
 ``(B, 2C, H, W)`` output; these rows time exactly that, forward ("fwd", under no_grad) and forward+backward
-("fwd+bwd", gradient of both outputs into ``parameters``), in the schema of DESIGN.md section 5, timed with
-the suite's own helpers (``cases.time_row``: ``timing.time_interleaved``, ``timing.peak_mb``). The eager
-baseline is diffusers' ``DiagonalGaussianDistribution`` when diffusers is installed, else a line-for-line copy
-of its three methods used here (the row's ``"baseline"`` says which). ``torch.compile`` compiles that baseline (not in
+("fwd+bwd", gradient of both outputs into ``parameters``), in the schema of docs/architecture.md ("Benchmark
+results"), timed with the suite's own helpers (``cases.time_row``: ``timing.time_interleaved``, ``timing.peak_mb``). The eager
+baseline is diffusers' ``DiagonalGaussianDistribution`` when diffusers is installed, else the same operations in
+eager PyTorch (``_EagerPosterior``; the row's ``"baseline"`` says which). ``torch.compile`` compiles that baseline (not in
 quick mode, nor with ``--no-compile``).
 
 Bytes (as ``reparameterize_with_kl``, N = latent elements, half the parameters): fwd reads mean and logvar and
@@ -27,29 +27,30 @@ QUICK_SHAPES = [(2, 8, 16, 16)]
 
 
 def baseline():
-    """(diffusers' class, its name), or an eager copy of diffusers' sample and kl."""
+    """(diffusers' class, its name), or the same operations written here."""
     try:
         import diffusers
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution as Theirs
 
         return Theirs, f"diffusers {diffusers.__version__}"
     except ImportError:
-        return _EagerCopy, "eager copy of diffusers' class"
+        return _EagerPosterior, "eager, diffusers' operations"
 
 
-class _EagerCopy:
-    """diffusers.models.autoencoders.vae.DiagonalGaussianDistribution's constructor, sample and kl (0.42)."""
+class _EagerPosterior:
+    """The latent-diffusion posterior in eager PyTorch, the operations diffusers' class runs (0.42): the encoder's
+    output split into mean and log-variance, the log-variance clamped to [-30, 20], the standard deviation and
+    the variance each formed by an exp, z = mean + std * randn, KL to N(0, I) summed over (C, H, W)."""
 
     def __init__(self, parameters):
         self.parameters = parameters
-        self.mean, self.logvar = torch.chunk(parameters, 2, dim=1)
-        self.logvar = torch.clamp(self.logvar, -30.0, 20.0)
-        self.std = torch.exp(0.5 * self.logvar)
-        self.var = torch.exp(self.logvar)
+        self.mean, logvar = torch.chunk(parameters, 2, dim=1)
+        self.logvar = torch.clamp(logvar, -30.0, 20.0)
+        self.std, self.var = torch.exp(0.5 * self.logvar), torch.exp(self.logvar)
 
     def sample(self):
-        return self.mean + self.std * torch.randn(self.mean.shape, device=self.parameters.device,
-                                                  dtype=self.parameters.dtype)
+        eps = torch.randn(self.mean.shape, device=self.parameters.device, dtype=self.parameters.dtype)
+        return self.mean + self.std * eps
 
     def kl(self):
         return 0.5 * torch.sum(torch.pow(self.mean, 2) + self.var - 1.0 - self.logvar, dim=[1, 2, 3])

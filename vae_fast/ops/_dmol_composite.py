@@ -1,7 +1,7 @@
 """The discretized mixture of logistics in plain PyTorch: the exact composite formula (the tests' float64
-oracle and the double backward's formula) and PixelCNN++'s original eager formula (the benchmark baseline).
+oracle and the double backward's formula) and PixelCNN++'s eager formula as its users run it (the benchmark baseline).
 
-Layouts (see vae_fast.dmol): "channels_first": x (..., C, H, W), params (..., P, H, W) with the P axis
+Layouts (see vae_fast.ops.dmol): "channels_first": x (..., C, H, W), params (..., P, H, W) with the P axis
 [logits (M) | means (C x M) | log-scales (C x M) | coeffs (C(C-1)/2 x M)]; "pixelcnn++": x (..., H, W, C),
 params (..., H, W, P) with the P axis [logits (M) | per channel: means (M), log-scales (M), coeffs (M)].
 P = M * (1 + 2C + C(C-1)/2).
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -113,84 +112,49 @@ def mixture_bin_probs(params, num_bits: int, layout: str = "channels_first") -> 
 
 
 # ------------------------------------------------------------------------------------------------
-# PixelCNN++'s formula as published (Salimans et al.'s TensorFlow code, in the widely used PyTorch port
-# pytorch-pixelcnn/utils.py), with the bin width made a parameter (it hard-codes 8 bits: 1/255 and 127.5).
-# Inputs as there: x (B, C, H, W) in [-1, 1], l (B, P, H, W) with the P axis in PixelCNN++'s order; both
-# permuted to (B, H, W, .) inside. Returns log p(x) per example (the port returns -sum over the batch).
-# Its switch: where the bin probability is below 1e-5 it takes the bin-centre density instead.
+# PixelCNN++'s loss as its users run it (Salimans et al. 2017; VDVAE and most PixelCNN++ ports compute the
+# same operations), written here from the paper's formula: the benchmarks' eager baseline. What makes it the
+# baseline is kept: x repeated over the M components into a (B, H, W, C, M) tensor, every intermediate of that
+# size materialised, the edge levels and the 1e-5 switch (below it the bin-centre density stands in for the
+# bin probability) as float masks, and the max-shifted log-softmax and log-sum-exp spelled out.
+# Inputs: x (B, C, H, W) in [-1, 1], params (B, P, H, W) with the P axis in PixelCNN++'s order; C = 1 or 3.
 # ------------------------------------------------------------------------------------------------
-def _log_sum_exp(x):
-    axis = len(x.size()) - 1
-    m, _ = torch.max(x, dim=axis)
-    m2, _ = torch.max(x, dim=axis, keepdim=True)
-    return m + torch.log(torch.sum(torch.exp(x - m2), dim=axis))
+def pixelcnn_pp_log_prob(x, params, num_bits: int = 8):
+    """log p(x) per example, (B,), by PixelCNN++'s eager formula (its 1- and 3-channel losses in one)."""
+    half_levels = (2 ** num_bits - 1) / 2.0  # the bin half-width is 1 / (2 half_levels)
+    x = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+    p = params.permute(0, 2, 3, 1)  # (B, H, W, P)
+    B, H, W, C = x.shape
+    M = p.shape[-1] // params_per_mixture(C)
+    logits = p[..., :M]
+    per_channel = p[..., M:].contiguous().view(B, H, W, C, -1)  # channel c: [means | log-scales | coeffs] (M each)
+    means = per_channel[..., :M]
+    log_scales = torch.clamp(per_channel[..., M:2 * M], min=LOG_SCALE_MIN)
+    x = x.contiguous().unsqueeze(-1) + torch.zeros(B, H, W, C, M, dtype=x.dtype, device=x.device)
+    if C == 3:  # green's and blue's means move with the channels before them
+        coeffs = torch.tanh(per_channel[..., 2 * M:3 * M])
+        green = means[..., 1, :] + coeffs[..., 0, :] * x[..., 0, :]
+        blue = means[..., 2, :] + coeffs[..., 1, :] * x[..., 0, :] + coeffs[..., 2, :] * x[..., 1, :]
+        means = torch.stack((means[..., 0, :], green, blue), dim=3)
 
+    centred = x - means
+    inv_scale = torch.exp(-log_scales)
+    upper = inv_scale * (centred + 1.0 / (2 * half_levels))  # the bin's edges, standardised
+    lower = inv_scale * (centred - 1.0 / (2 * half_levels))
+    bin_prob = torch.sigmoid(upper) - torch.sigmoid(lower)
+    log_below_upper = upper - F.softplus(upper)  # log sigmoid(upper): the lowest level's bin reaches -inf
+    log_above_lower = -F.softplus(lower)  # log (1 - sigmoid(lower)): the highest level's reaches +inf
+    mid = inv_scale * centred
+    log_density_mid = mid - log_scales - 2.0 * F.softplus(mid)
+    wide = (bin_prob > 1e-5).float()
+    log_bin = wide * torch.log(torch.clamp(bin_prob, min=1e-12)) + (1.0 - wide) * (log_density_mid - math.log(half_levels))
+    top = (x > 0.999).float()
+    log_bin = top * log_above_lower + (1.0 - top) * log_bin
+    bottom = (x < -0.999).float()
+    log_bin = bottom * log_below_upper + (1.0 - bottom) * log_bin
 
-def _log_prob_from_logits(x):
-    axis = len(x.size()) - 1
-    m, _ = torch.max(x, dim=axis, keepdim=True)
-    return x - m - torch.log(torch.sum(torch.exp(x - m), dim=axis, keepdim=True))
-
-
-def _pixelcnn_pp_mixture(x, means, log_scales, logit_probs, half_levels):
-    """The part PixelCNN++'s two losses share: each channel's bin log-probability (its 1e-5 switch to the
-    bin-centre density included), summed over channels, mixed over components, summed over pixels: (B,)."""
-    centered_x = x - means
-    inv_stdv = torch.exp(-log_scales)
-    plus_in = inv_stdv * (centered_x + 1. / (2 * half_levels))
-    cdf_plus = torch.sigmoid(plus_in)
-    min_in = inv_stdv * (centered_x - 1. / (2 * half_levels))
-    cdf_min = torch.sigmoid(min_in)
-    log_cdf_plus = plus_in - F.softplus(plus_in)
-    log_one_minus_cdf_min = -F.softplus(min_in)
-    cdf_delta = cdf_plus - cdf_min
-    mid_in = inv_stdv * centered_x
-    log_pdf_mid = mid_in - log_scales - 2. * F.softplus(mid_in)
-    inner_inner_cond = (cdf_delta > 1e-5).float()
-    inner_inner_out = inner_inner_cond * torch.log(torch.clamp(cdf_delta, min=1e-12)) + \
-        (1. - inner_inner_cond) * (log_pdf_mid - np.log(half_levels))
-    inner_cond = (x > 0.999).float()
-    inner_out = inner_cond * log_one_minus_cdf_min + (1. - inner_cond) * inner_inner_out
-    cond = (x < -0.999).float()
-    log_probs = cond * log_cdf_plus + (1. - cond) * inner_out
-    log_probs = torch.sum(log_probs, dim=3) + _log_prob_from_logits(logit_probs)
-    return _log_sum_exp(log_probs).sum((1, 2))
-
-
-def pixelcnn_pp_log_prob(x, l, num_bits: int = 8):
-    """PixelCNN++'s discretized_mix_logistic_loss (3 channels), per example: (B,)."""
-    half_levels = (2 ** num_bits - 1) / 2.0
-    x = x.permute(0, 2, 3, 1)
-    l = l.permute(0, 2, 3, 1)
-    xs = [int(y) for y in x.size()]
-    ls = [int(y) for y in l.size()]
-    nr_mix = int(ls[-1] / 10)
-    logit_probs = l[:, :, :, :nr_mix]
-    l = l[:, :, :, nr_mix:].contiguous().view(xs + [nr_mix * 3])
-    means = l[:, :, :, :, :nr_mix]
-    log_scales = torch.clamp(l[:, :, :, :, nr_mix:2 * nr_mix], min=-7.)
-    coeffs = torch.tanh(l[:, :, :, :, 2 * nr_mix:3 * nr_mix])
-    x = x.contiguous()
-    x = x.unsqueeze(-1) + torch.zeros(xs + [nr_mix], device=x.device, dtype=x.dtype)
-    m2 = (means[:, :, :, 1, :] + coeffs[:, :, :, 0, :] * x[:, :, :, 0, :]).view(xs[0], xs[1], xs[2], 1, nr_mix)
-    m3 = (means[:, :, :, 2, :] + coeffs[:, :, :, 1, :] * x[:, :, :, 0, :] +
-          coeffs[:, :, :, 2, :] * x[:, :, :, 1, :]).view(xs[0], xs[1], xs[2], 1, nr_mix)
-    means = torch.cat((means[:, :, :, 0, :].unsqueeze(3), m2, m3), dim=3)
-    return _pixelcnn_pp_mixture(x, means, log_scales, logit_probs, half_levels)
-
-
-def pixelcnn_pp_log_prob_1d(x, l, num_bits: int = 8):
-    """PixelCNN++'s 1-channel discretized_mix_logistic_loss_1d, per example: (B,)."""
-    half_levels = (2 ** num_bits - 1) / 2.0
-    x = x.permute(0, 2, 3, 1)
-    l = l.permute(0, 2, 3, 1)
-    xs = [int(y) for y in x.size()]
-    ls = [int(y) for y in l.size()]
-    nr_mix = int(ls[-1] / 3)
-    logit_probs = l[:, :, :, :nr_mix]
-    l = l[:, :, :, nr_mix:].contiguous().view(xs + [nr_mix * 2])
-    means = l[:, :, :, :, :nr_mix]
-    log_scales = torch.clamp(l[:, :, :, :, nr_mix:2 * nr_mix], min=-7.)
-    x = x.contiguous()
-    x = x.unsqueeze(-1) + torch.zeros(xs + [nr_mix], device=x.device, dtype=x.dtype)
-    return _pixelcnn_pp_mixture(x, means, log_scales, logit_probs, half_levels)
+    top_logit = logits.amax(-1, keepdim=True)
+    log_weights = logits - top_logit - torch.log(torch.exp(logits - top_logit).sum(-1, keepdim=True))
+    log_joint = log_bin.sum(3) + log_weights  # (B, H, W, M)
+    top_joint = log_joint.amax(-1, keepdim=True)
+    return (top_joint.squeeze(-1) + torch.log(torch.exp(log_joint - top_joint).sum(-1))).sum((1, 2))
