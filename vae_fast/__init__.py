@@ -4,7 +4,7 @@ The layers, each a subpackage importing only those before it: ``ops`` (the fused
 built on them), ``train`` (the trainer, its data and command line), ``bench`` (the benchmarks).
 """
 
-from .models import VAE, active_units, bits_per_dim, conv_vae, gradient_snr, mlp_vae
+from .models import HierarchicalVAE, VAE, active_units, bits_per_dim, conv_vae, gradient_snr, hierarchical_vae, mlp_vae
 from .ops import (
     DiagonalGaussianDistribution,
     bernoulli_log_prob,
@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DiagonalGaussianDistribution",
+    "HierarchicalVAE",
     "VAE",
     "active_units",
     "bernoulli_log_prob",
@@ -35,6 +36,7 @@ __all__ = [
     "gaussian_log_prob",
     "gaussian_nll_loss",
     "gradient_snr",
+    "hierarchical_vae",
     "mlp_vae",
     "patch_diffusers",
     "reparameterize",

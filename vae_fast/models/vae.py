@@ -159,7 +159,7 @@ class VAE(nn.Module):
     def _sample_with_kl(self, mu, logvar, num_samples: int, per_dim: bool = False):
         """z ``(K, B, *latent_shape)`` and the KL, ``(B,)`` or per dimension ``(B, *latent_shape)``; K = 1 takes
         the op's single-sample path."""
-        _check_num_samples(num_samples)
+        check_num_samples(num_samples)
         z, kl = reparameterize_with_kl(mu, logvar, None if num_samples == 1 else num_samples,
                                        event_dims=0 if per_dim else self.latent_event_dims)
         return (z.unsqueeze(0) if num_samples == 1 else z), kl
@@ -173,7 +173,7 @@ class VAE(nn.Module):
         sum_k w~_k^2 d log w_k / d z_k dz_k / d phi (Tucker et al. 2018) while the decoder, which sees z only
         as an input, keeps IWAE's sum_k w~_k d log p(x|z_k) / d theta.
         """
-        _check_num_samples(num_samples)
+        check_num_samples(num_samples)
         k = self.latent_event_dims
         z, log_q = reparameterize(mu, logvar, num_samples, return_log_q=True, log_q_path_only=path_only or dreg,
                                   event_dims=k)
@@ -243,7 +243,7 @@ class VAE(nn.Module):
     def log_likelihood(self, x, num_samples: int = 1000, chunk_size: int | None = None) -> torch.Tensor:
         """``(B,)`` importance-sampled log p(x): the IWAE bound with K = num_samples, computed in chunks of
         samples with a streaming logsumexp, so memory does not grow with num_samples."""
-        _check_num_samples(num_samples)
+        check_num_samples(num_samples)
         if chunk_size is None:
             # About 4M data elements decoded per chunk (16 MB of x's size; the decoder's output is a few times
             # that: 33x for a mixture of logistics over RGB): memory bounded for any image size and batch.
@@ -313,7 +313,7 @@ def _latent_shape(latent_dim) -> tuple[int, ...]:
     return shape
 
 
-def _check_num_samples(num_samples) -> None:
+def check_num_samples(num_samples) -> None:
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
 
