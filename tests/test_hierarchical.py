@@ -128,7 +128,7 @@ def test_iwae_k1_is_an_unbiased_elbo():
     model = _model()
     x = _levels((2, 3, 8, 8), gen, torch.float64)
     torch.manual_seed(0)
-    n = 400
+    n = 200
     with torch.no_grad():
         iw = torch.stack([model.iwae(x, 1) for _ in range(n)])
         el = torch.stack([model.elbo(x) for _ in range(n)])
@@ -143,8 +143,8 @@ def test_bounds_order_and_log_likelihood_chunks():
     x = _levels((3, 3, 8, 8), gen, torch.float64)
     torch.manual_seed(0)
     with torch.no_grad():
-        elbo = torch.stack([model.elbo(x) for _ in range(50)]).mean(0)
-        iwae = torch.stack([model.iwae(x, 16) for _ in range(50)]).mean(0)
+        elbo = torch.stack([model.elbo(x) for _ in range(20)]).mean(0)
+        iwae = torch.stack([model.iwae(x, 16) for _ in range(20)]).mean(0)
     assert (iwae > elbo).all()
     torch.manual_seed(7)
     a = model.log_likelihood(x, 12, chunk_size=12)
@@ -215,3 +215,69 @@ def test_configs_and_errors():
     with pytest.raises(ValueError, match="single-sample ELBO"):
         model(torch.zeros(2, 3, 8, 8), objective="iwae")
     assert math.isfinite(model.elbo(-torch.ones(2, 3, 8, 8)).sum().item())
+
+
+# ---- the trainer ---------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def few_patches(monkeypatch):
+    """The patches set cut to 64 train and 16 test images: the machinery, not the quality, is tested here."""
+    from vae_fast.train import data
+
+    full = data._patches
+
+    def small():
+        train, test = full()
+        return train[:64], test[:16]
+
+    monkeypatch.setattr(data, "_patches", small)
+
+
+def test_train_resume_evaluate_sample(tmp_path, few_patches, capsys):
+    from vae_fast.train import TrainConfig, cli, load_run, train
+
+    settings = dict(dataset="patches", model="hvae", likelihood="dmol", batch_size=32, grad_clip=200.0,
+                    skip_threshold=1e6)
+    whole = train(TrainConfig(epochs=2, out=str(tmp_path / "whole"), **settings), progress=False)
+    rows = whole.metrics
+    assert [m["epoch"] for m in rows] == [1, 2] and all(m["skipped_updates"] == 0 for m in rows)
+    assert len(rows[-1]["train_kl_layers"]) == whole.model.num_layers == 9
+    assert abs(sum(rows[-1]["train_kl_layers"]) - rows[-1]["train_kl"]) < 1e-3 * abs(rows[-1]["train_kl"]) + 1e-6
+    names = {p.name for p in (tmp_path / "whole").iterdir()}
+    assert {"samples.png", "reconstructions.png", "kl_layers.png", "loss.png"} <= names
+    # resumed after epoch 1: bitwise the run trained in one go
+    part = tmp_path / "part"
+    train(TrainConfig(epochs=1, out=str(part), **settings), progress=False)
+    resumed = train(TrainConfig(epochs=2, out=str(part), **settings), resume=True, progress=False)
+    for name, p in whole.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], p), name
+    model, cfg, _ = load_run(tmp_path / "whole")
+    assert isinstance(model, vf.HierarchicalVAE) and cfg.hvae_config == "small"
+    assert cli.main(["evaluate", str(tmp_path / "whole"), "--num-samples", "4", "--iwae-samples", "2"]) == 0
+    assert "bits/dim" in capsys.readouterr().out
+    assert cli.main(["sample", str(tmp_path / "whole"), "-n", "4", "--draws", "--temperature", "0.7"]) == 0
+
+
+def test_skip_threshold_skips_and_counts(tmp_path, few_patches):
+    from vae_fast.train import TrainConfig, train
+
+    cfg = TrainConfig(dataset="patches", model="hvae", likelihood="dmol", batch_size=32, epochs=1,
+                      skip_threshold=1e-9, out=str(tmp_path / "run"))
+    torch.manual_seed(0)
+    start = vf.hierarchical_vae((3, 32, 32))  # the trainer seeds its model from cfg.seed (0): the same weights
+    result = train(cfg, progress=False)
+    assert result.metrics[0]["skipped_updates"] == 2  # 64 examples in batches of 32: both updates dropped
+    for name, p in start.state_dict().items():
+        assert torch.equal(result.model.state_dict()[name], p), name
+
+
+def test_config_errors():
+    from vae_fast.train import TrainConfig
+
+    with pytest.raises(ValueError, match="hvae_config must be small"):
+        TrainConfig(dataset="patches", model="hvae", likelihood="dmol", hvae_config="big").validate()
+    with pytest.raises(ValueError, match="hvae_config is the hierarchical model's"):
+        TrainConfig(dataset="patches", model="conv", hvae_config="vdvae-cifar10").validate()
+    with pytest.raises(ValueError, match="single-sample ELBO"):
+        TrainConfig(dataset="patches", model="hvae", likelihood="dmol", objective="iwae", num_samples=5).validate()

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..ops import _composite as R
+from ..ops import _dmol_composite as D
 from . import timing  # timing.CONFIG_BUDGET_S is read at call time (the tests shorten it)
 from .cases import input_sets, make_call
 from .ldm import baseline, posterior_case
@@ -35,8 +36,36 @@ def _ref_reparameterize_with_kl(mu, logvar, num_samples=None, *, seed=None, gene
     return R.sample_eager(mu, logvar, num_samples, event_dims=event_dims)
 
 
-# Where the model code calls each ELBO op, (module of vae_fast, name), and the plain-PyTorch maths put in its place:
-# models/vae.py draws z and takes the KL and log p(z); models/likelihoods.py scores the data, log p(x | z).
+def _eager_layer_kl(mu, logvar, prior_mu=None, prior_logvar=None, *, event_dims=1):
+    """A hierarchical VAE's per-layer KL as VDVAE computes it in eager PyTorch (its log-std form, written here
+    in log-variances): 0.5 (lv_p - lv_q + (e^lv_q + (mu_q - mu_p)^2) / e^lv_p - 1), summed over the layer."""
+    if prior_mu is None:
+        return R.gaussian_kl(mu, logvar, event_dims=event_dims)
+    term = 0.5 * (prior_logvar - logvar + (torch.exp(logvar) + (mu - prior_mu) ** 2) / torch.exp(prior_logvar) - 1.0)
+    return term.sum(tuple(range(-event_dims, 0)))
+
+
+_PIXELCNN_ORDER: dict = {}
+
+
+def _eager_dmol(x, params, *, num_bits=8, layout="channels_first", event_dims=3):
+    """The mixture of logistics as PixelCNN++ and VDVAE compute it (``_dmol_composite.pixelcnn_pp_log_prob``: the
+    (B, H, W, C, M) temporaries, the 1e-5 switch), the model's channels_first parameters put in its P order."""
+    c = x.shape[-3]
+    m = params.shape[-3] // (10 if c == 3 else 3)
+    key = (c, m, params.device)
+    if key not in _PIXELCNN_ORDER:  # [logits | per channel: means, log-scales, coeffs] from [logits | means | ...]
+        per_channel = [[m + i * m + j for j in range(m)] + [m + c * m + i * m + j for j in range(m)]
+                       + ([m + 2 * c * m + i * m + j for j in range(m)] if c == 3 else []) for i in range(c)]
+        _PIXELCNN_ORDER[key] = torch.tensor(list(range(m)) + sum(per_channel, []), device=params.device)
+    lead = params.shape[:-3]
+    pp = params.reshape(-1, *params.shape[-3:]).index_select(1, _PIXELCNN_ORDER[key])
+    out = D.pixelcnn_pp_log_prob(x.expand(*lead, *x.shape[-3:]).reshape(-1, *x.shape[-3:]), pp, num_bits)
+    return out.reshape(lead)
+
+
+# Where the model code calls each ELBO op, (module of vae_fast.models, name), and the plain-PyTorch maths put in its
+# place: vae.py and hierarchical.py draw z and take the KL and log p(z); likelihoods.py scores the data, log p(x | z).
 REFERENCE_MODEL_OPS = {
     ("vae", "gaussian_kl"): R.gaussian_kl,
     ("vae", "gaussian_log_prob"): R.gaussian_log_prob,
@@ -44,6 +73,10 @@ REFERENCE_MODEL_OPS = {
     ("vae", "reparameterize_with_kl"): _ref_reparameterize_with_kl,
     ("likelihoods", "bernoulli_log_prob"): R.bernoulli_log_prob,
     ("likelihoods", "gaussian_log_prob"): R.gaussian_log_prob,
+    ("likelihoods", "discretized_mix_logistic_log_prob"): _eager_dmol,
+    ("hierarchical", "gaussian_kl"): _eager_layer_kl,
+    ("hierarchical", "gaussian_log_prob"): R.gaussian_log_prob,
+    ("hierarchical", "reparameterize"): _ref_reparameterize,
 }
 
 
@@ -51,9 +84,9 @@ REFERENCE_MODEL_OPS = {
 def _model_ops_replaced(replace):
     """Each ELBO op where the model code calls it (REFERENCE_MODEL_OPS' places) bound to
     ``replace((module, name), the function bound there now)``, and put back afterwards."""
-    from ..models import likelihoods, vae
+    from ..models import hierarchical, likelihoods, vae
 
-    modules = {"vae": vae, "likelihoods": likelihoods}
+    modules = {"vae": vae, "likelihoods": likelihoods, "hierarchical": hierarchical}
     saved = {key: getattr(modules[key[0]], key[1]) for key in REFERENCE_MODEL_OPS}
     for key, fn in saved.items():
         setattr(modules[key[0]], key[1], replace(key, fn))
@@ -121,8 +154,9 @@ class TrainConfig:
     obs_logvar: str = "scalar"
     objective: str = "elbo"
     num_samples: int = 1
-    image: tuple = ()  # "ldm" configs: (C, H, W) of the images; hidden = the autoencoder's block channels
-    kind: str = "mlp"  # "mlp": vae_fast.mlp_vae; "ldm": diffusers' AutoencoderKL with its posterior swapped
+    image: tuple = ()  # image configs: (C, H, W); "ldm": hidden = the autoencoder's block channels
+    kind: str = "mlp"  # "mlp": mlp_vae; "conv": conv_vae; "hvae": hierarchical_vae (hidden = (its config,));
+    #                    "ldm": diffusers' AutoencoderKL with its posterior swapped
 
 
 TRAIN_CONFIGS = [
@@ -133,6 +167,13 @@ TRAIN_CONFIGS = [
     TrainConfig("mnist-mlp-gauss-perfeature", 512, 784, (512,), 20, likelihood="gaussian",
                 obs_logvar="per_feature"),
     TrainConfig("mnist-mlp-b16384", 16384, 784, (512,), 20),
+    # The image models users train with the mixture of logistics: the conv VAE, the hierarchical VAE (small on a
+    # CPU; VDVAE's CIFAR-10 model, batch 16 per GPU as VDVAE trains it, on a GPU).
+    TrainConfig("conv-dmol", 32, 3 * 32 * 32, (32, 64), 32, likelihood="dmol", image=(3, 32, 32), kind="conv"),
+    TrainConfig("hvae-small-dmol", 32, 3 * 32 * 32, ("small",), 0, likelihood="dmol", image=(3, 32, 32),
+                kind="hvae"),
+    TrainConfig("hvae-cifar10-dmol", 16, 3 * 32 * 32, ("vdvae-cifar10",), 0, likelihood="dmol", image=(3, 32, 32),
+                kind="hvae"),
     # A small latent-diffusion autoencoder: 3x128x128 images to 4x32x32 latents, (16, 8, 32, 32) moments.
     TrainConfig("ldm-autoencoderkl", 16, 3 * 128 * 128, (32, 64, 64), 4, likelihood="gaussian", image=(3, 128, 128),
                 kind="ldm"),
@@ -141,8 +182,11 @@ TRAIN_CONFIGS = [
                 kind="ldm"),
 ]
 TRAIN_CONFIG_NAMES = tuple(c.name for c in TRAIN_CONFIGS)
-CPU_TRAIN_CONFIGS = ("digits", "mnist-mlp", "mnist-mlp-b1024", "mnist-mlp-iwae50", "mnist-mlp-gauss-perfeature")
-CUDA_TRAIN_CONFIGS = ("mnist-mlp-b1024", "mnist-mlp-b16384", "mnist-mlp-iwae50", "ldm-autoencoderkl")
+CPU_TRAIN_CONFIGS = ("digits", "mnist-mlp", "mnist-mlp-b1024", "mnist-mlp-iwae50", "mnist-mlp-gauss-perfeature",
+                     "conv-dmol", "hvae-small-dmol")
+CUDA_TRAIN_CONFIGS = ("mnist-mlp-b1024", "mnist-mlp-b16384", "mnist-mlp-iwae50", "ldm-autoencoderkl", "conv-dmol",
+                      "hvae-cifar10-dmol")
+VAE_KINDS = ("mlp", "conv", "hvae")  # vae_fast's own models: the eager maths patched into them
 
 # name: (reference maths in place of the fused ops, torch.compile mode or None, whole step in one CUDA graph)
 TRAIN_IMPLS = {
@@ -187,7 +231,7 @@ class _FixedDecoder(torch.nn.Module):
         return self.out[: z.shape[0]] + z[:, :1].reshape((z.shape[0],) + (1,) * (self.out.dim() - 1))
 
 
-class _MlpLoss(torch.nn.Module):
+class _VaeLoss(torch.nn.Module):
     """x -> the VAE's training loss (what ``vae-fast train`` minimises); compiling it compiles the whole model."""
 
     def __init__(self, model, cfg: TrainConfig):
@@ -220,6 +264,8 @@ class _LdmLoss(torch.nn.Module):
 def _train_data(cfg: TrainConfig, device, gen):
     if cfg.kind == "ldm":
         return torch.rand((cfg.batch, *cfg.image), generator=gen, device=device) * 2 - 1
+    if cfg.likelihood == "dmol":  # 8-bit levels in [-1, 1]
+        return torch.randint(0, 256, (cfg.batch, *cfg.image), generator=gen, device=device).float() / 127.5 - 1
     x = torch.rand((cfg.batch, cfg.input_dim), generator=gen, device=device)
     return (x < 0.3).float() if cfg.likelihood == "bernoulli" else x
 
@@ -243,19 +289,29 @@ def _trainee(cfg: TrainConfig, device: torch.device):
         text = (f"diffusers AutoencoderKL {'x'.join(map(str, cfg.image))} -> {cfg.latent}x{side}x{side}, channels "
                 f"{'-'.join(map(str, cfg.hidden))}, posterior sample()+kl(), MSE + 1e-6 KL, Adam")
         return base, (lambda reference: _LdmLoss(_clone_module(base), Theirs if reference else Ours)), text
-    from ..models import mlp_vae
+    from ..models import conv_vae, hierarchical_vae, mlp_vae
 
+    if cfg.kind == "conv":
+        base = conv_vae(cfg.image, cfg.latent, likelihood=cfg.likelihood, channels=cfg.hidden).to(device)
+        text = (f"conv_vae {'x'.join(map(str, cfg.image))}, channels {'-'.join(map(str, cfg.hidden))}, latent "
+                f"{cfg.latent}, {cfg.likelihood}, ELBO, Adam")
+        return base, (lambda reference: _VaeLoss(_clone_module(base), cfg)), text
+    if cfg.kind == "hvae":
+        base = hierarchical_vae(cfg.image, config=cfg.hidden[0], likelihood=cfg.likelihood).to(device)
+        text = (f"hierarchical_vae {'x'.join(map(str, cfg.image))} ({cfg.hidden[0]}: {base.num_layers} layers, "
+                f"{sum(p.numel() for p in base.parameters()) / 1e6:.2g}M parameters), {cfg.likelihood}, ELBO, Adam")
+        return base, (lambda reference: _VaeLoss(_clone_module(base), cfg)), text
     base = mlp_vae(cfg.input_dim, cfg.latent, hidden=cfg.hidden, likelihood=cfg.likelihood,
                    obs_logvar=cfg.obs_logvar).to(device)
     text = (f"mlp_vae {cfg.input_dim}-{'-'.join(map(str, cfg.hidden))}-{cfg.latent}, {cfg.likelihood}"
             + (f" ({cfg.obs_logvar} logvar)" if cfg.likelihood == "gaussian" else "")
             + f", {cfg.objective} K={cfg.num_samples}, Adam")
-    return base, (lambda reference: _MlpLoss(_clone_module(base), cfg)), text
+    return base, (lambda reference: _VaeLoss(_clone_module(base), cfg)), text
 
 
 def _maths(cfg: TrainConfig, reference: bool):
     """The context a step runs in: _composite.py's maths patched into vae_fast.model for an eager MLP step."""
-    return reference_ops_in_model() if reference and cfg.kind == "mlp" else contextlib.nullcontext()
+    return reference_ops_in_model() if reference and cfg.kind in VAE_KINDS else contextlib.nullcontext()
 
 
 def train_step_impl(cfg: TrainConfig, make_loss, impl: str, device: torch.device, static_x: torch.Tensor):
@@ -367,10 +423,12 @@ def bench_train_step(device: torch.device, repeats: int, quick: bool, gen: torch
         peaks = {impl: peak_mb(lambda c=call: c([x]), device) for impl, call in calls.items()}
         if cfg.kind == "ldm":
             elbo = _posterior_ops_ms(cfg, base, x, repeats, device)
-        else:
+        elif cfg.kind == "mlp":
             elbo = _elbo_ops_ms(base, x, cfg, repeats, device)
+        else:  # no fixed stand-in for an image model's networks: the profiler's share says it
+            elbo = None
         profiled = {}
-        if device.type == "cpu" and cfg.kind == "mlp":
+        if device.type == "cpu" and cfg.kind in VAE_KINDS:
             for impl in ("fused", "eager"):
                 with (reference_ops_in_model() if impl == "eager" else contextlib.nullcontext()):
                     module = make_loss(False)
@@ -384,7 +442,7 @@ def bench_train_step(device: torch.device, repeats: int, quick: bool, gen: torch
             "p20_p80_ms": {impl: [stats[impl][0], stats[impl][2]] for impl in stats},
             "best_fused": _best(ms, fused=True), "best_other": _best(ms, fused=False),
             "elbo_ops_ms": elbo,
-            "elbo_share": {impl: elbo[impl] / stats[impl][1] for impl in ("fused", "eager")},
+            "elbo_share": {impl: elbo[impl] / stats[impl][1] for impl in ("fused", "eager")} if elbo else None,
             "elbo_share_profiler": profiled or None,
             "peak_mb": {impl: peaks.get(impl) for impl in TRAIN_IMPLS},
             "errors": errors,
@@ -399,8 +457,10 @@ def bench_train_step(device: torch.device, repeats: int, quick: bool, gen: torch
 
 def train_step_note(quick: bool) -> str:
     """What the training-step rows mean (the results' ``train_step_note``)."""
-    return ("train step: fused = the model as written; eager = the same model with _composite.py's maths "
-            "patched into vae_fast.model (the LDM config: diffusers' own posterior class); compile = "
+    return ("train step: fused = the model as written; eager = the same model with the maths in plain PyTorch "
+            "patched into vae_fast's models (_composite.py's; for the image models VDVAE's per-layer KL, "
+            "mu + exp(logvar / 2) * randn and PixelCNN++'s mixture of logistics with its (B, H, W, C, M) "
+            "temporaries; the LDM config: diffusers' own posterior class); compile = "
             "torch.compile of the eager one, fused_compile = of the fused one (Inductor defaults); *_cudagraphs = "
             "the same compiled with mode='reduce-overhead' (CUDA graph trees; cudagraph_mark_step_begin() and grads "
             "set to None each step); *_graph = the whole step (forward, backward, capturable Adam) captured in one "
@@ -440,7 +500,7 @@ def _elbo_ops_ms(base, x, cfg: TrainConfig, repeats: int, device: torch.device) 
         out = model.decoder(z)
     model.encoder, model.decoder = _FixedEncoder(h), _FixedDecoder(out)
     model.to(device)
-    loss = _MlpLoss(model, cfg)
+    loss = _VaeLoss(model, cfg)
     calls = {impl: make_step(loss, _NoOptimizer(model), lambda r=impl == "eager": _maths(cfg, r))
              for impl in ("fused", "eager")}
     samples = time_interleaved(calls, [[x]], repeats, device, budget_s=2 * timing.CONFIG_BUDGET_S)

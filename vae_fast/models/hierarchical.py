@@ -191,6 +191,16 @@ class HierarchicalVAE(VAE):
 
     # ---- the top-down pass ---------------------------------------------------------------------------------
 
+    def _layer_input(self, layer, streams: dict, n: int):
+        """The stream a layer reads: its resolution's (the learned start map at first), plus the upsampled
+        stream of the resolution it mixes in."""
+        x = streams.get(layer.res)
+        if x is None:
+            x = self.start[str(layer.res)].expand(n, -1, -1, -1)
+        if layer.mixin is not None:
+            x = x + F.interpolate(streams[layer.mixin], scale_factor=layer.res // layer.mixin)
+        return x
+
     def _top_down(self, acts, num_samples: int, want_log_w: bool):
         """The likelihood's parameters (``(B, ...)``, with K > 1 ``(K, B, ...)``), the KL per layer (a list of ``(B,)``; K = 1 only), and with
         ``want_log_w`` log p(z) - log q(z) summed over layers ``(K, B)``."""
@@ -202,11 +212,7 @@ class HierarchicalVAE(VAE):
             a = acts[layer.res]
             if k > 1:
                 a = a.repeat(k, 1, 1, 1)  # sample-major: example b of sample j at row j * B + b
-            x = streams.get(layer.res)
-            if x is None:
-                x = self.start[str(layer.res)].expand(a.shape[0], -1, -1, -1)
-            if layer.mixin is not None:
-                x = x + F.interpolate(streams[layer.mixin], scale_factor=layer.res // layer.mixin)
+            x = self._layer_input(layer, streams, a.shape[0])
             p_mu, p_logvar, update, q_mu, q_logvar = layer.distributions(x, a)
             if want_log_w:
                 z, log_q = reparameterize(q_mu, q_logvar, return_log_q=True, event_dims=3)
@@ -220,6 +226,23 @@ class HierarchicalVAE(VAE):
             streams[layer.res] = layer.advance(x, update, z)
         out = self.head(streams[self.image_shape[1]])
         return self.lik.params(self, out.view(k, batch, *out.shape[1:]) if k > 1 else out), kls, log_ratio
+
+    def encode(self, x) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's posterior (mu, logvar), flattened and concatenated, ``(B, latent_dim)`` each, along the
+        path of posterior means (z_l = mu_l, no noise): what ``active_units`` reads."""
+        acts = self._encode_images(x)
+        streams: dict[int, torch.Tensor] = {}
+        mus, logvars = [], []
+        for layer in self.decoder:
+            h = self._layer_input(layer, streams, x.shape[0])
+            _, _, update, q_mu, q_logvar = layer.distributions(h, acts[layer.res])
+            mus.append(q_mu.flatten(1))
+            logvars.append(q_logvar.flatten(1))
+            streams[layer.res] = layer.advance(h, update, q_mu)
+        return torch.cat(mus, 1), torch.cat(logvars, 1)
+
+    def decode(self, z):
+        raise NotImplementedError("a hierarchical VAE has no single decoder of z: use sample() or reconstruct()")
 
     def _encode_images(self, x):
         self._check_batch(x)
@@ -298,11 +321,7 @@ class HierarchicalVAE(VAE):
             raise ValueError(f"temperature must be a positive finite number, got {temperature!r}")
         streams: dict[int, torch.Tensor] = {}
         for layer in self.decoder:
-            x = streams.get(layer.res)
-            if x is None:
-                x = self.start[str(layer.res)].expand(n, -1, -1, -1)
-            if layer.mixin is not None:
-                x = x + F.interpolate(streams[layer.mixin], scale_factor=layer.res // layer.mixin)
+            x = self._layer_input(layer, streams, n)
             p_mu, p_logvar, update = layer.distributions(x)
             z = reparameterize(p_mu, p_logvar + 2 * math.log(temperature)) if temperature != 1 else \
                 reparameterize(p_mu, p_logvar)

@@ -11,9 +11,10 @@ import torch.distributed as dist
 
 from ..models import likelihoods
 from ..models.conv import conv_vae
+from ..models.hierarchical import hierarchical_vae
 from ..models.vae import VAE, mlp_vae
 from . import data
-from .config import TrainConfig
+from .config import IMAGE_MODELS, TrainConfig
 from .messages import setting
 
 EVAL_STREAM = 2**31  # seed key of the evaluation noise; never a rank
@@ -48,6 +49,9 @@ def build_model(cfg: TrainConfig, input_dim: int | list[int]) -> VAE:
     """The model ``cfg`` describes for examples of ``input_dim`` values (an int) or of that shape (a list)."""
     cfg = cfg.resolved()
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank and on every resume
+    if cfg.model == "hvae":
+        return hierarchical_vae(tuple(input_dim), config=cfg.hvae_config, likelihood=cfg.likelihood,
+                                obs_logvar=cfg.obs_logvar)
     if cfg.model == "conv":
         latent = dict(latent_channels=cfg.latent_channels) if cfg.latent_channels else dict(latent_dim=cfg.latent_dim)
         return conv_vae(tuple(input_dim), likelihood=cfg.likelihood, obs_logvar=cfg.obs_logvar, **latent)
@@ -103,11 +107,11 @@ def load_data(cfg: TrainConfig) -> tuple[torch.Tensor, torch.Tensor]:
         test = data.fixed_dequantize(test, dequantize)
     data_range = likelihoods.get(cfg.likelihood).data_range
     train, test = data.to_range(train, data_range), data.to_range(test, data_range)
-    if cfg.model == "conv":
+    if cfg.model in IMAGE_MODELS:
         try:
             train, test = data.as_images(train, cfg.dataset), data.as_images(test, cfg.dataset)
         except ValueError as e:
-            raise ValueError(f"{setting('model', 'conv')}: {e}") from None
+            raise ValueError(f"{setting('model', cfg.model)}: {e}") from None
     return train, test
 
 

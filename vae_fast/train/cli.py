@@ -60,6 +60,7 @@ def _version() -> str:
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from ..models.hierarchical import CONFIGS as HVAE_CONFIGS
     from ..models.likelihoods import LIKELIHOODS
     from .config import MODELS, TrainConfig
 
@@ -82,7 +83,11 @@ def _build_parser() -> argparse.ArgumentParser:
                                            "downloads them there)")
     flag("--epochs", type=int, help=f"default {d.epochs}")
     flag("--batch-size", type=int, help=f"per process (default {d.batch_size})")
-    flag("--model", choices=MODELS, help=f"an MLP, or a convolutional VAE for images (default {d.model})")
+    flag("--model", choices=MODELS, help="an MLP, a convolutional VAE for images, or a hierarchical VAE for 32x32 "
+                                         f"images in VDVAE's design (default {d.model})")
+    flag("--hvae-config", choices=list(HVAE_CONFIGS), help="--model hvae: small (learns patches on a CPU in minutes), "
+                                                           "or VDVAE's published CIFAR-10 / ImageNet-32 models "
+                                                           f"(default {d.hvae_config})")
     flag("--latent-dim", type=int, help=f"size of the flat latent (default {d.latent_dim})")
     flag("--latent-channels", type=int, help="--model conv: a spatial latent of this many channels at a quarter "
                                              "of the image's height and width, instead of --latent-dim")
@@ -102,6 +107,8 @@ def _build_parser() -> argparse.ArgumentParser:
                                                                f"at the last step (default {d.lr_schedule})")
     flag("--warmup-steps", type=int, help="optimizer steps of linear learning-rate warm-up (default 0)")
     flag("--grad-clip", type=float, help="clip the global gradient norm to this (default 0: off)")
+    flag("--skip-threshold", type=float, help="skip (and count) an update whose gradient norm is above this, as "
+                                              "VDVAE does (default 0: never; VDVAE's CIFAR-10: 400)")
     flag("--save", choices=["last", "best"], help="the model the run keeps for its figures, evaluate and sample: "
                                                   "the last epoch's, or the best test ELBO's (best.pt) (default last)")
     flag("--device", choices=["auto", "cpu", "cuda"], help="default auto")

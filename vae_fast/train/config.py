@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..models import likelihoods
+from ..models.hierarchical import CONFIGS as HVAE_CONFIGS
 from ..models.vae import OBJECTIVES, OBS_LOGVAR_MODES
 from . import data
 from .messages import flag, setting
@@ -19,7 +20,8 @@ from .messages import flag, setting
 RESUMABLE_CHANGES = ("epochs", "device", "compile", "out", "log_dir", "data_dir")
 
 
-MODELS = ("mlp", "conv")
+MODELS = ("mlp", "conv", "hvae")
+IMAGE_MODELS = ("conv", "hvae")  # models of (C, H, W) images
 
 
 def _is_number(v) -> bool:
@@ -35,7 +37,8 @@ class TrainConfig:
     data_dir: str | None = None  # the image sets' files (None: data.default_data_dir)
     epochs: int = 100
     batch_size: int = 100
-    model: str = "mlp"  # "mlp" | "conv"
+    model: str = "mlp"  # "mlp" | "conv" | "hvae" (hierarchical, VDVAE's design)
+    hvae_config: str = "small"  # hvae only: a name of vae_fast.models.hierarchical.CONFIGS
     latent_dim: int = 8  # the flat latent's size (mlp, and conv without latent_channels)
     latent_channels: int | None = None  # conv only: a spatial latent (latent_channels, H/4, W/4)
     hidden: list = field(default_factory=lambda: [256, 128])  # mlp only
@@ -51,6 +54,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # "constant" | "cosine" (to 0 at the last step)
     warmup_steps: int = 0  # linear learning-rate warm-up, before either schedule
     grad_clip: float = 0.0  # max global gradient norm; 0: no clipping
+    skip_threshold: float = 0.0  # skip an update whose gradient norm (before clipping) is above this; 0: never
     save: str = "last"  # the model a run keeps for its figures, evaluate and sample: "last" | "best"
     device: str = "auto"
     amp: str = "off"
@@ -81,7 +85,7 @@ class TrainConfig:
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
                  f"{flag(name)} must be a non-negative integer, got {v!r}")
-        for name in ("beta", "free_bits", "grad_clip", "lr"):
+        for name in ("beta", "free_bits", "grad_clip", "skip_threshold", "lr"):
             v = getattr(self, name)
             need(_is_number(v) and math.isfinite(v) and v >= 0, f"{flag(name)} must be a number >= 0, got {v!r}")
         need(self.lr > 0, f"{flag('lr')} must be > 0, got {self.lr}")
@@ -93,6 +97,13 @@ class TrainConfig:
              f"{flag('latent_channels')} must be a positive integer, got {self.latent_channels!r}")
         need(self.latent_channels is None or self.model == "conv",
              f"{flag('latent_channels')} (a spatial latent) needs {setting('model', 'conv')}")
+        need(self.model == "hvae" or self.hvae_config == "small",
+             f"{flag('hvae_config')} is the hierarchical model's: it needs {setting('model', 'hvae')}")
+        need(self.model != "hvae" or self.hvae_config in HVAE_CONFIGS,
+             f"{flag('hvae_config')} must be {' | '.join(HVAE_CONFIGS)}, got {self.hvae_config!r}")
+        need(self.model != "hvae" or self.objective == "elbo" and self.num_samples == 1 and self.free_bits == 0,
+             f"{setting('model', 'hvae')} trains the single-sample ELBO ({setting('objective', 'elbo')}, "
+             f"{setting('num_samples', 1)}, no {flag('free_bits')}); evaluate gives its IWAE and log p(x)")
         for name, choices in (("dataset", None), ("likelihood", tuple(likelihoods.LIKELIHOODS)),
                               ("model", MODELS),
                               ("binarize", ("dynamic", "fixed", "none")), ("objective", OBJECTIVES),
@@ -102,9 +113,10 @@ class TrainConfig:
             need(isinstance(v, str) and (choices is None or v in choices),
                  f"{flag(name)} must be {' | '.join(choices or ('a string',))}, got {v!r}")
         need(likelihoods.get(self.likelihood).eight_bit != "levels"
-             or (data.levels(self.dataset) == 256 and self.model == "conv"),
+             or (data.levels(self.dataset) == 256 and self.model in IMAGE_MODELS),
              f"{setting('likelihood', self.likelihood)} is a distribution over the 256 values of 8-bit images: it needs "
-             f"an 8-bit image set ({' | '.join(data.IMAGE_SETS)}, mnist:PATH) and {setting('model', 'conv')}, got "
+             f"an 8-bit image set ({' | '.join(data.IMAGE_SETS)}, mnist:PATH) and an image model "
+             f"({setting('model', 'conv')} or {setting('model', 'hvae')}), got "
              f"{setting('dataset', self.dataset)} and {setting('model', self.model)}")
         need(_is_number(self.obs_logvar) or self.obs_logvar in OBS_LOGVAR_MODES,
              f"{flag('obs_logvar')} must be {' | '.join(OBS_LOGVAR_MODES)} or a number, got {self.obs_logvar!r}")
@@ -153,6 +165,9 @@ def run_title(cfg: TrainConfig, epoch: int, latent_shape=None) -> str:
         objective += f", K={cfg.num_samples}"
     if cfg.beta != 1:
         objective += f", beta={cfg.beta:g}"
-    model = "conv VAE" if cfg.model == "conv" else "VAE"
-    latent = "x".join(map(str, latent_shape)) if latent_shape else cfg.latent_dim
+    if cfg.model == "hvae":
+        model, latent = f"hierarchical VAE ({cfg.hvae_config})", f"{latent_shape[0] if latent_shape else '?'} dims"
+    else:
+        model = "conv VAE" if cfg.model == "conv" else "VAE"
+        latent = "x".join(map(str, latent_shape)) if latent_shape else cfg.latent_dim
     return f"{cfg.dataset}: {cfg.likelihood.capitalize()} {model}, latent {latent}, {objective}, epoch {epoch}"

@@ -244,6 +244,8 @@ def _run(cfg: TrainConfig, ckpt: dict | None, stage: Path | None, train_x: torch
             order = torch.tensor(list(sampler), device=device)
             raw.train()
             sums = torch.zeros(5, device=device, dtype=torch.float64)  # loss, elbo, kl, rec, examples
+            layer_sums = None  # a hierarchical model's KL per layer, summed over examples
+            skipped = 0  # updates skipped for their gradient norm (skip_threshold)
             bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                        disable=not bar_on, dynamic_ncols=True)
             for i in range(0, len(order), cfg.batch_size):
@@ -264,20 +266,30 @@ def _run(cfg: TrainConfig, ckpt: dict | None, stage: Path | None, train_x: torch
                         f" (loss {loss.item()}, lr {lr:g}); {kept(saved_epoch, out, stage)}")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
-                if cfg.grad_clip:
+                if cfg.grad_clip or cfg.skip_threshold:
                     scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip)
-                scaler.step(optimizer)
+                    norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.grad_clip or math.inf)
+                # VDVAE's guard: the update of a batch whose gradient norm is far above the usual (or not finite) is
+                # dropped and counted. The same norm on every rank (the gradients are all-reduced): all skip together.
+                if cfg.skip_threshold and not bool(norm < cfg.skip_threshold):
+                    skipped += 1
+                    optimizer.zero_grad(set_to_none=True)
+                else:
+                    scaler.step(optimizer)
                 scaler.update()
                 step += 1
                 sums[:4] += x.shape[0] * torch.stack([loss.detach(), stats["elbo"], stats["kl"], stats["rec"]]).double()
                 sums[4] += x.shape[0]
+                if "kl_layers" in stats:
+                    layer_sums = x.shape[0] * stats["kl_layers"].double() + (0 if layer_sums is None else layer_sums)
                 bar.update()
                 if bar.n % 10 == 0 and not bar.disable:
                     bar.set_postfix(elbo=f"{(sums[1] / sums[4]).item():.2f}")
             bar.close()
             if distributed:
                 dist.all_reduce(sums)
+                if layer_sums is not None:
+                    dist.all_reduce(layer_sums)
             means = (sums[:4] / sums[4]).tolist()
             if rank != 0:
                 continue
@@ -291,6 +303,10 @@ def _run(cfg: TrainConfig, ckpt: dict | None, stage: Path | None, train_x: torch
             row = {"epoch": epoch + 1, "step": step, "train_loss": means[0], "train_elbo": means[1],
                    "train_kl": means[2], "train_rec": means[3], "test_elbo": test_elbo, "active_units": active,
                    "beta": beta, "lr": lr, "world_size": world, "time_s": round(time.perf_counter() - t0, 4)}
+            if cfg.skip_threshold:
+                row["skipped_updates"] = skipped
+            if layer_sums is not None:
+                row["train_kl_layers"] = (layer_sums / sums[4]).tolist()
             metrics.append(row)
             if active == 0 and was_active:
                 say(f"warning: epoch {epoch + 1}: 0 of {raw.latent_dim} latent units active: the decoder ignores z "
@@ -319,7 +335,8 @@ def _run(cfg: TrainConfig, ckpt: dict | None, stage: Path | None, train_x: torch
                 writer.flush()
             if progress:
                 line = (f"epoch {epoch + 1:3d}/{cfg.epochs}  train ELBO {means[1]:9.3f}  test ELBO {test_elbo:9.3f}"
-                        f"  KL {means[2]:7.3f}  active {active}/{raw.latent_dim}  ({row['time_s']:.2f} s)")
+                        f"  KL {means[2]:7.3f}  active {active}/{raw.latent_dim}  ({row['time_s']:.2f} s)"
+                        + (f"  skipped {skipped}" if cfg.skip_threshold else ""))
                 tqdm.write(line)
                 sys.stdout.flush()
     except KeyboardInterrupt as e:

@@ -18,6 +18,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..models.hierarchical import HierarchicalVAE
 from ..models.likelihoods import DATA_RANGES
 
 
@@ -144,10 +145,38 @@ def save_reconstructions(model, x: torch.Tensor, path: str | Path, n: int = 16, 
                            title=_two_line(title, "test data (odd rows) and their reconstructions (even rows)"))
 
 
+SAMPLE_TEMPERATURES = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)  # a hierarchical model's rows, as VDVAE shows them
+
+
 @torch.no_grad()
 def save_samples(model, path: str | Path, n: int = 64, title: str = "") -> bool:
+    """``n`` samples (means of p(x|z)); of a hierarchical model, one row of 8 per temperature of
+    :data:`SAMPLE_TEMPERATURES` (every layer's z drawn at that scale of its prior)."""
+    if isinstance(model, HierarchicalVAE):
+        rows = [model.sample(8, temperature=t) for t in SAMPLE_TEMPERATURES]
+        temps = ", ".join(f"{t:g}" for t in SAMPLE_TEMPERATURES)
+        return save_image_grid(torch.cat(rows), path, data_range=model.lik.data_range,
+                               title=_two_line(title, f"means of p(x|z); rows: temperature {temps}"))
     return save_image_grid(model.sample(n), path, data_range=model.lik.data_range,
                            title=_two_line(title, f"{n} samples: means of p(x|z), z ~ N(0, I)"))
+
+
+def save_kl_layers(metrics: list[dict], path: str | Path, title: str = "") -> bool:
+    """A hierarchical model's KL per layer (nats per example, train, last epoch), top layer first: where the
+    model puts its information. False if the metrics have none."""
+    if not metrics or "train_kl_layers" not in metrics[-1]:
+        return False
+    kl = metrics[-1]["train_kl_layers"]
+    fig = Figure(figsize=(max(5.0, 0.35 * len(kl) + 2), 3.6))
+    ax = fig.add_subplot()
+    ax.bar(range(1, len(kl) + 1), kl)
+    ax.set_xlabel("layer (1: top, lowest resolution)")
+    ax.set_ylabel("KL(q || p), nats per example")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title(_two_line(title, f"KL per layer, epoch {metrics[-1]['epoch']} (train)"), fontsize=10)
+    fig.tight_layout()
+    _save(fig, path, dpi=100)
+    return True
 
 
 @torch.no_grad()
@@ -186,6 +215,7 @@ def save_all(model, metrics: list[dict], test: torch.Tensor, out: str | Path, ti
         ("reconstructions.png", lambda p: save_reconstructions(model, test, p, title=title)),
         ("samples.png", lambda p: save_samples(model, p, title=title)),
         ("manifold.png", lambda p: save_manifold(model, p, title=title)),
+        ("kl_layers.png", lambda p: save_kl_layers(metrics, p, title=title)),
     ):
         if ok(out / name):
             written.append(out / name)

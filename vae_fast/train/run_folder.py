@@ -31,7 +31,7 @@ BEST = "best.pt"  # with save="best": the epoch with the highest test ELBO
 METRICS = "metrics.jsonl"
 CONFIG = "config.json"
 EVAL = "eval.json"  # written by evaluate
-FIGURES = ("loss.png", "reconstructions.png", "samples.png", "manifold.png")
+FIGURES = ("loss.png", "reconstructions.png", "samples.png", "manifold.png", "kl_layers.png")
 LOCK = ".lock"  # flock'ed by the live trainer; never deleted (a deleted lock file could be locked twice)
 STAGING = ".overwrite"  # a replacing run's files until its first epoch is saved
 COMMITTED = ".committed"  # in STAGING: the replacement is decided; lists the new run's files
