@@ -63,7 +63,7 @@ def _show(ax, images: torch.Tensor, ncols: int, **kwargs) -> None:
         ax.imshow(grid, cmap="gray_r", vmin=0, vmax=1, interpolation="nearest", **kwargs)
 
 
-def _save(fig: Figure, path: str | Path, **kwargs) -> None:
+def save_figure(fig: Figure, path: str | Path, **kwargs) -> None:
     """Atomically, in the format the file name says (PNG without a suffix): never PNG bytes under a .jpg name."""
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".") or "png"
@@ -95,7 +95,7 @@ def save_image_grid(x: torch.Tensor, path: str | Path, ncols: int = 8, title: st
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=10)
-    _save(fig, path, dpi=100, bbox_inches="tight")
+    save_figure(fig, path, dpi=100, bbox_inches="tight")
     return True
 
 
@@ -128,7 +128,7 @@ def save_loss_curves(metrics: list[dict], path: str | Path, title: str = "", obj
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    _save(fig, path, dpi=100)
+    save_figure(fig, path, dpi=100)
 
 
 @torch.no_grad()
@@ -175,7 +175,7 @@ def save_kl_layers(metrics: list[dict], path: str | Path, title: str = "") -> bo
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(_two_line(title, f"KL per layer, epoch {metrics[-1]['epoch']} (train)"), fontsize=10)
     fig.tight_layout()
-    _save(fig, path, dpi=100)
+    save_figure(fig, path, dpi=100)
     return True
 
 
@@ -199,7 +199,7 @@ def save_manifold(model, path: str | Path, n: int = 15, z_max: float = 2.0, titl
     ax.set_xlabel("z1")
     ax.set_ylabel("z2")
     ax.set_title(_two_line(title, f"decoded means over the latent plane, z in [{-z_max:g}, {z_max:g}]^2"), fontsize=10)
-    _save(fig, path, dpi=100, bbox_inches="tight")
+    save_figure(fig, path, dpi=100, bbox_inches="tight")
     return True
 
 
