@@ -302,7 +302,8 @@ def test_bad_input_gives_one_line_and_nonzero_exit(run, tmp_path, capsys):
 
     def damaged(run):  # names the file, says it is damaged and what to do
         return (f"checkpoint {run / 'checkpoint.pt'} is damaged (truncated or corrupt: it does not load as a torch "
-                "checkpoint): restore it from a copy, or train the run afresh with --overwrite")
+                "checkpoint): the run kept no earlier checkpoint (--keep N keeps the last N epochs' checkpoints): "
+                "restore it from a copy, or train the run afresh with --overwrite")
 
     cases = [
         ([], "required", 2),
@@ -323,8 +324,8 @@ def test_bad_input_gives_one_line_and_nonzero_exit(run, tmp_path, capsys):
         (["train", "--dataset", f"mnist:{tmp_path / 'nope'}", "--out", empty], "does not exist", 1),
         (["train", "--resume", "--out", garbage], damaged(garbage), 1),
         (["train", "--resume", "--out", good, "--lr", 0.5], "but these differ: --lr 0.5 (saved: 0.001). Only "
-                                                           "--epochs, --device, --compile, --log-dir, --data-dir "
-                                                           "may change", 1),
+                                                           "--epochs, --device, --compile, --log-dir, --data-dir, "
+                                                           "--keep may change", 1),
         (["evaluate", tmp_path / "missing"], "does not exist", 1),
         (["evaluate", empty], "no checkpoint at", 1),
         (["evaluate", garbage], damaged(garbage), 1),

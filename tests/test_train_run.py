@@ -473,12 +473,12 @@ def test_messages_name_what_the_caller_typed(tmp_path, capsys, monkeypatch):
         train(_cfg(tmp_path, epochs=1, lr=0.5), resume=True, progress=False)
     message = str(resumed.value)
     assert "resume=True continues the run in" in message and "but these differ: lr=0.5 (saved: 0.001)" in message
-    assert "Only epochs, device, compile, log_dir, data_dir may change" in message and "overwrite=True" in message
+    assert "Only epochs, device, compile, log_dir, data_dir, keep may change" in message and "overwrite=True" in message
     assert "--" not in message
     capsys.readouterr()
     code, _, err = _main(["train", "--resume", "--out", tmp_path / "run", "--lr", 0.5], capsys)
     assert code == 1 and "--resume continues the run in" in err and "--lr 0.5 (saved: 0.001)" in err
-    assert "Only --epochs, --device, --compile, --log-dir, --data-dir may change on resume" in err
+    assert "Only --epochs, --device, --compile, --log-dir, --data-dir, --keep may change on resume" in err
 
     # No abbreviations: --epoch is not --epochs.
     code, _, err = _main(["train", "--epoch", 3, "--out", tmp_path / "never"], capsys)
@@ -546,3 +546,31 @@ def test_file_errors_name_the_file_without_errno(tmp_path):
         read_idx(tmp_path)
     with pytest.raises(OSError, match=f"^cannot write {tmp_path / 'nope' / 'x.pt'}: No such file or directory$"):
         atomic_write(tmp_path / "nope" / "x.pt", lambda f: f.write(b"x"))
+
+
+def test_keep_rotates_epoch_checkpoints_and_a_damaged_one_names_the_newest_good(tmp_path):
+    out = tmp_path / "run"
+    cfg = TrainConfig(dataset="synthetic", epochs=4, batch_size=500, hidden=[16], latent_dim=2, keep=2, out=str(out))
+    train(cfg, progress=False)
+    kept = sorted(p.name for p in out.glob("checkpoint-epoch*.pt"))
+    assert kept == ["checkpoint-epoch0003.pt", "checkpoint-epoch0004.pt"]
+    assert os.path.samefile(out / "checkpoint.pt", out / "checkpoint-epoch0004.pt")  # a link, not a copy
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 4
+    # resumed with more epochs, --keep may change: the rotation goes on
+    train(dataclasses.replace(cfg, epochs=5, keep=3), resume=True, progress=False)
+    assert sorted(p.name for p in out.glob("checkpoint-epoch*.pt"))[-1] == "checkpoint-epoch0005.pt"
+    assert len(list(out.glob("checkpoint-epoch*.pt"))) == 3
+    # the newest damaged: the message names the newest good one; copying it back resumes from there
+    (out / "checkpoint.pt").unlink()
+    (out / "checkpoint.pt").write_bytes(b"torn")
+    (out / "checkpoint-epoch0005.pt").write_bytes(b"torn too")
+    with pytest.raises(ValueError, match=r"newest good one the run kept is .*checkpoint-epoch0004.pt \(epoch 4\)"):
+        load_run(out)
+    shutil.copyfile(out / "checkpoint-epoch0004.pt", out / "checkpoint.pt")
+    assert load_run(out)[2]["epoch"] == 4
+    # a run that keeps none says how to keep some
+    (out / "checkpoint.pt").write_bytes(b"torn")
+    for p in out.glob("checkpoint-epoch*.pt"):
+        p.unlink()
+    with pytest.raises(ValueError, match="kept no earlier checkpoint .*keep N keeps the last N"):
+        load_run(out)

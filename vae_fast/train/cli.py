@@ -109,6 +109,9 @@ def _build_parser() -> argparse.ArgumentParser:
     flag("--grad-clip", type=float, help="clip the global gradient norm to this (default 0: off)")
     flag("--skip-threshold", type=float, help="skip (and count) an update whose gradient norm is above this, as "
                                               "VDVAE does (default 0: never; VDVAE's CIFAR-10: 400)")
+    flag("--keep", type=int, help="keep the checkpoints of the last N epochs (RUN/checkpoint-epoch<E>.pt, rotated "
+                                  "atomically; checkpoint.pt is the newest) to go back to (default 1: only "
+                                  "checkpoint.pt)")
     flag("--save", choices=["last", "best"], help="the model the run keeps for its figures, evaluate and sample: "
                                                   "the last epoch's, or the best test ELBO's (best.pt) (default last)")
     flag("--device", choices=["auto", "cpu", "cuda"], help="default auto")

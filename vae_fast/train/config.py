@@ -17,7 +17,7 @@ from .messages import flag, setting
 
 # Fields that may change when a run is resumed: they do not change what is computed (epochs only extends it,
 # except under a cosine schedule, whose length it sets).
-RESUMABLE_CHANGES = ("epochs", "device", "compile", "out", "log_dir", "data_dir")
+RESUMABLE_CHANGES = ("epochs", "device", "compile", "out", "log_dir", "data_dir", "keep")
 
 
 MODELS = ("mlp", "conv", "hvae")
@@ -55,6 +55,7 @@ class TrainConfig:
     warmup_steps: int = 0  # linear learning-rate warm-up, before either schedule
     grad_clip: float = 0.0  # max global gradient norm; 0: no clipping
     skip_threshold: float = 0.0  # skip an update whose gradient norm (before clipping) is above this; 0: never
+    keep: int = 1  # the last N epochs' checkpoints kept (checkpoint-epoch<E>.pt), checkpoint.pt the newest
     save: str = "last"  # the model a run keeps for its figures, evaluate and sample: "last" | "best"
     device: str = "auto"
     amp: str = "off"
@@ -77,7 +78,7 @@ class TrainConfig:
             if not ok:
                 raise ValueError(msg)
 
-        for name in ("epochs", "batch_size", "latent_dim", "num_samples"):
+        for name in ("epochs", "batch_size", "latent_dim", "num_samples", "keep"):
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v >= 1,
                  f"{flag(name)} must be a positive integer, got {v!r}")

@@ -33,7 +33,8 @@ from .build import (EVAL_STREAM, FIGURE_STREAM, bits_per_dim_setup, build_model,
 from .config import RESUMABLE_CHANGES, TrainConfig, derive_seed, run_title
 from .messages import CLI_PROG, flag, say, setting
 from .run_folder import (BEST, CHECKPOINT, CONFIG, EVAL, METRICS, STAGING, atomic_write, commit, kept, load_checkpoint,
-                         load_weights, lock_run, read_metrics, recover, run_files, save_checkpoint, saved_settings,
+                         load_weights, lock_run, read_metrics, recover, run_files, save_checkpoint, save_epoch_checkpoint,
+                         saved_settings,
                          write_json)
 
 @torch.no_grad()
@@ -135,7 +136,7 @@ def _open_run(cfg: TrainConfig, resume: bool, overwrite: bool) -> tuple[dict | N
                 say(f"resuming the run in {out} at epoch {ckpt['epoch']} of {cfg.epochs}")
             return ckpt, False
         if not overwrite:  # (both: a torchrun restart of a replacement that had not saved an epoch yet)
-            may = ", ".join(flag(n) for n in ("epochs", "device", "compile", "log_dir", "data_dir"))
+            may = ", ".join(flag(n) for n in ("epochs", "device", "compile", "log_dir", "data_dir", "keep"))
             raise ValueError(f"{setting('resume')} continues the run in {out} with its own settings, but these differ: "
                              f"{', '.join(changed)}. Only {may} may change on resume ({flag('epochs')} not under a "
                              f"cosine schedule); train into another folder, or replace this run with "
@@ -322,7 +323,8 @@ def _run(cfg: TrainConfig, ckpt: dict | None, stage: Path | None, train_x: torch
             if cfg.save == "best" and (best is None or test_elbo > best["test_elbo"]):
                 best = {"epoch": epoch + 1, "test_elbo": test_elbo}
                 save_checkpoint(here / BEST, raw, optimizer, scaler, epoch + 1, step, cfg, input_dim_of(train_x), best)
-            save_checkpoint(here / CHECKPOINT, raw, optimizer, scaler, epoch + 1, step, cfg, input_dim_of(train_x), best)
+            save_epoch_checkpoint(here, epoch + 1, cfg.keep, lambda p: save_checkpoint(
+                p, raw, optimizer, scaler, epoch + 1, step, cfg, input_dim_of(train_x), best))
             (here / EVAL).unlink(missing_ok=True)  # evaluate's result of an older checkpoint: never left stale
             saved_epoch = epoch + 1
             if stage is not None:  # the first good epoch of a replacing run: the old run goes, whole

@@ -24,7 +24,7 @@ import torch
 from ..models.vae import VAE
 from .build import build_model, resolve_device
 from .config import TrainConfig
-from .messages import setting
+from .messages import flag, setting
 
 CHECKPOINT = "checkpoint.pt"  # the last good epoch: what --resume continues
 BEST = "best.pt"  # with save="best": the epoch with the highest test ELBO
@@ -69,8 +69,40 @@ def write_json(path: Path, obj) -> None:
 
 
 def damaged(path: Path, what: str) -> ValueError:
-    return ValueError(f"checkpoint {path} is damaged ({what}): restore it from a copy, or train the run afresh "
-                      f"with {setting('overwrite')}")
+    """The error of a damaged checkpoint: what is wrong, and what to do, naming the newest good checkpoint the
+    run kept (``keep``) if it has one."""
+    good = newest_good_checkpoint(Path(path).parent, but=Path(path))
+    if good is not None:
+        what_to_do = (f"the newest good one the run kept is {good[0]} (epoch {good[1]}): copy it over "
+                      f"{Path(path).parent / CHECKPOINT} to go on from there, or train the run afresh with "
+                      f"{setting('overwrite')}")
+    else:
+        what_to_do = (f"the run kept no earlier checkpoint ({flag('keep')} N keeps the last N epochs' checkpoints): "
+                      f"restore it from a copy, or train the run afresh with {setting('overwrite')}")
+    return ValueError(f"checkpoint {path} is damaged ({what}): {what_to_do}")
+
+
+def kept_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """The epoch checkpoints a run keeps with ``keep`` > 1 (``checkpoint-epoch<E>.pt``), newest first."""
+    found = []
+    for p in Path(out).glob("checkpoint-epoch*.pt"):
+        digits = p.name[len("checkpoint-epoch"):-len(".pt")]
+        if digits.isdigit():
+            found.append((int(digits), p))
+    return sorted(found, reverse=True)
+
+
+def newest_good_checkpoint(out: Path, but: Path | None = None) -> tuple[Path, int] | None:
+    """(path, epoch) of the newest kept checkpoint of the run in ``out`` that loads (``but`` left out), or None."""
+    for epoch, p in kept_checkpoints(out):
+        if but is not None and p.resolve() == but.resolve():
+            continue
+        try:
+            torch.load(p, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 -- damaged too: look further back
+            continue
+        return p, epoch
+    return None
 
 
 def load_checkpoint(path: Path, map_location="cpu") -> dict:
@@ -115,6 +147,26 @@ def save_checkpoint(path: Path, model, optimizer, scaler, epoch: int, step: int,
     atomic_write(path, lambda f: torch.save(state, f))
 
 
+def save_epoch_checkpoint(out: Path, epoch: int, keep: int, save) -> None:
+    """Save epoch ``epoch``'s checkpoint as ``out/checkpoint.pt`` with ``save(path)`` (atomic). With ``keep`` > 1 it is
+    written as ``checkpoint-epoch<E>.pt`` and ``checkpoint.pt`` becomes a hard link to it (an atomic rename, no
+    second copy); then all but the newest ``keep`` epoch files are deleted: a kill at any moment leaves
+    ``checkpoint.pt`` whole and at least the last ``keep - 1`` epochs before it."""
+    out = Path(out)
+    if keep <= 1:
+        save(out / CHECKPOINT)
+        return
+    path = out / f"checkpoint-epoch{epoch:04d}.pt"
+    save(path)
+    link = out / f".{CHECKPOINT}.{os.getpid()}.link"
+    link.unlink(missing_ok=True)
+    os.link(path, link)
+    os.replace(link, out / CHECKPOINT)
+    fsync_dir(out)
+    for _, old in kept_checkpoints(out)[keep:]:
+        old.unlink(missing_ok=True)
+
+
 def read_metrics(path: Path) -> list[dict]:
     """The complete lines of metrics.jsonl (a line torn by a kill is dropped)."""
     if not Path(path).is_file():
@@ -128,7 +180,7 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -166,6 +218,7 @@ def run_files(out: Path) -> list[Path]:
     (anything else, such as a config file kept beside the run, is not the run's)."""
     return [p for p in out.iterdir() if p.is_file() and (
         p.name in (CHECKPOINT, BEST, METRICS, CONFIG, EVAL, *FIGURES)
+        or (p.name.startswith("checkpoint-epoch") and p.name.endswith(".pt"))
         or (p.name.startswith("sample-seed") and p.name.endswith(".png")))]
 
 
@@ -184,12 +237,12 @@ def recover(out: Path) -> None:
         for name in sorted(new):
             if (stage / name).exists():
                 os.replace(stage / name, out / name)
-        _fsync_dir(out)
+        fsync_dir(out)
         mark.unlink()
     for p in stage.iterdir():
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
     stage.rmdir()
-    _fsync_dir(out)
+    fsync_dir(out)
 
 
 def recover_run(out: str | Path) -> None:
