@@ -135,8 +135,8 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 
 def op_kinds() -> list[str]:
-    """layout.h's OpKind names in enum order (demangled template arguments are their numbers)."""
-    text = (ROOT / "csrc" / "layout.h").read_text()
+    """core/launch_args.h's OpKind names in enum order (demangled template arguments are their numbers)."""
+    text = (ROOT / "csrc" / "core" / "launch_args.h").read_text()
     body = re.search(r"enum class OpKind[^{]*\{(.*?)\};", text, re.S)
     if not body:
         return []

@@ -1,5 +1,5 @@
 // Run-time choice among the per-ISA builds of kernels.cpp (as ATen's DispatchStub does).
-#include "kernels.h"
+#include "cpu/kernels.h"
 
 #include <cstdlib>
 #include <stdexcept>

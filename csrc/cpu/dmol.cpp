@@ -16,13 +16,13 @@
 #include <algorithm>
 #include <vector>
 
-#include "../isa.h"
-#include "vec_math.h"
+#include "core/isa.h"
+#include "cpu/vec_math.h"
 
-#include "../elbo_math.h"
-#include "../layout.h"
-#include "../philox.h"
-#include "kernels.h"
+#include "core/elbo_math.h"
+#include "core/launch_args.h"
+#include "core/philox.h"
+#include "cpu/kernels.h"
 
 namespace vae_fast {
 VF_ISA_NS_BEGIN

@@ -13,15 +13,15 @@
 #include <type_traits>
 #include <vector>
 
-#include "../elbo_constants.h"
-#include "../isa.h"
+#include "core/elbo_constants.h"
+#include "core/isa.h"
 
-#include "vec_math.h"
+#include "cpu/vec_math.h"
 
-#include "../elbo_math.h"
-#include "../layout.h"
-#include "../philox.h"
-#include "../row_ops.h"
+#include "core/elbo_math.h"
+#include "core/launch_args.h"
+#include "core/philox.h"
+#include "core/row_ops.h"
 
 namespace vae_fast {
 VF_ISA_NS_BEGIN

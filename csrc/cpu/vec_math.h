@@ -7,8 +7,8 @@
 #include <limits>
 #include <type_traits>
 
-#include "../elbo_constants.h"
-#include "../isa.h"
+#include "core/elbo_constants.h"
+#include "core/isa.h"
 
 namespace vae_fast {
 VF_ISA_NS_BEGIN

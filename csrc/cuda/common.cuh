@@ -18,9 +18,9 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
-#include "../layout.h"
-#include "../elbo_math.h"
-#include "../philox.h"
+#include "core/launch_args.h"
+#include "core/elbo_math.h"
+#include "core/philox.h"
 
 #if defined(VF_EMULATE)
 #include "emu.h"

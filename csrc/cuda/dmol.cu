@@ -11,8 +11,8 @@
 //  * dmol_sample_kernel: the pixel's sample, its uniforms from Philox blocks
 //    (n, j, kDmolCounterTag) under the seed (read on the device, or by value): CPU == CUDA.
 // Computed in float (double for float64); x and params may have different 16/32-bit dtypes.
-#include "kernels.h"
-#include "common.cuh"
+#include "cuda/kernels.h"
+#include "cuda/common.cuh"
 
 #include <algorithm>
 

@@ -15,8 +15,8 @@
 
 #include <cuda_runtime.h>
 
-#include "../layout.h"
-#include "../op_table.h"
+#include "core/launch_args.h"
+#include "core/op_table.h"
 
 namespace vae_fast::cuda {
 

@@ -40,9 +40,9 @@
 // lane, then a fixed butterfly over (sum, error) pairs. An accumulated slice slot receives one
 // addition per run of consecutive rows that share its target (the glue's slices then add in
 // order); within a run the sum is compensated.
-#include "kernels.h"
-#include "common.cuh"
-#include "../row_ops.h"
+#include "cuda/kernels.h"
+#include "cuda/common.cuh"
+#include "core/row_ops.h"
 
 #include <algorithm>
 #include <type_traits>

@@ -20,8 +20,8 @@
 //    has its own instance: single terms, no compensated sums (the same values).
 // logvar_clamp: logvar is clamped on load in every kernel; grad_logvar gets torch.clamp's mask.
 // Every sum is compensated (common.cuh's CSum) and taken in a fixed order.
-#include "kernels.h"
-#include "common.cuh"
+#include "cuda/kernels.h"
+#include "cuda/common.cuh"
 
 #include <algorithm>
 

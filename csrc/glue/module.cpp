@@ -13,8 +13,8 @@
 #include <cstdlib>
 
 #include "cpu/kernels.h"
-#include "dmol_ops.h"
-#include "ops.h"
+#include "glue/dmol_ops.h"
+#include "glue/ops.h"
 
 namespace py = pybind11;
 

@@ -1,8 +1,8 @@
 // Built when vae_fast has no CUDA kernels: a CUDA tensor gets a clear error (ops.cpp checks first).
 #include <c10/util/Exception.h>
 
-#include "dmol_ops.h"
-#include "ops.h"
+#include "glue/dmol_ops.h"
+#include "glue/ops.h"
 
 namespace vae_fast {
 bool cuda_available() { return false; }

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "layout.h"
+#include "core/launch_args.h"
 
 namespace vae_fast {
 

@@ -14,7 +14,7 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include "ops.h"
+#include "glue/ops.h"
 
 namespace vae_fast {
 namespace {

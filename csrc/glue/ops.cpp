@@ -1,7 +1,7 @@
 // The torch-facing side: op schemas, argument checks, the broadcast layout every kernel reads
 // through, and the CPU and CUDA registrations. Autograd lives in autograd.cpp, the fake kernels and the
 // double-backward formulas in vae_fast/ops.py (docs/architecture.md: one op's path).
-#include "ops.h"
+#include "glue/ops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
@@ -15,7 +15,7 @@
 #include <sstream>
 
 #include "cpu/kernels.h"
-#include "dmol_ops.h"
+#include "glue/dmol_ops.h"
 
 namespace vae_fast {
 

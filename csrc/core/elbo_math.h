@@ -24,8 +24,8 @@
 #pragma once
 #include <cmath>
 
-#include "elbo_constants.h"
-#include "isa.h"
+#include "core/elbo_constants.h"
+#include "core/isa.h"
 
 #if defined(__CUDACC__)
 #define VF_HD __host__ __device__ __forceinline__

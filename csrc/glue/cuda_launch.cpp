@@ -7,8 +7,8 @@
 #include <string>
 
 #include "cuda/kernels.h"
-#include "dmol_ops.h"
-#include "ops.h"
+#include "glue/dmol_ops.h"
+#include "glue/ops.h"
 
 namespace vae_fast {
 namespace {

@@ -10,8 +10,8 @@
 #include <string_view>
 #include <vector>
 
-#include "layout.h"
-#include "op_table.h"
+#include "core/launch_args.h"
+#include "core/op_table.h"
 
 namespace vae_fast {
 

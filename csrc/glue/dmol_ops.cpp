@@ -13,7 +13,7 @@
 // channels-first tensors come from layout pixelcnn++ on x.permute(0, 2, 3, 1) and
 // params.permute(0, 2, 3, 1) (views, read in place, no copy) -- with the parameters then in
 // PixelCNN++'s order along P.
-#include "dmol_ops.h"
+#include "glue/dmol_ops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/FuncTorchTLS.h>
@@ -24,8 +24,8 @@
 #include <sstream>
 
 #include "cpu/kernels.h"
-#include "elbo_math.h"
-#include "ops.h"
+#include "core/elbo_math.h"
+#include "glue/ops.h"
 
 namespace vae_fast {
 namespace {
