@@ -1,4 +1,4 @@
-// The CPU kernels' entry points, one set per ISA variant (each kernels.cpp build defines one).
+// The CPU kernels' entry points, one set per ISA variant (each per-ISA build of rows.cpp, sample.cpp and dmol.cpp defines one).
 #pragma once
 #include "core/launch_args.h"
 #include "core/op_table.h"

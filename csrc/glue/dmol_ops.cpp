@@ -24,7 +24,7 @@
 #include <sstream>
 
 #include "cpu/kernels.h"
-#include "core/elbo_math.h"
+#include "core/dmol_math.h"
 #include "glue/ops.h"
 
 namespace vae_fast {
