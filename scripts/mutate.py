@@ -94,7 +94,7 @@ MUTANTS = [
            ("if (op.dtype == DType::Float64) static_cast<double*>(op.data)[off] = value;",
             "  static_cast<acc_t*>(op.data)[off] = value;"), OP_TESTS,
            "a broadcast argument's partial sum keeps only the last line added to it"),
-    Mutant("broadcast-first-block-only", "csrc/glue/ops.cpp", "partials[j].sum(0).view(", "partials[j].select(0, 0).view(",
+    Mutant("broadcast-first-block-only", "csrc/glue/row_problem.cpp", "partials[j].sum(0).view(", "partials[j].select(0, 0).view(",
            OP_TESTS, "the block partial sums of a broadcast gradient: only the first block kept"),
     Mutant("clamp-edge-open", "csrc/cpu/common.h", "const V keep = (x >= vlo) & (x <= vhi);",
            "const V keep = (x > vlo) & (x <= vhi);", ("tests/test_clamp.py",),
@@ -115,10 +115,10 @@ MUTANTS = [
            "return p.K <= 2 ? launch_kernel(&sample_bwd_kernel<float, true>", (EMU_SELFTEST,),
            "the sampler backward's single-sample instance runs for K = 2 (the second sample ignored)"),
     # ---- the op table's glue (csrc/core/op_table.h's ops: OpCall, TableFn, the generated fake kernels) --------
-    Mutant("op-call-backward-clamp-offset", "csrc/glue/ops.cpp", "c.set_clamps(p, 1);", "c.set_clamps(p, 0);",
+    Mutant("op-call-backward-clamp-offset", "csrc/glue/table_ops.cpp", "c.set_clamps(p, 1);", "c.set_clamps(p, 0);",
            ("tests/test_clamp.py",),
            "a backward's clamps not shifted past its upstream gradient: the clamp lands on the argument before"),
-    Mutant("op-call-optional-half-given", "csrc/glue/ops.cpp",
+    Mutant("op-call-optional-half-given", "csrc/glue/table_ops.cpp",
            "if (optional_given != 0 && optional_given != optional_count) {", "if (false) {", OP_TESTS,
            "the optional tensors' 'given together or not at all' check disabled: gaussian_kl(mu, logvar, "
            "prior_mu) silently drops prior_mu"),

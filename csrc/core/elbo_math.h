@@ -201,7 +201,7 @@ VF_HD void gaussian_nll_grad(V g, V x, V t, V v, V eps, V& dx, V& dt, V& dv) {
 
 // ---- log Bernoulli(x; sigmoid(l)) per element, and its gradient -------------------------------
 // x * l - softplus(l) = (x - 1) * max(l, 0) + x * min(l, 0) - log1p(exp(-|l|)).
-// x outside [0, 1] (infinities included) is off the support: NaN (ops.h: the CPU glue then raises), from
+// x outside [0, 1] (infinities included) is off the support: NaN (glue/checks.h: the CPU glue then raises), from
 // the sign of x (x - 1) (exact: > 0 just where x < 0 or x > 1). The check comes first and replaces x, so
 // nothing more stays live (the 16-bit CUDA forward spilled when the NaN was chosen at the end).
 template <class V>

@@ -108,7 +108,7 @@ Hoisted<acc_t> hoist_broadcast(const Operand& op, bool is_scalar, bool same_ever
   return h;
 }
 
-// Adds one value into an accumulated partial-sum slice (kept in double on the CPU: see glue/ops.cpp).
+// Adds one value into an accumulated partial-sum slice (kept in double on the CPU: see glue/row_problem.cpp).
 template <class acc_t>
 void add_to(const Operand& op, int64_t off, double value) {
   if (op.dtype == DType::Float64) static_cast<double*>(op.data)[off] += value;
