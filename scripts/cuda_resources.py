@@ -147,7 +147,7 @@ def op_kinds() -> list[str]:
 def short_name(d: str, kinds: list[str]) -> tuple[str, str]:
     """('reduce_kernel', '<KlStdFwd, float>') from a demangled name."""
     d = re.sub(r"\(vae_fast::OpKind\)(\d+)", lambda m: kinds[int(m.group(1))] if int(m.group(1)) < len(kinds) else m.group(0), d)
-    dtypes = ["Float32", "Float64", "Float16", "BFloat16"]  # layout.h's DType
+    dtypes = ["Float32", "Float64", "Float16", "BFloat16"]  # launch_args.h's DType
     d = re.sub(r"\(vae_fast::DType\)(\d+)", lambda m: dtypes[int(m.group(1))] if int(m.group(1)) < 4 else m.group(0), d)
     d = d.replace("vae_fast::cuda::detail::", "").replace("vae_fast::OpKind::", "")
     d = d.replace("(vae_fast::OpKind)", "").replace("vae_fast::", "")

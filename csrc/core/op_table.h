@@ -1,8 +1,9 @@
 // The table of the ops: each op's identity, once. Everything else is generated from it:
 //  * VF_ROW_KINDS: the row engine's kernel kinds: the OpKind enum (below), the element ops
-//    (row_ops.h) and the dispatch switches of the CPU and CUDA engines (cpu/kernels.cpp, cuda/rows.cu);
-//  * kOps: the schemas, the CPU / CUDA / Autograd registrations, the argument checks and check_op
-//    (ops.cpp, autograd.cpp), and in Python the fake kernels and double backward (vae_fast/ops.py).
+//    (row_ops.h) and the dispatch switches of the CPU and CUDA engines (cpu/rows.cpp, cuda/rows.cu);
+//  * kOps: the schemas (glue/schemas.cpp), the CPU / CUDA / Autograd registrations, the argument checks
+//    and check_op (glue/table_ops.cpp, glue/autograd.cpp), and in Python the fake kernels and double
+//    backward (vae_fast/ops.py).
 // Torch-free (the CUDA kernels include it). docs/architecture.md: how to add an op.
 #pragma once
 #include <cstdint>
@@ -39,37 +40,70 @@ enum class Family : int8_t { Rows, Dmol };
 // One op: vae_fast::<name>(<tensors>, <params>, int event_dims, <clamps>) -> Tensor and its backward
 // vae_fast::<name>_backward(Tensor grad, <tensors>, <params>, int event_dims, bool[] needs, <clamps>
 // [, int? concat_dim=None]) -> Tensor[] (one gradient per tensor argument, empty where not needed).
+// kOps is written with C++20 designated initialisers (each field named, the defaults left out). Only the
+// glue (C++20) reads it; the CUDA kernels and the emulated self-test, compiled as C++17, need only
+// OpKind and VF_ROW_KINDS above, so they do not see it.
+#if __cplusplus >= 202002L
 struct OpSpec {
-  const char* name;
-  const char* api;      // the Python function users call (named in messages)
-  const char* tensors;  // schema text; optional tensors (Tensor?) are given together or not at all
-  const char* params;   // schema text of the arguments before event_dims ("": none); a float one enters
-                        // a row kernel as a scalar operand after the tensors
-  const char* clamps;   // schema text: "float[]? <name>=None" each (layout.h's Clamp), after event_dims
-  int8_t clamped[2];    // the tensor argument each clamp applies to
-  int8_t pair;          // the first of two arguments (a mean, a log-variance) whose gradients may come
-                        // back as one buffer (the backward's concat_dim); -1: none
-  Family family;
-  OpKind fwd, bwd;            // Family::Rows: the row kernels with every tensor argument given
-  OpKind fwd_short, bwd_short;  // ... with the optional ones left out
+  const char* name = "";
+  const char* api = "";      // the Python function users call (named in messages)
+  const char* tensors = "";  // schema text; optional tensors (Tensor?) are given together or not at all
+  const char* params = "";   // schema text of the arguments before event_dims ("": none); a float one enters
+                             // a row kernel as a scalar operand after the tensors
+  const char* clamps = "";   // schema text: "float[]? <name>=None" each (launch_args.h's Clamp), after event_dims
+  int8_t clamped[2] = {-1, -1};  // the tensor argument each clamp applies to
+  int8_t pair = -1;  // the first of two arguments (a mean, a log-variance) whose gradients may come
+                     // back as one buffer (the backward's concat_dim); -1: none
+  Family family = Family::Rows;
+  OpKind fwd{}, bwd{};              // Family::Rows: the row kernels with every tensor argument given
+  OpKind fwd_short{}, bwd_short{};  // ... with the optional ones left out
 };
 
 inline constexpr OpSpec kOps[] = {
-    {"gaussian_kl", "gaussian_kl", "Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar", "",
-     "float[]? logvar_clamp=None, float[]? prior_logvar_clamp=None", {1, 3}, 0, Family::Rows, OpKind::KlFwd,
-     OpKind::KlBwd, OpKind::KlStdFwd, OpKind::KlStdBwd},
-    {"gaussian_log_prob", "gaussian_log_prob", "Tensor x, Tensor mean, Tensor logvar", "",
-     "float[]? logvar_clamp=None", {2, -1}, 1, Family::Rows, OpKind::GaussLpFwd, OpKind::GaussLpBwd,
-     OpKind::GaussLpFwd, OpKind::GaussLpBwd},
-    {"bernoulli_log_prob", "bernoulli_log_prob", "Tensor x, Tensor logits", "", "", {-1, -1}, -1, Family::Rows,
-     OpKind::BernLpFwd, OpKind::BernLpBwd, OpKind::BernLpFwd, OpKind::BernLpBwd},
-    {"gaussian_nll", "gaussian_nll_loss", "Tensor input, Tensor target, Tensor var", "float eps", "", {-1, -1}, -1,
-     Family::Rows, OpKind::GaussNllFwd, OpKind::GaussNllBwd, OpKind::GaussNllFwd, OpKind::GaussNllBwd},
+    {.name = "gaussian_kl",
+     .api = "gaussian_kl",
+     .tensors = "Tensor mu, Tensor logvar, Tensor? prior_mu, Tensor? prior_logvar",
+     .clamps = "float[]? logvar_clamp=None, float[]? prior_logvar_clamp=None",
+     .clamped = {1, 3},
+     .pair = 0,
+     .fwd = OpKind::KlFwd,
+     .bwd = OpKind::KlBwd,
+     .fwd_short = OpKind::KlStdFwd,
+     .bwd_short = OpKind::KlStdBwd},
+    {.name = "gaussian_log_prob",
+     .api = "gaussian_log_prob",
+     .tensors = "Tensor x, Tensor mean, Tensor logvar",
+     .clamps = "float[]? logvar_clamp=None",
+     .clamped = {2, -1},
+     .pair = 1,
+     .fwd = OpKind::GaussLpFwd,
+     .bwd = OpKind::GaussLpBwd,
+     .fwd_short = OpKind::GaussLpFwd,
+     .bwd_short = OpKind::GaussLpBwd},
+    {.name = "bernoulli_log_prob",
+     .api = "bernoulli_log_prob",
+     .tensors = "Tensor x, Tensor logits",
+     .fwd = OpKind::BernLpFwd,
+     .bwd = OpKind::BernLpBwd,
+     .fwd_short = OpKind::BernLpFwd,
+     .bwd_short = OpKind::BernLpBwd},
+    {.name = "gaussian_nll",
+     .api = "gaussian_nll_loss",
+     .tensors = "Tensor input, Tensor target, Tensor var",
+     .params = "float eps",
+     .fwd = OpKind::GaussNllFwd,
+     .bwd = OpKind::GaussNllBwd,
+     .fwd_short = OpKind::GaussNllFwd,
+     .bwd_short = OpKind::GaussNllBwd},
     // layout: 0 channels_first (x (..., C, H, W), params (..., P, H, W)), 1 pixelcnn++ (x (..., H, W, C),
-    // params (..., H, W, P)); P = M (1 + 2C + C(C-1)/2). Kernels: dmol_ops.cpp (no row kinds).
-    {"dmol_log_prob", "discretized_mix_logistic_log_prob", "Tensor x, Tensor params", "int num_bits, int layout", "",
-     {-1, -1}, -1, Family::Dmol, {}, {}, {}, {}},
+    // params (..., H, W, P)); P = M (1 + 2C + C(C-1)/2). Kernels: glue/dmol_ops.cpp (no row kinds).
+    {.name = "dmol_log_prob",
+     .api = "discretized_mix_logistic_log_prob",
+     .tensors = "Tensor x, Tensor params",
+     .params = "int num_bits, int layout",
+     .family = Family::Dmol},
 };
 inline constexpr int kNumOps = sizeof(kOps) / sizeof(kOps[0]);
+#endif  // C++20
 
 }  // namespace vae_fast
