@@ -135,8 +135,8 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 
 def op_kinds() -> list[str]:
-    """layout.h's OpKind names in enum order (demangled template arguments are their numbers)."""
-    text = (ROOT / "csrc" / "layout.h").read_text()
+    """core/launch_args.h's OpKind names in enum order (demangled template arguments are their numbers)."""
+    text = (ROOT / "csrc" / "core" / "launch_args.h").read_text()
     body = re.search(r"enum class OpKind[^{]*\{(.*?)\};", text, re.S)
     if not body:
         return []
@@ -147,7 +147,7 @@ def op_kinds() -> list[str]:
 def short_name(d: str, kinds: list[str]) -> tuple[str, str]:
     """('reduce_kernel', '<KlStdFwd, float>') from a demangled name."""
     d = re.sub(r"\(vae_fast::OpKind\)(\d+)", lambda m: kinds[int(m.group(1))] if int(m.group(1)) < len(kinds) else m.group(0), d)
-    dtypes = ["Float32", "Float64", "Float16", "BFloat16"]  # layout.h's DType
+    dtypes = ["Float32", "Float64", "Float16", "BFloat16"]  # launch_args.h's DType
     d = re.sub(r"\(vae_fast::DType\)(\d+)", lambda m: dtypes[int(m.group(1))] if int(m.group(1)) < 4 else m.group(0), d)
     d = d.replace("vae_fast::cuda::detail::", "").replace("vae_fast::OpKind::", "")
     d = d.replace("(vae_fast::OpKind)", "").replace("vae_fast::", "")

@@ -1,5 +1,5 @@
-// Run-time choice among the per-ISA builds of kernels.cpp (as ATen's DispatchStub does).
-#include "kernels.h"
+// Run-time choice among the per-ISA builds of rows.cpp, sample.cpp and dmol.cpp (as ATen's DispatchStub does).
+#include "cpu/kernels.h"
 
 #include <cstdlib>
 #include <stdexcept>

@@ -1,5 +1,5 @@
-// CPU kernels of the discretized mixture of logistics (layout.h: DmolArgs; the maths: elbo_math.h's
-// DMOL section). Compiled once per ISA, like kernels.cpp (CMake adds it to the per-ISA object
+// CPU kernels of the discretized mixture of logistics (core/launch_args.h: DmolArgs; the maths:
+// core/dmol_math.h). Compiled once per ISA, like rows.cpp (CMake adds it to the per-ISA object
 // libraries), so everything lives in vae_fast::<ISA>::.
 //
 // Work unit: one line (row r, image row h) of W pixels, taken in chunks of kPix pixels. A chunk's x
@@ -16,13 +16,14 @@
 #include <algorithm>
 #include <vector>
 
-#include "../isa.h"
-#include "vec_math.h"
+#include "core/isa.h"
+#include "cpu/vec_math.h"
 
-#include "../elbo_math.h"
-#include "../layout.h"
-#include "../philox.h"
-#include "kernels.h"
+#include "core/dmol_math.h"
+#include "core/launch_args.h"
+#include "core/philox.h"
+#include "cpu/kernels.h"
+#include "cpu/typed_io.h"
 
 namespace vae_fast {
 VF_ISA_NS_BEGIN
@@ -36,71 +37,10 @@ using Vec = at::vec::Vectorized<T>;
 
 constexpr int kPix = 16;  // pixels per chunk (a multiple of every Vec<float / double>::size())
 
-template <class acc_t>
-acc_t read_at(DType dt, const void* base, int64_t off) {
-  switch (dt) {
-    case DType::Float64: return static_cast<acc_t>(static_cast<const double*>(base)[off]);
-    case DType::Float32: return static_cast<acc_t>(static_cast<const float*>(base)[off]);
-    case DType::Float16: return static_cast<acc_t>(static_cast<float>(static_cast<const c10::Half*>(base)[off]));
-    case DType::BFloat16: return static_cast<acc_t>(static_cast<float>(static_cast<const c10::BFloat16*>(base)[off]));
-  }
-  return acc_t(0);
-}
-
-template <class acc_t>
-void write_at(DType dt, void* base, int64_t off, acc_t v) {
-  switch (dt) {
-    case DType::Float64: static_cast<double*>(base)[off] = static_cast<double>(v); return;
-    case DType::Float32: static_cast<float*>(base)[off] = static_cast<float>(v); return;
-    case DType::Float16: static_cast<c10::Half*>(base)[off] = c10::Half(static_cast<float>(v)); return;
-    case DType::BFloat16: static_cast<c10::BFloat16*>(base)[off] = c10::BFloat16(static_cast<float>(v)); return;
-  }
-}
-
-// n values at base[off + i * stride] into dst[0..n), dst[n..kPix) = 0.
-template <class acc_t, class src_t>
-void gather_typed(const src_t* p, int64_t stride, int n, acc_t* dst) {
-  if (stride == 1) {
-    at::vec::convert(p, dst, n);
-  } else {
-    for (int i = 0; i < n; ++i) {
-      if constexpr (std::is_floating_point_v<src_t>) dst[i] = static_cast<acc_t>(p[i * stride]);
-      else dst[i] = static_cast<acc_t>(static_cast<float>(p[i * stride]));
-    }
-  }
-  for (int i = n; i < kPix; ++i) dst[i] = acc_t(0);
-}
-
+// n values at base[off + i * stride] into dst[0, n), dst[n, kPix) = 0 (typed_io.h).
 template <class acc_t>
 void gather(DType dt, const void* base, int64_t off, int64_t stride, int n, acc_t* dst) {
-  switch (dt) {
-    case DType::Float64: return gather_typed(static_cast<const double*>(base) + off, stride, n, dst);
-    case DType::Float32: return gather_typed(static_cast<const float*>(base) + off, stride, n, dst);
-    case DType::Float16: return gather_typed(static_cast<const c10::Half*>(base) + off, stride, n, dst);
-    case DType::BFloat16: return gather_typed(static_cast<const c10::BFloat16*>(base) + off, stride, n, dst);
-  }
-}
-
-template <class acc_t, class dst_t>
-void scatter_typed(const acc_t* src, int n, dst_t* p, int64_t stride) {
-  if (stride == 1) {
-    at::vec::convert(src, p, n);
-  } else {
-    for (int i = 0; i < n; ++i) {
-      if constexpr (std::is_floating_point_v<dst_t>) p[i * stride] = static_cast<dst_t>(src[i]);
-      else p[i * stride] = dst_t(static_cast<float>(src[i]));
-    }
-  }
-}
-
-template <class acc_t>
-void scatter(const acc_t* src, int n, DType dt, void* base, int64_t off, int64_t stride) {
-  switch (dt) {
-    case DType::Float64: return scatter_typed(src, n, static_cast<double*>(base) + off, stride);
-    case DType::Float32: return scatter_typed(src, n, static_cast<float*>(base) + off, stride);
-    case DType::Float16: return scatter_typed(src, n, static_cast<c10::Half*>(base) + off, stride);
-    case DType::BFloat16: return scatter_typed(src, n, static_cast<c10::BFloat16*>(base) + off, stride);
-  }
+  gather_padded(dt, base, off, stride, n, kPix, dst);
 }
 
 inline int64_t params_count(const DmolArgs& a) {

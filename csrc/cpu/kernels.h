@@ -1,7 +1,7 @@
-// The CPU kernels' entry points, one set per ISA variant (each kernels.cpp build defines one).
+// The CPU kernels' entry points, one set per ISA variant (each per-ISA build of rows.cpp, sample.cpp and dmol.cpp defines one).
 #pragma once
-#include "../layout.h"
-#include "../op_table.h"
+#include "core/launch_args.h"
+#include "core/op_table.h"
 
 #define VF_DECLARE_CPU_KERNELS(ISA)                                   \
   namespace vae_fast {                                                \

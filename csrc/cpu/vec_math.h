@@ -1,5 +1,5 @@
 // The SIMD backend of elbo_math.h's vmath functions (at::vec::Vectorized, Sleef), for the per-ISA
-// CPU kernel files (kernels.cpp, dmol.cpp): included before elbo_math.h, inside the per-ISA namespace.
+// CPU kernel files (rows.cpp, sample.cpp, dmol.cpp): included before elbo_math.h (and dmol_math.h), inside the per-ISA namespace.
 #pragma once
 #include <ATen/cpu/vec/vec.h>
 
@@ -7,8 +7,8 @@
 #include <limits>
 #include <type_traits>
 
-#include "../elbo_constants.h"
-#include "../isa.h"
+#include "core/elbo_constants.h"
+#include "core/isa.h"
 
 namespace vae_fast {
 VF_ISA_NS_BEGIN

@@ -18,9 +18,9 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 
-#include "../layout.h"
-#include "../elbo_math.h"
-#include "../philox.h"
+#include "core/launch_args.h"
+#include "core/elbo_math.h"
+#include "core/philox.h"
 
 #if defined(VF_EMULATE)
 #include "emu.h"
@@ -528,7 +528,7 @@ struct ThreadGroup {
   VF_DEV A sum(const CSum<A>& v, Smem& smem) const { return group_sum(v, tpr, mask, smem); }
 };
 
-// ---- torch.clamp on load (layout.h's Clamp) ------------------------------------------------------
+// ---- torch.clamp on load (launch_args.h's Clamp) ------------------------------------------------------
 // x clamped into [lo, hi] in place, a NaN staying NaN; returns whether lo <= x <= hi (false for a
 // NaN): torch.clamp's gradient passes there and is 0 elsewhere.
 template <class A>
@@ -539,7 +539,7 @@ VF_DEV bool clamp_keep(A& x, A lo, A hi) {
 }
 
 // ---- random normals ---------------------------------------------------------------------------
-// The four normals of Philox block b (elements 4b .. 4b+3 of the flat index space), philox.h's
+// The four normals of Philox block b (elements 4b .. 4b+3 of the flat index space), core/philox.h's
 // layout: what every sampling kernel draws.
 VF_DEV void normals4(uint64_t seed, uint64_t b, float (&n)[4]) {
   uint32_t x[4];

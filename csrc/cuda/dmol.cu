@@ -1,5 +1,5 @@
-// The discretized mixture of logistics on the GPU (layout.h's DmolArgs; the maths: elbo_math.h's DMOL
-// section, the same templates the CPU kernels run). Framework-free; no atomics.
+// The discretized mixture of logistics on the GPU (core/launch_args.h's DmolArgs; the maths: core/dmol_math.h,
+// the same templates the CPU kernels run). Framework-free; no atomics.
 //
 // Kernels (grid-stride, one thread per pixel n = (r * H + h) * W + w, r the logical row):
 //  * dmol_fwd_kernel: the pixel's log-probability, into out (PerPixel) or into args.scratch
@@ -11,8 +11,9 @@
 //  * dmol_sample_kernel: the pixel's sample, its uniforms from Philox blocks
 //    (n, j, kDmolCounterTag) under the seed (read on the device, or by value): CPU == CUDA.
 // Computed in float (double for float64); x and params may have different 16/32-bit dtypes.
-#include "kernels.h"
-#include "common.cuh"
+#include "cuda/kernels.h"
+#include "cuda/common.cuh"
+#include "core/dmol_math.h"
 
 #include <algorithm>
 

@@ -1,5 +1,5 @@
 // CUDA kernels of vae_fast: framework-free entry points (raw pointers, sizes, cudaStream_t and the
-// launch descriptions of ../layout.h). No torch header here or in any .cu file of this folder, so
+// launch descriptions of core/launch_args.h). No torch header here or in any .cu file of this folder, so
 // nvcc compiles them on any machine.
 //
 // Every launcher only enqueues work on `stream` (no host synchronisation, no host read of device
@@ -15,8 +15,8 @@
 
 #include <cuda_runtime.h>
 
-#include "../layout.h"
-#include "../op_table.h"
+#include "core/launch_args.h"
+#include "core/op_table.h"
 
 namespace vae_fast::cuda {
 
@@ -28,7 +28,7 @@ namespace vae_fast::cuda {
 // owns the row (slices pre-zeroed by the caller, summed by the caller in slice order afterwards).
 cudaError_t launch_rows(OpKind op, const RowArgs& args, cudaStream_t stream);
 
-// z[k, r, j] = mu[r, j] + exp(logvar[r, j] / 2) * eps, eps from philox.h's counter layout keyed by
+// z[k, r, j] = mu[r, j] + exp(logvar[r, j] / 2) * eps, eps from core/philox.h's counter layout keyed by
 // *args.seed (read on the device); optionally kl[r] and log_q[k, r].
 cudaError_t launch_sample_forward(const SampleArgs& args, cudaStream_t stream);
 
@@ -49,10 +49,10 @@ cudaError_t launch_sample_backward(const SampleArgs& args, cudaStream_t stream);
 // Never depends on data. Host only; no launch.
 int64_t suggest_n_blocks(int device, OpKind op, const RowArgs& args, int64_t slice_numel);
 
-// The discretized mixture of logistics (dmol.cu; layout.h's DmolArgs): one thread per pixel. Forward:
+// The discretized mixture of logistics (dmol.cu; core/launch_args.h's DmolArgs): one thread per pixel. Forward:
 // per-pixel terms straight into out (PerPixel) or into args.scratch, then one group per output summing
 // its pixels in a fixed order (compensated); backward: dx and dparams written per pixel (no sums across
-// pixels); sampler: philox.h's generator with DmolArgs' counter layout.
+// pixels); sampler: core/philox.h's generator with DmolArgs' counter layout.
 cudaError_t launch_dmol_forward(const DmolArgs& args, cudaStream_t stream);
 cudaError_t launch_dmol_backward(const DmolArgs& args, cudaStream_t stream);
 cudaError_t launch_dmol_sample(const DmolArgs& args, cudaStream_t stream);

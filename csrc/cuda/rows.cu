@@ -1,5 +1,5 @@
 // Row ops: "elementwise terms over a broadcast shape, summed over the trailing event dims"
-// (layout.h), forward and backward, for float32/float16/bfloat16 (float accumulation, any mix)
+// (core/launch_args.h), forward and backward, for float32/float16/bfloat16 (float accumulation, any mix)
 // and float64 (double accumulation).
 //
 // Kernels (all grid-stride, no atomics, every sum in a fixed order):
@@ -35,14 +35,15 @@
 //    Reorder mode (n_blocks == 1): a unit is one target of one output; the kept dims are the rows,
 //    the broadcast dims the event, so every target is reduced by one group in one pass.
 // General path: loads are 16-byte vectors when a chunk is unit-stride and aligned (8 bytes for
-// 16-bit types); the summation order never depends on that. An input with a Clamp (layout.h) is clamped on load;
+// 16-bit types); the summation order never depends on that. An input with a Clamp (launch_args.h) is clamped on load;
 // in a backward op the gradient of that input is masked as torch.clamp's. Every sum is compensated (common.cuh's CSum): per
 // lane, then a fixed butterfly over (sum, error) pairs. An accumulated slice slot receives one
 // addition per run of consecutive rows that share its target (the glue's slices then add in
 // order); within a run the sum is compensated.
-#include "kernels.h"
-#include "common.cuh"
-#include "../row_ops.h"
+#include "cuda/kernels.h"
+#include "cuda/common.cuh"
+#include "core/coalesce.h"
+#include "core/row_ops.h"
 
 #include <algorithm>
 #include <type_traits>
@@ -51,7 +52,7 @@
 namespace vae_fast::cuda {
 namespace detail {
 
-// ---- the ops (one element: inputs -> outputs) are row_ops.h's RowOp<K> ---------------------
+// ---- the ops (one element: inputs -> outputs) are core/row_ops.h's RowOp<K> ---------------------
 
 // ---- kernel parameters -------------------------------------------------------------------------
 constexpr int kMaxRowDims = 2 * kMaxDims;  // reorder mode may move event dims to the rows
@@ -75,7 +76,7 @@ struct KOp {
   int64_t rs[kMaxRowDims] = {};         // over the row dims
   int64_t es[kMaxEvDims] = {};          // over the outer event dims
   int64_t inner = 0;                    // stride of the innermost event dim
-  bool clamp = false;                   // inputs: clamped on load (layout.h's Clamp)
+  bool clamp = false;                   // inputs: clamped on load (launch_args.h's Clamp)
   double clo = 0.0, chi = 0.0;
   float flo = 0.0f, fhi = 0.0f;         // the same bounds in float (the float kernels' type)
   int64_t vr0 = 0, vr1 = 0;             // the fast paths: strides over the (at most 2) row dims
@@ -780,32 +781,13 @@ VF_GLOBAL void VF_LAUNCH_BOUNDS(256, kAccMinBlocks<K, A>) acc_kernel(const VF_GR
 // ---- host side: planning ------------------------------------------------------------------------
 namespace {
 
-struct HDim {
-  int64_t size = 1;
-  int64_t st[kMaxOps] = {};
-};
+using HDim = StridedDim<kMaxOps>;
 using Dims = std::vector<HDim>;
 
-// Drops size-1 dims and merges neighbours that are one dim for every op in `active`. Keeps the
-// C-order flattening of the index space (so row numbers and row blocks are unchanged).
-Dims coalesce(const Dims& in, const bool* active, int nops) {
-  Dims out;
-  for (const HDim& d : in) {
-    if (d.size == 1) continue;
-    if (!out.empty() && d.size != 0 && out.back().size != 0) {
-      HDim& b = out.back();
-      bool ok = true;
-      for (int o = 0; o < nops; ++o)
-        if (active[o] && b.st[o] != d.st[o] * d.size) ok = false;
-      if (ok) {
-        b.size *= d.size;
-        for (int o = 0; o < nops; ++o) b.st[o] = d.st[o];
-        continue;
-      }
-    }
-    out.push_back(d);
-  }
-  return out;
+// core/coalesce.h over a vector of dims, ops outside `active` ignored.
+Dims coalesce(Dims dims, const bool* active, int nops) {
+  dims.resize(static_cast<size_t>(vae_fast::coalesce(dims.data(), static_cast<int>(dims.size()), nops, active)));
+  return dims;
 }
 
 int64_t numel(const Dims& d) {

@@ -1,7 +1,7 @@
-// Reparameterised sampling z = mu + exp(logvar / 2) * eps with eps from philox.h's counter layout
+// Reparameterised sampling z = mu + exp(logvar / 2) * eps with eps from core/philox.h's counter layout
 // (the normal of flat element i of z comes from Philox block i / 4), forward and backward. The seed
 // is read on the device (CUDA-graph capture safe) or passed by value (SampleArgs::seed_value). mu and
-// logvar are read in place through layout.h's (run, run stride) description, so chunks of an
+// logvar are read in place through launch_args.h's (run, run stride) description, so chunks of an
 // encoder output need no copy. eps is float32 (Box-Muller in float32 with the
 // accurate logf/sqrtf and sincospif, no fast math), so the CPU and this code draw the same eps to float
 // rounding; everything else is computed in float (double for float64). Every kernel issues its
@@ -20,8 +20,8 @@
 //    has its own instance: single terms, no compensated sums (the same values).
 // logvar_clamp: logvar is clamped on load in every kernel; grad_logvar gets torch.clamp's mask.
 // Every sum is compensated (common.cuh's CSum) and taken in a fixed order.
-#include "kernels.h"
-#include "common.cuh"
+#include "cuda/kernels.h"
+#include "cuda/common.cuh"
 
 #include <algorithm>
 
@@ -35,7 +35,7 @@ struct SParams {
   int32_t tpr = 1;
   int64_t R = 0, E = 0, K = 1, RE = 0;
   FastDiv re_div, e_div, r_div;
-  // memory of mu / logvar: logical element m at (m / run) * stride + m % run (layout.h)
+  // memory of mu / logvar: logical element m at (m / run) * stride + m % run (launch_args.h)
   bool contig = true;  // run strides equal to run: element m at m
   int64_t run = 1, mu_rs = 1, lv_rs = 1;
   FastDiv run_div;
@@ -43,7 +43,7 @@ struct SParams {
   bool gcontig = true;
   int64_t grun = 1, gmu_rs = 1, glv_rs = 1;
   FastDiv grun_div;
-  bool clamp = false;  // logvar clamped on load (layout.h's Clamp); grad_logvar masked
+  bool clamp = false;  // logvar clamped on load (launch_args.h's Clamp); grad_logvar masked
   double clo = 0.0, chi = 0.0;
   const int64_t* seed = nullptr;  // nullptr: seed_value
   uint64_t seed_value = 0;

@@ -6,7 +6,7 @@
 // Usage: dmol_cuda_emu DIR. DIR/args.txt holds whitespace-separated integers:
 //   f64 C M bits R H W reduce  xs[5] ps[5] os[5]  logit_base mean_base mean_channel_step log_scale_base
 //   log_scale_channel_step coeff_base coeff_step component_step  seed
-// (strides as layout.h's DmolStrides: outer inner c h w; outer = 1, inner = R; gs = os, dxs = ss = xs,
+// (strides as launch_args.h's DmolStrides: outer inner c h w; outer = 1, inner = R; gs = os, dxs = ss = xs,
 // dps = ps), and DIR/x.bin, params.bin, grad.bin the inputs (float32, or float64 when f64). Writes
 // DIR/out.bin, dx.bin, dparams.bin, sample.bin.
 #include "cuda/dmol.cu"

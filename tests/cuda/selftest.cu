@@ -1,5 +1,5 @@
 // Standalone test of the CUDA kernels (no torch): runs every launcher on small random inputs and
-// compares with a float64 host computation that uses elbo_math.h and philox.h. Prints
+// compares with a float64 host computation that uses core/elbo_math.h and core/philox.h. Prints
 // "N passed, N failed" and exits non-zero when something failed. Test-only: it lives in tests/cuda/,
 // beside the emulator, and includes the shipped kernels' headers through -Icsrc.
 //
@@ -173,7 +173,7 @@ struct ArgSpec {
   int64_t pad = 0;          // leading elements: misaligns the data pointer
   bool grad = true;
   std::function<double(int64_t)> value;  // when set: the value of element i (memory order), not `role`
-  bool clamp = false;  // clamped on load into [lo, hi] (layout.h's Clamp)
+  bool clamp = false;  // clamped on load into [lo, hi] (launch_args.h's Clamp)
   double lo = 0.0, hi = 0.0;
 };
 
@@ -233,8 +233,9 @@ int64_t offset_of(int64_t flat, const std::vector<int64_t>& full, const std::vec
   return off;
 }
 
-// float64 reference of one element: the textbook formulas (DESIGN.md section 1, torch's
-// F.gaussian_nll_loss), written out here in double, sharing no code with elbo_math.h, so that a
+// float64 reference of one element: the textbook formulas (the densities and KLs as written in the
+// comments of csrc/core/elbo_math.h, torch's F.gaussian_nll_loss; docs/architecture.md's numerics
+// contract), written out here in double, sharing no code with elbo_math.h, so that a
 // wrong formula there fails this test. Inputs are moderate (|logvar| <= 3), where the plain forms
 // are accurate in double.
 constexpr double kLog2PiRef = 1.8378770664093454836;  // log(2 pi)
@@ -1093,7 +1094,7 @@ struct SampleOpts {
   bool strided = false;        // mu, logvar = the two halves of each row of a (R, 2E) tensor
   bool seed_by_value = false;  // SampleArgs::seed_value instead of a device seed
   bool path_only = false;      // backward: log_q_path_only
-  bool clamp = false;          // logvar clamped on load into [-1, 1.5] (layout.h's Clamp)
+  bool clamp = false;          // logvar clamped on load into [-1, 1.5] (launch_args.h's Clamp)
   bool grad_strided = false;   // grad_mu, grad_logvar = the two halves of each row of one (R, 2E) buffer
 };
 

@@ -1,5 +1,5 @@
-// The discretized mixture of logistics' glue (dmol_ops.cpp): the op functions the schemas bind, the
-// checks the fake kernels run, and the CUDA launch wrappers (ops_cuda.cpp / ops_nocuda.cpp).
+// The discretized mixture of logistics' glue (dmol_ops.cpp): the op functions the schemas bind and the
+// checks the fake kernels run (its CUDA launch wrappers: glue/cuda_launch.h).
 #pragma once
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "layout.h"
+#include "core/launch_args.h"
 
 namespace vae_fast {
 
@@ -35,10 +35,5 @@ at::Tensor sample_dmol_autograd(const at::Tensor& params, const std::optional<at
 // num_bits, layout, event_dims) or "sample_dmol" (params, num_bits, layout, channels).
 void check_dmol(const std::string& op, const std::optional<at::Tensor>& x, const at::Tensor& params,
                 int64_t num_bits, int64_t layout, int64_t event_dims, int64_t channels);
-
-// CUDA side (ops_cuda.cpp; ops_nocuda.cpp raises).
-void dmol_forward_cuda(const DmolArgs& args, const at::Device& device);
-void dmol_backward_cuda(const DmolArgs& args, const at::Device& device);
-void dmol_sample_cuda(const DmolArgs& args, const at::Device& device);
 
 }  // namespace vae_fast

@@ -1,5 +1,6 @@
 // The discretized mixture of logistics (PixelCNN++'s likelihood), fused: schemas, checks, the
-// layout the kernels read through (layout.h's DmolArgs), CPU/CUDA registrations and autograd.
+// layout the kernels read through (core/launch_args.h's DmolArgs), CPU/CUDA registrations and the
+// sampler's autograd (its schema: schemas.cpp).
 //
 // x and params are read in place through their strides (channels_first, channels_last, PixelCNN++'s
 // (B, H, W, P), chunks); x may broadcast against params' leading dims (x (B, C, H, W) against params
@@ -13,7 +14,7 @@
 // channels-first tensors come from layout pixelcnn++ on x.permute(0, 2, 3, 1) and
 // params.permute(0, 2, 3, 1) (views, read in place, no copy) -- with the parameters then in
 // PixelCNN++'s order along P.
-#include "dmol_ops.h"
+#include "glue/dmol_ops.h"
 
 #include <ATen/ATen.h>
 #include <ATen/FuncTorchTLS.h>
@@ -23,9 +24,12 @@
 
 #include <sstream>
 
+#include "core/coalesce.h"
+#include "core/dmol_math.h"
 #include "cpu/kernels.h"
-#include "elbo_math.h"
-#include "ops.h"
+#include "glue/checks.h"
+#include "glue/cuda_launch.h"
+#include "glue/sample_ops.h"
 
 namespace vae_fast {
 namespace {
@@ -75,33 +79,28 @@ Dims lead_strides(const at::Tensor& t, at::IntArrayRef lead) {
 }
 
 // Folds the leading dims into (outer, inner) for every operand at once: size-1 dims dropped, neighbours
-// merged where every operand walks them as one. False when more than two dims remain.
+// merged where every operand walks them as one (core/coalesce.h). False when more than two dims remain.
+constexpr int kWalkOperands = 5;  // x, params, grad, dx, dparams
 bool fold_rows(at::IntArrayRef lead, const c10::SmallVector<Dims, 6>& strides, int64_t& outer, int64_t& inner,
                c10::SmallVector<std::pair<int64_t, int64_t>, 6>& walk) {
-  Dims sizes;
-  c10::SmallVector<Dims, 6> st(strides.size());
+  TORCH_INTERNAL_ASSERT(strides.size() <= static_cast<size_t>(kWalkOperands));
+  const int nops = static_cast<int>(strides.size());
+  c10::SmallVector<StridedDim<kWalkOperands>, kMaxDims> dims(lead.size());
   for (size_t d = 0; d < lead.size(); ++d) {
-    if (lead[d] == 1) continue;
-    bool merge = !sizes.empty();
-    for (size_t j = 0; merge && j < strides.size(); ++j) merge = st[j].back() == strides[j][d] * lead[d];
-    if (merge) {
-      sizes.back() *= lead[d];
-      for (size_t j = 0; j < strides.size(); ++j) st[j].back() = strides[j][d];
-    } else {
-      sizes.push_back(lead[d]);
-      for (size_t j = 0; j < strides.size(); ++j) st[j].push_back(strides[j][d]);
-    }
+    dims[d].size = lead[d];
+    for (int j = 0; j < nops; ++j) dims[d].st[j] = strides[j][d];
   }
-  if (sizes.size() > 2) return false;
+  const int n = coalesce(dims.data(), static_cast<int>(dims.size()), nops);
+  if (n > 2) return false;
   walk.assign(strides.size(), {0, 0});
   outer = inner = 1;
-  if (sizes.size() == 2) {
-    outer = sizes[0];
-    inner = sizes[1];
-    for (size_t j = 0; j < strides.size(); ++j) walk[j] = {st[j][0], st[j][1]};
-  } else if (sizes.size() == 1) {
-    inner = sizes[0];
-    for (size_t j = 0; j < strides.size(); ++j) walk[j] = {0, st[j][0]};
+  if (n == 2) {
+    outer = dims[0].size;
+    inner = dims[1].size;
+    for (int j = 0; j < nops; ++j) walk[j] = {dims[0].st[j], dims[1].st[j]};
+  } else if (n == 1) {
+    inner = dims[0].size;
+    for (int j = 0; j < nops; ++j) walk[j] = {0, dims[0].st[j]};
   }
   return true;
 }
@@ -301,9 +300,9 @@ at::Tensor as_event3(const at::Tensor& t, int64_t n_event) {
   return v;
 }
 
-// After a forward that gave NaN (ops.h: data off the support give NaN): a ValueError if x is off its support,
+// After a forward that gave NaN (glue/checks.h: data off the support give NaN): a ValueError if x is off its support,
 // saying where x lies and how 8-bit data are converted; nothing if x is on it (the NaN came from params).
-// The distance from the grid is measured as the kernel measures it (elbo_math.h's nan_off_support, in the
+// The distance from the grid is measured as the kernel measures it (dmol_math.h's nan_off_support, in the
 // accumulation type `acc`), so the two agree on every value.
 void check_data(const at::Tensor& x_in, int64_t num_bits, double grid_tol, at::ScalarType acc) {
   const char* fix = "8-bit images k = 0..255 are vf.data.from_levels(k, \"signed\") (k / 127.5 - 1), data in [0, 1] "
@@ -489,7 +488,7 @@ void check_dmol(const std::string& op, const std::optional<at::Tensor>& x, const
   }
 }
 
-// ---- the sampler below autograd (dmol_log_prob's autograd is the op table's, autograd.cpp) ----------
+// ---- the sampler below autograd (dmol_log_prob's autograd is the op table's, glue/autograd.cpp) ----------
 at::Tensor sample_dmol_autograd(const at::Tensor& params, const std::optional<at::Tensor>& seed,
                                 std::optional<int64_t> seed_value, int64_t channels, int64_t num_bits, int64_t layout) {
   // Samples are data: no gradient flows through them.
@@ -501,14 +500,7 @@ at::Tensor sample_dmol_autograd(const at::Tensor& params, const std::optional<at
   return op.call(params, seed, seed_value, channels, num_bits, layout);
 }
 
-// dmol_log_prob and its backward are table ops (op_table.h: schemas and registrations in ops.cpp and
-// autograd.cpp); the sampler is an op of its own, as sample_gaussian.
-TORCH_LIBRARY_FRAGMENT(vae_fast, m) {
-  // seed / seed_value as sample_gaussian's; the samples have x's layout (params' leading dims).
-  m.def("sample_dmol(Tensor params, Tensor? seed, int? seed_value, int channels, int num_bits, int layout) -> Tensor",
-        {at::Tag::nondeterministic_seeded});
-}
-
+// The sampler's kernels (its schema: schemas.cpp; dmol_log_prob and its backward are table ops).
 TORCH_LIBRARY_IMPL(vae_fast, CPU, m) { m.impl("sample_dmol", &sample_dmol); }
 TORCH_LIBRARY_IMPL(vae_fast, CUDA, m) { m.impl("sample_dmol", &sample_dmol); }
 TORCH_LIBRARY_IMPL(vae_fast, Autograd, m) { m.impl("sample_dmol", &sample_dmol_autograd); }

@@ -1,4 +1,4 @@
-// vae_fast._C: the op registrations (ops.cpp, loaded with this module) and build information.
+// vae_fast._C: the op registrations (glue/schemas.cpp and the files it names, loaded with this module) and build information.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 #include <torch/csrc/Exceptions.h>
@@ -13,8 +13,8 @@
 #include <cstdlib>
 
 #include "cpu/kernels.h"
-#include "dmol_ops.h"
-#include "ops.h"
+#include "glue/cuda_launch.h"
+#include "glue/table_ops.h"
 
 namespace py = pybind11;
 

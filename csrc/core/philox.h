@@ -12,7 +12,7 @@
 #pragma once
 #include <cstdint>
 
-#include "isa.h"
+#include "core/isa.h"
 
 #if defined(__CUDACC__)
 #define VF_PHILOX_HD __host__ __device__ __forceinline__

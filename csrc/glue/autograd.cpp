@@ -14,7 +14,9 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include "ops.h"
+#include "glue/checks.h"
+#include "glue/sample_ops.h"
+#include "glue/table_ops.h"
 
 namespace vae_fast {
 namespace {

@@ -1,5 +1,5 @@
 // Framework-free description of one kernel launch, shared by the CPU kernels, the CUDA kernels
-// (which include no torch header) and the torch-facing glue that fills it in (ops.cpp).
+// (which include no torch header) and the torch-facing glue that fills it in (glue/row_problem.cpp, sample_ops.cpp, dmol_ops.cpp).
 //
 // Every deterministic op is "elementwise terms over a broadcast shape S, summed over the trailing
 // event dimensions". The glue splits S into row (batch) dims and event dims, coalesces each group,
@@ -58,8 +58,8 @@ struct RowArgs {
   Operand out[kMaxOperands];
 };
 
-// How the CPU row engine walks the rows (kernels.cpp): r = o * inner + i, where i runs over the trailing
-// row dims along which more inputs are broadcast than along the leading ones (ops.cpp walks those
+// How the CPU row engine walks the rows (cpu/rows.cpp): r = o * inner + i, where i runs over the trailing
+// row dims along which more inputs are broadcast than along the leading ones (glue/row_problem.cpp walks those
 // innermost): the K samples of a (K, B, D) operand against (B, D) data. Tiles of `tile` outer rows
 // (256K elements: 1 MiB of a float32 operand, in L2); accumulated gradients split into blocks of outer rows.
 struct RowTiling {
@@ -141,7 +141,7 @@ struct SampleArgs {
 // (B, H, W, P), chunks), rows as a two-level (outer, inner) walk: row r = o * inner + i lies at
 // o * outer + i * inner (strides 0 where a tensor is broadcast over the rows, e.g. x of (B, C, H, W)
 // against params of (K, B, P, H, W)). P = M * (1 + 2C + C(C-1)/2); where each parameter lies on the
-// P axis is given by the offsets (elbo_math.h: dmol_logit / dmol_mean / dmol_log_scale / dmol_coeff).
+// P axis is given by the offsets (dmol_math.h: dmol_logit / dmol_mean / dmol_log_scale / dmol_coeff).
 struct DmolStrides {
   int64_t outer = 0, inner = 0, c = 0, h = 0, w = 0;  // elements; c: the channel (x) or P (params) axis
 };
@@ -160,8 +160,8 @@ struct DmolArgs {
   DType params_dtype = DType::Float32;
   DmolStrides ps;
   int32_t channels = 3, mixtures = 1, num_bits = 8;
-  // How far (in levels) x may lie from the 2^bits grid: the forward gives NaN beyond (elbo_math.h's
-  // nan_off_support); the glue adds x's dtype's rounding of the levels (dmol_ops.cpp).
+  // How far (in levels) x may lie from the 2^bits grid: the forward gives NaN beyond (dmol_math.h's
+  // nan_off_support); the glue adds x's dtype's rounding of the levels (glue/dmol_ops.cpp).
   double grid_tol = 0.1;
   int64_t outer = 1, inner = 1, height = 1, width = 1;
   // P-axis offsets of component k's parameters (in P-axis units):
@@ -200,7 +200,7 @@ struct DmolArgs {
   // n = r * H * W + h * W + w (r the logical row) come from Philox4x32-10 blocks with
   // counter = (n & 0xffffffff, n >> 32, j, kDmolCounterTag), key = (seed & 0xffffffff, seed >> 32):
   // uniform i of the pixel (i < M: the Gumbel noise of component i; M + c: channel c's logistic) is
-  // output i % 4 of block j = i / 4, mapped by elbo_math.h's dmol_uniform.
+  // output i % 4 of block j = i / 4, mapped by dmol_math.h's dmol_uniform.
   void* sample = nullptr;
   DmolStrides ss;
   const int64_t* seed = nullptr;

@@ -2,9 +2,9 @@
 // and which elbo_math.h formula maps one element's inputs to its outputs. The CPU kernels apply
 // them to SIMD vectors, the CUDA kernels to scalars (arrays decay to the pointers taken here).
 #pragma once
-#include "elbo_math.h"
-#include "layout.h"
-#include "op_table.h"
+#include "core/elbo_math.h"
+#include "core/launch_args.h"
+#include "core/op_table.h"
 
 namespace vae_fast {
 VF_ISA_NS_BEGIN

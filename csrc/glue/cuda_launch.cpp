@@ -7,8 +7,7 @@
 #include <string>
 
 #include "cuda/kernels.h"
-#include "dmol_ops.h"
-#include "ops.h"
+#include "glue/cuda_launch.h"
 
 namespace vae_fast {
 namespace {

@@ -1,8 +1,7 @@
-// Built when vae_fast has no CUDA kernels: a CUDA tensor gets a clear error (ops.cpp checks first).
+// Built when vae_fast has no CUDA kernels: a CUDA tensor gets a clear error (glue/checks.cpp: check_args checks first).
 #include <c10/util/Exception.h>
 
-#include "dmol_ops.h"
-#include "ops.h"
+#include "glue/cuda_launch.h"
 
 namespace vae_fast {
 bool cuda_available() { return false; }
