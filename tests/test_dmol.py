@@ -473,7 +473,7 @@ def test_sampler_chi_square_coupled_channels():
 
 
 def test_sampler_counter_layout_known_answer():
-    # The documented counter layout (layout.h's DmolArgs), recomputed with the numpy Philox of
+    # The documented counter layout (core/launch_args.h's DmolArgs), recomputed with the numpy Philox of
     # test_known_answers: what the CUDA sampler must reproduce too.
     import numpy as np
     from test_known_answers import MASK32, philox4x32
@@ -519,7 +519,8 @@ def _emu_binary():
         pytest.skip("nvcc not found (the CUDA headers the emulator build needs)")
     out = repo / "build" / "cuda-emu" / "dmol_cuda_emu"
     sources = [repo / "tests" / "cuda" / "dmol_cuda_emu.cpp", repo / "csrc" / "cuda" / "dmol.cu",
-               repo / "csrc" / "cuda" / "common.cuh", repo / "csrc" / "elbo_math.h", repo / "csrc" / "layout.h"]
+               repo / "csrc" / "cuda" / "common.cuh", repo / "csrc" / "core" / "elbo_math.h",
+               repo / "csrc" / "core" / "dmol_math.h", repo / "csrc" / "core" / "launch_args.h"]
     if out.exists() and all(out.stat().st_mtime > s.stat().st_mtime for s in sources):
         return out
     dry = subprocess.run([nvcc, "--dryrun", "-x", "cu", "/dev/null", "-o", "/dev/null"], capture_output=True,

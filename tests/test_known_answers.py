@@ -1,5 +1,5 @@
 """Known answers for the random stream: Philox4x32-10 against the published Random123 test vectors, and
-the documented counter layout plus Box-Muller (csrc/philox.h's header) recomputed here in numpy, compared
+the documented counter layout plus Box-Muller (csrc/core/philox.h's header) recomputed here in numpy, compared
 element by element with the eps the CPU kernels, the emulated CUDA kernels and (when present) a GPU draw.
 
 The numpy implementation shares no code with csrc/: it is verified against the published vectors first,
@@ -61,7 +61,7 @@ def test_numpy_philox_matches_random123_known_answers(rounds, counter, key, expe
 
 # ---- the documented eps stream, recomputed --------------------------------------------------------------------
 def oracle_eps(seed: int, start: int, n: int) -> np.ndarray:
-    """eps for flat indices start .. start + n - 1 by csrc/philox.h's documented layout, in float64.
+    """eps for flat indices start .. start + n - 1 by csrc/core/philox.h's documented layout, in float64.
 
     Block b = i // 4 under key (seed low word, seed high word), counter (b low, b high, 0, 0); its outputs
     give the block's four normals (normals_from_block)."""

@@ -60,7 +60,7 @@ PYBIND11_MODULE(_C, m) {
         }
         return ops;
       },
-      "The ops of csrc/op_table.h: name, family, tensor / parameter / clamp argument names, gradient pair.");
+      "The ops of csrc/core/op_table.h: name, family, tensor / parameter / clamp argument names, gradient pair.");
   m.def(
       "any_negative",
       [](const at::Tensor& t) {

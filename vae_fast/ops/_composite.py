@@ -2,7 +2,7 @@
 tests' float64 oracle.
 
 Every function here computes in the dtype it is given (pass float64 tensors for a reference) and
-uses the same numerically careful forms as the fused kernels (``csrc/elbo_math.h``), so that the
+uses the same numerically careful forms as the fused kernels (``csrc/core/elbo_math.h``, ``dmol_math.h``), so that the
 two differ only by rounding and summation order.
 """
 

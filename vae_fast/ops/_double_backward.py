@@ -62,7 +62,7 @@ def _pad_to_inputs(ctx, grads):
 
 def _register_table_double_backward(op: dict) -> None:
     """Autograd of `vae_fast::<name>_backward(grad, *tensors, *params, event_dims, needs, *clamps[, concat_dim])`
-    (csrc/op_table.h): the vector-Jacobian product of the composite formula `_composite.<name>`."""
+    (csrc/core/op_table.h): the vector-Jacobian product of the composite formula `_composite.<name>`."""
     name, n, n_params, clamp_names, pair = op["name"], len(op["tensors"]), len(op["params"]), op["clamps"], op["pair"]
     forward = getattr(_composite, name)
 

@@ -50,7 +50,7 @@ _FAMILY_OUT = {
 
 
 def _register_table_fakes(op: dict) -> None:
-    """The fake kernels of a table op (csrc/op_table.h) and of its backward."""
+    """The fake kernels of a table op (csrc/core/op_table.h) and of its backward."""
     name, n, event_at, pair = op["name"], len(op["tensors"]), len(op["tensors"]) + len(op["params"]), op["pair"]
 
     def fake(*args, **kwargs):

@@ -58,8 +58,8 @@ def sample_discretized_mix_logistic(params, *, channels: int = 3, layout: str = 
     order a logistic draw m + s (log u - log(1 - u)) with the means coupled to the channels already drawn,
     clamped to [-1, 1] and rounded to the 2^num_bits levels. Shape x's for `layout` ((..., C, H, W) or
     (..., H, W, C)), params' dtype. `seed` (int or 1-element int64 tensor) or `generator` as in
-    vae_fast.reparameterize; the uniforms come from the in-kernel Philox stream (layout.h's DmolArgs counter
-    layout), so a seed gives the same samples on CPU and CUDA. No gradient."""
+    vae_fast.reparameterize; the uniforms come from the in-kernel Philox stream (the counter layout of
+    csrc/core/launch_args.h's DmolArgs), so a seed gives the same samples on CPU and CUDA. No gradient."""
     require_tensor("sample_discretized_mix_logistic", params=params)
     require_int("sample_discretized_mix_logistic", "channels", channels)
     require_int("sample_discretized_mix_logistic", "num_bits", num_bits)
