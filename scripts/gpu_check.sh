@@ -13,6 +13,8 @@
 #              vae_fast's posterior; fused vs eager vs compile vs compile with CUDA graphs (reduce-overhead) vs
 #              the whole step captured in one CUDA graph, and the ELBO ops' share. A config gets 45 s (LDM 70 s)
 #              to compile and capture: what is not built by then is left out (recorded in its row)
+#   train-images   the image models' steps with the mixture of logistics: the conv VAE (batch 32) and VDVAE's
+#              CIFAR-10 hierarchical VAE (batch 16), fused vs VDVAE's / PixelCNN++'s eager objective (60 s each to build)
 #   dmol       the discretized mixture of logistics (x (16, 3, 32, 32) and (32, 3, 64, 64), M = 10): fused vs
 #              PixelCNN++'s eager formula vs torch.compile of it, fwd and fwd+bwd (no GPU numbers for it yet)
 #   then, as time allows: bench-rest (ops at 16 MB and 256 MB, per-call, LDM posterior rows, log-likelihood
@@ -47,13 +49,14 @@ T0=$SECONDS
 if [ "$DRY" = 1 ]; then  # the CPU rehearsal: same steps and flags, toy sizes, nothing compiled
   DEV=cpu BIG=64x256 SMALL=16x256,32x256 EXTRA="--repeats 2" OPS_COMPILE="--no-compile"
   IMPLS="--train-impls fused,eager,eager_graph,fused_graph"
-  CFG_MLP=digits CFG_LDM=ldm-autoencoderkl-tiny
+  CFG_MLP=digits CFG_LDM=ldm-autoencoderkl-tiny CFG_IMG=conv-dmol
 else
   DEV=cuda BIG=262144x1024 SMALL=4096x1024,65536x1024 EXTRA="" OPS_COMPILE="" IMPLS=""
   CFG_MLP=mnist-mlp-b1024,mnist-mlp-b16384,mnist-mlp-iwae50 CFG_LDM=ldm-autoencoderkl
+  CFG_IMG=conv-dmol,hvae-cifar10-dmol
 fi
 BENCH="$PY -m vae_fast bench --device $DEV $EXTRA"
-ALL=(build smoke selftest ops-1gb-f32 ops-1gb-bf16 train train-ldm dmol bench-rest tests memcheck racecheck
+ALL=(build smoke selftest ops-1gb-f32 ops-1gb-bf16 train train-ldm train-images dmol bench-rest tests memcheck racecheck
      compile-rest)
 STEPS=()
 for s in "$@"; do
@@ -157,6 +160,7 @@ for step in "${STEPS[@]}"; do
     ops-1gb-bf16) bench_step "$step" 120 --only ops --dtypes bfloat16 --sizes "$BIG" $OPS_COMPILE ;;
     train) bench_step "$step" 200 --only train --train-configs "$CFG_MLP" --train-budget-s 45 $IMPLS ;;
     train-ldm) bench_step "$step" 120 --only train --train-configs "$CFG_LDM" --train-budget-s 70 $IMPLS ;;
+    train-images) bench_step "$step" 150 --only train --train-configs "$CFG_IMG" --train-budget-s 60 $IMPLS ;;
     dmol) bench_step "$step" 120 --only dmol $OPS_COMPILE ;;  # saved per row: a timeout keeps the rows done
     bench-rest) bench_step "$step" 120 --only ops,per-call,ldm,ll --sizes "$SMALL" --no-compile ;;
     tests) needs_build tests && run_step tests 240 \
