@@ -129,3 +129,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords or "cuda_smoke" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture()
+def cut_patches(monkeypatch):
+    """``cut_patches(n_train, n_test)``: the patches set cut to its first n_train train and n_test test images, so a
+    run tests the machinery, not the quality, in seconds."""
+    from vae_fast.train import data
+
+    full = data._patches
+
+    def cut(n_train: int, n_test: int) -> None:
+        monkeypatch.setattr(data, "_patches", lambda: tuple(t[:n] for t, n in zip(full(), (n_train, n_test))))
+
+    return cut

@@ -166,15 +166,8 @@ def test_colour_figures(tmp_path):
 
 
 @pytest.fixture()
-def small_patches(monkeypatch):
-    """The patches set cut to 200 train and 40 test images: the machinery, not the quality, is tested here."""
-    full = data._patches
-
-    def small():
-        train, test = full()
-        return train[:200], test[:40]
-
-    monkeypatch.setattr(data, "_patches", small)
+def small_patches(cut_patches):
+    cut_patches(200, 40)
 
 
 def test_conv_gaussian_run_on_colour_patches(tmp_path, small_patches, capsys):

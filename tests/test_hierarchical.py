@@ -221,17 +221,8 @@ def test_configs_and_errors():
 
 
 @pytest.fixture()
-def few_patches(monkeypatch):
-    """The patches set cut to 64 train and 16 test images: the machinery, not the quality, is tested here."""
-    from vae_fast.train import data
-
-    full = data._patches
-
-    def small():
-        train, test = full()
-        return train[:64], test[:16]
-
-    monkeypatch.setattr(data, "_patches", small)
+def few_patches(cut_patches):
+    cut_patches(64, 16)  # two batches of 32 an epoch
 
 
 def test_train_resume_evaluate_sample(tmp_path, few_patches, capsys):
