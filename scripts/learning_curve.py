@@ -31,8 +31,10 @@ from vae_fast.train.run_folder import write_json
 DIMS = 3 * 32 * 32
 MODELS = {
     "conv VAE (dmol)": dict(model="conv", latent_dim=32, batch_size=32, lr=1e-3),
-    "hierarchical VAE, small (dmol)": dict(model="hvae", batch_size=32, lr=1e-3, grad_clip=200.0,
-                                           skip_threshold=1e4),
+    # VDVAE's gradient clip (200) and skip threshold (400) are for its loss per dimension; the trainer's loss is per
+    # example, D = 3072 times larger, and so are its gradient norms.
+    "hierarchical VAE, small (dmol)": dict(model="hvae", batch_size=32, lr=1e-3, grad_clip=200.0 * DIMS,
+                                           skip_threshold=400.0 * DIMS),
 }
 
 

@@ -106,9 +106,11 @@ def _build_parser() -> argparse.ArgumentParser:
     flag("--lr-schedule", choices=["constant", "cosine"], help="after the warm-up: constant, or cosine decay to 0 "
                                                                f"at the last step (default {d.lr_schedule})")
     flag("--warmup-steps", type=int, help="optimizer steps of linear learning-rate warm-up (default 0)")
-    flag("--grad-clip", type=float, help="clip the global gradient norm to this (default 0: off)")
+    flag("--grad-clip", type=float, help="clip the global gradient norm to this (default 0: off); the loss is per "
+                                         "example (VDVAE's 200 per dimension is 614400 for 3x32x32)")
     flag("--skip-threshold", type=float, help="skip (and count) an update whose gradient norm is above this, as "
-                                              "VDVAE does (default 0: never; VDVAE's CIFAR-10: 400)")
+                                              "VDVAE does (default 0: never). The loss is per example: VDVAE's 400 "
+                                              "(per dimension) is 400 * C*H*W here, 1228800 for 3x32x32")
     flag("--keep", type=int, help="keep the checkpoints of the last N epochs (RUN/checkpoint-epoch<E>.pt, rotated "
                                   "atomically; checkpoint.pt is the newest) to go back to (default 1: only "
                                   "checkpoint.pt)")
