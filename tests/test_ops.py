@@ -338,6 +338,23 @@ def test_compile_aot_eager_matrix(case, gen):
     torch.testing.assert_close(torch.autograd.grad(out, args, g), torch.autograd.grad(call(fn, op, args, ed), args, g))
 
 
+def test_compiled_autograd_runs_the_ops_backward(gen):
+    # torch._dynamo's compiled autograd traces the backward graph, the ops' C++ autograd nodes included (a
+    # table op's and the sampler's): the same gradients as eager autograd
+    mu, lv, pm, plv = (torch.randn(6, 5, generator=gen, requires_grad=True) for _ in range(4))
+
+    def loss():
+        z = vf.reparameterize(mu, lv, seed=3)
+        return (vf.gaussian_kl(mu, lv, pm, plv) + vf.gaussian_log_prob(z, pm, plv)).sum()
+
+    expected = torch.autograd.grad(loss(), (mu, lv, pm, plv))
+    torch._dynamo.reset()
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="aot_eager")):
+        loss().backward()
+    for t, e in zip((mu, lv, pm, plv), expected):
+        torch.testing.assert_close(t.grad, e)
+
+
 # ---- hypothesis: shapes, strides, values -------------------------------------------------------------
 @st.composite
 def broadcast_problem(draw):

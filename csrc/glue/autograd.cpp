@@ -211,8 +211,8 @@ struct SampleFn : public torch::autograd::Function<SampleFn> {
     ctx->saved_data["clamp"] = clamp_to_ivalue(c.clamp);
     ctx->set_materialize_grads(false);
     auto [z, log_q, kl] = sample_call(c, mu, logvar, seed);
-    if (!c.want_log_q) ctx->mark_non_differentiable({log_q});
-    if (!c.want_kl) ctx->mark_non_differentiable({kl});
+    // An output not asked for is an empty (0,) tensor that no caller uses; it is not marked non-differentiable:
+    // compiled autograd (torch._dynamo) refuses a C++ node with non-differentiable outputs.
     return {z, log_q, kl};
   }
 
