@@ -415,22 +415,17 @@ std::vector<at::Tensor> dmol_log_prob_backward(const at::Tensor& grad_in, const 
   a.gs.h = ev.h;
   a.gs.w = ev.w;
   a.grad = g.data_ptr();
-  if (need_x) {
-    const DmolStrides e = p.event_strides(dx);
-    a.dx = dx.data_ptr();
-    a.dx_dtype = to_dtype(dx.scalar_type());
-    a.dxs.c = e.c;
-    a.dxs.h = e.h;
-    a.dxs.w = e.w;
-  }
-  if (need_p) {
-    const DmolStrides e = p.event_strides(dp);
-    a.dparams = dp.data_ptr();
-    a.dparams_dtype = to_dtype(dp.scalar_type());
-    a.dps.c = e.c;
-    a.dps.h = e.h;
-    a.dps.w = e.w;
-  }
+  // A wanted gradient's pointer, dtype and event strides (its row strides are bind()'s).
+  auto bind_grad = [&](const at::Tensor& t, void*& ptr, DType& dtype, DmolStrides& s) {
+    const DmolStrides e = p.event_strides(t);
+    ptr = t.data_ptr();
+    dtype = to_dtype(t.scalar_type());
+    s.c = e.c;
+    s.h = e.h;
+    s.w = e.w;
+  };
+  if (need_x) bind_grad(dx, a.dx, a.dx_dtype, a.dxs);
+  if (need_p) bind_grad(dp, a.dparams, a.dparams_dtype, a.dps);
   if (p.x.is_cuda()) {
     dmol_backward_cuda(a, p.x.device());
   } else {
